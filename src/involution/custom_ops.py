@@ -1,0 +1,137 @@
+"""Registration of the involution operator with ``torch.library``.
+
+The operator is a ``torch.library.custom_op`` (``torch.ops.involution.involution2d``) with a fake
+(meta) implementation and a registered autograd formula, so ``torch.compile(fullgraph=True)``
+traces through it without a graph break and ``torch.library.opcheck`` passes. The backward is two
+more custom ops, one per gradient, so only the gradients that are needed are computed.
+
+The ops take already-validated arguments: call :func:`involution.functional.involution2d`.
+Outputs follow the input's memory format (channels_last in, channels_last out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from involution.backends import get_backend
+
+
+def _pair(values: Sequence[int]) -> tuple[int, int]:
+    return int(values[0]), int(values[1])
+
+
+def memory_format_of(tensor: Tensor) -> torch.memory_format:
+    """channels_last for tensors laid out that way (and not also plain contiguous), else NCHW."""
+    if (
+        tensor.dim() == 4
+        and not tensor.is_contiguous()
+        and tensor.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _output_like(input: Tensor, weight: Tensor) -> Tensor:
+    batch, channels = input.shape[:2]
+    out_h, out_w = weight.shape[-2:]
+    return torch.empty(
+        (batch, channels, out_h, out_w),
+        dtype=input.dtype,
+        device=input.device,
+        memory_format=memory_format_of(input),
+    )
+
+
+@torch.library.custom_op("involution::involution2d", mutates_args=())
+def involution2d_op(
+    input: Tensor,
+    weight: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    backend: str,
+) -> Tensor:
+    """y[b, c, i, j] = sum_{u, v} weight[b, g(c), u, v, i, j] * x_pad[b, c, i*s + u*d, j*s + v*d]."""
+    if input.numel() == 0:
+        return _output_like(input, weight).zero_()
+    output = get_backend(backend).forward(
+        input, weight, _pair(stride), _pair(padding), _pair(dilation)
+    )
+    return output.contiguous(memory_format=memory_format_of(input))
+
+
+@involution2d_op.register_fake
+def _(input, weight, stride, padding, dilation, backend):
+    return _output_like(input, weight)
+
+
+@torch.library.custom_op("involution::involution2d_backward_input", mutates_args=())
+def involution2d_backward_input_op(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    backend: str,
+) -> Tensor:
+    """Gradient of :func:`involution2d_op` with respect to ``input``."""
+    memory_format = memory_format_of(input)
+    if input.numel() == 0:
+        return torch.zeros_like(input, memory_format=memory_format)
+    grad_input = get_backend(backend).backward_input(
+        grad_output.contiguous(), input, weight, _pair(stride), _pair(padding), _pair(dilation)
+    )
+    return grad_input.contiguous(memory_format=memory_format)
+
+
+@involution2d_backward_input_op.register_fake
+def _(grad_output, input, weight, stride, padding, dilation, backend):
+    return torch.empty_like(input, memory_format=memory_format_of(input))
+
+
+@torch.library.custom_op("involution::involution2d_backward_weight", mutates_args=())
+def involution2d_backward_weight_op(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    backend: str,
+) -> Tensor:
+    """Gradient of :func:`involution2d_op` with respect to ``weight``."""
+    if input.numel() == 0:
+        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    grad_weight = get_backend(backend).backward_weight(
+        grad_output.contiguous(), input, weight, _pair(stride), _pair(padding), _pair(dilation)
+    )
+    return grad_weight.contiguous()
+
+
+@involution2d_backward_weight_op.register_fake
+def _(grad_output, input, weight, stride, padding, dilation, backend):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, weight, stride, padding, dilation, backend = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.conv_args = (stride, padding, dilation, backend)
+
+
+def _backward(ctx, grad_output: Tensor):
+    input, weight = ctx.saved_tensors
+    args = ctx.conv_args
+    grad_input = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_input = involution2d_backward_input_op(grad_output, input, weight, *args)
+    if ctx.needs_input_grad[1]:
+        grad_weight = involution2d_backward_weight_op(grad_output, input, weight, *args)
+    return grad_input, grad_weight, None, None, None, None
+
+
+torch.library.register_autograd("involution::involution2d", _backward, setup_context=_setup_context)

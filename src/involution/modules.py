@@ -1,0 +1,115 @@
+"""``Involution2d``: kernel generation plus aggregation, as in the paper and the official code."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from involution.functional import involution2d
+
+LayerFactory = Callable[[int], nn.Module]
+
+
+class Involution2d(nn.Module):
+    r"""Involution layer (Li et al., CVPR 2021).
+
+    For every output pixel a Kx K kernel per group is generated from that pixel's features,
+
+    .. math:: H = W_1\,\sigma(\mathrm{norm}(W_0\,X_{i,j})),\quad
+              W_0: C \to C/r,\; W_1: C/r \to G K^2,
+
+    and shared by the ``group_channels`` channels of its group. With ``stride > 1`` the kernel
+    branch sees the input average-pooled by ``stride`` (ceil mode, so odd sizes match the
+    aggregation's output size; identical to the official floor-mode pooling on even sizes).
+
+    Submodules (official name in brackets): ``reduce`` 1x1 conv without bias (``conv1.conv``),
+    ``norm`` (``conv1.bn``), ``act``, ``span`` 1x1 conv with bias (``conv2.conv``), ``pool``.
+
+    Args:
+        channels: C, input and output channels.
+        kernel_size: K, odd (even kernels: use :func:`involution.functional.involution2d` with an
+            explicit padding).
+        stride: aggregation stride.
+        dilation: aggregation dilation; padding is ``dilation * (K - 1) // 2``.
+        group_channels: channels sharing one kernel; ``G = C // group_channels``.
+        reduction_ratio: r, the kernel branch's bottleneck ratio (C -> C // r).
+        norm_layer, act_layer: factories for the kernel branch's normalisation and activation.
+        backend: aggregation backend, see :func:`involution.functional.involution2d`.
+
+    Shape:
+        input (B, C, H, W) -> output (B, C, ceil(H / stride), ceil(W / stride)).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 7,
+        stride: int = 1,
+        dilation: int = 1,
+        group_channels: int = 16,
+        reduction_ratio: int = 4,
+        norm_layer: LayerFactory = nn.BatchNorm2d,
+        act_layer: Callable[[], nn.Module] = nn.ReLU,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("channels", channels),
+            ("kernel_size", kernel_size),
+            ("stride", stride),
+            ("dilation", dilation),
+            ("group_channels", group_channels),
+            ("reduction_ratio", reduction_ratio),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if kernel_size % 2 == 0:
+            raise ValueError(
+                f"kernel_size must be odd for Involution2d, got {kernel_size}; for even kernels "
+                "call involution.functional.involution2d with an explicit padding"
+            )
+        if channels % group_channels != 0:
+            raise ValueError(
+                f"channels={channels} is not divisible by group_channels={group_channels}"
+            )
+        if channels < reduction_ratio:
+            raise ValueError(
+                f"channels={channels} is smaller than reduction_ratio={reduction_ratio}, "
+                "leaving no channels in the kernel branch"
+            )
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.dilation = dilation
+        self.group_channels = group_channels
+        self.groups = channels // group_channels
+        self.backend = backend
+        reduced = channels // reduction_ratio
+        self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
+        self.reduce = nn.Conv2d(channels, reduced, 1, bias=False)
+        self.norm = norm_layer(reduced)
+        self.act = act_layer()
+        self.span = nn.Conv2d(reduced, kernel_size * kernel_size * self.groups, 1)
+
+    def generate_kernels(self, x: Tensor) -> Tensor:
+        """Per-pixel kernels (B, G, K, K, H_out, W_out) for input ``x`` (B, C, H, W)."""
+        kernels = self.span(self.act(self.norm(self.reduce(self.pool(x)))))
+        batch, _, out_h, out_w = kernels.shape
+        k = self.kernel_size
+        return kernels.reshape(batch, self.groups, k, k, out_h, out_w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return involution2d(
+            x,
+            self.generate_kernels(x),
+            stride=self.stride,
+            dilation=self.dilation,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"dilation={self.dilation}, groups={self.groups}"
+        )
