@@ -54,7 +54,7 @@ def involution2d_op(
     dilation: Sequence[int],
     backend: str,
 ) -> Tensor:
-    """y[b, c, i, j] = sum_{u, v} weight[b, g(c), u, v, i, j] * x_pad[b, c, i*s + u*d, j*s + v*d]."""
+    """Involution forward: y[b, c, i, j] = sum_uv weight[b, g(c), u, v, i, j] * x_pad[...]."""
     if input.numel() == 0:
         return _output_like(input, weight).zero_()
     output = get_backend(backend).forward(

@@ -60,7 +60,7 @@ def backward_weight(
 ) -> Tensor:
     dtype = _compute_dtype(input.dtype)
     batch, channels = input.shape[:2]
-    _, groups, kh, kw, out_h, out_w = weight.shape
+    groups, out_h, out_w = weight.shape[1], *weight.shape[-2:]
     cols = _unfold(input.to(dtype), weight, stride, padding, dilation)
     grads = grad_output.to(dtype).reshape(batch, groups, channels // groups, 1, out_h, out_w)
     grad_weight = (cols * grads).sum(dim=2).view(weight.shape)
