@@ -10,6 +10,27 @@ from involution.functional import involution2d
 
 LayerFactory = Callable[[int], nn.Module]
 
+#: Official (d-li14/involution, mmcv ``ConvModule``) state-dict prefixes -> ours.
+OFFICIAL_KEY_PREFIXES: dict[str, str] = {
+    "conv1.conv.": "reduce.",
+    "conv1.bn.": "norm.",
+    "conv2.conv.": "span.",
+}
+
+
+def convert_official_involution_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename the keys of an official ``involution`` module's state dict to ours.
+
+    Raises ``KeyError`` naming any key that has no counterpart.
+    """
+    converted = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in OFFICIAL_KEY_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            raise KeyError(f"unexpected key {key!r} in an official involution state dict")
+        converted[OFFICIAL_KEY_PREFIXES[prefix] + key[len(prefix) :]] = value
+    return converted
+
 
 class Involution2d(nn.Module):
     r"""Involution layer (Li et al., CVPR 2021).
