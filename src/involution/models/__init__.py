@@ -1,0 +1,5 @@
+"""RedNet models (registered with timm on import) and the official-checkpoint converter."""
+
+from involution.models.rednet import MODEL_DEPTHS, Bottleneck, RedNet, RedNetStem
+
+__all__ = ["MODEL_DEPTHS", "Bottleneck", "RedNet", "RedNetStem"]

@@ -1,0 +1,437 @@
+"""RedNet (Li et al., CVPR 2021): a ResNet whose 3x3 convolutions are replaced by involutions.
+
+The layout follows the official mmcls ``RedNet`` (d-li14/involution) so its checkpoints convert
+by renaming keys (see :mod:`involution.models.convert`), and the class follows timm's model
+interface so ``timm.create_model("rednet50", features_only=True, ...)`` works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import create_classifier
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint_seq,
+    generate_default_cfgs,
+    register_model,
+)
+from torch import Tensor, nn
+
+from involution.modules import Involution2d
+
+__all__ = ["MODEL_DEPTHS", "Bottleneck", "RedNet", "RedNetStem"]
+
+NormFactory = Callable[[int], nn.Module]
+ActFactory = Callable[[], nn.Module]
+
+#: Blocks per stage of the official RedNet depths.
+MODEL_DEPTHS: dict[int, tuple[int, int, int, int]] = {
+    26: (1, 2, 4, 1),
+    38: (2, 3, 5, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+
+STEM_TYPES = ("deep", "compact")
+MIXERS = ("involution", "conv")
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _make_mixer(
+    mixer: str,
+    width: int,
+    stride: int,
+    kernel_size: int,
+    group_channels: int,
+    reduction_ratio: int,
+    norm_layer: NormFactory,
+    act_layer: ActFactory,
+    backend: str,
+) -> nn.Module:
+    """The spatial layer of a bottleneck: an involution or its 3x3-convolution twin."""
+    if mixer == "involution":
+        return Involution2d(
+            width,
+            kernel_size,
+            stride=stride,
+            group_channels=group_channels,
+            reduction_ratio=reduction_ratio,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+            backend=backend,
+        )
+    return nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+
+
+class RedNetStem(nn.Module):
+    """conv3x3 -> BN -> ReLU -> involution -> BN -> ReLU -> conv3x3 -> BN -> ReLU.
+
+    The first conv has stride 2 for the "deep" (official) stem and stride 1 for the "compact"
+    stem used on small images. The max-pool that follows the official stem lives in
+    ``RedNet.maxpool`` so that this module's output is the official ``backbone.stem`` output.
+
+    Shape:
+        (B, in_chans, H, W) -> (B, stem_width, H / s, W / s) with s = 2 (deep) or 1 (compact).
+    """
+
+    def __init__(
+        self,
+        in_chans: int,
+        stem_width: int,
+        stride: int,
+        kernel_size: int,
+        group_channels: int,
+        reduction_ratio: int,
+        norm_layer: NormFactory,
+        act_layer: ActFactory,
+        backend: str,
+    ) -> None:
+        super().__init__()
+        mid = stem_width // 2
+        self.conv1 = nn.Conv2d(in_chans, mid, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = norm_layer(mid)
+        self.act1 = act_layer()
+        self.inv = Involution2d(
+            mid,
+            kernel_size,
+            group_channels=group_channels,
+            reduction_ratio=reduction_ratio,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+            backend=backend,
+        )
+        self.bn2 = norm_layer(mid)
+        self.act2 = act_layer()
+        self.conv2 = nn.Conv2d(mid, stem_width, 3, padding=1, bias=False)
+        self.bn3 = norm_layer(stem_width)
+        self.act3 = act_layer()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.inv(x)))
+        return self.act3(self.bn3(self.conv2(x)))
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck (expansion 4) with the spatial layer as ``conv2``: an involution or a conv.
+
+    Shape:
+        (B, in_chs, H, W) -> (B, 4 * width, ceil(H / stride), ceil(W / stride)).
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_chs: int,
+        width: int,
+        stride: int = 1,
+        mixer: str = "involution",
+        kernel_size: int = 7,
+        group_channels: int = 16,
+        reduction_ratio: int = 4,
+        norm_layer: NormFactory = nn.BatchNorm2d,
+        act_layer: ActFactory = nn.ReLU,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        out_chs = width * self.expansion
+        self.conv1 = nn.Conv2d(in_chs, width, 1, bias=False)
+        self.bn1 = norm_layer(width)
+        self.act1 = act_layer()
+        self.conv2 = _make_mixer(
+            mixer,
+            width,
+            stride,
+            kernel_size,
+            group_channels,
+            reduction_ratio,
+            norm_layer,
+            act_layer,
+            backend,
+        )
+        self.bn2 = norm_layer(width)
+        self.act2 = act_layer()
+        self.conv3 = nn.Conv2d(width, out_chs, 1, bias=False)
+        self.bn3 = norm_layer(out_chs)
+        self.act3 = act_layer()
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_chs != out_chs:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False), norm_layer(out_chs)
+            )
+
+    def zero_init_last(self) -> None:
+        """Start the residual branch at zero so each block begins as (nearly) the identity."""
+        if getattr(self.bn3, "weight", None) is not None:
+            nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))
+        return self.act3(x + shortcut)
+
+
+class RedNet(nn.Module):
+    """RedNet classifier / backbone with timm's model interface.
+
+    Children, in forward order (timm's ``FeatureListNet`` relies on it): ``stem``
+    (:class:`RedNetStem`), ``maxpool``, ``layer1`` .. ``layer4``, ``global_pool``, ``fc``.
+
+    Args:
+        layers: blocks per stage, e.g. ``(3, 4, 6, 3)`` for RedNet-50.
+        num_classes: classifier outputs; 0 gives a backbone whose ``fc`` is the identity.
+        in_chans: input image channels.
+        stage_widths: bottleneck widths per stage; stage outputs are 4x these.
+        stem_width: stem output channels (the stem involution has ``stem_width // 2``).
+        stem_type: "deep" (official: stride-2 conv and 3x3/2 max-pool, 4x downsampling) or
+            "compact" (stride-1 conv, no max-pool: for tiny images such as 28x28).
+        stem_kernel_size: K of the stem involution (3 in the classifier, 7 in det/seg backbones).
+        mixer: "involution", or "conv" for the 3x3-convolution twin (a plain ResNet).
+        kernel_size, group_channels, reduction_ratio: of the bottleneck involutions.
+        drop_rate: dropout before the classifier.
+        global_pool: timm pooling type ("avg", "max", "avgmax", "" for none, ...).
+        norm_layer, act_layer: normalisation and activation factories.
+        zero_init_last: zero-initialise each block's last BN.
+        backend: involution backend, see :func:`involution.functional.involution2d`.
+
+    Shape:
+        (B, in_chans, H, W) -> logits (B, num_classes); ``forward_features`` gives
+        (B, 4 * stage_widths[-1], H / 32, W / 32) with the deep stem (H / 8 compact).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        stage_widths: Sequence[int] = (64, 128, 256, 512),
+        stem_width: int = 64,
+        stem_type: str = "deep",
+        stem_kernel_size: int = 3,
+        mixer: str = "involution",
+        kernel_size: int = 7,
+        group_channels: int = 16,
+        reduction_ratio: int = 4,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+        norm_layer: NormFactory = nn.BatchNorm2d,
+        act_layer: ActFactory = nn.ReLU,
+        zero_init_last: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        layers = tuple(layers)
+        stage_widths = tuple(stage_widths)
+        if not layers or not all(_is_positive_int(n) for n in layers + stage_widths):
+            raise ValueError(
+                "layers and stage_widths must be non-empty sequences of positive ints, "
+                f"got {layers} and {stage_widths}"
+            )
+        if len(layers) != len(stage_widths):
+            raise ValueError(
+                f"layers has {len(layers)} stages but stage_widths has {len(stage_widths)}"
+            )
+        if stem_type not in STEM_TYPES:
+            raise ValueError(f"stem_type must be one of {STEM_TYPES}, got {stem_type!r}")
+        if mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
+        if not (_is_positive_int(num_classes) or num_classes == 0):
+            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        if not _is_positive_int(stem_width) or stem_width % 2:
+            raise ValueError(f"stem_width must be an even int >= 2, got {stem_width}")
+
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        deep = stem_type == "deep"
+        self.stem = RedNetStem(
+            in_chans,
+            stem_width,
+            stride=2 if deep else 1,
+            kernel_size=stem_kernel_size,
+            group_channels=group_channels,
+            reduction_ratio=reduction_ratio,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+            backend=backend,
+        )
+        reduction = 2 if deep else 1
+        self.feature_info: list[dict[str, Any]] = [
+            dict(num_chs=stem_width, reduction=reduction, module="stem")
+        ]
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if deep else nn.Identity()
+        reduction *= 2 if deep else 1
+
+        in_chs = stem_width
+        for index, (depth, width) in enumerate(zip(layers, stage_widths, strict=True)):
+            stride = 1 if index == 0 else 2
+            reduction *= stride
+            blocks = []
+            for block_index in range(depth):
+                blocks.append(
+                    Bottleneck(
+                        in_chs,
+                        width,
+                        stride=stride if block_index == 0 else 1,
+                        mixer=mixer,
+                        kernel_size=kernel_size,
+                        group_channels=group_channels,
+                        reduction_ratio=reduction_ratio,
+                        norm_layer=norm_layer,
+                        act_layer=act_layer,
+                        backend=backend,
+                    )
+                )
+                in_chs = width * Bottleneck.expansion
+            name = f"layer{index + 1}"
+            self.add_module(name, nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=name))
+        self.stage_names = [f"layer{i + 1}" for i in range(len(layers))]
+
+        self.num_features = self.head_hidden_size = in_chs
+        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
+        self.init_weights(zero_init_last=zero_init_last)
+
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        """Kaiming-normal (fan_out) convs with zero bias, BN weight 1 / bias 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm) and module.affine:
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if zero_init_last:
+            for module in self.modules():
+                if isinstance(module, Bottleneck):
+                    module.zero_init_last()
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """Parameter groups for timm's layer-wise tools (stem, then stages or blocks)."""
+        return dict(
+            stem=r"^stem|^maxpool",
+            blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)",
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass to save memory."""
+        self.grad_checkpointing = enable
+
+    def get_classifier(self, name_only: bool = False) -> nn.Module | str:
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh ``num_classes``-way linear layer (0: identity)."""
+        if not (_is_positive_int(num_classes) or num_classes == 0):
+            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        parameter = next(self.parameters())
+        self.global_pool, self.fc = create_classifier(
+            self.num_features,
+            num_classes,
+            pool_type=global_pool,
+            device=parameter.device,
+            dtype=parameter.dtype,
+        )
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
+
+    def forward_stages(self, x: Tensor) -> Tensor:
+        """Stages only: (B, stem_width, h, w) after the max-pool -> (B, num_features, h', w')."""
+        for name in self.stage_names:
+            stage = getattr(self, name)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+        return x
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, in_chans, H, W) -> last-stage feature map (B, num_features, H / 32, W / 32)."""
+        return self.forward_stages(self.maxpool(self.stem(x)))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool, dropout and classify: (B, num_features, h, w) -> (B, num_classes)."""
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_rednet(variant: str, pretrained: bool = False, **kwargs: Any) -> RedNet:
+    """Build a registered variant through timm (pretrained loading, ``features_only``)."""
+    return build_model_with_cfg(RedNet, variant, pretrained, **kwargs)
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv1",
+        "classifier": "fc",
+        "license": "mit",
+        "origin_url": "https://github.com/d-li14/involution",
+        "paper_ids": "arXiv:2103.06255",
+        **kwargs,
+    }
+
+
+# No hosted weights: convert the official checkpoints with ``involution convert`` and load the
+# result with ``pretrained=True, pretrained_cfg_overlay=dict(file=...)``.
+default_cfgs = generate_default_cfgs({f"rednet{depth}": _cfg() for depth in MODEL_DEPTHS})
+
+
+@register_model
+def rednet26(pretrained: bool = False, **kwargs: Any) -> RedNet:
+    """RedNet-26, 9.23M parameters."""
+    return _create_rednet("rednet26", pretrained, layers=MODEL_DEPTHS[26], **kwargs)
+
+
+@register_model
+def rednet38(pretrained: bool = False, **kwargs: Any) -> RedNet:
+    """RedNet-38, 12.39M parameters."""
+    return _create_rednet("rednet38", pretrained, layers=MODEL_DEPTHS[38], **kwargs)
+
+
+@register_model
+def rednet50(pretrained: bool = False, **kwargs: Any) -> RedNet:
+    """RedNet-50, 15.54M parameters."""
+    return _create_rednet("rednet50", pretrained, layers=MODEL_DEPTHS[50], **kwargs)
+
+
+@register_model
+def rednet101(pretrained: bool = False, **kwargs: Any) -> RedNet:
+    """RedNet-101, 25.65M parameters."""
+    return _create_rednet("rednet101", pretrained, layers=MODEL_DEPTHS[101], **kwargs)
+
+
+@register_model
+def rednet152(pretrained: bool = False, **kwargs: Any) -> RedNet:
+    """RedNet-152, 33.98M parameters."""
+    return _create_rednet("rednet152", pretrained, layers=MODEL_DEPTHS[152], **kwargs)
