@@ -7,6 +7,7 @@ interface so ``timm.create_model("rednet50", features_only=True, ...)`` works.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from timm.models import (
 )
 from torch import Tensor, nn
 
+from involution.modules import OFFICIAL_KEY_PREFIXES as OFFICIAL_INVOLUTION_PREFIXES
 from involution.modules import Involution2d
 
 __all__ = ["MODEL_DEPTHS", "Bottleneck", "RedNet", "RedNetStem"]
@@ -41,9 +43,67 @@ MODEL_DEPTHS: dict[int, tuple[int, int, int, int]] = {
 STEM_TYPES = ("deep", "compact")
 MIXERS = ("involution", "conv")
 
+#: Official mmcls ``backbone.stem.<i>`` children (mmcv ``ConvModule`` = conv + bn) -> ours.
+OFFICIAL_STEM_PREFIXES: dict[str, str] = {
+    "stem.0.conv.": "stem.conv1.",
+    "stem.0.bn.": "stem.bn1.",
+    "stem.1.": "stem.inv.",
+    "stem.2.": "stem.bn2.",
+    "stem.4.conv.": "stem.conv2.",
+    "stem.4.bn.": "stem.bn3.",
+}
+_OFFICIAL_BLOCK_KEY = re.compile(
+    r"layer\d+\.\d+\.(conv[13]|bn[123]|downsample\.[01])\.\w+"
+    r"|layer\d+\.\d+\.conv2\.(?P<inv>.+)"
+)
 
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+def _is_int(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def official_key_to_ours(key: str) -> str | None:
+    """Our state-dict key for an official mmcls RedNet key, or ``None`` if it has none.
+
+    ``backbone.`` is dropped, the stem's Sequential indices become names, ``head.fc`` becomes
+    ``fc``, and each involution's ``conv1.conv``/``conv1.bn``/``conv2.conv`` become
+    ``reduce``/``norm``/``span`` (blocks keep the official ``conv1``/``bn1``/.../``downsample``).
+    """
+    if key.startswith("head.fc."):
+        return key[len("head.") :]
+    if not key.startswith("backbone."):
+        return None
+    key = key[len("backbone.") :]
+    for official, ours in OFFICIAL_STEM_PREFIXES.items():
+        if key.startswith(official):
+            key = ours + key[len(official) :]
+            return _rename_involution(key, "stem.inv.") if ours == "stem.inv." else key
+    match = _OFFICIAL_BLOCK_KEY.fullmatch(key)
+    if match is None:
+        return None
+    if match.group("inv") is None:
+        return key
+    return _rename_involution(key, key[: match.start("inv")])
+
+
+def _rename_involution(key: str, module_prefix: str) -> str | None:
+    """``<module_prefix>conv1.conv.weight`` -> ``<module_prefix>reduce.weight`` and so on."""
+    rest = key[len(module_prefix) :]
+    for official, ours in OFFICIAL_INVOLUTION_PREFIXES.items():
+        if rest.startswith(official):
+            return module_prefix + ours + rest[len(official) :]
+    return None
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """timm ``pretrained_filter_fn``: accept official mmcls checkpoints as well as ours.
+
+    Official keys (``backbone.*``, ``head.fc.*``) are renamed; keys without a counterpart are
+    kept unchanged so that timm's strict loading reports them.
+    """
+    if not any(key.startswith(("backbone.", "head.")) for key in state_dict):
+        return state_dict
+    return {official_key_to_ours(key) or key: value for key, value in state_dict.items()}
 
 
 def _make_mixer(
@@ -234,7 +294,7 @@ class RedNet(nn.Module):
         super().__init__()
         layers = tuple(layers)
         stage_widths = tuple(stage_widths)
-        if not layers or not all(_is_positive_int(n) for n in layers + stage_widths):
+        if not layers or not all(_is_int(n, 1) for n in layers + stage_widths):
             raise ValueError(
                 "layers and stage_widths must be non-empty sequences of positive ints, "
                 f"got {layers} and {stage_widths}"
@@ -247,11 +307,11 @@ class RedNet(nn.Module):
             raise ValueError(f"stem_type must be one of {STEM_TYPES}, got {stem_type!r}")
         if mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
-        if not (_is_positive_int(num_classes) or num_classes == 0):
+        if not _is_int(num_classes, 0):
             raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
-        if not _is_positive_int(stem_width) or stem_width % 2:
+        if not _is_int(stem_width, 2) or stem_width % 2:
             raise ValueError(f"stem_width must be an even int >= 2, got {stem_width}")
 
         self.num_classes = num_classes
@@ -337,7 +397,7 @@ class RedNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a fresh ``num_classes``-way linear layer (0: identity)."""
-        if not (_is_positive_int(num_classes) or num_classes == 0):
+        if not _is_int(num_classes, 0):
             raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
         self.num_classes = num_classes
         if global_pool is None:
@@ -380,7 +440,9 @@ class RedNet(nn.Module):
 
 def _create_rednet(variant: str, pretrained: bool = False, **kwargs: Any) -> RedNet:
     """Build a registered variant through timm (pretrained loading, ``features_only``)."""
-    return build_model_with_cfg(RedNet, variant, pretrained, **kwargs)
+    return build_model_with_cfg(
+        RedNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+    )
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
