@@ -1,0 +1,132 @@
+"""Triton kernel of the fused involution forward: kernel generation inside the aggregation.
+
+For a block of output pixels of one (batch, group) the program computes the group's Kh*Kw
+kernel values per pixel as a small matrix product of the span (1x1 conv) weight and the reduced
+features, rounds them to the tensor dtype (exactly what the unfused span conv would store), and
+aggregates the group's channels with them. The (B, G*Kh*Kw, H_out, W_out) kernel tensor is
+never written to memory.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton import knobs
+
+if knobs.runtime.interpret:
+    CONFIGS = [triton.Config({"BLOCK_P": 16, "BLOCK_R": 16}, num_warps=1)]
+else:
+    CONFIGS = [
+        triton.Config({"BLOCK_P": block_p, "BLOCK_R": block_r}, num_warps=warps, num_stages=stages)
+        for block_p, block_r, warps, stages in (
+            (32, 32, 4, 2),
+            (64, 32, 4, 2),
+            (64, 64, 4, 3),
+            (128, 32, 8, 2),
+            (32, 64, 2, 3),
+            (128, 16, 4, 2),
+        )
+    ]
+
+
+@triton.autotune(configs=CONFIGS, key=["C", "CG", "R", "H", "W", "OH", "OW", "KH", "KW"])
+@triton.jit
+def fused_forward_kernel(
+    x_ptr,
+    red_ptr,
+    span_w_ptr,
+    span_b_ptr,
+    out_ptr,
+    C,
+    G,
+    CG,
+    R,
+    H,
+    W,
+    OH,
+    OW,
+    sx_b,
+    sx_c,
+    sx_h,
+    sx_w,
+    sr_b,
+    sr_c,
+    sr_h,
+    sr_w,
+    so_b,
+    so_c,
+    so_h,
+    so_w,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    KK_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """out[b, c, p] = sum_k kernel[k, p] * x[b, c, tap k of p], for all c of group g.
+
+    kernel[k, p] = span_w[g*KK + k, :] . reduced[b, :, p] + span_b[g*KK + k].
+    ``span_w`` is contiguous (G*Kh*Kw, R); ``reduced`` (B, R, H_out, W_out) is strided.
+    """
+    pid = tl.program_id(0)
+    num_p = tl.cdiv(OH * OW, BLOCK_P)
+    pid_p = pid % num_p
+    pid_bg = pid // num_p
+    b = (pid_bg // G).to(tl.int64)
+    g = pid_bg % G
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < OH * OW
+    oh = offs_p // OW
+    ow = offs_p % OW
+    offs_k = tl.arange(0, KK_PAD)
+    mask_k = offs_k < KH * KW
+    rows = g * (KH * KW) + offs_k
+
+    # Kernel tile (KK_PAD, BLOCK_P) = span_w[rows, :] @ reduced[b, :, pixels], fp32 accumulation.
+    kernel = tl.zeros((KK_PAD, BLOCK_P), dtype=tl.float32)
+    red_pixels = red_ptr + b * sr_b + (oh * sr_h + ow * sr_w)[None, :]
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        span_w = tl.load(
+            span_w_ptr + rows[:, None] * R + offs_r[None, :],
+            mask=mask_k[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        reduced = tl.load(
+            red_pixels + offs_r[:, None] * sr_c, mask=mask_r[:, None] & mask_p[None, :], other=0.0
+        )
+        if DOT_IN_FP32:
+            span_w = span_w.to(tl.float32)
+            reduced = reduced.to(tl.float32)
+        # fp32 operands: full-precision products (not TF32) to match the unfused conv.
+        if IEEE_DOT:
+            kernel = tl.dot(span_w, reduced, kernel, input_precision="ieee")
+        else:
+            kernel = tl.dot(span_w, reduced, kernel)
+    if HAS_BIAS:
+        kernel += tl.load(span_b_ptr + rows, mask=mask_k, other=0.0).to(tl.float32)[:, None]
+    kernel = kernel.to(out_ptr.dtype.element_ty).to(tl.float32)
+
+    kh = offs_k // KW
+    kw = offs_k % KW
+    ih = (oh * stride_h - pad_h)[None, :] + (kh * dil_h)[:, None]
+    iw = (ow * stride_w - pad_w)[None, :] + (kw * dil_w)[:, None]
+    ok = mask_k[:, None] & mask_p[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    x_taps = x_ptr + b * sx_b + ih * sx_h + iw * sx_w
+    out_pixels = out_ptr + b * so_b + oh * so_h + ow * so_w
+    for ci in range(CG):
+        chan = g * CG + ci
+        x = tl.load(x_taps + chan * sx_c, mask=ok, other=0.0)
+        out = tl.sum(x.to(tl.float32) * kernel, axis=0)
+        tl.store(out_pixels + chan * so_c, out.to(out_ptr.dtype.element_ty), mask=mask_p)
