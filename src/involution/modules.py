@@ -6,7 +6,9 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from involution.backends import resolve_backend
 from involution.functional import involution2d
+from involution.fused import involution2d_fused
 
 LayerFactory = Callable[[int], nn.Module]
 
@@ -57,6 +59,9 @@ class Involution2d(nn.Module):
         reduction_ratio: r, the kernel branch's bottleneck ratio (C -> C // r).
         norm_layer, act_layer: factories for the kernel branch's normalisation and activation.
         backend: aggregation backend, see :func:`involution.functional.involution2d`.
+        fused: fuse the span conv into the aggregation (:mod:`involution.fused`), so the
+            per-pixel kernels are never stored; ``None`` (default) fuses when the resolved
+            backend is ``"triton"``. The state dict is the same either way.
 
     Shape:
         input (B, C, H, W) -> output (B, C, ceil(H / stride), ceil(W / stride)).
@@ -73,6 +78,7 @@ class Involution2d(nn.Module):
         norm_layer: LayerFactory = nn.BatchNorm2d,
         act_layer: Callable[[], nn.Module] = nn.ReLU,
         backend: str = "auto",
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -106,6 +112,7 @@ class Involution2d(nn.Module):
         self.group_channels = group_channels
         self.groups = channels // group_channels
         self.backend = backend
+        self.fused = fused
         reduced = channels // reduction_ratio
         self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
         self.reduce = nn.Conv2d(channels, reduced, 1, bias=False)
@@ -121,12 +128,25 @@ class Involution2d(nn.Module):
         return kernels.reshape(batch, self.groups, k, k, out_h, out_w)
 
     def forward(self, x: Tensor) -> Tensor:
-        return involution2d(
+        backend = resolve_backend(self.backend, x.device)
+        if not (self.fused if self.fused is not None else backend == "triton"):
+            return involution2d(
+                x,
+                self.generate_kernels(x),
+                stride=self.stride,
+                dilation=self.dilation,
+                backend=backend,
+            )
+        return involution2d_fused(
             x,
-            self.generate_kernels(x),
+            self.act(self.norm(self.reduce(self.pool(x)))),
+            self.span.weight,
+            self.span.bias,
+            self.kernel_size,
+            self.groups,
             stride=self.stride,
             dilation=self.dilation,
-            backend=self.backend,
+            backend=backend,
         )
 
     def extra_repr(self) -> str:
