@@ -1,0 +1,57 @@
+"""The ``"cpu"`` backend: C++ kernels (``involution._C``) parallelised with ``at::parallel_for``.
+
+The kernels read the input in place (no unfolded K*K-times-larger tensor, forward or backward),
+work channels_last internally so the innermost loop runs over the C/G channels of a group with
+unit stride, and give each task its own slice of the result, so they are deterministic. float16
+and bfloat16 are computed in float32. See ``src/involution/csrc/involution_cpu.cpp``.
+
+Shapes: ``input`` (B, C, H, W), ``weight`` (B, G, Kh, Kw, H_out, W_out), ``output`` and
+``grad_output`` (B, C, H_out, W_out). Results come back channels_last (the custom op restores the
+caller's memory format).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    from involution import _C
+except ImportError as error:  # not built: the backend reports why instead of failing on import
+    _C = None
+    _IMPORT_ERROR: str | None = str(error)
+else:
+    _IMPORT_ERROR = None
+
+Pair = tuple[int, int]
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """``None`` on CPU when the extension is built, else why the backend cannot run."""
+    if device.type != "cpu":
+        return f"the cpu backend only runs on CPU tensors, not {device.type}"
+    if _C is None:
+        return (
+            f"the C++ extension involution._C is not built ({_IMPORT_ERROR}); "
+            "build it with `pip install --no-build-isolation -e .`"
+        )
+    return None
+
+
+def forward(input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
+    """(B, C, H, W), (B, G, Kh, Kw, H_out, W_out) -> (B, C, H_out, W_out)."""
+    return _C.forward(input, weight, stride, padding, dilation)
+
+
+def backward_input(
+    grad_output: Tensor, input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair
+) -> Tensor:
+    """Gradient with respect to ``input``: (B, C, H, W)."""
+    return _C.backward_input(grad_output, input, weight, stride, padding, dilation)
+
+
+def backward_weight(
+    grad_output: Tensor, input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair
+) -> Tensor:
+    """Gradient with respect to ``weight``: (B, G, Kh, Kw, H_out, W_out)."""
+    return _C.backward_weight(grad_output, input, weight, stride, padding, dilation)
