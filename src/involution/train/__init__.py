@@ -1,0 +1,7 @@
+"""Training, evaluation and prediction: ``involution train / eval / predict``.
+
+Submodules: :mod:`~involution.train.config` (YAML configs and overrides),
+:mod:`~involution.train.data` (datasets and loaders), :mod:`~involution.train.engine`
+(the training loop), :mod:`~involution.train.checkpoint` (crash-safe run files),
+:mod:`~involution.train.plots` and :mod:`~involution.train.cli`.
+"""

@@ -1,0 +1,232 @@
+"""``involution train``, ``involution eval`` and ``involution predict``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from involution.train import checkpoint as ckpt
+from involution.train.config import DEFAULT_CONFIG_NAME, Config, load_config, shipped_configs
+
+#: Errors caused by the user's input: reported in one line, exit code 2.
+USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, OSError)
+
+
+def _error(message: object) -> int:
+    text = message.args[0] if isinstance(message, KeyError) and message.args else message
+    print(f"involution: error: {text}", file=sys.stderr)
+    return 2
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="override config keys, e.g. --set train.lr=0.05 data.root=/data/imagenet",
+    )
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``train``, ``eval`` and ``predict``."""
+    shipped = ", ".join(shipped_configs())
+    train = subparsers.add_parser(
+        "train",
+        help="train a model (default: compact RedNet on Fashion-MNIST)",
+        description=f"Train from a YAML config (a path or a shipped one: {shipped}).",
+    )
+    train.add_argument("config", nargs="?", help=f"config file (default: {DEFAULT_CONFIG_NAME})")
+    _add_overrides(train)
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    train.set_defaults(func=train_command)
+
+    evaluate = subparsers.add_parser(
+        "eval", help="top-1/top-5 accuracy of trained weights on a dataset's evaluation split"
+    )
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", metavar="RUN_DIR", help="a training run directory")
+    source.add_argument("--weights", metavar="FILE", help="a .safetensors weights file")
+    evaluate.add_argument("--config", help="config (default: the one stored with the weights)")
+    _add_overrides(evaluate)
+    evaluate.set_defaults(func=eval_command)
+
+    predict = subparsers.add_parser("predict", help="top-k classes of image files")
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", metavar="RUN_DIR", help="a training run directory")
+    source.add_argument("--weights", metavar="FILE", help="a .safetensors weights file")
+    predict.add_argument("--config", help="config (default: the one stored with the weights)")
+    predict.add_argument("--topk", type=int, default=5, help="classes to show per image")
+    predict.set_defaults(func=predict_command)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _describe_run_dir(run_dir: Path) -> str:
+    descriptions = {
+        ckpt.CONFIG_NAME: "resolved config",
+        ckpt.METRICS_NAME: "metrics, one JSON record per line",
+        ckpt.CHECKPOINT_NAME: "full training state for --resume",
+        ckpt.WEIGHTS_NAME: "final weights (+ config and class names as metadata)",
+        ckpt.EMA_WEIGHTS_NAME: "EMA weights",
+        ckpt.PLOT_NAME: "loss and accuracy curves",
+    }
+    lines = [
+        f"  {name:<22} {text}" for name, text in descriptions.items() if (run_dir / name).exists()
+    ]
+    return "\n".join(lines)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from involution.train.engine import NonFiniteLossError, run_training
+
+    try:
+        if args.resume:
+            if args.config:
+                return _error("give either a config or --resume RUN_DIR (it has its own config)")
+            run_dir = Path(args.resume)
+            if not (run_dir / ckpt.CHECKPOINT_NAME).is_file():
+                return _error(f"{run_dir} holds no {ckpt.CHECKPOINT_NAME} to resume from")
+            config = load_config(run_dir / ckpt.CONFIG_NAME, args.overrides)
+            summary = run_training(config, run_dir, resume=True)
+        else:
+            config = load_config(args.config or DEFAULT_CONFIG_NAME, args.overrides)
+            summary = run_training(config)
+    except NonFiniteLossError as err:
+        print(f"involution: training stopped: {err}", file=sys.stderr)
+        return 1
+    except USER_ERRORS as err:
+        return _error(err)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    run_dir = Path(summary["run_dir"])
+    state = (
+        "finished" if summary["finished"] else "stopped at train.max_steps (resume with --resume)"
+    )
+    print(f"\nrun {state}: {summary['steps']} steps, {summary['wall_s']:.0f} s")
+    print(f"parameters: {summary['num_params']:,}")
+    print(f"training throughput: {summary['train_img_per_s']:.1f} img/s")
+    if "val_top1" in summary:
+        print(
+            f"test accuracy: top-1 {summary['val_top1']:.2f}%, top-5 {summary['val_top5']:.2f}%"
+            + (f" (EMA top-1 {summary['ema_val_top1']:.2f}%)" if "ema_val_top1" in summary else "")
+        )
+    print(f"run directory: {run_dir}")
+    print(_describe_run_dir(run_dir))
+
+
+# ----------------------------------------------------------------------------- eval / predict
+
+
+def load_trained_model(
+    weights: Path, config_path: str | None, overrides: list[str]
+) -> tuple[nn.Module, Config, list[str] | None, int | None]:
+    """Model with ``weights`` loaded, its config, and (from the file's metadata when present)
+    the class names and input channels."""
+    from involution.train.engine import build_model
+
+    tensors, metadata = ckpt.load_weights(weights)
+    if config_path is not None:
+        config = load_config(config_path, overrides)
+    elif "config" in metadata:
+        import yaml
+
+        config = load_config(None, overrides, base=yaml.safe_load(metadata["config"]))
+    else:
+        raise ValueError(f"{weights} carries no training config: pass --config")
+    classes = json.loads(metadata["classes"]) if "classes" in metadata else None
+    in_chans = int(metadata["in_chans"]) if "in_chans" in metadata else None
+    if "fc.weight" not in tensors and classes is None:
+        raise ValueError(f"{weights} has neither class names in its metadata nor fc.weight")
+    num_classes = len(classes) if classes else tensors["fc.weight"].shape[0]
+    model = build_model(config, num_classes, in_chans or 3)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} does not fit model {config['model']['name']!r}: missing keys "
+            f"{missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
+    return model.eval(), config, classes, in_chans
+
+
+def _weights_path(args: argparse.Namespace) -> Path:
+    return Path(args.weights) if args.weights else Path(args.run) / ckpt.WEIGHTS_NAME
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from involution.train.data import ShardSampler, build_datasets, build_loader
+    from involution.train.engine import DistInfo, evaluate, resolve_device
+
+    files = [_weights_path(args)]
+    if args.run and (Path(args.run) / ckpt.EMA_WEIGHTS_NAME).is_file():
+        files.append(Path(args.run) / ckpt.EMA_WEIGHTS_NAME)
+    try:
+        results = {}
+        for path in files:
+            model, config, classes, _ = load_trained_model(path, args.config, args.overrides)
+            data = build_datasets(config, train=False)
+            if classes is not None and classes != data.classes:
+                raise ValueError(f"{path} was trained on other classes than {config['data']}")
+            info = DistInfo(0, 1, resolve_device(config["train"]["device"]))
+            loader = build_loader(
+                data.val,
+                ShardSampler(len(data.val)),
+                config["train"]["batch_size"],
+                config["data"]["workers"],
+                drop_last=False,
+            )
+            results[path.name] = evaluate(model.to(info.device), loader, info, progress=True)
+    except USER_ERRORS as err:
+        return _error(err)
+    for name, metrics in results.items():
+        print(
+            f"{name}: top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
+            f"loss {metrics['loss']:.4f}"
+        )
+    return 0
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    from involution.train.data import build_datasets, build_transform
+
+    if args.topk < 1:
+        return _error(f"--topk must be positive, got {args.topk}")
+    try:
+        model, config, classes, in_chans = load_trained_model(_weights_path(args), args.config, [])
+        if classes is None:
+            classes = build_datasets(config, train=False).classes
+        channels = in_chans or 3
+        transform = build_transform(config, train=False, channels=channels)
+        batch = []
+        for name in args.images:
+            try:
+                with Image.open(name) as image:
+                    batch.append(transform(image.convert("L" if channels == 1 else "RGB")))
+            except OSError as err:
+                raise OSError(f"cannot read image {name}: {err}") from err
+    except USER_ERRORS as err:
+        return _error(err)
+    with torch.no_grad():
+        probs = model(torch.stack(batch)).softmax(dim=1)
+    top = probs.topk(min(args.topk, probs.shape[1]), dim=1)
+    for name, values, indices in zip(args.images, top.values, top.indices, strict=True):
+        print(name)
+        for p, i in zip(values.tolist(), indices.tolist(), strict=True):
+            print(f"  {100 * p:6.2f}%  {classes[i]}")
+    return 0

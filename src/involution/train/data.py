@@ -1,0 +1,475 @@
+"""Datasets and loaders: Fashion-MNIST (IDX files), any ImageFolder tree, synthetic images.
+
+Random augmentation is a pure function of ``(seed, epoch, sample index)``: samplers yield
+``(epoch, index)`` keys and datasets seed each sample's augmentation from them. A run therefore
+sees the same augmented images whatever the number of workers, ranks or resumptions.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data._utils.collate import default_collate
+from torchvision.transforms import v2
+
+from involution.train.config import Config
+
+#: Where Debian's ``dataset-fashion-mnist`` package puts the IDX files.
+SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+_FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "synthetic": ((0.5,), (0.5,)),
+}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+SampleKey = tuple[int, int]
+
+
+def sample_seeds(
+    seed: int, epoch: int | np.ndarray, indices: np.ndarray | Sequence[int]
+) -> np.ndarray:
+    """64-bit seeds, one per sample, mixing (seed, epoch, index) with SplitMix64. Shape (N,);
+    ``epoch`` is a scalar or one value per index."""
+    with np.errstate(over="ignore"):
+        x = np.asarray(indices, dtype=np.uint64)
+        x = x + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        x = x ^ (np.asarray(epoch, dtype=np.uint64) * np.uint64(0xBF58476D1CE4E5B9))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a numpy array of its stored dtype and shape."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if data[2] not in dtypes:
+        raise ValueError(f"{path}: unknown IDX data type 0x{data[2]:02x}")
+    ndim = data[3]
+    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    array = np.frombuffer(data, dtypes[data[2]], offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: holds {array.size} values, header says {shape}")
+    return array.reshape(shape).astype(array.dtype.newbyteorder("="))
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def find_fashion_mnist(root: str | Path | None = None, download: bool = True) -> Path:
+    """The folder holding Fashion-MNIST's four IDX files.
+
+    Looks in ``root`` (if given), then in Debian's ``dataset-fashion-mnist`` location, then
+    downloads with torchvision into ``~/.cache/involution`` (only when ``root`` is unset).
+    """
+    stems = [stem for pair in _FASHION_FILES.values() for stem in pair]
+    candidates = [Path(root)] if root is not None else [SYSTEM_FASHION_MNIST]
+    if root is not None:
+        candidates.append(Path(root) / "FashionMNIST" / "raw")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "involution"
+    candidates.append(cache / "FashionMNIST" / "raw")
+    for folder in candidates:
+        if all(_idx_file(folder, stem) for stem in stems):
+            return folder
+    if root is not None:
+        raise FileNotFoundError(
+            f"Fashion-MNIST IDX files ({', '.join(s + '.gz' for s in stems)}) not found in {root}"
+        )
+    if download:
+        from torchvision.datasets import FashionMNIST
+
+        try:
+            FashionMNIST(str(cache), train=True, download=True)
+            FashionMNIST(str(cache), train=False, download=True)
+            return cache / "FashionMNIST" / "raw"
+        except Exception as err:  # network errors come in many types
+            reason = f"download failed ({type(err).__name__}: {err})"
+    else:
+        reason = "download disabled"
+    raise FileNotFoundError(
+        f"Fashion-MNIST not found in {SYSTEM_FASHION_MNIST} and {reason}. Install it with "
+        "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), go online so torchvision "
+        "can download it, or set data.root to a folder holding the IDX files."
+    )
+
+
+def load_fashion_mnist(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) uint8 and labels (N,) int64 of split ``"train"`` or ``"test"``."""
+    if split not in _FASHION_FILES:
+        raise ValueError(f"Fashion-MNIST has splits 'train' and 'test', got {split!r}")
+    image_stem, label_stem = _FASHION_FILES[split]
+    images = read_idx(_idx_file(folder, image_stem) or folder / image_stem)
+    labels = read_idx(_idx_file(folder, label_stem) or folder / label_stem).astype(np.int64)
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise ValueError(f"{folder}: Fashion-MNIST {split} images {images.shape} vs {labels.shape}")
+    return images, labels
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def normalization(config: Config, channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (lists of length ``channels``)."""
+    data = config["data"]
+    mean, std = _STATS[data["dataset"]]
+    mean = data["mean"] or mean
+    std = data["std"] or std
+    mean = list(mean) * channels if len(mean) == 1 else list(mean)
+    std = list(std) * channels if len(std) == 1 else list(std)
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"data.mean/std need 1 or {channels} values, got {mean} and {std}")
+    return mean, std
+
+
+def build_transform(config: Config, train: bool, channels: int) -> Callable[[Any], Tensor]:
+    """Per-sample transform: a PIL image or uint8 (C, H, W) tensor -> float (C, S, S)."""
+    data = config["data"]
+    size = data["image_size"]
+    mean, std = normalization(config, channels)
+    steps: list[Callable[[Any], Any]] = [v2.ToImage()]
+    if train and data["augment"] == "random_resized_crop":
+        steps += [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    elif train and data["augment"] == "crop_flip":
+        steps += [
+            v2.Resize(size, antialias=True),
+            v2.CenterCrop(size),
+            v2.RandomCrop(size, padding=data["crop_padding"]),
+            v2.RandomHorizontalFlip(),
+        ]
+    else:
+        steps += [v2.Resize(data["eval_resize"] or size, antialias=True), v2.CenterCrop(size)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+def _seeded(transform: Callable[[Any], Tensor], seed: int, image: Any) -> Tensor:
+    """Apply a random transform with torch's RNG seeded by ``seed``, leaving the RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+        return transform(image)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class ArrayDataset(Dataset):
+    """Images held in memory as uint8 (N, H, W) or (N, H, W, C), fetched a batch at a time.
+
+    ``crop_flip`` augmentation (pad, random crop, horizontal flip) and plain normalisation are
+    done on the whole batch; other transforms go through torchvision sample by sample.
+    Indexed by :data:`SampleKey` ``(epoch, index)``.
+    """
+
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, config: Config, train: bool, seed: int
+    ) -> None:
+        if images.ndim == 3:
+            images = images[..., None]
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.channels = self.images.shape[1]
+        self.seed = seed
+        self.train = train
+        data = config["data"]
+        self.padding = data["crop_padding"] if train and data["augment"] == "crop_flip" else 0
+        self.batched = data["augment"] != "random_resized_crop" or not train
+        self.batched = self.batched and self.images.shape[-1] == data["image_size"]
+        mean, std = normalization(config, self.channels)
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.transform = build_transform(config, train, self.channels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: SampleKey) -> tuple[Tensor, Tensor]:
+        images, labels = self.__getitems__([key])
+        return images[0], labels[0]
+
+    def __getitems__(self, keys: Sequence[SampleKey]) -> tuple[Tensor, Tensor]:
+        """A batch: images float (B, C, S, S), labels int64 (B,)."""
+        epochs = np.array([k[0] for k in keys])
+        indices = np.array([k[1] for k in keys])
+        seeds = sample_seeds(self.seed, epochs, indices)
+        labels = self.labels[indices]
+        if not self.batched:
+            images = [
+                _seeded(self.transform, int(s), self.images[i])
+                for s, i in zip(seeds, indices, strict=True)
+            ]
+            return torch.stack(images), labels
+        images = self.images[indices].float().div_(255)
+        if self.train and self.padding:
+            images = self._crop_flip(images, seeds)
+        return (images - self.mean) / self.std, labels
+
+    def _crop_flip(self, images: Tensor, seeds: np.ndarray) -> Tensor:
+        """Zero-pad by ``padding``, crop back at a per-sample offset, flip half of the samples."""
+        p = self.padding
+        span = np.uint64(2 * p + 1)
+        dy = (seeds % span).astype(np.int64)
+        dx = ((seeds >> np.uint64(16)) % span).astype(np.int64)
+        flip = ((seeds >> np.uint64(32)) & np.uint64(1)).astype(bool)
+        padded = torch.nn.functional.pad(images, (p, p, p, p))
+        h, w = images.shape[-2:]
+        out = torch.stack(
+            [
+                padded[b, :, y : y + h, x : x + w]
+                for b, (y, x) in enumerate(zip(dy, dx, strict=True))
+            ]
+        )
+        out[torch.from_numpy(flip)] = out[torch.from_numpy(flip)].flip(-1)
+        return out
+
+
+def _read_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise OSError(f"cannot read image {path}: {err}") from err
+
+
+class ImageFileDataset(Dataset):
+    """Images on disk, ``samples`` = [(path, class index)], indexed by ``(epoch, index)``."""
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        config: Config,
+        train: bool,
+        seed: int,
+    ) -> None:
+        self.samples = list(samples)
+        self.seed = seed
+        self.transform = build_transform(config, train, channels=3)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: SampleKey) -> tuple[Tensor, int]:
+        epoch, index = key
+        path, label = self.samples[index]
+        seed = int(sample_seeds(self.seed, epoch, [index])[0])
+        return _seeded(self.transform, seed, _read_image(path)), label
+
+
+def scan_image_folder(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """List ``folder/<class>/**/<image>`` as [(path, class index)] and the sorted class names."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not classes:
+        raise ValueError(
+            f"image folder {folder} has no class sub-folders (expected {folder}/<class>/<image>)"
+        )
+    samples = []
+    empty = []
+    for label, name in enumerate(classes):
+        found = sorted(
+            str(Path(dirpath) / file)
+            for dirpath, _, files in os.walk(folder / name, followlinks=True)
+            for file in files
+            if file.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not found:
+            empty.append(name)
+        samples += [(path, label) for path in found]
+    if empty:
+        raise ValueError(
+            f"image folder {folder}: class folder(s) {', '.join(empty)} hold no images with "
+            f"extensions {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    return samples, classes
+
+
+# ----------------------------------------------------------------------------- bundle
+
+
+@dataclass
+class DataBundle:
+    """Train and evaluation datasets plus what the model needs to know about them."""
+
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    in_chans: int
+
+
+def _subset(n: int | None, total: int, seed: int) -> np.ndarray:
+    """A fixed random choice of ``n`` of ``total`` indices, sorted (all when ``n`` is None)."""
+    if n is None or n >= total:
+        return np.arange(total)
+    if n <= 0:
+        raise ValueError(f"subset size must be positive, got {n}")
+    generator = torch.Generator().manual_seed(seed)
+    return np.sort(torch.randperm(total, generator=generator)[:n].numpy())
+
+
+def build_datasets(config: Config, train: bool = True) -> DataBundle:
+    """Build the datasets named by ``config["data"]``; with ``train=False`` only ``val`` is real
+    (``train`` is then the empty list)."""
+    data = config["data"]
+    seed = config["train"]["seed"]
+    kind = data["dataset"]
+    if kind == "fashion_mnist":
+        folder = find_fashion_mnist(data["root"])
+        split_names = {"train": "train", "val": "test", "test": "test"}
+        splits = {}
+        for role in ("train", "val"):
+            name = data[f"{role}_split"]
+            if name not in split_names:
+                raise ValueError(f"data.{role}_split for Fashion-MNIST: train|test, got {name!r}")
+            if role == "train" and not train:
+                continue
+            images, labels = load_fashion_mnist(folder, split_names[name])
+            keep = _subset(data[f"{role}_subset"], len(labels), seed)
+            splits[role] = ArrayDataset(images[keep], labels[keep], config, role == "train", seed)
+        return DataBundle(splits.get("train", []), splits["val"], list(FASHION_MNIST_CLASSES), 1)
+    if kind == "synthetic":
+        generator = torch.Generator().manual_seed(seed)
+        size, classes, chans = (
+            data["image_size"],
+            data["synthetic_classes"],
+            data["synthetic_channels"],
+        )
+        parts = {}
+        for role in ("train", "val"):
+            n = data[f"synthetic_{role}_size"]
+            images = torch.randint(0, 256, (n, size, size, chans), generator=generator)
+            labels = torch.randint(0, classes, (n,), generator=generator)
+            parts[role] = ArrayDataset(
+                images.to(torch.uint8).numpy(), labels.numpy(), config, role == "train", seed
+            )
+        return DataBundle(parts["train"], parts["val"], [str(i) for i in range(classes)], chans)
+    # imagefolder
+    if data["root"] is None:
+        raise ValueError("data.root must be set for data.dataset=imagefolder")
+    root = Path(data["root"]).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root {root} does not exist")
+    roles = ("train", "val") if train else ("val",)
+    scanned = {}
+    for role in roles:
+        folder = root / data[f"{role}_split"]
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"{folder} does not exist: an ImageFolder root needs {data[f'{role}_split']}/ "
+                f"(set data.{role}_split to the right sub-folder name)"
+            )
+        scanned[role] = scan_image_folder(folder)
+    if train and scanned["train"][1] != scanned["val"][1]:
+        raise ValueError(
+            f"train and val class folders differ under {root}: "
+            f"{sorted(set(scanned['train'][1]) ^ set(scanned['val'][1]))}"
+        )
+    datasets: dict[str, Dataset] = {}
+    for role, (samples, _) in scanned.items():
+        keep = _subset(data[f"{role}_subset"], len(samples), seed)
+        datasets[role] = ImageFileDataset([samples[i] for i in keep], config, role == "train", seed)
+    return DataBundle(datasets.get("train", []), datasets["val"], scanned["val"][1], 3)
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+class EpochSampler(Sampler[SampleKey]):
+    """Shuffled per-rank shard of a dataset yielding ``(epoch, index)`` keys.
+
+    Wraps :class:`torch.utils.data.DistributedSampler` (disjoint shards, reshuffled per epoch
+    from ``seed``) and can skip the first samples of an epoch to resume mid-epoch.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.inner = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+        )
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Start ``epoch`` after its first ``skip`` samples (of this rank)."""
+        self.inner.set_epoch(epoch)
+        self.epoch = epoch
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        indices = list(self.inner)[self.skip :]
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip
+
+
+class ShardSampler(Sampler[SampleKey]):
+    """Evaluation shard: every ``world_size``-th sample from ``rank``, in order, no padding (so
+    all-reduced counts are exact)."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = range(rank, size, world_size)
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        return ((0, i) for i in self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def collate(batch: Any) -> Any:
+    """Pass batches that datasets assembled themselves; stack lists of samples."""
+    return batch if isinstance(batch, tuple) else default_collate(batch)
+
+
+def build_loader(
+    dataset: Dataset, sampler: Sampler[SampleKey], batch_size: int, workers: int, drop_last: bool
+) -> DataLoader:
+    """A loader over ``sampler``'s keys (workers persist across epochs)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+    )

@@ -1,0 +1,559 @@
+"""The training engine: one process or DDP (torchrun), AMP, EMA, exact resume, NaN guard.
+
+A run lives in a directory holding ``config.yaml`` (the resolved config), ``metrics.jsonl``,
+``checkpoint.pt`` (everything needed to continue), ``model.safetensors`` (plus
+``model_ema.safetensors`` with EMA) and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import involution  # noqa: F401  (registers the RedNet models with timm)
+from involution.train import checkpoint as ckpt
+from involution.train.config import Config, dump_config
+from involution.train.data import (
+    DataBundle,
+    EpochSampler,
+    ShardSampler,
+    build_datasets,
+    build_loader,
+)
+from involution.train.plots import plot_curves
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@dataclass
+class DistInfo:
+    """This process's place in the job (a single process has rank 0 of world size 1)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> this rank's CUDA device when available, else the CPU."""
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available")
+    return device
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Join the process group described by torchrun's environment (if any).
+
+    Uses NCCL on CUDA and Gloo on the CPU, ``env://`` rendezvous.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if world_size == 1:
+        return DistInfo(0, 1, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, init_method="env://")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), device)
+
+
+def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
+    """Element-wise sum of ``values`` over all ranks (float64)."""
+    if not info.distributed:
+        return values
+    backend_device = info.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=backend_device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- model pieces
+
+
+def build_model(config: Config, num_classes: int, in_chans: int) -> nn.Module:
+    """``timm.create_model(model.name, num_classes, in_chans, **model.kwargs)``."""
+    name = config["model"]["name"]
+    if not timm.is_model(name):
+        ours = ", ".join(timm.list_models("rednet*"))
+        raise ValueError(f"unknown model {name!r}; RedNet models: {ours} (or any timm model)")
+    kwargs = {"num_classes": num_classes, "in_chans": in_chans, **config["model"]["kwargs"]}
+    return timm.create_model(name, **kwargs)
+
+
+class ModelEma:
+    """Exponential moving average of a model's parameters and buffers (float copies).
+
+    ``ema = decay * ema + (1 - decay) * model`` after every optimizer step; integer buffers
+    (BatchNorm's step counter) are copied.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_state = self.module.state_dict()
+        floats_ema, floats_new = [], []
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                floats_ema.append(ema_state[key])
+                floats_new.append(value.detach())
+            else:
+                ema_state[key].copy_(value)
+        torch._foreach_lerp_(floats_ema, floats_new, 1.0 - self.decay)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warm-up from
+    1/warmup_steps, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: nn.Module, config: Config, lr: float) -> torch.optim.Optimizer:
+    """SGD (optionally Nesterov) or AdamW over all trainable parameters."""
+    train = config["train"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train["optimizer"] == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=lr,
+            momentum=train["momentum"],
+            nesterov=train["nesterov"] and train["momentum"] > 0,
+            weight_decay=train["weight_decay"],
+        )
+    return torch.optim.AdamW(params, lr=lr, weight_decay=train["weight_decay"])
+
+
+def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp`` (None: full precision)."""
+    amp = config["train"]["amp"]
+    if amp == "none":
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs a CUDA device (use bf16 on the CPU)")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    info: DistInfo,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    desc: str = "eval",
+    progress: bool = False,
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy (%) of ``model`` over ``loader``, summed over ranks."""
+    was_training = model.training
+    model.eval()
+    totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, samples
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        images = images.to(info.device, non_blocking=True)
+        labels = torch.as_tensor(labels).to(info.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(info.device.type, amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels[:, None]
+        totals[0] += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        totals[1] += hits[:, :1].sum().item()
+        totals[2] += hits.sum().item()
+        totals[3] += len(labels)
+    model.train(was_training)
+    loss, top1, top5, count = all_reduce_sum(totals, info)
+    if count == 0:
+        raise ValueError("the evaluation set is empty")
+    return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count}
+
+
+def weights_metadata(config: Config, classes: list[str], in_chans: int) -> dict[str, str]:
+    """safetensors metadata that lets ``eval``/``predict`` rebuild the model from the file."""
+    return {
+        "format": "pt",
+        "model": config["model"]["name"],
+        "config": dump_config(config),
+        "classes": json.dumps(classes),
+        "in_chans": str(in_chans),
+    }
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def new_run_dir(config: Config) -> Path:
+    """``output.dir/output.name``, or ``output.dir/<model>-<dataset>-<UTC time>`` (unique)."""
+    root = Path(config["output"]["dir"]).expanduser()
+    name = config["output"]["name"]
+    if name is None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        name = f"{config['model']['name']}-{config['data']['dataset']}-{stamp}"
+    path = root / name
+    suffix = 1
+    while path.exists() and config["output"]["name"] is None:
+        suffix += 1
+        path = root / f"{name}-{suffix}"
+    return path
+
+
+class Trainer:
+    """Train ``config`` in ``run_dir``; with ``resume`` continue from its checkpoint.
+
+    Call :meth:`fit`. Only rank 0 writes files and prints.
+    """
+
+    def __init__(self, config: Config, run_dir: Path, resume: bool = False) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        train = config["train"]
+        self.info = init_distributed(train["device"])
+        info = self.info
+        if train["deterministic"]:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif info.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.amp_dtype = autocast_dtype(config, info.device)
+        self.channels_last = train["channels_last"]
+
+        # Same initial weights on every rank, then per-rank randomness (dropout).
+        seed_everything(train["seed"])
+        self.data: DataBundle = build_datasets(config)
+        model = build_model(config, len(self.data.classes), self.data.in_chans).to(info.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.num_params = sum(p.numel() for p in model.parameters())
+        seed_everything(train["seed"] + info.rank)
+
+        self.batch_size = train["batch_size"]
+        self.accumulation = train["accumulation_steps"]
+        self.global_batch = self.batch_size * self.accumulation * info.world_size
+        self.sampler = EpochSampler(self.data.train, train["seed"], info.rank, info.world_size)
+        if len(self.sampler) < self.batch_size * self.accumulation:
+            raise ValueError(
+                f"each rank gets {len(self.sampler)} training images, fewer than one "
+                f"step's batch_size * accumulation_steps = {self.batch_size * self.accumulation}"
+            )
+        workers = config["data"]["workers"]
+        self.train_loader = build_loader(
+            self.data.train, self.sampler, self.batch_size, workers, True
+        )
+        val_sampler = ShardSampler(len(self.data.val), info.rank, info.world_size)
+        self.val_loader = build_loader(self.data.val, val_sampler, self.batch_size, workers, False)
+        self.steps_per_epoch = len(self.sampler) // (self.batch_size * self.accumulation)
+        self.total_steps = train["epochs"] * self.steps_per_epoch
+
+        base_batch = train["lr_base_batch"]
+        self.peak_lr = train["lr"] * (self.global_batch / base_batch if base_batch else 1.0)
+        self.optimizer = build_optimizer(model, config, self.peak_lr)
+        warmup = round(train["warmup_epochs"] * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(step, self.total_steps, warmup, train["min_lr_ratio"]),
+        )
+        fp16 = self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=fp16)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=train["label_smoothing"])
+        self.ema = ModelEma(model, train["ema_decay"]) if train["ema_decay"] else None
+
+        net: nn.Module = model
+        if info.distributed:
+            ids = [info.device.index] if info.device.type == "cuda" else None
+            net = DistributedDataParallel(model, device_ids=ids)
+        if train["compile"]:
+            net = torch.compile(net)
+        self.net = net
+
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.stopped_early = False
+        self.last_eval: dict[str, float] = {}
+        if resume:
+            self._load(self.run_dir / ckpt.CHECKPOINT_NAME)
+        elif info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write(
+                self.run_dir / ckpt.CONFIG_NAME, lambda f: f.write(dump_config(config).encode())
+            )
+            (self.run_dir / ckpt.METRICS_NAME).unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- state
+
+    def _state(self) -> dict[str, Any]:
+        rng = ckpt.rng_state()
+        rngs = [rng]
+        if self.info.distributed:
+            rngs = [None] * self.info.world_size
+            dist.all_gather_object(rngs, rng)
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema else None,
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "world_size": self.info.world_size,
+            "rng": rngs,
+            "last_eval": self.last_eval,
+            "config": self.config,
+        }
+
+    def _load(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ValueError(f"{path} has no EMA weights but train.ema_decay is set")
+            self.ema.module.load_state_dict(state["ema"])
+        self.step = state["step"]
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.last_eval = state["last_eval"]
+        if state["world_size"] != self.info.world_size:
+            raise ValueError(
+                f"{path} was saved by {state['world_size']} processes, this job has "
+                f"{self.info.world_size}: resume with the same number of processes"
+            )
+        ckpt.set_rng_state(state["rng"][self.info.rank])
+        if self.info.is_main:
+            ckpt.truncate_metrics(self.run_dir / ckpt.METRICS_NAME, self.step)
+
+    def save(self) -> None:
+        """Checkpoint, weights and plot (rank 0 writes; every rank must call it)."""
+        state = self._state()
+        if not self.info.is_main:
+            return
+        ckpt.save_checkpoint(self.run_dir / ckpt.CHECKPOINT_NAME, state)
+        meta = weights_metadata(self.config, self.data.classes, self.data.in_chans)
+        ckpt.save_weights(self.run_dir / ckpt.WEIGHTS_NAME, self.model, meta)
+        if self.ema is not None:
+            ckpt.save_weights(self.run_dir / ckpt.EMA_WEIGHTS_NAME, self.ema.module, meta)
+        plot_curves(
+            ckpt.read_jsonl(self.run_dir / ckpt.METRICS_NAME), self.run_dir / ckpt.PLOT_NAME
+        )
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.info.is_main:
+            ckpt.append_jsonl(self.run_dir / ckpt.METRICS_NAME, record)
+
+    # ---------------------------------------------------------------- loop
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels in self.train_loader:
+            images = images.to(self.info.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, torch.as_tensor(labels).to(self.info.device, non_blocking=True)
+
+    def _train_step(self, batches: Iterator[tuple[Tensor, Tensor]]) -> float:
+        """One optimizer step over ``accumulation_steps`` micro-batches; returns the mean loss.
+
+        Raises :class:`NonFiniteLossError` (on every rank) before touching the weights.
+        """
+        loss_sum = torch.zeros((), device=self.info.device)
+        for micro in range(self.accumulation):
+            images, labels = next(batches)
+            last = micro == self.accumulation - 1
+            sync = contextlib.nullcontext()
+            if self.info.distributed and not last:
+                sync = self.net.no_sync()  # all-reduce gradients once, on the last micro-batch
+            with sync:
+                with torch.autocast(
+                    self.info.device.type, self.amp_dtype, enabled=self.amp_dtype is not None
+                ):
+                    loss = self.criterion(self.net(images).float(), labels) / self.accumulation
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        loss_value, bad = all_reduce_sum(
+            [loss_sum.item(), float(not torch.isfinite(loss_sum).item())], self.info
+        )
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"loss is {loss_sum.item()} at step {self.step + 1} (epoch {self.epoch}); "
+                f"stopped without applying it. The last good checkpoint is "
+                f"{self.run_dir / ckpt.CHECKPOINT_NAME} (lower train.lr, set train.grad_clip "
+                "or use train.amp=none, then --resume)"
+            )
+        if self.config["train"]["grad_clip"]:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config["train"]["grad_clip"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return loss_value / self.info.world_size
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (or ``train.max_steps``); returns the summary of the run."""
+        train = self.config["train"]
+        max_steps = train["max_steps"]
+        every = train["checkpoint_every_steps"]
+        show = train["progress"] and self.info.is_main
+        timed_images, timed_seconds = 0, 0.0
+        start = time.perf_counter()
+        while self.epoch < train["epochs"] and not self.stopped_early:
+            skip = self.step_in_epoch * self.batch_size * self.accumulation
+            self.sampler.set_epoch(self.epoch, skip=skip)
+            self.model.train()
+            batches = self._batches()
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=self.step_in_epoch,
+                desc=f"epoch {self.epoch + 1}/{train['epochs']}",
+                unit="step",
+                disable=not show,
+                dynamic_ncols=True,
+            )
+            window_loss, window_steps, window_seconds = 0.0, 0, 0.0
+            while self.step_in_epoch < self.steps_per_epoch:
+                tick = time.perf_counter()
+                loss = self._train_step(batches)
+                seconds = time.perf_counter() - tick
+                self.step += 1
+                self.step_in_epoch += 1
+                # The first step (allocations, compilation) would skew the throughput.
+                if self.step_in_epoch > 1:
+                    timed_images += self.global_batch
+                    timed_seconds += seconds
+                window_loss += loss
+                window_steps += 1
+                window_seconds += seconds
+                lr = self.scheduler.get_last_lr()[0]
+                rate = self.global_batch / seconds
+                bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.3g}, {rate:.0f} img/s", False)
+                bar.update()
+                end_of_window = self.step_in_epoch == self.steps_per_epoch or self.step % 50 == 0
+                stop = max_steps is not None and self.step >= max_steps
+                if end_of_window or stop:
+                    self.log(
+                        {
+                            "step": self.step,
+                            "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
+                            "lr": lr,
+                            "train_loss": window_loss / window_steps,
+                            "img_per_s": window_steps * self.global_batch / window_seconds,
+                        }
+                    )
+                    window_loss, window_steps, window_seconds = 0.0, 0, 0.0
+                if stop:
+                    self.stopped_early = True
+                    break
+                if every and self.step % every == 0:
+                    self.save()
+            bar.close()
+            if self.stopped_early:
+                self.save()
+                break
+            self._end_epoch(show)
+        throughput = timed_images / timed_seconds if timed_seconds else float("nan")
+        if self.info.distributed:
+            dist.barrier()
+        return {
+            "run_dir": str(self.run_dir),
+            "steps": self.step,
+            "epochs_done": self.epoch,
+            "finished": not self.stopped_early,
+            "num_params": self.num_params,
+            "train_img_per_s": throughput,
+            "wall_s": time.perf_counter() - start,
+            **self.last_eval,
+        }
+
+    def _end_epoch(self, show: bool) -> None:
+        """Evaluate (and the EMA), log, advance the epoch, checkpoint."""
+        metrics = evaluate(
+            self.net, self.val_loader, self.info, self.amp_dtype, self.channels_last, progress=show
+        )
+        record = {f"val_{k}": v for k, v in metrics.items()}
+        if self.ema is not None:
+            ema = evaluate(
+                self.ema.module, self.val_loader, self.info, self.amp_dtype, self.channels_last
+            )
+            record.update({f"ema_val_{k}": v for k, v in ema.items()})
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.last_eval = record
+        self.log({"step": self.step, "epoch": self.epoch, **record})
+        if show:
+            text = ", ".join(f"{k} {v:.4g}" for k, v in record.items())
+            tqdm.write(f"epoch {self.epoch}: {text}")
+        self.save()
+
+
+def run_training(config: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
+    """Train ``config`` (new run dir unless given) and tear down the process group."""
+    info_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if run_dir is None:
+        run_dir = new_run_dir(config)
+        if info_world > 1:
+            # Every rank must agree on the (time-stamped) name chosen by rank 0.
+            init_distributed(config["train"]["device"])
+            names = [str(run_dir)]
+            dist.broadcast_object_list(names, src=0)
+            run_dir = Path(names[0])
+    try:
+        trainer = Trainer(config, run_dir, resume=resume)
+        return trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
