@@ -1,0 +1,247 @@
+"""The Triton backend and the fused kernel-generation op against the reference implementation.
+
+On a machine with CUDA these run on the GPU; otherwise on CPU tensors in Triton's interpreter
+(``TRITON_INTERPRET=1``, set by ``conftest.py``), which is slow, hence the tiny shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from involution import Involution2d, involution2d
+from involution.backends import triton as triton_backend
+from involution.functional import output_size
+from involution.fused import involution2d_fused
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+pytestmark = pytest.mark.skipif(
+    triton_backend.unavailable_reason(DEVICE) is not None,
+    reason=f"triton backend unavailable: {triton_backend.unavailable_reason(DEVICE)}",
+)
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+#: (rtol, atol) of a Triton result against the reference run on the same inputs. Both
+#: accumulate in float32 (float64); half results may differ by one rounding of the output.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 2e-2),
+}
+
+#: (B, C, G, H, W, kernel, stride, padding, dilation); padding None = "same"-style default.
+OP_CASES = {
+    "odd_sizes": (2, 8, 2, 9, 7, (3, 3), (1, 1), None, (1, 1)),
+    "stride2": (1, 8, 2, 9, 8, (3, 3), (2, 2), None, (1, 1)),
+    "dilation2": (1, 4, 1, 7, 9, (3, 3), (1, 1), None, (2, 2)),
+    "even_rect_kernel": (1, 6, 3, 6, 5, (2, 4), (1, 2), (0, 1), (2, 1)),
+}
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    rtol, atol = TOLERANCES[expected.dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def _op_inputs(case: str, dtype: torch.dtype, channels_last: bool = False):
+    batch, channels, groups, height, width, kernel, stride, padding, dilation = OP_CASES[case]
+    pad = padding or tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+    out = [
+        output_size(n, k, s, p, d)
+        for n, k, s, p, d in zip((height, width), kernel, stride, pad, dilation, strict=True)
+    ]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, height, width, generator=generator)
+    weight = torch.randn(batch, groups, *kernel, *out, generator=generator) / 2
+    grad = torch.randn(batch, channels, *out, generator=generator)
+    x, weight, grad = (t.to(DEVICE, dtype) for t in (x, weight, grad))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x, weight, grad, {"stride": stride, "padding": padding, "dilation": dilation}
+
+
+def _run_op(backend: str, x, weight, grad, conv):
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    out = involution2d(x, weight, backend=backend, **conv)
+    out.backward(grad)
+    return out, x.grad, weight.grad
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype", "channels_last"),
+    [("odd_sizes", dtype, False) for dtype in DTYPES]
+    + [(case, torch.float32, False) for case in ("stride2", "dilation2", "even_rect_kernel")]
+    + [("stride2", torch.float32, True), ("even_rect_kernel", torch.float16, True)],
+)
+def test_op_matches_reference(case, dtype, channels_last):
+    x, weight, grad, conv = _op_inputs(case, dtype, channels_last)
+    out, grad_x, grad_w = _run_op("triton", x, weight, grad, conv)
+    ref_out, ref_grad_x, ref_grad_w = _run_op("reference", x, weight, grad, conv)
+    _close(out, ref_out)
+    _close(grad_x, ref_grad_x)
+    _close(grad_w, ref_grad_w)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert grad_x.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_grad_input_skips_unread_pixels():
+    # Stride 3 with a 1x1 kernel reads one input pixel in nine: the others get zero gradient.
+    x = torch.randn(1, 4, 7, 7, device=DEVICE, requires_grad=True)
+    weight = torch.randn(1, 2, 1, 1, 3, 3, device=DEVICE)
+    involution2d(x, weight, stride=3, backend="triton").sum().backward()
+    expected = torch.zeros(1, 4, 7, 7, device=DEVICE)
+    expected[..., ::3, ::3] = weight.repeat_interleave(2, dim=1).flatten(1, 3).view(1, 4, 3, 3)
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_op_is_deterministic():
+    x, weight, grad, conv = _op_inputs("stride2", torch.float32)
+    first = _run_op("triton", x, weight, grad, conv)
+    second = _run_op("triton", x, weight, grad, conv)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def _fused_inputs(dtype: torch.dtype, stride: int, kernel=(3, 3)):
+    batch, channels, groups, reduced_channels, height, width = 2, 8, 2, 5, 7, 6
+    out = [
+        output_size(n, k, stride, (k - 1) // 2, 1)
+        for n, k in zip((height, width), kernel, strict=True)
+    ]
+    generator = torch.Generator().manual_seed(1)
+    tensors = (
+        torch.randn(batch, channels, height, width, generator=generator),
+        torch.randn(batch, reduced_channels, *out, generator=generator),
+        torch.randn(groups * kernel[0] * kernel[1], reduced_channels, generator=generator) / 2,
+        torch.randn(groups * kernel[0] * kernel[1], generator=generator),
+        torch.randn(batch, channels, *out, generator=generator),
+    )
+    return [t.to(DEVICE, dtype) for t in tensors], groups
+
+
+def _run_fused(backend: str, tensors, groups, kernel, stride):
+    *leaves, grad = (t.detach().requires_grad_() for t in tensors)
+    out = involution2d_fused(*leaves, kernel, groups, stride=stride, backend=backend)
+    out.backward(grad)
+    return [out, *(leaf.grad for leaf in leaves)]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "stride", "kernel"),
+    [(dtype, 1, (3, 3)) for dtype in DTYPES]
+    + [(torch.float32, 2, (3, 3)), (torch.float32, 1, (3, 2))],
+)
+def test_fused_op_matches_reference(dtype, stride, kernel):
+    tensors, groups = _fused_inputs(dtype, stride, kernel)
+    results = _run_fused("triton", tensors, groups, kernel, stride)
+    expected = _run_fused("reference", tensors, groups, kernel, stride)
+    rtol, atol = TOLERANCES[dtype]
+    for name, actual, wanted in zip(
+        ("out", "input", "reduced", "span_weight", "span_bias"), results, expected, strict=True
+    ):
+        # Both sides round the generated kernels to the dtype, but from differently ordered
+        # float32 sums: in half precision a kernel value may differ by one rounding, an error
+        # relative to the terms of a sum, not to the (possibly cancelling) result.
+        bound = atol if dtype in (torch.float32, torch.float64) else rtol
+        torch.testing.assert_close(
+            actual, wanted, rtol=rtol, atol=bound * wanted.abs().max().item(), msg=name
+        )
+
+
+def test_fused_op_without_bias_matches_explicit_kernels():
+    (x, reduced, span_weight, _, _), groups = _fused_inputs(torch.float32, 1)
+    out = involution2d_fused(x, reduced, span_weight, None, 3, groups, backend="triton")
+    kernels = F.conv2d(reduced, span_weight[:, :, None, None]).view(2, groups, 3, 3, 7, 6)
+    _close(out, involution2d(x, kernels, backend="reference"))
+
+
+def test_fused_op_is_deterministic():
+    tensors, groups = _fused_inputs(torch.float32, 1)
+    first = _run_fused("triton", tensors, groups, (3, 3), 1)
+    second = _run_fused("triton", tensors, groups, (3, 3), 1)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("stride", "channels_last"), [(1, False), (2, True)])
+def test_fused_module_matches_unfused(stride, channels_last):
+    torch.manual_seed(0)
+    fused = Involution2d(8, 3, stride, group_channels=4, reduction_ratio=2, backend="triton")
+    fused = fused.to(DEVICE)
+    unfused = copy.deepcopy(fused)
+    unfused.fused = False
+    assert fused.fused is None and fused.state_dict().keys() == unfused.state_dict().keys()
+    x = torch.randn(2, 8, 9, 7, device=DEVICE)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    results = []
+    for module in (fused, unfused):
+        leaf = x.clone().requires_grad_()
+        out = module(leaf)
+        out.backward(torch.cos(out.detach()))
+        results.append((out, leaf.grad, [p.grad for p in module.parameters()]))
+    (out, grad_x, grads), (ref_out, ref_grad_x, ref_grads) = results
+    _close(out, ref_out)
+    _close(grad_x, ref_grad_x)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_module_compiles_without_graph_breaks():
+    module = Involution2d(8, 3, group_channels=4, backend="triton").to(DEVICE)
+    x = torch.randn(1, 8, 5, 6, device=DEVICE, requires_grad=True)
+    # aot_eager traces forward and backward like inductor does, without generating C++/PTX.
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, module(x))
+
+
+def test_fused_op_opcheck():
+    (x, reduced, span_weight, span_bias, _), groups = _fused_inputs(torch.float32, 2)
+    args = (x, reduced, span_weight, span_bias, (3, 3), (2, 2), (1, 1), (1, 1), groups, "triton")
+    torch.library.opcheck(torch.ops.involution.involution2d_fused.default, args)
+
+
+def test_unavailable_reason():
+    assert triton_backend.unavailable_reason(DEVICE) is None
+    assert "CUDA" in triton_backend.unavailable_reason(torch.device("meta"))
+
+
+def test_unavailable_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in triton_backend.unavailable_reason(torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"span_weight": torch.zeros(17, 5)}, ValueError),
+        ({"span_bias": torch.zeros(17)}, ValueError),
+        ({"reduced": torch.zeros(2, 5, 6, 6)}, ValueError),
+        ({"span_bias": torch.zeros(18, dtype=torch.float64)}, TypeError),
+        ({"groups": 3}, ValueError),
+        ({"backend": "cuda"}, ValueError),
+    ],
+)
+def test_fused_op_rejects_bad_arguments(change, error):
+    (x, reduced, span_weight, span_bias, _), groups = _fused_inputs(torch.float32, 1)
+    kwargs = {
+        "input": x.cpu(),
+        "reduced": reduced.cpu(),
+        "span_weight": span_weight.cpu(),
+        "span_bias": span_bias.cpu(),
+        "kernel_size": 3,
+        "groups": groups,
+        "backend": "reference",
+        **change,
+    }
+    with pytest.raises(error):
+        involution2d_fused(**kwargs)
