@@ -14,6 +14,7 @@ imported lazily so that this module, and :func:`unavailable_reason`, work withou
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -62,9 +63,8 @@ def _grid(programs: int):
     return lambda meta: (programs(meta),)
 
 
-def _common_args(
-    input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair
-) -> tuple[int, ...]:
+def _shape_args(input: Tensor, weight: Tensor) -> tuple[int, ...]:
+    """(C, G, C/G, H, W, H_out, W_out), the shape arguments of every aggregation kernel."""
     _, channels, height, width = input.shape
     groups, _, _, out_h, out_w = weight.shape[1:]
     return channels, groups, channels // groups, height, width, out_h, out_w
@@ -76,7 +76,7 @@ def _conv_args(stride: Pair, padding: Pair, dilation: Pair) -> tuple[int, ...]:
 
 def _device_guard(tensor: Tensor):
     # Launch on the tensor's GPU, not on the current one (multi-GPU).
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else torch.device("cpu")
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def forward(input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
@@ -106,7 +106,7 @@ def forward(input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation
             input,
             weight,
             output,
-            *_common_args(input, weight, stride, padding, dilation),
+            *_shape_args(input, weight),
             *input.stride(),
             *output.stride(),
             *_conv_args(stride, padding, dilation),
@@ -140,7 +140,7 @@ def backward_input(
             grad_output,
             weight,
             grad_input,
-            *_common_args(input, weight, stride, padding, dilation),
+            *_shape_args(input, weight),
             *grad_output.stride(),
             *grad_input.stride(),
             *_conv_args(stride, padding, dilation),
@@ -172,7 +172,7 @@ def backward_weight(
             grad_output,
             input,
             grad_weight,
-            *_common_args(input, weight, stride, padding, dilation),
+            *_shape_args(input, weight),
             *grad_output.stride(),
             *input.stride(),
             *_conv_args(stride, padding, dilation),
