@@ -1,0 +1,1 @@
+"""Benchmarks: ``involution bench op`` (the operator) and ``involution bench model`` (networks)."""
