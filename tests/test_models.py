@@ -173,3 +173,15 @@ def test_pretrained_file_loads_through_timm(tmp_path: Path) -> None:
 def test_invalid_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match), torch.device("meta"):
         RedNet(**kwargs)
+
+
+def test_fused_flag_reaches_every_involution_and_keeps_outputs() -> None:
+    torch.manual_seed(0)
+    kwargs = dict(stage_widths=(16, 32), stem_width=32, num_classes=3, zero_init_last=False)
+    plain = RedNet((1, 1), **kwargs).eval()
+    fused = RedNet((1, 1), fused=True, **kwargs).eval()
+    fused.load_state_dict(plain.state_dict())
+    assert all(m.fused for m in fused.modules() if isinstance(m, Involution2d))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x))

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import involution  # noqa: F401  (registers the models with timm)
 from involution import Involution2d, involution2d
 from involution.cli import main
+from involution.models import RedNet
 from involution.models.profile import PAPER_GMACS, format_profile, profile_model
 
 
@@ -95,3 +96,13 @@ def test_cli_profile_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert result["input_shape"] == [1, 3, 224, 224]
     assert rows["head"]["params"] == 2048 * 10 + 10
     assert main(["profile", "no_such_model"]) == 2
+
+
+def test_fused_involution_counts_like_the_unfused_one() -> None:
+    def build(fused: bool):
+        return lambda: RedNet((1, 1), stage_widths=(16, 32), stem_width=32, fused=fused)
+
+    unfused = profile_model(build(False), input_size=32)
+    fused = profile_model(build(True), input_size=32)
+    assert fused.total == unfused.total
+    assert fused.stages == unfused.stages

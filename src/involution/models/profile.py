@@ -9,7 +9,8 @@ two backward ops.
 Conventions (FlopCounterMode counts 2 FLOPs per multiply-add; we report MACs = FLOPs / 2):
 
 - ``macs``: multiply-adds of convolutions, linear layers and the involution aggregation
-  (the kernel-generation branch is made of 1x1 convolutions, so it is in the conv count).
+  (the kernel-generation branch is made of 1x1 convolutions, so it is in the conv count; the
+  fused op ``involution::involution2d_fused`` counts its span conv plus the aggregation).
   Bias adds, BatchNorm, activations, pooling and residual adds are not counted.
 - ``macs_elementwise``: ``macs`` plus one operation per element for what mmcv's
   ``get_model_complexity_info`` (used for the official RedNet table) also counts: conv bias
@@ -31,8 +32,9 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, register_flop_formula
 
-# Importing the package registers the custom ops the formulas below attach to.
-import involution.custom_ops  # noqa: F401
+# Importing these modules registers the custom ops the formulas below attach to.
+import involution.custom_ops
+import involution.fused  # noqa: F401
 
 __all__ = [
     "PAPER_GMACS",
@@ -77,7 +79,40 @@ def _involution_backward_flop(
     return 2 * math.prod(grad_output_shape) * weight_shape[2] * weight_shape[3]
 
 
+def _fused_flop(
+    input_shape: Sequence[int],
+    reduced_shape: Sequence[int],
+    span_weight_shape: Sequence[int],
+    span_bias_shape: Sequence[int] | None,
+    kernel_size: Sequence[int],
+    *args: Any,
+    out_shape: Sequence[int],
+) -> int:
+    """The fused op = the span 1x1 conv (R -> G*K*K per output pixel) + the aggregation."""
+    batch, _, out_h, out_w = out_shape
+    span_macs = batch * out_h * out_w * math.prod(span_weight_shape)
+    return 2 * (span_macs + math.prod(out_shape) * kernel_size[0] * kernel_size[1])
+
+
+def _fused_flop_with_bias(
+    input_shape: Sequence[int],
+    reduced_shape: Sequence[int],
+    span_weight_shape: Sequence[int],
+    span_bias_shape: Sequence[int] | None,
+    *args: Any,
+    out_shape: Sequence[int],
+) -> int:
+    flops = _fused_flop(
+        input_shape, reduced_shape, span_weight_shape, span_bias_shape, *args, out_shape=out_shape
+    )
+    if span_bias_shape is None:
+        return flops
+    batch, _, out_h, out_w = out_shape
+    return flops + 2 * batch * out_h * out_w * span_bias_shape[0]
+
+
 register_flop_formula(torch.ops.involution.involution2d)(involution_flop)
+register_flop_formula(torch.ops.involution.involution2d_fused)(_fused_flop)
 register_flop_formula(
     [
         torch.ops.involution.involution2d_backward_input,
@@ -121,6 +156,7 @@ _aten = torch.ops.aten
 #: Extra formulas of the ``macs_elementwise`` convention (in FLOP units: 2 per operation).
 _ELEMENTWISE_MAPPING: dict[Any, Callable[..., int]] = {
     _aten.convolution: _conv_with_bias,
+    torch.ops.involution.involution2d_fused: _fused_flop_with_bias,
     _aten.native_batch_norm: _batch_norm,
     _aten._native_batch_norm_legit: _batch_norm,
     _aten._native_batch_norm_legit_no_training: _batch_norm,

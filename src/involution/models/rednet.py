@@ -116,6 +116,7 @@ def _make_mixer(
     norm_layer: NormFactory,
     act_layer: ActFactory,
     backend: str,
+    fused: bool | None,
 ) -> nn.Module:
     """The spatial layer of a bottleneck: an involution or its 3x3-convolution twin."""
     if mixer == "involution":
@@ -128,6 +129,7 @@ def _make_mixer(
             norm_layer=norm_layer,
             act_layer=act_layer,
             backend=backend,
+            fused=fused,
         )
     return nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
 
@@ -154,6 +156,7 @@ class RedNetStem(nn.Module):
         norm_layer: NormFactory,
         act_layer: ActFactory,
         backend: str,
+        fused: bool | None,
     ) -> None:
         super().__init__()
         mid = stem_width // 2
@@ -168,6 +171,7 @@ class RedNetStem(nn.Module):
             norm_layer=norm_layer,
             act_layer=act_layer,
             backend=backend,
+            fused=fused,
         )
         self.bn2 = norm_layer(mid)
         self.act2 = act_layer()
@@ -202,6 +206,7 @@ class Bottleneck(nn.Module):
         norm_layer: NormFactory = nn.BatchNorm2d,
         act_layer: ActFactory = nn.ReLU,
         backend: str = "auto",
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         out_chs = width * self.expansion
@@ -218,6 +223,7 @@ class Bottleneck(nn.Module):
             norm_layer,
             act_layer,
             backend,
+            fused,
         )
         self.bn2 = norm_layer(width)
         self.act2 = act_layer()
@@ -265,6 +271,8 @@ class RedNet(nn.Module):
         norm_layer, act_layer: normalisation and activation factories.
         zero_init_last: zero-initialise each block's last BN.
         backend: involution backend, see :func:`involution.functional.involution2d`.
+        fused: fuse each involution's span conv into the aggregation (``None``: on the
+            triton backend), see :class:`involution.Involution2d`; same state dict.
 
     Shape:
         (B, in_chans, H, W) -> logits (B, num_classes); ``forward_features`` gives
@@ -290,6 +298,7 @@ class RedNet(nn.Module):
         act_layer: ActFactory = nn.ReLU,
         zero_init_last: bool = True,
         backend: str = "auto",
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         layers = tuple(layers)
@@ -328,6 +337,7 @@ class RedNet(nn.Module):
             norm_layer=norm_layer,
             act_layer=act_layer,
             backend=backend,
+            fused=fused,
         )
         reduction = 2 if deep else 1
         self.feature_info: list[dict[str, Any]] = [
@@ -354,6 +364,7 @@ class RedNet(nn.Module):
                         norm_layer=norm_layer,
                         act_layer=act_layer,
                         backend=backend,
+                        fused=fused,
                     )
                 )
                 in_chs = width * Bottleneck.expansion
