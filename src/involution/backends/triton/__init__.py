@@ -41,6 +41,11 @@ def unavailable_reason(device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (pip install 'involution[triton]')"
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 7:
+            return f"Triton needs compute capability 7.0 or newer, this GPU has {major}.{minor}"
         return None
     if device.type == "cpu" and interpreter_enabled():
         return None
