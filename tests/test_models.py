@@ -185,3 +185,23 @@ def test_fused_flag_reaches_every_involution_and_keeps_outputs() -> None:
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), plain(x))
+
+
+def test_forward_intermediates_match_the_feature_hooks() -> None:
+    model = RedNet((1, 1), stage_widths=(16, 32), stem_width=32, zero_init_last=False).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert [t.shape[1] for t in intermediates] == [32, 64, 128]
+        torch.testing.assert_close(intermediates[0], model.stem(x))
+        last = model.forward_intermediates(x, indices=1, intermediates_only=True)
+        torch.testing.assert_close(last[0], final)
+        early = model.forward_intermediates(x, indices=[1], stop_early=True)
+        assert early[0].shape[1] == 64
+    getter = timm.create_model("rednet26", features_only=True, feature_cls="getter")
+    with torch.no_grad():
+        shapes = [tuple(t.shape) for t in getter(torch.randn(1, 3, 64, 64))]
+    assert shapes[-1] == (1, 2048, 2, 2) and len(shapes) == 5
+    with pytest.raises(ValueError, match="NCHW"):
+        model.forward_intermediates(x, output_fmt="NHWC")

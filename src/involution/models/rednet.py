@@ -21,6 +21,7 @@ from timm.models import (
     generate_default_cfgs,
     register_model,
 )
+from timm.models._features import feature_take_indices  # not re-exported by timm.models
 from torch import Tensor, nn
 
 from involution.modules import OFFICIAL_KEY_PREFIXES as OFFICIAL_INVOLUTION_PREFIXES
@@ -424,19 +425,47 @@ class RedNet(nn.Module):
         self.global_pool.train(self.training)
         self.fc.train(self.training)
 
-    def forward_stages(self, x: Tensor) -> Tensor:
-        """Stages only: (B, stem_width, h, w) after the max-pool -> (B, num_features, h', w')."""
-        for name in self.stage_names:
-            stage = getattr(self, name)
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
-        return x
+    def _stage(self, name: str, x: Tensor) -> Tensor:
+        stage = getattr(self, name)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(stage, x)
+        return stage(x)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) -> last-stage feature map (B, num_features, H / 32, W / 32)."""
-        return self.forward_stages(self.maxpool(self.stem(x)))
+        x = self.maxpool(self.stem(x))
+        for name in self.stage_names:
+            x = self._stage(name, x)
+        return x
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's intermediate-feature API: the outputs of ``feature_info``'s modules.
+
+        Index 0 is the stem (before the max-pool), 1..N the stages. ``indices``: all if
+        ``None``, the last n if an int, else the listed ones. ``norm`` is accepted for timm
+        compatibility (RedNet has no final norm). Returns the intermediates, preceded by the
+        final feature map unless ``intermediates_only``.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"RedNet only produces NCHW features, got output_fmt={output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        x = self.stem(x)
+        intermediates = [x] if 0 in take_indices else []
+        x = self.maxpool(x)
+        names = self.stage_names[:max_index] if stop_early else self.stage_names
+        for index, name in enumerate(names, start=1):
+            x = self._stage(name, x)
+            if index in take_indices:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Pool, dropout and classify: (B, num_features, h, w) -> (B, num_classes)."""
