@@ -153,6 +153,7 @@ def _check_type(dotted: str, default: Any, value: Any) -> Any:
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
+        value = _as_number(value)
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif isinstance(default, int):
@@ -204,7 +205,17 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ValueError(f"override {text!r}: value is not valid YAML: {err}") from None
-    return key.strip(), value
+    return key.strip(), _as_number(value)
+
+
+def _as_number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string: turn such strings into floats."""
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf") else value
+        except ValueError:
+            return value
+    return value
 
 
 def _nest(dotted: str, value: Any) -> Config:

@@ -472,4 +472,7 @@ def build_loader(
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
+        # Its own generator: starting an epoch must not draw from the global RNG (that would
+        # shift the model's dropout stream on resume).
+        generator=torch.Generator(),
     )
