@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -180,8 +181,22 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
         "output.name=ddp",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Own process group: on a timeout the workers die with torchrun instead of lingering.
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"torchrun timed out:\n{stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-3000:]
     run = tmp_path / "ddp"
     state = load_checkpoint(run / "checkpoint.pt")
     # 16 training images, 2 ranks x batch 4: 2 steps per epoch, 2 epochs.
@@ -193,6 +208,6 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert [r["epoch"] for r in evals] == [1, 2]
     # 6 validation images split 3 + 3: accuracy is a multiple of 1/6.
     assert all(abs(r["val_top1"] * 6 / 100 - round(r["val_top1"] * 6 / 100)) < 1e-6 for r in evals)
-    assert "run finished" in result.stdout and result.stdout.count("run directory") == 1
+    assert "run finished" in stdout and stdout.count("run directory") == 1
     config = json.loads(json.dumps(load_checkpoint(run / "checkpoint.pt")["config"]))
     assert config["data"]["dataset"] == "imagefolder"
