@@ -74,6 +74,8 @@ DEFAULTS: Config = {
         "max_steps": None,
         "checkpoint_every_steps": None,
         "device": "auto",
+        # CPU threads per process (None: torch's default, one per core).
+        "threads": None,
         "progress": True,
     },
     "output": {

@@ -257,6 +257,10 @@ class Trainer:
         train = config["train"]
         self.info = init_distributed(train["device"])
         info = self.info
+        if train["threads"] is not None:
+            if train["threads"] < 1:
+                raise ValueError(f"train.threads must be positive, got {train['threads']}")
+            torch.set_num_threads(train["threads"])
         if train["deterministic"]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
