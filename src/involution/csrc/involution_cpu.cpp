@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
@@ -76,11 +77,11 @@ INVOLUTION_INLINE ColumnRange valid_columns(
 
 // y[b, i, j, g-slice] = sum_{kh, kw} w[b, g, kh, kw, i, j] * x[b, ih, iw, g-slice]
 // for the tasks (b, g, i) in [begin, end).
-template <typename T>
+template <typename T, int64_t CG>
 INVOLUTION_INLINE void forward_tasks_impl(
     const Geometry& geo, const T* __restrict x, const T* __restrict w, T* __restrict y,
     int64_t begin, int64_t end) {
-  const int64_t cg = geo.group_channels;
+  const int64_t cg = CG > 0 ? CG : geo.group_channels;
   const int64_t pixel = geo.channels;  // channels_last stride between neighbouring pixels
   for (int64_t task = begin; task < end; ++task) {
     const int64_t i = task % geo.out_h;
@@ -104,6 +105,7 @@ INVOLUTION_INLINE void forward_tasks_impl(
           const T weight = w_row[j];
           const T* __restrict in = in_row + (j * geo.stride_w + offset) * pixel;
           T* __restrict acc = out + j * pixel;
+#pragma omp simd  // acc and in never overlap
           for (int64_t c = 0; c < cg; ++c) {
             acc[c] += weight * in[c];
           }
@@ -115,11 +117,11 @@ INVOLUTION_INLINE void forward_tasks_impl(
 
 // grad_x[b, ih, iw, g-slice] = sum over (kh, kw, i, j) that read (ih, iw) of
 // w[b, g, kh, kw, i, j] * grad_y[b, i, j, g-slice], for the tasks (b, g, ih) in [begin, end).
-template <typename T>
+template <typename T, int64_t CG>
 INVOLUTION_INLINE void backward_input_tasks_impl(
     const Geometry& geo, const T* __restrict grad_y, const T* __restrict w,
     T* __restrict grad_x, int64_t begin, int64_t end) {
-  const int64_t cg = geo.group_channels;
+  const int64_t cg = CG > 0 ? CG : geo.group_channels;
   const int64_t pixel = geo.channels;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t ih = task % geo.height;
@@ -145,6 +147,7 @@ INVOLUTION_INLINE void backward_input_tasks_impl(
           const T weight = w_row[j];
           const T* __restrict gy = gy_row + j * pixel;
           T* __restrict acc = out + (j * geo.stride_w + offset) * pixel;
+#pragma omp simd  // acc and gy never overlap
           for (int64_t c = 0; c < cg; ++c) {
             acc[c] += weight * gy[c];
           }
@@ -154,13 +157,11 @@ INVOLUTION_INLINE void backward_input_tasks_impl(
   }
 }
 
-// grad_w[b, g, kh, kw, i, j] = sum_{c in g} grad_y[b, i, j, c] * x[b, ih, iw, c] (zero where
-// (ih, iw) is padding), for the tasks (b, g, i) in [begin, end).
-template <typename T>
+template <typename T, int64_t CG>
 INVOLUTION_INLINE void backward_weight_tasks_impl(
     const Geometry& geo, const T* __restrict grad_y, const T* __restrict x,
     T* __restrict grad_w, int64_t begin, int64_t end) {
-  const int64_t cg = geo.group_channels;
+  const int64_t cg = CG > 0 ? CG : geo.group_channels;
   const int64_t pixel = geo.channels;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t i = task % geo.out_h;
@@ -201,15 +202,27 @@ INVOLUTION_INLINE void backward_weight_tasks_impl(
 #define INVOLUTION_DEFINE_KERNELS(T)                                                              \
   INVOLUTION_TARGET_CLONES void forward_tasks(                                                    \
       const Geometry& geo, const T* x, const T* w, T* y, int64_t begin, int64_t end) {            \
-    forward_tasks_impl<T>(geo, x, w, y, begin, end);                                              \
+    if (geo.group_channels == 16) { /* RedNet's group width: a constant the compiler unrolls */ \
+      forward_tasks_impl<T, 16>(geo, x, w, y, begin, end);                                        \
+    } else {                                                                                      \
+      forward_tasks_impl<T, 0>(geo, x, w, y, begin, end);                                         \
+    }                                              \
   }                                                                                               \
   INVOLUTION_TARGET_CLONES void backward_input_tasks(                                             \
       const Geometry& geo, const T* grad_y, const T* w, T* grad_x, int64_t begin, int64_t end) {  \
-    backward_input_tasks_impl<T>(geo, grad_y, w, grad_x, begin, end);                             \
+    if (geo.group_channels == 16) {                                                               \
+      backward_input_tasks_impl<T, 16>(geo, grad_y, w, grad_x, begin, end);                       \
+    } else {                                                                                      \
+      backward_input_tasks_impl<T, 0>(geo, grad_y, w, grad_x, begin, end);                        \
+    }                             \
   }                                                                                               \
   INVOLUTION_TARGET_CLONES void backward_weight_tasks(                                            \
       const Geometry& geo, const T* grad_y, const T* x, T* grad_w, int64_t begin, int64_t end) {  \
-    backward_weight_tasks_impl<T>(geo, grad_y, x, grad_w, begin, end);                            \
+    if (geo.group_channels == 16) {                                                               \
+      backward_weight_tasks_impl<T, 16>(geo, grad_y, x, grad_w, begin, end);                      \
+    } else {                                                                                      \
+      backward_weight_tasks_impl<T, 0>(geo, grad_y, x, grad_w, begin, end);                       \
+    }                            \
   }
 
 INVOLUTION_DEFINE_KERNELS(float)
@@ -273,9 +286,26 @@ at::Tensor as_channels_last(const at::Tensor& t, at::ScalarType dtype) {
   return t.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::ChannelsLast);
 }
 
-// Parallel chunks of at least ~32k multiply-adds, so tiny problems stay on one thread.
-int64_t grain_size(const Geometry& geo) {
-  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, geo.task_work()));
+// Runs body(begin, end) over the tasks [0, total) on the intra-op threads. Chunks of at least
+// ~32k multiply-adds are handed out on demand rather than split up front, so a thread that is
+// slowed down (e.g. by other processes on the machine) does not hold the others back, and tiny
+// problems stay on the calling thread.
+template <typename Body>
+void parallel_tasks(const Geometry& geo, int64_t total, const Body& body) {
+  const int64_t chunk =
+      std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, geo.task_work()));
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    body(0, total);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t start = next.fetch_add(chunk); start < total; start = next.fetch_add(chunk)) {
+      body(start, std::min(total, start + chunk));
+    }
+  });
 }
 
 at::Tensor forward(
@@ -290,10 +320,9 @@ at::Tensor forward(
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
     scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, geo.batch * geo.groups * geo.out_h, grain_size(geo),
-                     [&](int64_t begin, int64_t end) {
-                       forward_tasks(geo, x_ptr, w_ptr, y_ptr, begin, end);
-                     });
+    parallel_tasks(geo, geo.batch * geo.groups * geo.out_h, [&](int64_t begin, int64_t end) {
+      forward_tasks(geo, x_ptr, w_ptr, y_ptr, begin, end);
+    });
   });
   return y.to(input.scalar_type());
 }
@@ -314,10 +343,9 @@ at::Tensor backward_input(
     const scalar_t* gy_ptr = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
     scalar_t* gx_ptr = grad_x.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, geo.batch * geo.groups * geo.height, grain_size(geo),
-                     [&](int64_t begin, int64_t end) {
-                       backward_input_tasks(geo, gy_ptr, w_ptr, gx_ptr, begin, end);
-                     });
+    parallel_tasks(geo, geo.batch * geo.groups * geo.height, [&](int64_t begin, int64_t end) {
+      backward_input_tasks(geo, gy_ptr, w_ptr, gx_ptr, begin, end);
+    });
   });
   return grad_x.to(input.scalar_type());
 }
@@ -338,10 +366,9 @@ at::Tensor backward_weight(
     const scalar_t* gy_ptr = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     scalar_t* gw_ptr = grad_w.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, geo.batch * geo.groups * geo.out_h, grain_size(geo),
-                     [&](int64_t begin, int64_t end) {
-                       backward_weight_tasks(geo, gy_ptr, x_ptr, gw_ptr, begin, end);
-                     });
+    parallel_tasks(geo, geo.batch * geo.groups * geo.out_h, [&](int64_t begin, int64_t end) {
+      backward_weight_tasks(geo, gy_ptr, x_ptr, gw_ptr, begin, end);
+    });
   });
   return grad_w.to(weight.scalar_type());
 }
