@@ -81,8 +81,10 @@ def involution2d(
     if backend not in BACKENDS:
         raise ValueError(f"unknown involution backend {backend!r}; choose one of {BACKENDS}")
 
-    if torch.is_autocast_enabled(input.device.type):
-        autocast_dtype = torch.get_autocast_dtype(input.device.type)
+    # Not every device type has autocast (meta has none; asking it would raise).
+    device_type = input.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        autocast_dtype = torch.get_autocast_dtype(device_type)
         input, weight = input.to(autocast_dtype), weight.to(autocast_dtype)
     if input.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"input dtype must be one of {_SUPPORTED_DTYPES}, got {input.dtype}")

@@ -69,10 +69,10 @@ struct ColumnRange {
 
 INVOLUTION_INLINE ColumnRange valid_columns(
     int64_t offset, int64_t stride, int64_t width, int64_t out_w) {
-  const int64_t lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  const int64_t lo = offset >= 0 ? 0 : std::min(out_w, (-offset + stride - 1) / stride);
   const int64_t last = width - 1 - offset;
   const int64_t hi = last < 0 ? 0 : std::min(out_w, last / stride + 1);
-  return {std::min(lo, out_w), std::max(lo, hi)};
+  return {lo, std::max(lo, hi)};  // empty when no column is inside
 }
 
 // y[b, i, j, g-slice] = sum_{kh, kw} w[b, g, kh, kw, i, j] * x[b, ih, iw, g-slice]

@@ -1,0 +1,372 @@
+"""Every fast backend against the reference, plus the front door's argument checks.
+
+The backends under test are all those (other than the reference) that can run on CPU tensors in
+this session: the C++ ``"cpu"`` backend when it is built, and ``"triton"`` when Triton's CPU
+interpreter is on (``TRITON_INTERPRET=1``, set by ``conftest.py`` on machines without CUDA). The
+interpreter is slow, so interpreted backends get fewer random examples and a fast gradcheck.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from involution import backends, involution2d
+from involution.backends import cpu as cpu_backend
+from involution.functional import output_size
+
+CPU = torch.device("cpu")
+
+
+def fast_backends() -> list[str]:
+    """Concrete backends other than the reference that can run on CPU tensors here."""
+    return [
+        name
+        for name in backends.BACKENDS
+        if name not in ("auto", "reference")
+        and backends.get_backend(name).unavailable_reason(CPU) is None
+    ]
+
+
+def interpreted(backend: str) -> bool:
+    """Whether ``backend`` runs in an interpreter on CPU tensors (slow: test it more lightly)."""
+    return backend == "triton"
+
+
+BACKENDS = fast_backends()
+if not BACKENDS:
+    pytest.skip("no fast involution backend can run on CPU tensors", allow_module_level=True)
+
+needs_cpu = pytest.mark.skipif(
+    "cpu" not in BACKENDS, reason=f"cpu backend unavailable: {cpu_backend.unavailable_reason(CPU)}"
+)
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+#: (rtol, atol) of a backend against the reference on the same inputs. Both accumulate in
+#: float32 (float64), in different orders; half results may differ by one rounding of the output.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-3, 2e-2),
+    torch.bfloat16: (1.6e-2, 6e-2),
+}
+
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+def make_input(shape: tuple[int, int, int, int], dtype: torch.dtype, layout: str) -> torch.Tensor:
+    """A random (B, C, H, W) leaf tensor in the given memory layout."""
+    batch, channels, height, width = shape
+    if layout == "strided":  # every other row of a transposed tensor: no layout at all
+        base = torch.randn(batch, channels, width, 2 * height, dtype=dtype)
+        input = base.transpose(2, 3)[:, :, ::2]
+    else:
+        memory_format = (
+            torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        )
+        input = torch.randn(shape, dtype=dtype).contiguous(memory_format=memory_format)
+    return input.requires_grad_()
+
+
+def make_weight(shape: tuple[int, ...], dtype: torch.dtype, layout: str) -> torch.Tensor:
+    """A random (B, G, Kh, Kw, H_out, W_out) leaf tensor, non-contiguous for ``"strided"``."""
+    if layout == "strided":  # the kernel dimensions last in memory, as a (B, G*K*K, H, W) view
+        batch, groups, kernel_h, kernel_w, out_h, out_w = shape
+        base = torch.randn(batch, out_h, out_w, groups, kernel_h, kernel_w, dtype=dtype)
+        return base.permute(0, 3, 4, 5, 1, 2).requires_grad_()
+    return torch.randn(shape, dtype=dtype, requires_grad=True)
+
+
+def run(input, weight, grad_output, backend, **conv_args):
+    """(output, grad_input, grad_weight) of one backend."""
+    output = involution2d(input, weight, backend=backend, **conv_args)
+    grad_input, grad_weight = torch.autograd.grad(output, (input, weight), grad_output)
+    return output, grad_input, grad_weight
+
+
+@st.composite
+def problems(draw, tiny: bool = False):
+    """Random small problems: every kernel shape, stride, padding and dilation combination.
+
+    ``tiny`` keeps channels and sizes smaller, for backends that run in an interpreter.
+    """
+    kernel = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    # None ("same"-style) is only symmetric for odd kernels; even kernels get explicit padding.
+    odd = kernel[0] % 2 == 1 and kernel[1] % 2 == 1
+    padding = None
+    if not odd or draw(st.booleans()):
+        padding = (draw(st.integers(0, 4)), draw(st.integers(0, 4)))
+    pad = padding or tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+    # The smallest size with one output pixel, plus a few more (odd and even sizes).
+    spatial = tuple(
+        max(1, d * (k - 1) + 1 - 2 * p) + draw(st.integers(0, 2 if tiny else 6))
+        for k, d, p in zip(kernel, dilation, pad, strict=True)
+    )
+    groups = draw(st.integers(1, 3))
+    # 16 is RedNet's group width, which the cpu kernels specialise.
+    group_channels = draw(st.sampled_from((1, 2) if tiny else (1, 2, 3, 16)))
+    return {
+        "batch": draw(st.integers(1, 2 if tiny else 3)),
+        "channels": groups * group_channels,
+        "groups": groups,
+        "spatial": spatial,
+        "kernel": kernel,
+        "stride": stride,
+        "padding": padding,
+        "dilation": dilation,
+        "dtype": draw(st.sampled_from(DTYPES)),
+        "layout": draw(st.sampled_from(LAYOUTS)),
+    }
+
+
+def check_against_reference(backend: str, problem: dict) -> None:
+    dtype, layout = problem["dtype"], problem["layout"]
+    pad = problem["padding"] or tuple(
+        d * (k - 1) // 2 for k, d in zip(problem["kernel"], problem["dilation"], strict=True)
+    )
+    out_size = tuple(
+        output_size(n, k, s, p, d)
+        for n, k, s, p, d in zip(
+            problem["spatial"],
+            problem["kernel"],
+            problem["stride"],
+            pad,
+            problem["dilation"],
+            strict=True,
+        )
+    )
+    batch, channels = problem["batch"], problem["channels"]
+    input = make_input((batch, channels, *problem["spatial"]), dtype, layout)
+    weight = make_weight((batch, problem["groups"], *problem["kernel"], *out_size), dtype, layout)
+    grad_output = torch.randn(batch, channels, *out_size, dtype=dtype)
+    conv_args = {k: problem[k] for k in ("stride", "padding", "dilation")}
+
+    expected = run(input, weight, grad_output, "reference", **conv_args)
+    actual = run(input, weight, grad_output, backend, **conv_args)
+    rtol, atol = TOLERANCES[dtype]
+    for name, got, want in zip(
+        ("output", "grad_input", "grad_weight"), actual, expected, strict=True
+    ):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        torch.testing.assert_close(
+            got, want, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+@needs_cpu
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(problem=problems())
+def test_cpu_matches_reference(problem):
+    check_against_reference("cpu", problem)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cpu"])
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(problem=problems(tiny=True))
+def test_other_backends_match_reference(backend, problem):
+    check_against_reference(backend, problem)
+
+
+#: (B, C, G, H, W, kernel, stride, padding, dilation) for gradcheck; None = default padding.
+GRADCHECK_CASES = {
+    "stride2": (2, 4, 2, 7, 6, (3, 3), (2, 2), None, (1, 1)),
+    "dilation2": (1, 4, 1, 7, 7, (3, 3), (1, 1), None, (2, 2)),
+    "odd_sizes_rect": (1, 6, 3, 5, 7, (3, 1), (1, 2), None, (1, 3)),
+    "even_kernel_padding": (1, 4, 2, 6, 5, (2, 4), (1, 1), (1, 2), (1, 1)),
+}
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES.values(), ids=GRADCHECK_CASES.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck(backend, case):
+    batch, channels, groups, height, width, kernel, stride, padding, dilation = case
+    pad = padding or tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+    out_size = tuple(
+        output_size(*args)
+        for args in zip((height, width), kernel, stride, pad, dilation, strict=True)
+    )
+    input = torch.randn(batch, channels, height, width, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(batch, groups, *kernel, *out_size, dtype=torch.float64, requires_grad=True)
+
+    def function(x, w):
+        return involution2d(x, w, stride, padding, dilation, backend=backend)
+
+    assert torch.autograd.gradcheck(function, (input, weight), fast_mode=interpreted(backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    input = torch.randn(2, 4, 6, 5, requires_grad=True)
+    weight = torch.randn(2, 2, 3, 3, 3, 3, requires_grad=True)
+    args = (input, weight, (2, 2), (1, 1), (1, 1), backend)
+    torch.library.opcheck(torch.ops.involution.involution2d.default, args)
+    grad_output = torch.randn(2, 4, 3, 3)
+    for op in (
+        torch.ops.involution.involution2d_backward_input.default,
+        torch.ops.involution.involution2d_backward_weight.default,
+    ):
+        torch.library.opcheck(op, (grad_output, input.detach(), weight.detach(), *args[2:]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_forward_backward_matches_eager(backend):
+    torch._dynamo.reset()
+    input = torch.randn(2, 8, 7, 6, requires_grad=True)
+    weight = torch.randn(2, 2, 3, 3, 4, 3, requires_grad=True)
+
+    def loss(x, w):
+        return involution2d(x, w, stride=2, dilation=(1, 2), padding=(1, 2), backend=backend)
+
+    def step(function):
+        output = function(input, weight)
+        grads = torch.autograd.grad(output.square().sum(), (input, weight))
+        return output, *grads
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    for got, want in zip(step(compiled), step(loss), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    input = torch.randn(0, 4, 5, 5, requires_grad=True)
+    weight = torch.randn(0, 2, 3, 3, 5, 5, requires_grad=True)
+    output = involution2d(input, weight, backend=backend)
+    assert output.shape == (0, 4, 5, 5)
+    grad_input, grad_weight = torch.autograd.grad(output.sum(), (input, weight))
+    assert grad_input.shape == input.shape and grad_weight.shape == weight.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_in_channels_last_out(backend):
+    input = make_input((2, 8, 6, 7), torch.float32, "channels_last")
+    weight = make_weight((2, 2, 3, 3, 6, 7), torch.float32, "contiguous")
+    output = involution2d(input, weight, backend=backend)
+    grad_input, _ = torch.autograd.grad(output, (input, weight), torch.randn_like(output))
+    assert output.is_contiguous(memory_format=torch.channels_last)
+    assert grad_input.is_contiguous(memory_format=torch.channels_last)
+    plain = involution2d(input.detach().contiguous(), weight, backend=backend)
+    assert plain.is_contiguous()
+    torch.testing.assert_close(output, plain)
+
+
+def test_auto_picks_cpu_backend_on_cpu():
+    expected = "cpu" if "cpu" in BACKENDS else "reference"
+    assert backends.resolve_backend("auto", CPU) == expected
+
+
+@needs_cpu
+def test_cpu_backend_is_deterministic():
+    input = make_input((2, 32, 12, 11), torch.float32, "contiguous")
+    weight = make_weight((2, 2, 5, 5, 12, 11), torch.float32, "contiguous")
+    grad_output = torch.randn(2, 32, 12, 11)
+    first = run(input, weight, grad_output, "cpu")
+    second = run(input, weight, grad_output, "cpu")
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+# The front door's argument checks: each error names the offending values.
+
+
+def _valid_args():
+    return torch.randn(2, 4, 6, 6), torch.randn(2, 2, 3, 3, 6, 6)
+
+
+def test_front_door_wrong_rank():
+    input, weight = _valid_args()
+    with pytest.raises(ValueError, match=r"input must be 4-D .*\(4, 6, 6\)"):
+        involution2d(input[0], weight)
+    with pytest.raises(ValueError, match=r"weight must be 6-D .*\(2, 18, 6, 6\)"):
+        involution2d(input, weight.flatten(1, 3))
+
+
+def test_front_door_groups_must_divide_channels():
+    input, _ = _valid_args()
+    with pytest.raises(ValueError, match="G=3 must divide input channels C=4"):
+        involution2d(input, torch.randn(2, 3, 3, 3, 6, 6))
+
+
+def test_front_door_weight_spatial_mismatch():
+    input, _ = _valid_args()
+    with pytest.raises(ValueError, match=r"weight spatial size \(5, 6\) does not match .*\(6, 6\)"):
+        involution2d(input, torch.randn(2, 2, 3, 3, 5, 6))
+
+
+def test_front_door_batch_mismatch():
+    input, _ = _valid_args()
+    with pytest.raises(ValueError, match="weight batch 3 does not match input batch 2"):
+        involution2d(input, torch.randn(3, 2, 3, 3, 6, 6))
+
+
+def test_front_door_dtype_mismatch():
+    input, weight = _valid_args()
+    with pytest.raises(TypeError, match=r"torch\.float32 but weight is torch\.float64"):
+        involution2d(input, weight.double())
+    with pytest.raises(TypeError, match=r"torch\.int64"):
+        involution2d(input.long(), weight.long())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stride": 0}, r"stride must be positive, got \(0, 0\)"),
+        ({"stride": (1, -2)}, r"stride must be positive, got \(1, -2\)"),
+        ({"dilation": (0, 1)}, r"dilation must be positive, got \(0, 1\)"),
+        ({"padding": (-1, 1)}, r"padding must be non-negative, got \(-1, 1\)"),
+    ],
+)
+def test_front_door_bad_conv_args(kwargs, message):
+    input, weight = _valid_args()
+    with pytest.raises(ValueError, match=message):
+        involution2d(input, weight, **kwargs)
+
+
+def test_front_door_bad_arg_types():
+    input, weight = _valid_args()
+    with pytest.raises(TypeError, match=r"stride must be an int or a pair of ints, got 1\.5"):
+        involution2d(input, weight, stride=1.5)
+    with pytest.raises(TypeError, match="input and weight must be tensors, got list"):
+        involution2d([1.0], weight)
+
+
+def test_front_door_unknown_backend():
+    input, weight = _valid_args()
+    with pytest.raises(ValueError, match="unknown involution backend 'gpu'"):
+        involution2d(input, weight, backend="gpu")
+
+
+def test_front_door_cpu_backend_on_meta_tensor():
+    input, weight = (t.to("meta") for t in _valid_args())
+    with pytest.raises(RuntimeError, match="backend 'cpu' is unavailable on meta"):
+        involution2d(input, weight, backend="cpu")
+
+
+def test_front_door_cpu_backend_not_built(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "_C", None)
+    monkeypatch.setattr(cpu_backend, "_IMPORT_ERROR", "No module named 'involution._C'")
+    input, weight = _valid_args()
+    with pytest.raises(RuntimeError, match=r"backend 'cpu' is unavailable on cpu: .*not built"):
+        involution2d(input, weight, backend="cpu")
+    # "auto" falls back to the reference instead of failing.
+    torch.testing.assert_close(
+        involution2d(input, weight), involution2d(input, weight, backend="reference")
+    )
+
+
+@needs_cpu
+def test_cpu_extension_checks_shapes():
+    """Direct calls into the extension cannot read out of bounds."""
+    extension = importlib.import_module("involution._C")
+    input, weight = _valid_args()
+    with pytest.raises(RuntimeError, match="does not match input"):
+        extension.forward(input, weight[..., :5], (1, 1), (1, 1), (1, 1))
+    with pytest.raises(RuntimeError, match="grad_output"):
+        extension.backward_input(input[:, :, :5], input, weight, (1, 1), (1, 1), (1, 1))
