@@ -9,14 +9,16 @@ interpreter is slow, so interpreted backends get fewer random examples and a fas
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from involution import backends, involution2d
+from involution import backends, cli, involution2d
 from involution.backends import cpu as cpu_backend
+from involution.bench import op as op_bench
 from involution.functional import output_size
 
 CPU = torch.device("cpu")
@@ -370,3 +372,32 @@ def test_cpu_extension_checks_shapes():
         extension.forward(input, weight[..., :5], (1, 1), (1, 1), (1, 1))
     with pytest.raises(RuntimeError, match="grad_output"):
         extension.backward_input(input[:, :, :5], input, weight, (1, 1), (1, 1), (1, 1))
+
+
+# ``involution bench op``.
+
+
+def test_bench_op_peak_bytes_counts_temporaries():
+    def two_temporaries():
+        first = torch.ones(2**18)  # 1 MiB
+        second = first * 2  # another MiB while the first is alive
+        return second.sum()
+
+    assert op_bench.peak_bytes(two_temporaries, CPU) >= 2 * 2**20
+    assert op_bench.peak_bytes(lambda: None, CPU) == 0
+
+
+def test_bench_op_runs_and_prints_a_table(tmp_path, capsys):
+    path = tmp_path / "op.json"
+    argv = ["bench", "op", "--shapes", "tiny", "--batch", "2", "--repeats", "1", "--warmup", "0"]
+    assert cli.main([*argv, "--json", str(path)]) == 0
+    table = capsys.readouterr().out
+    methods = [*op_bench.default_backends(CPU), op_bench.DEPTHWISE, op_bench.DENSE]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "method" not in line]
+    passes = len(op_bench.PASSES)
+    assert len(rows) == len(op_bench.SHAPE_SETS["tiny"]) * len(methods) * passes
+    for method in methods:
+        assert f"| {method} |" in table
+    results = json.loads(path.read_text())["results"]
+    assert len(results) == len(rows)
+    assert all(r["median_ms"] > 0 and r["peak_bytes"] > 0 for r in results)

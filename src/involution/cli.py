@@ -7,7 +7,11 @@ import importlib
 from collections.abc import Sequence
 
 #: Modules that define sub-commands through ``add_commands(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ("involution.train.cli", "involution.models.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "involution.train.cli",
+    "involution.models.cli",
+    "involution.bench.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,19 @@
+"""``involution bench``: one sub-command per benchmark (``op``, ``model``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from involution.bench import model, op
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``bench`` and its benchmarks on the top-level ``involution`` sub-parsers."""
+    bench = subparsers.add_parser(
+        "bench",
+        help="benchmarks of the involution operator and of RedNet",
+        description="Benchmarks. Each prints a markdown table; see `involution bench NAME -h`.",
+    )
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    op.add_op_parser(benchmarks)
+    model.add_model_parser(benchmarks)
