@@ -7,19 +7,23 @@ On a machine with CUDA these run on the GPU; otherwise on CPU tensors in Triton'
 from __future__ import annotations
 
 import copy
+import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from involution import Involution2d, involution2d
+from involution import Involution2d, cli, involution2d
 from involution.backends import triton as triton_backend
+from involution.bench import bandwidth
+from involution.bench.model import variants
 from involution.functional import output_size
 from involution.fused import involution2d_fused
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-pytestmark = pytest.mark.skipif(
+needs_triton = pytest.mark.skipif(
     triton_backend.unavailable_reason(DEVICE) is not None,
     reason=f"triton backend unavailable: {triton_backend.unavailable_reason(DEVICE)}",
 )
@@ -74,6 +78,7 @@ def _run_op(backend: str, x, weight, grad, conv):
     return out, x.grad, weight.grad
 
 
+@needs_triton
 @pytest.mark.parametrize(
     ("case", "dtype", "channels_last"),
     [("odd_sizes", dtype, False) for dtype in DTYPES]
@@ -91,6 +96,7 @@ def test_op_matches_reference(case, dtype, channels_last):
     assert grad_x.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+@needs_triton
 def test_grad_input_skips_unread_pixels():
     # Stride 3 with a 1x1 kernel reads one input pixel in nine: the others get zero gradient.
     x = torch.randn(1, 4, 7, 7, device=DEVICE, requires_grad=True)
@@ -101,6 +107,7 @@ def test_grad_input_skips_unread_pixels():
     torch.testing.assert_close(x.grad, expected)
 
 
+@needs_triton
 def test_op_is_deterministic():
     x, weight, grad, conv = _op_inputs("stride2", torch.float32)
     first = _run_op("triton", x, weight, grad, conv)
@@ -133,6 +140,7 @@ def _run_fused(backend: str, tensors, groups, kernel, stride):
     return [out, *(leaf.grad for leaf in leaves)]
 
 
+@needs_triton
 @pytest.mark.parametrize(
     ("dtype", "stride", "kernel"),
     [(dtype, 1, (3, 3)) for dtype in DTYPES]
@@ -155,6 +163,7 @@ def test_fused_op_matches_reference(dtype, stride, kernel):
         )
 
 
+@needs_triton
 def test_fused_op_without_bias_matches_explicit_kernels():
     (x, reduced, span_weight, _, _), groups = _fused_inputs(torch.float32, 1)
     out = involution2d_fused(x, reduced, span_weight, None, 3, groups, backend="triton")
@@ -162,6 +171,7 @@ def test_fused_op_without_bias_matches_explicit_kernels():
     _close(out, involution2d(x, kernels, backend="reference"))
 
 
+@needs_triton
 def test_fused_op_is_deterministic():
     tensors, groups = _fused_inputs(torch.float32, 1)
     first = _run_fused("triton", tensors, groups, (3, 3), 1)
@@ -170,6 +180,7 @@ def test_fused_op_is_deterministic():
         assert torch.equal(a, b)
 
 
+@needs_triton
 @pytest.mark.parametrize(("stride", "channels_last"), [(1, False), (2, True)])
 def test_fused_module_matches_unfused(stride, channels_last):
     torch.manual_seed(0)
@@ -194,6 +205,7 @@ def test_fused_module_matches_unfused(stride, channels_last):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4)
 
 
+@needs_triton
 def test_fused_module_compiles_without_graph_breaks():
     module = Involution2d(8, 3, group_channels=4, backend="triton").to(DEVICE)
     x = torch.randn(1, 8, 5, 6, device=DEVICE, requires_grad=True)
@@ -204,17 +216,20 @@ def test_fused_module_compiles_without_graph_breaks():
     torch.testing.assert_close(out, module(x))
 
 
+@needs_triton
 def test_fused_op_opcheck():
     (x, reduced, span_weight, span_bias, _), groups = _fused_inputs(torch.float32, 2)
     args = (x, reduced, span_weight, span_bias, (3, 3), (2, 2), (1, 1), (1, 1), groups, "triton")
     torch.library.opcheck(torch.ops.involution.involution2d_fused.default, args)
 
 
+@needs_triton
 def test_unavailable_reason():
     assert triton_backend.unavailable_reason(DEVICE) is None
     assert "CUDA" in triton_backend.unavailable_reason(torch.device("meta"))
 
 
+@needs_triton
 def test_unavailable_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "TRITON_INTERPRET" in triton_backend.unavailable_reason(torch.device("cpu"))
@@ -245,3 +260,53 @@ def test_fused_op_rejects_bad_arguments(change, error):
     }
     with pytest.raises(error):
         involution2d_fused(**kwargs)
+
+
+def test_min_bytes_moved_counts_each_operand_once():
+    # x: 2*8*9*9, weight: 2*2*3*3*5*5, output: 2*8*5*5 elements of 2 bytes.
+    assert bandwidth.min_bytes_moved((2, 8, 9, 9), (2, 2, 3, 3, 5, 5), 2) == 2 * (1296 + 900 + 400)
+    with pytest.raises(ValueError, match="expected input"):
+        bandwidth.min_bytes_moved((2, 8, 9), (2, 2, 3, 3, 5, 5), 2)
+
+
+def test_bandwidth_fraction_needs_a_cuda_peak():
+    assert bandwidth.peak_memory_bandwidth("cpu") is None
+    assert bandwidth.bandwidth_fraction(10**9, 1.0, "cpu") is None
+    with pytest.raises(ValueError, match="positive"):
+        bandwidth.bandwidth_fraction(10**9, 0.0, "cpu")
+    if torch.cuda.is_available():
+        fraction = bandwidth.bandwidth_fraction(10**9, 1e-3, "cuda")
+        assert fraction is not None and 0 < fraction < 1
+
+
+def test_bench_model_variants():
+    assert variants("rednet50", "both") == [("fused", True), ("unfused", False)]
+    assert variants("resnet50", "both") == [("-", None)]
+    with pytest.raises(ValueError, match="fused"):
+        variants("rednet50", "sometimes")
+
+
+def test_bench_model_cli_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "model", "--device", "cpu", "--models", "rednet26,resnet26"]
+    argv += ["--batch-size", "2", "--image-size", "32", "--warmup", "0", "--iters", "1"]
+    argv += ["--backend", "reference", "--json", str(out)]
+    assert cli.main(argv) == 0
+    records = json.loads(out.read_text())
+    assert [(r["model"], r["mode"]) for r in records] == [
+        ("rednet26", "train"),
+        ("rednet26", "infer"),
+        ("resnet26", "train"),
+        ("resnet26", "infer"),
+    ]
+    for record in records:
+        assert record["error"] is None and record["peak_memory_mib"] is None
+        assert math.isfinite(record["images_per_second"]) and record["images_per_second"] > 0
+    table = capsys.readouterr().out
+    assert "rednet26" in table and "images/s" in table
+
+
+def test_bench_model_cli_rejects_unknown_model(capsys):
+    argv = ["bench", "model", "--device", "cpu", "--models", "rednet7"]
+    assert cli.main(argv) == 2
+    assert "rednet7" in capsys.readouterr().err
