@@ -290,7 +290,7 @@ def test_bench_model_cli_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", "model", "--device", "cpu", "--models", "rednet26,resnet26"]
     argv += ["--batch-size", "2", "--image-size", "32", "--warmup", "0", "--iters", "1"]
-    argv += ["--backend", "reference", "--json", str(out)]
+    argv += ["--json", str(out)]
     assert cli.main(argv) == 0
     records = json.loads(out.read_text())
     assert [(r["model"], r["mode"]) for r in records] == [
