@@ -18,6 +18,8 @@ from involution import Involution2d, cli, involution2d
 from involution.backends import triton as triton_backend
 from involution.bench import bandwidth
 from involution.bench.model import variants
+from involution.bench.op import Measurement
+from involution.bench.op import format_table as format_op_table
 from involution.functional import output_size
 from involution.fused import involution2d_fused
 
@@ -310,3 +312,15 @@ def test_bench_model_cli_rejects_unknown_model(capsys):
     argv = ["bench", "model", "--device", "cpu", "--models", "rednet7"]
     assert cli.main(argv) == 2
     assert "rednet7" in capsys.readouterr().err
+
+
+def test_bench_op_bandwidth_column():
+    results = [
+        Measurement(64, 56, 8, "forward", "triton", 1.0, 0, 10**9),
+        Measurement(64, 56, 8, "forward+backward", "triton", 2.0, 0, 10**9),
+    ]
+    # 1e9 bytes in 1 ms, and 3e9 bytes in 2 ms, against a 2e12 B/s peak.
+    rows = format_op_table(results, peak_bandwidth=2e12).splitlines()
+    assert rows[0].endswith("% peak bandwidth |")
+    assert rows[2].endswith("| 50.0 |") and rows[3].endswith("| 75.0 |")
+    assert "bandwidth" not in format_op_table(results)

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from involution.backends import BACKENDS, get_backend
+from involution.bench.bandwidth import peak_memory_bandwidth
 from involution.functional import involution2d
 
 #: (channels, spatial size) of the involution layers of RedNet-50, one per stage; G = C/16,
@@ -212,8 +213,14 @@ def run_benchmarks(
     return results
 
 
-def format_table(results: Sequence[Measurement]) -> str:
-    """A markdown table; ratios are against the reference and the two convolutions."""
+def format_table(results: Sequence[Measurement], peak_bandwidth: float | None = None) -> str:
+    """A markdown table; ratios are against the reference and the two convolutions.
+
+    With ``peak_bandwidth`` (bytes/s, see :mod:`involution.bench.bandwidth`) a last column gives
+    the compulsory traffic per second as a fraction of it: in+w+out bytes once for the forward,
+    three times for forward+backward (each gradient pass reads two of the tensors and writes the
+    third).
+    """
     by_key = {(r.channels, r.size, r.batch, r.pass_name, r.method): r for r in results}
 
     def ratio(numerator: float, key: tuple, method: str) -> str:
@@ -225,6 +232,8 @@ def format_table(results: Sequence[Measurement]) -> str:
         "| method / dense 3x3 | peak MiB | peak / (in+w+out) |",
         "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    if peak_bandwidth is not None:
+        lines = [lines[0] + " % peak bandwidth |", lines[1] + "---:|"]
     for r in results:
         key = (r.channels, r.size, r.batch, r.pass_name)
         reference = by_key.get((*key, "reference"))
@@ -235,6 +244,9 @@ def format_table(results: Sequence[Measurement]) -> str:
             f"| {ratio(r.median_ms, key, DENSE)} | {r.peak_bytes / 2**20:.2f} "
             f"| {r.peak_bytes / r.tensor_bytes:.2f} |"
         )
+        if peak_bandwidth is not None:
+            traffic = r.tensor_bytes * (1 if r.pass_name == "forward" else 3)
+            lines[-1] += f" {100 * traffic / (r.median_ms / 1e3) / peak_bandwidth:.1f} |"
     return "\n".join(lines)
 
 
@@ -247,6 +259,8 @@ def _environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        peak = peak_memory_bandwidth(device)
+        info["peak_bandwidth_gb_s"] = None if peak is None else round(peak / 1e9, 1)
     elif hasattr(os, "getloadavg"):
         info["load_average_1min"] = os.getloadavg()[0]
         info["cpu_count"] = os.cpu_count()
@@ -314,7 +328,7 @@ def op_command(args: argparse.Namespace) -> int:
         environment["load_average_1min_after"] = os.getloadavg()[0]
     print(", ".join(f"{key}: {value}" for key, value in environment.items()))
     print()
-    print(format_table(results))
+    print(format_table(results, peak_memory_bandwidth(device)))
     if args.json is not None:
         payload = {"environment": environment, "results": [asdict(r) for r in results]}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
