@@ -317,6 +317,8 @@ def model_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"involution: error: {error}", file=sys.stderr)
         return 2
+    # Let cuDNN pick its fastest convolution algorithms, as any training script would.
+    torch.backends.cudnn.benchmark = settings.device.type == "cuda"
     try:
         results = run_benchmarks(args.models, args.modes, settings)
     except ValueError as error:  # e.g. a batch of 1 reaching a 1x1 BatchNorm in training
