@@ -26,6 +26,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
 #define INVOLUTION_TARGET_CLONES \
@@ -157,6 +158,50 @@ INVOLUTION_INLINE void backward_input_tasks_impl(
   }
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+// A GCC/Clang vector of N values of T, compiled to the widest registers of the target.
+template <typename T, int64_t N>
+struct Vector {
+  typedef T type __attribute__((vector_size(N * sizeof(T))));
+};
+
+// The sum of the N lanes of v, added as a balanced tree of vector adds (halving the width each
+// step): log2(N) dependent adds instead of the chain of N scalar adds that the compiler emits for
+// a plain loop without -ffast-math.
+template <typename T, int64_t N>
+INVOLUTION_INLINE T sum_lanes(typename Vector<T, N>::type v) {
+  if constexpr (N == 2) {
+    return v[0] + v[1];
+  } else {
+    using Half = typename Vector<T, N / 2>::type;
+    Half low, high;
+    std::memcpy(&low, &v, sizeof(Half));
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+    return sum_lanes<T, N / 2>(low + high);
+  }
+}
+#define INVOLUTION_VECTOR_DOT 1
+#endif
+
+// sum_{c < n} a[c] * b[c] (n == CG when CG > 0).
+template <typename T, int64_t CG>
+INVOLUTION_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+#ifdef INVOLUTION_VECTOR_DOT
+  if constexpr (CG >= 2 && (CG & (CG - 1)) == 0) {
+    typename Vector<T, CG>::type va, vb;
+    std::memcpy(&va, a, sizeof(va));
+    std::memcpy(&vb, b, sizeof(vb));
+    return sum_lanes<T, CG>(va * vb);
+  }
+#endif
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < n; ++c) {
+    sum += a[c] * b[c];
+  }
+  return sum;
+}
+
 template <typename T, int64_t CG>
 INVOLUTION_INLINE void backward_weight_tasks_impl(
     const Geometry& geo, const T* __restrict grad_y, const T* __restrict x,
@@ -186,12 +231,7 @@ INVOLUTION_INLINE void backward_weight_tasks_impl(
         for (int64_t j = cols.lo; j < cols.hi; ++j) {
           const T* __restrict gy = gy_row + j * pixel;
           const T* __restrict in = in_row + (j * geo.stride_w + offset) * pixel;
-          T sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t c = 0; c < cg; ++c) {
-            sum += gy[c] * in[c];
-          }
-          gw_row[j] = sum;
+          gw_row[j] = dot<T, CG>(gy, in, cg);
         }
       }
     }
