@@ -119,6 +119,10 @@ def test_eval_and_predict_use_the_run_weights(tmp_path: Path, capsys) -> None:
     # RGB input is converted to the model's single channel: same prediction.
     assert out[1:4] == out[5:8]
 
+    # A finished run is not overwritten.
+    assert _train(tmp_path, "run") == 2
+    assert "already holds a run" in capsys.readouterr().err
+
     weights = run / "model.safetensors"
     assert main(["predict", str(tmp_path / "missing.png"), "--weights", str(weights)]) == 2
     assert "cannot read image" in capsys.readouterr().err
@@ -132,6 +136,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     state = load_checkpoint(tmp_path / "nan" / "checkpoint.pt")
     assert state["step"] >= 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_engine_options_channels_last_bf16_clip_and_accumulation(tmp_path: Path) -> None:
+    options = [
+        "train.channels_last=true",
+        "train.amp=bf16",
+        "train.grad_clip=1.0",
+        "train.accumulation_steps=2",
+        "train.optimizer=adamw",
+        "train.lr=1e-3",
+        "train.epochs=1",
+    ]
+    assert _train(tmp_path, "options", *options) == 0
+    record = read_jsonl(tmp_path / "options" / "metrics.jsonl")[-1]
+    assert record["epoch"] == 1 and 0 <= record["val_top1"] <= 100
+    assert np.isfinite(record["val_loss"])
 
 
 @pytest.mark.parametrize(

@@ -116,9 +116,11 @@ def train_command(args: argparse.Namespace) -> int:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     run_dir = Path(summary["run_dir"])
-    state = (
-        "finished" if summary["finished"] else "stopped at train.max_steps (resume with --resume)"
-    )
+    state = "finished"
+    if not summary["finished"]:
+        state = (
+            f"stopped at train.max_steps (continue: --resume {run_dir} --set train.max_steps=null)"
+        )
     print(f"\nrun {state}: {summary['steps']} steps, {summary['wall_s']:.0f} s")
     print(f"parameters: {summary['num_params']:,}")
     print(f"training throughput: {summary['train_img_per_s']:.1f} img/s")

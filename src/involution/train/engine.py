@@ -549,6 +549,11 @@ def run_training(config: Config, run_dir: Path | None = None, resume: bool = Fal
     info_world = int(os.environ.get("WORLD_SIZE", "1"))
     if run_dir is None:
         run_dir = new_run_dir(config)
+        if (run_dir / ckpt.CHECKPOINT_NAME).exists():
+            raise ValueError(
+                f"{run_dir} already holds a run: continue it with --resume {run_dir} or set "
+                "another output.name"
+            )
         if info_world > 1:
             # Every rank must agree on the (time-stamped) name chosen by rank 0.
             init_distributed(config["train"]["device"])
