@@ -10,6 +10,7 @@
 // - Feature maps are processed channels_last (B, H, W, C): the C/G channels of one group at one
 //   pixel are contiguous, so the innermost loop runs over them with unit stride whatever the
 //   stride/dilation, and the compiler vectorises it (C/G = 16 in RedNet: one AVX-512 register).
+//   grad_weight sums over those channels; for 16 channels the sum is a tree of vector adds.
 // - For each kernel column kw the range of output columns j whose input column j*s + kw*d - p lies
 //   inside the image is computed once, so the inner loops have no bounds checks.
 // - float32 and float64 are computed natively; float16 and bfloat16 are converted to float32 for
@@ -202,6 +203,8 @@ INVOLUTION_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n)
   return sum;
 }
 
+// grad_w[b, g, kh, kw, i, j] = sum_{c in g} grad_y[b, i, j, c] * x[b, ih, iw, c] (zero where
+// (ih, iw) is padding), for the tasks (b, g, i) in [begin, end).
 template <typename T, int64_t CG>
 INVOLUTION_INLINE void backward_weight_tasks_impl(
     const Geometry& geo, const T* __restrict grad_y, const T* __restrict x,
@@ -238,36 +241,26 @@ INVOLUTION_INLINE void backward_weight_tasks_impl(
   }
 }
 
-// Non-template entry points, one per compute type, compiled once per instruction set.
-#define INVOLUTION_DEFINE_KERNELS(T)                                                              \
-  INVOLUTION_TARGET_CLONES void forward_tasks(                                                    \
-      const Geometry& geo, const T* x, const T* w, T* y, int64_t begin, int64_t end) {            \
-    if (geo.group_channels == 16) { /* RedNet's group width: a constant the compiler unrolls */ \
-      forward_tasks_impl<T, 16>(geo, x, w, y, begin, end);                                        \
-    } else {                                                                                      \
-      forward_tasks_impl<T, 0>(geo, x, w, y, begin, end);                                         \
-    }                                              \
-  }                                                                                               \
-  INVOLUTION_TARGET_CLONES void backward_input_tasks(                                             \
-      const Geometry& geo, const T* grad_y, const T* w, T* grad_x, int64_t begin, int64_t end) {  \
-    if (geo.group_channels == 16) {                                                               \
-      backward_input_tasks_impl<T, 16>(geo, grad_y, w, grad_x, begin, end);                       \
-    } else {                                                                                      \
-      backward_input_tasks_impl<T, 0>(geo, grad_y, w, grad_x, begin, end);                        \
-    }                             \
-  }                                                                                               \
-  INVOLUTION_TARGET_CLONES void backward_weight_tasks(                                            \
-      const Geometry& geo, const T* grad_y, const T* x, T* grad_w, int64_t begin, int64_t end) {  \
-    if (geo.group_channels == 16) {                                                               \
-      backward_weight_tasks_impl<T, 16>(geo, grad_y, x, grad_w, begin, end);                      \
-    } else {                                                                                      \
-      backward_weight_tasks_impl<T, 0>(geo, grad_y, x, grad_w, begin, end);                       \
-    }                            \
+// Non-template entry points, one per compute type, compiled once per instruction set. Groups of
+// 16 channels (RedNet's width) get kernels where that width is a compile-time constant.
+#define INVOLUTION_DEFINE_KERNEL(NAME, T, A, B, OUT)                                         \
+  INVOLUTION_TARGET_CLONES void NAME(                                                      \
+      const Geometry& geo, const T* A, const T* B, T* OUT, int64_t begin, int64_t end) {   \
+    if (geo.group_channels == 16) {                                                        \
+      NAME##_impl<T, 16>(geo, A, B, OUT, begin, end);                                      \
+    } else {                                                                               \
+      NAME##_impl<T, 0>(geo, A, B, OUT, begin, end);                                       \
+    }                                                                                      \
   }
+#define INVOLUTION_DEFINE_KERNELS(T)                                 \
+  INVOLUTION_DEFINE_KERNEL(forward_tasks, T, x, w, y)                \
+  INVOLUTION_DEFINE_KERNEL(backward_input_tasks, T, grad_y, w, grad_x) \
+  INVOLUTION_DEFINE_KERNEL(backward_weight_tasks, T, grad_y, x, grad_w)
 
 INVOLUTION_DEFINE_KERNELS(float)
 INVOLUTION_DEFINE_KERNELS(double)
 #undef INVOLUTION_DEFINE_KERNELS
+#undef INVOLUTION_DEFINE_KERNEL
 
 // Checks the arguments (the Python front door already validated them; these checks keep direct
 // callers from reading out of bounds) and collects the sizes.
