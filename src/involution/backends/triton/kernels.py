@@ -95,7 +95,7 @@ def forward_kernel(
     x_rows = x_ptr + b * sx_b + chan[:, None] * sx_c
     w_base = w_ptr + pid_bg.to(tl.int64) * (KH * KW * OH * OW) + offs_p
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC_DTYPE)
-    for kh in tl.static_range(KH):
+    for kh in range(KH):
         ih = oh * stride_h - pad_h + kh * dil_h
         ok_h = mask_p & (ih >= 0) & (ih < H)
         for kw in tl.static_range(KW):
@@ -171,7 +171,7 @@ def backward_input_kernel(
     go_rows = go_ptr + b * sg_b + chan[:, None] * sg_c
     w_base = w_ptr + pid_bg.to(tl.int64) * (KH * KW * OH * OW)
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC_DTYPE)
-    for kh in tl.static_range(KH):
+    for kh in range(KH):
         th = ih + pad_h - kh * dil_h
         oh = th // stride_h
         # th >= 0 first: the rounding of // and % on negatives does not matter then.
@@ -244,7 +244,7 @@ def backward_weight_kernel(
     go_pixels = go_ptr + b * sg_b + (oh * sg_h + ow * sg_w)[None, :]
     x_batch = x_ptr + b * sx_b
     gw_base = gw_ptr + pid_bg.to(tl.int64) * (KH * KW * OH * OW) + offs_p
-    for kh in tl.static_range(KH):
+    for kh in range(KH):
         ih = oh * stride_h - pad_h + kh * dil_h
         ok_h = mask_p & (ih >= 0) & (ih < H)
         for kw in tl.static_range(KW):
