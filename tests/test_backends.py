@@ -84,6 +84,15 @@ def make_weight(shape: tuple[int, ...], dtype: torch.dtype, layout: str) -> torc
     return torch.randn(shape, dtype=dtype, requires_grad=True)
 
 
+def output_hw(spatial, kernel, stride, padding, dilation) -> tuple[int, int]:
+    """(H_out, W_out); ``padding=None`` is the front door's default ``d*(K-1)//2``."""
+    if padding is None:
+        padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+    return tuple(
+        output_size(*args) for args in zip(spatial, kernel, stride, padding, dilation, strict=True)
+    )
+
+
 def run(input, weight, grad_output, backend, **conv_args):
     """(output, grad_input, grad_weight) of one backend."""
     output = involution2d(input, weight, backend=backend, **conv_args)
@@ -130,19 +139,12 @@ def problems(draw, tiny: bool = False):
 
 def check_against_reference(backend: str, problem: dict) -> None:
     dtype, layout = problem["dtype"], problem["layout"]
-    pad = problem["padding"] or tuple(
-        d * (k - 1) // 2 for k, d in zip(problem["kernel"], problem["dilation"], strict=True)
-    )
-    out_size = tuple(
-        output_size(n, k, s, p, d)
-        for n, k, s, p, d in zip(
-            problem["spatial"],
-            problem["kernel"],
-            problem["stride"],
-            pad,
-            problem["dilation"],
-            strict=True,
-        )
+    out_size = output_hw(
+        problem["spatial"],
+        problem["kernel"],
+        problem["stride"],
+        problem["padding"],
+        problem["dilation"],
     )
     batch, channels = problem["batch"], problem["channels"]
     input = make_input((batch, channels, *problem["spatial"]), dtype, layout)
@@ -182,6 +184,7 @@ GRADCHECK_CASES = {
     "dilation2": (1, 4, 1, 7, 7, (3, 3), (1, 1), None, (2, 2)),
     "odd_sizes_rect": (1, 6, 3, 5, 7, (3, 1), (1, 2), None, (1, 3)),
     "even_kernel_padding": (1, 4, 2, 6, 5, (2, 4), (1, 1), (1, 2), (1, 1)),
+    "sixteen_channel_groups": (1, 16, 1, 3, 4, (3, 3), (1, 1), None, (1, 1)),
 }
 
 
@@ -189,11 +192,7 @@ GRADCHECK_CASES = {
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck(backend, case):
     batch, channels, groups, height, width, kernel, stride, padding, dilation = case
-    pad = padding or tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
-    out_size = tuple(
-        output_size(*args)
-        for args in zip((height, width), kernel, stride, pad, dilation, strict=True)
-    )
+    out_size = output_hw((height, width), kernel, stride, padding, dilation)
     input = torch.randn(batch, channels, height, width, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(batch, groups, *kernel, *out_size, dtype=torch.float64, requires_grad=True)
 
