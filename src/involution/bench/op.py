@@ -5,10 +5,11 @@ run side by side in one process with a depthwise 7x7 convolution
 (``nn.Conv2d(C, C, 7, padding=3, groups=C)``) and a dense 3x3 convolution
 (``nn.Conv2d(C, C, 3, padding=1)``) on the same feature map.
 
-Time is the median wall-clock time of ``--repeats`` calls after ``--warmup`` calls (CUDA work is
-synchronised). The forward pass runs under ``torch.no_grad()``; forward+backward computes the
-gradients of the input and of the kernel (or convolution parameters) for a random upstream
-gradient with ``torch.autograd.grad``.
+Time is the median (and the minimum) wall-clock time of ``--repeats`` calls after ``--warmup``
+calls (CUDA work is synchronised). On a machine shared with other processes the minimum is the
+better estimate of what the code itself costs. The forward pass runs under ``torch.no_grad()``;
+forward+backward computes the gradients of the input and of the kernel (or convolution
+parameters) for a random upstream gradient with ``torch.autograd.grad``.
 
 Peak memory is the peak of the memory allocated during one extra call, above what was
 allocated before it (so it counts the outputs, gradients and every temporary, but not the inputs):
@@ -71,6 +72,7 @@ class Measurement:
     pass_name: str
     method: str
     median_ms: float
+    min_ms: float
     peak_bytes: int
     #: Bytes of input + weight (or conv parameters) + output.
     tensor_bytes: int
@@ -94,10 +96,10 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(
+def times_ms(
     function: Callable[[], Any], device: torch.device, warmup: int, repeats: int
-) -> float:
-    """Median wall-clock milliseconds of ``function`` over ``repeats`` calls after ``warmup``."""
+) -> list[float]:
+    """Wall-clock milliseconds of ``repeats`` calls of ``function`` after ``warmup`` calls."""
     for _ in range(warmup):
         function()
     times = []
@@ -106,8 +108,8 @@ def median_ms(
         start = time.perf_counter()
         function()
         _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        times.append(1e3 * (time.perf_counter() - start))
+    return times
 
 
 def peak_bytes(function: Callable[[], Any], device: torch.device) -> int:
@@ -198,6 +200,7 @@ def run_benchmarks(
                 *passes, tensor_bytes = functions
                 for pass_name, function in zip(PASSES, passes, strict=True):
                     progress(f"C={channels} {size}x{size} B={batch} {pass_name} {method}")
+                    times = times_ms(function, device, warmup, repeats)
                     results.append(
                         Measurement(
                             channels=channels,
@@ -205,7 +208,8 @@ def run_benchmarks(
                             batch=batch,
                             pass_name=pass_name,
                             method=method,
-                            median_ms=median_ms(function, device, warmup, repeats),
+                            median_ms=statistics.median(times),
+                            min_ms=min(times),
                             peak_bytes=peak_bytes(function, device),
                             tensor_bytes=tensor_bytes,
                         )
@@ -228,9 +232,9 @@ def format_table(results: Sequence[Measurement], peak_bandwidth: float | None = 
         return f"{numerator / other.median_ms:.2f}" if other else "-"
 
     lines = [
-        "| C | H=W | B | pass | method | median ms | reference / method | method / dw 7x7 "
+        "| C | H=W | B | pass | method | median ms | min ms | reference / method | method / dw 7x7 "
         "| method / dense 3x3 | peak MiB | peak / (in+w+out) |",
-        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if peak_bandwidth is not None:
         lines = [lines[0] + " % peak bandwidth |", lines[1] + "---:|"]
@@ -240,8 +244,9 @@ def format_table(results: Sequence[Measurement], peak_bandwidth: float | None = 
         speedup = f"{reference.median_ms / r.median_ms:.1f}" if reference else "-"
         lines.append(
             f"| {r.channels} | {r.size} | {r.batch} | {r.pass_name} | {r.method} "
-            f"| {r.median_ms:.3f} | {speedup} | {ratio(r.median_ms, key, DEPTHWISE)} "
-            f"| {ratio(r.median_ms, key, DENSE)} | {r.peak_bytes / 2**20:.2f} "
+            f"| {r.median_ms:.3f} | {r.min_ms:.3f} | {speedup} "
+            f"| {ratio(r.median_ms, key, DEPTHWISE)} | {ratio(r.median_ms, key, DENSE)} "
+            f"| {r.peak_bytes / 2**20:.2f} "
             f"| {r.peak_bytes / r.tensor_bytes:.2f} |"
         )
         if peak_bandwidth is not None:
