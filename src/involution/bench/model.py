@@ -237,7 +237,9 @@ def add_model_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``involution bench model``."""
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu"
+    )
     parser.add_argument(
         "--models",
         type=_csv,
@@ -245,7 +247,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated timm names (default: rednet26,50,101 and resnet26,50,101)",
     )
     parser.add_argument(
-        "--modes", type=_csv, default=list(MODES), help="train, infer or both (default)"
+        "--modes", type=_csv, default=list(MODES), help="comma-separated (default: train,infer)"
     )
     parser.add_argument(
         "--batch-size", type=int, help="images per step (default: 128 on CUDA, 8 on CPU)"
@@ -278,7 +280,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     """Fill the device-dependent defaults and check the values."""
-    cuda = args.device == "cuda"
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")
 
@@ -286,7 +289,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         return value if value is not None else (on_cuda if cuda else on_cpu)
 
     settings = BenchSettings(
-        device=torch.device(args.device),
+        device=torch.device(device),
         batch_size=pick(args.batch_size, 128, 8),
         image_size=pick(args.image_size, 224, 64),
         warmup=pick(args.warmup, 10, 1),
