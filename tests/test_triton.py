@@ -319,9 +319,10 @@ def test_bench_model_cli_rejects_unknown_model(capsys):
 
 
 def test_bench_op_bandwidth_column():
+    common = {"channels": 64, "size": 56, "batch": 8, "method": "triton", "peak_bytes": 0}
     results = [
-        Measurement(64, 56, 8, "forward", "triton", 1.0, 0, 10**9),
-        Measurement(64, 56, 8, "forward+backward", "triton", 2.0, 0, 10**9),
+        Measurement(**common, pass_name=name, median_ms=ms, min_ms=ms, tensor_bytes=10**9)
+        for name, ms in (("forward", 1.0), ("forward+backward", 2.0))
     ]
     # 1e9 bytes in 1 ms, and 3e9 bytes in 2 ms, against a 2e12 B/s peak.
     rows = format_op_table(results, peak_bandwidth=2e12).splitlines()
