@@ -83,7 +83,7 @@ def involution2d_backward_input_op(
     if input.numel() == 0:
         return torch.zeros_like(input, memory_format=memory_format)
     grad_input = get_backend(backend).backward_input(
-        grad_output.contiguous(), input, weight, _pair(stride), _pair(padding), _pair(dilation)
+        grad_output, input, weight, _pair(stride), _pair(padding), _pair(dilation)
     )
     return grad_input.contiguous(memory_format=memory_format)
 
@@ -107,7 +107,7 @@ def involution2d_backward_weight_op(
     if input.numel() == 0:
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
     grad_weight = get_backend(backend).backward_weight(
-        grad_output.contiguous(), input, weight, _pair(stride), _pair(padding), _pair(dilation)
+        grad_output, input, weight, _pair(stride), _pair(padding), _pair(dilation)
     )
     return grad_weight.contiguous()
 

@@ -10,7 +10,7 @@ arguments (see :func:`involution.functional.involution2d`):
 - ``backward_weight(grad_output, input, weight, stride, padding, dilation) -> grad_weight``
 
 Shapes: ``input`` (B, C, H, W), ``weight`` (B, G, Kh, Kw, H_out, W_out), ``output`` and
-``grad_output`` (B, C, H_out, W_out); ``stride``, ``padding`` and ``dilation`` are pairs.
+``grad_output`` (B, C, H_out, W_out), any strides; ``stride``, ``padding``, ``dilation`` are pairs.
 Backends may return any memory layout: the custom op normalises it.
 
 ``"reference"`` is the ground truth every other backend is tested against.
