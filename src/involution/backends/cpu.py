@@ -1,13 +1,13 @@
 """The ``"cpu"`` backend: C++ kernels (``involution._C``) parallelised with ``at::parallel_for``.
 
 The kernels read the input in place (no unfolded K*K-times-larger tensor, forward or backward),
-work channels_last internally so the innermost loop runs over the C/G channels of a group with
+read feature maps channels_last so the innermost loop runs over the C/G channels of a group with
 unit stride, and give each task its own slice of the result, so they are deterministic. float16
 and bfloat16 are computed in float32. See ``src/involution/csrc/involution_cpu.cpp``.
 
 Shapes: ``input`` (B, C, H, W), ``weight`` (B, G, Kh, Kw, H_out, W_out), ``output`` and
-``grad_output`` (B, C, H_out, W_out). Results come back channels_last (the custom op restores the
-caller's memory format).
+``grad_output`` (B, C, H_out, W_out). The output and ``grad_input`` come back in the input's
+layout (NCHW or channels_last), ``grad_weight`` contiguous.
 """
 
 from __future__ import annotations

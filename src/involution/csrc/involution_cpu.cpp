@@ -7,10 +7,12 @@
 // - The kernels never build the K*K-times-larger unfolded input. Each task reads input rows in
 //   place and accumulates into its own slice of the result, so no two tasks write the same memory:
 //   the results are deterministic and need no atomics.
-// - Feature maps are processed channels_last (B, H, W, C): the C/G channels of one group at one
+// - Feature maps are read channels_last (B, H, W, C): the C/G channels of one group at one
 //   pixel are contiguous, so the innermost loop runs over them with unit stride whatever the
 //   stride/dilation, and the compiler vectorises it (C/G = 16 in RedNet: one AVX-512 register).
 //   grad_weight sums over those channels; for 16 channels the sum is a tree of vector adds.
+//   The output and grad_input rows are accumulated in a small per-thread buffer and written in
+//   the input's layout (NCHW or channels_last), so they need no conversion afterwards.
 // - For each kernel column kw the range of output columns j whose input column j*s + kw*d - p lies
 //   inside the image is computed once, so the inner loops have no bounds checks.
 // - float32 and float64 are computed natively; float16 and bfloat16 are converted to float32 for
@@ -28,6 +30,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
 #define INVOLUTION_TARGET_CLONES \
@@ -51,6 +54,9 @@ struct Geometry {
   int64_t batch, channels, height, width;
   int64_t groups, group_channels, kernel_h, kernel_w, out_h, out_w;
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  // Layout of the forward output and of grad_input: that of the input, so that the caller does
+  // not have to convert them (channels_last, or NCHW contiguous when false).
+  bool channels_last_result;
 
   // Offset of weight[b, g, kh, kw, i, 0] in the contiguous (B, G, Kh, Kw, H_out, W_out) weight.
   int64_t weight_row(int64_t b, int64_t g, int64_t kh, int64_t kw, int64_t i) const {
@@ -77,6 +83,27 @@ INVOLUTION_INLINE ColumnRange valid_columns(
   return {lo, std::max(lo, hi)};  // empty when no column is inside
 }
 
+// Writes the (columns, C/G) row `row` of one group g into channels c = g*C/G + cc, row r of the
+// (B, C, rows, columns) result `out`, in the result layout.
+template <typename T>
+INVOLUTION_INLINE void store_row(
+    const Geometry& geo, const T* __restrict row, T* __restrict out, int64_t b, int64_t g,
+    int64_t r, int64_t rows, int64_t columns, int64_t cg) {
+  if (geo.channels_last_result) {
+    T* __restrict dst = out + geo.pixel_row(b, g, r, rows, columns);
+    for (int64_t j = 0; j < columns; ++j) {
+      std::copy_n(row + j * cg, cg, dst + j * geo.channels);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < cg; ++c) {
+    T* __restrict dst = out + ((b * geo.channels + g * cg + c) * rows + r) * columns;
+    for (int64_t j = 0; j < columns; ++j) {
+      dst[j] = row[j * cg + c];
+    }
+  }
+}
+
 // y[b, i, j, g-slice] = sum_{kh, kw} w[b, g, kh, kw, i, j] * x[b, ih, iw, g-slice]
 // for the tasks (b, g, i) in [begin, end).
 template <typename T, int64_t CG>
@@ -85,14 +112,12 @@ INVOLUTION_INLINE void forward_tasks_impl(
     int64_t begin, int64_t end) {
   const int64_t cg = CG > 0 ? CG : geo.group_channels;
   const int64_t pixel = geo.channels;  // channels_last stride between neighbouring pixels
+  std::vector<T> acc_row(geo.out_w * cg);  // the task's output row, (W_out, C/G)
   for (int64_t task = begin; task < end; ++task) {
     const int64_t i = task % geo.out_h;
     const int64_t g = (task / geo.out_h) % geo.groups;
     const int64_t b = task / (geo.out_h * geo.groups);
-    T* __restrict out = y + geo.pixel_row(b, g, i, geo.out_h, geo.out_w);
-    for (int64_t j = 0; j < geo.out_w; ++j) {
-      std::fill_n(out + j * pixel, cg, T(0));
-    }
+    std::fill(acc_row.begin(), acc_row.end(), T(0));
     for (int64_t kh = 0; kh < geo.kernel_h; ++kh) {
       const int64_t ih = i * geo.stride_h - geo.pad_h + kh * geo.dil_h;
       if (ih < 0 || ih >= geo.height) {
@@ -106,7 +131,7 @@ INVOLUTION_INLINE void forward_tasks_impl(
         for (int64_t j = cols.lo; j < cols.hi; ++j) {
           const T weight = w_row[j];
           const T* __restrict in = in_row + (j * geo.stride_w + offset) * pixel;
-          T* __restrict acc = out + j * pixel;
+          T* __restrict acc = acc_row.data() + j * cg;
 #pragma omp simd  // acc and in never overlap
           for (int64_t c = 0; c < cg; ++c) {
             acc[c] += weight * in[c];
@@ -114,6 +139,7 @@ INVOLUTION_INLINE void forward_tasks_impl(
         }
       }
     }
+    store_row(geo, acc_row.data(), y, b, g, i, geo.out_h, geo.out_w, cg);
   }
 }
 
@@ -125,14 +151,12 @@ INVOLUTION_INLINE void backward_input_tasks_impl(
     T* __restrict grad_x, int64_t begin, int64_t end) {
   const int64_t cg = CG > 0 ? CG : geo.group_channels;
   const int64_t pixel = geo.channels;
+  std::vector<T> acc_row(geo.width * cg);  // the task's grad_input row, (W, C/G)
   for (int64_t task = begin; task < end; ++task) {
     const int64_t ih = task % geo.height;
     const int64_t g = (task / geo.height) % geo.groups;
     const int64_t b = task / (geo.height * geo.groups);
-    T* __restrict out = grad_x + geo.pixel_row(b, g, ih, geo.height, geo.width);
-    for (int64_t iw = 0; iw < geo.width; ++iw) {
-      std::fill_n(out + iw * pixel, cg, T(0));
-    }
+    std::fill(acc_row.begin(), acc_row.end(), T(0));
     for (int64_t kh = 0; kh < geo.kernel_h; ++kh) {
       // The output row i that reads input row ih through kernel row kh, if any.
       const int64_t shifted = ih + geo.pad_h - kh * geo.dil_h;
@@ -148,7 +172,7 @@ INVOLUTION_INLINE void backward_input_tasks_impl(
         for (int64_t j = cols.lo; j < cols.hi; ++j) {
           const T weight = w_row[j];
           const T* __restrict gy = gy_row + j * pixel;
-          T* __restrict acc = out + (j * geo.stride_w + offset) * pixel;
+          T* __restrict acc = acc_row.data() + (j * geo.stride_w + offset) * cg;
 #pragma omp simd  // acc and gy never overlap
           for (int64_t c = 0; c < cg; ++c) {
             acc[c] += weight * gy[c];
@@ -156,6 +180,7 @@ INVOLUTION_INLINE void backward_input_tasks_impl(
         }
       }
     }
+    store_row(geo, acc_row.data(), grad_x, b, g, ih, geo.height, geo.width, cg);
   }
 }
 
@@ -299,6 +324,7 @@ Geometry make_geometry(
   TORCH_CHECK(geo.groups >= 1 && geo.channels % geo.groups == 0, "involution: groups ",
               geo.groups, " must divide channels ", geo.channels);
   geo.group_channels = geo.channels / geo.groups;
+  geo.channels_last_result = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   const auto out_size = [](int64_t n, int64_t k, int64_t s, int64_t p, int64_t d) {
     return (n + 2 * p - d * (k - 1) - 1) / s + 1;
   };
@@ -312,6 +338,10 @@ Geometry make_geometry(
 at::ScalarType compute_type(at::ScalarType dtype) {
   TORCH_CHECK(at::isFloatingType(dtype), "involution: unsupported dtype ", dtype);
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::MemoryFormat result_format(const Geometry& geo) {
+  return geo.channels_last_result ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 // `t` as a channels_last tensor of the compute dtype (a no-op when it already is one).
@@ -348,7 +378,7 @@ at::Tensor forward(
   const at::Tensor x = as_channels_last(input, dtype);
   const at::Tensor w = weight.to(dtype).contiguous();
   at::Tensor y = at::empty({geo.batch, geo.channels, geo.out_h, geo.out_w},
-                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
+                           x.options().memory_format(result_format(geo)));
   AT_DISPATCH_FLOATING_TYPES(dtype, "involution_cpu_forward", [&] {
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
@@ -370,8 +400,8 @@ at::Tensor backward_input(
   const at::ScalarType dtype = compute_type(input.scalar_type());
   const at::Tensor grad_y = as_channels_last(grad_output, dtype);
   const at::Tensor w = weight.to(dtype).contiguous();
-  at::Tensor grad_x = at::empty(input.sizes(), grad_y.options().memory_format(
-                                                   at::MemoryFormat::ChannelsLast));
+  at::Tensor grad_x =
+      at::empty(input.sizes(), grad_y.options().memory_format(result_format(geo)));
   AT_DISPATCH_FLOATING_TYPES(dtype, "involution_cpu_backward_input", [&] {
     const scalar_t* gy_ptr = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
