@@ -218,6 +218,8 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_forward_backward_matches_eager(backend):
+    # aot_eager traces exactly what inductor would (Dynamo without graph breaks, fake tensors,
+    # AOT autograd through the custom op and its backward ops) without compiling C++ for seconds.
     torch._dynamo.reset()
     input = torch.randn(2, 8, 7, 6, requires_grad=True)
     weight = torch.randn(2, 2, 3, 3, 4, 3, requires_grad=True)
