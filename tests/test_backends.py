@@ -237,6 +237,20 @@ def test_compiled_forward_backward_matches_eager(backend):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_upstream_gradient(backend, layout):
+    # ``.sum()`` hands the backward an expanded (stride-0) gradient.
+    input = make_input((2, 32, 6, 5), torch.float32, layout)
+    weight = make_weight((2, 2, 3, 3, 6, 5), torch.float32, layout)
+    grads = [
+        torch.autograd.grad(involution2d(input, weight, backend=name).sum(), (input, weight))
+        for name in (backend, "reference")
+    ]
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     input = torch.randn(0, 4, 5, 5, requires_grad=True)
