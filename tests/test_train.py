@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -16,7 +17,14 @@ import torch
 from PIL import Image
 
 from involution.cli import main
-from involution.train.checkpoint import load_checkpoint, load_weights, read_jsonl
+from involution.train.checkpoint import (
+    atomic_write,
+    load_checkpoint,
+    load_weights,
+    read_jsonl,
+    save_checkpoint,
+)
+from involution.train.engine import lr_factor
 
 # A one-stage compact RedNet on 8x8 grayscale images: a few milliseconds per step.
 TINY = [
@@ -231,3 +239,25 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert "run finished" in stdout and stdout.count("run directory") == 1
     config = json.loads(json.dumps(load_checkpoint(run / "checkpoint.pt")["config"]))
     assert config["data"]["dataset"] == "imagefolder"
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 1})
+
+    def crash(f) -> None:  # a kill in the middle of writing
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, crash)
+    assert load_checkpoint(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_to_the_floor() -> None:
+    factors = [lr_factor(step, total_steps=10, warmup_steps=4, min_ratio=0.1) for step in range(10)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0  # cosine starts at the peak
+    assert all(a > b for a, b in itertools.pairwise(factors[4:]))
+    assert lr_factor(10, 10, 4, 0.1) == pytest.approx(0.1)
