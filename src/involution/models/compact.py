@@ -6,8 +6,9 @@ checks the paper's claim that involution beats convolution with fewer parameters
 the RedNet stem's involution.
 
 They use the official ("deep") stem: 28x28 inputs become 7x7 before the stages. On 2 CPU
-cores this trains ~8x faster than the stride-1 "compact" stem and reached 89.4% test accuracy
-on Fashion-MNIST in 3 epochs (the stride-1 stem was at 81% after 1 epoch, 5x slower); pass
+cores this trains several times faster than the stride-1 "compact" stem (which, with widths
+16/32/64, reached 81% after one epoch at a fifth of the speed); these variants reached 89.4%
+(involution) and 88.6% (convolution) test accuracy on Fashion-MNIST in 3 epochs. Pass
 ``stem_type="compact"`` to keep the full resolution.
 """
 
