@@ -13,3 +13,7 @@ import torch
 # an explicit choice (e.g. TRITON_INTERPRET=0) from the environment.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# One fixed tiling per Triton kernel on a GPU: autotuning every random test shape over all
+# candidate tilings would take minutes; the benchmarks exercise the autotuner.
+os.environ.setdefault("INVOLUTION_TRITON_AUTOTUNE", "0")

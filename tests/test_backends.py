@@ -1,9 +1,10 @@
 """Every fast backend against the reference, plus the front door's argument checks.
 
-The backends under test are all those (other than the reference) that can run on CPU tensors in
-this session: the C++ ``"cpu"`` backend when it is built, and ``"triton"`` when Triton's CPU
-interpreter is on (``TRITON_INTERPRET=1``, set by ``conftest.py`` on machines without CUDA). The
-interpreter is slow, so interpreted backends get fewer random examples and a fast gradcheck.
+Each fast backend is tested on the device it runs on natively: the C++ ``"cpu"`` backend (when
+it is built) on CPU tensors, and ``"triton"`` on the GPU where there is one, else on CPU tensors
+under Triton's interpreter (``TRITON_INTERPRET=1``, set by ``conftest.py`` on machines without
+CUDA). The interpreter is slow, so an interpreted backend gets smaller and fewer random examples
+and a fast gradcheck. The reference runs on the same device as the backend it checks.
 """
 
 from __future__ import annotations
@@ -22,26 +23,35 @@ from involution.bench import op as op_bench
 from involution.functional import output_size
 
 CPU = torch.device("cpu")
+GPU = torch.device("cuda") if torch.cuda.is_available() else None
 
 
-def fast_backends() -> list[str]:
-    """Concrete backends other than the reference that can run on CPU tensors here."""
-    return [
-        name
-        for name in backends.BACKENDS
-        if name not in ("auto", "reference")
-        and backends.get_backend(name).unavailable_reason(CPU) is None
-    ]
+def backend_devices() -> dict[str, torch.device]:
+    """Each fast backend (not the reference) that runs here, and the device to test it on."""
+    found = {}
+    for name in backends.BACKENDS:
+        if name in ("auto", "reference"):
+            continue
+        for device in (GPU, CPU):
+            if device is not None and backends.get_backend(name).unavailable_reason(device) is None:
+                found[name] = device
+                break
+    return found
+
+
+DEVICE_OF = backend_devices()
+BACKENDS = list(DEVICE_OF)
+if not BACKENDS:
+    pytest.skip("no fast involution backend can run here", allow_module_level=True)
 
 
 def interpreted(backend: str) -> bool:
     """Whether ``backend`` runs in an interpreter on CPU tensors (slow: test it more lightly)."""
-    return backend == "triton"
+    return backend == "triton" and DEVICE_OF[backend] == CPU
 
 
-BACKENDS = fast_backends()
-if not BACKENDS:
-    pytest.skip("no fast involution backend can run on CPU tensors", allow_module_level=True)
+#: Random problems per backend other than "cpu": few and tiny when the only one is interpreted.
+OTHER_INTERPRETED = all(interpreted(name) for name in BACKENDS if name != "cpu")
 
 needs_cpu = pytest.mark.skipif(
     "cpu" not in BACKENDS, reason=f"cpu backend unavailable: {cpu_backend.unavailable_reason(CPU)}"
@@ -61,27 +71,34 @@ TOLERANCES = {
 LAYOUTS = ("contiguous", "channels_last", "strided")
 
 
-def make_input(shape: tuple[int, int, int, int], dtype: torch.dtype, layout: str) -> torch.Tensor:
+def make_input(
+    shape: tuple[int, int, int, int], dtype: torch.dtype, layout: str, device: torch.device = CPU
+) -> torch.Tensor:
     """A random (B, C, H, W) leaf tensor in the given memory layout."""
     batch, channels, height, width = shape
     if layout == "strided":  # every other row of a transposed tensor: no layout at all
-        base = torch.randn(batch, channels, width, 2 * height, dtype=dtype)
+        base = torch.randn(batch, channels, width, 2 * height, dtype=dtype, device=device)
         input = base.transpose(2, 3)[:, :, ::2]
     else:
         memory_format = (
             torch.channels_last if layout == "channels_last" else torch.contiguous_format
         )
-        input = torch.randn(shape, dtype=dtype).contiguous(memory_format=memory_format)
+        input = torch.randn(shape, dtype=dtype, device=device)
+        input = input.contiguous(memory_format=memory_format)
     return input.requires_grad_()
 
 
-def make_weight(shape: tuple[int, ...], dtype: torch.dtype, layout: str) -> torch.Tensor:
+def make_weight(
+    shape: tuple[int, ...], dtype: torch.dtype, layout: str, device: torch.device = CPU
+) -> torch.Tensor:
     """A random (B, G, Kh, Kw, H_out, W_out) leaf tensor, non-contiguous for ``"strided"``."""
     if layout == "strided":  # the kernel dimensions last in memory, as a (B, G*K*K, H, W) view
         batch, groups, kernel_h, kernel_w, out_h, out_w = shape
-        base = torch.randn(batch, out_h, out_w, groups, kernel_h, kernel_w, dtype=dtype)
+        base = torch.randn(
+            batch, out_h, out_w, groups, kernel_h, kernel_w, dtype=dtype, device=device
+        )
         return base.permute(0, 3, 4, 5, 1, 2).requires_grad_()
-    return torch.randn(shape, dtype=dtype, requires_grad=True)
+    return torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
 
 
 def output_hw(spatial, kernel, stride, padding, dilation) -> tuple[int, int]:
@@ -146,10 +163,12 @@ def check_against_reference(backend: str, problem: dict) -> None:
         problem["padding"],
         problem["dilation"],
     )
-    batch, channels = problem["batch"], problem["channels"]
-    input = make_input((batch, channels, *problem["spatial"]), dtype, layout)
-    weight = make_weight((batch, problem["groups"], *problem["kernel"], *out_size), dtype, layout)
-    grad_output = torch.randn(batch, channels, *out_size, dtype=dtype)
+    batch, channels, device = problem["batch"], problem["channels"], DEVICE_OF[backend]
+    input = make_input((batch, channels, *problem["spatial"]), dtype, layout, device)
+    weight = make_weight(
+        (batch, problem["groups"], *problem["kernel"], *out_size), dtype, layout, device
+    )
+    grad_output = torch.randn(batch, channels, *out_size, dtype=dtype, device=device)
     conv_args = {k: problem[k] for k in ("stride", "padding", "dilation")}
 
     expected = run(input, weight, grad_output, "reference", **conv_args)
@@ -172,8 +191,8 @@ def test_cpu_matches_reference(problem):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cpu"])
-@settings(max_examples=6, deadline=None, derandomize=True)
-@given(problem=problems(tiny=True))
+@settings(max_examples=6 if OTHER_INTERPRETED else 60, deadline=None, derandomize=True)
+@given(problem=problems(tiny=OTHER_INTERPRETED))
 def test_other_backends_match_reference(backend, problem):
     check_against_reference(backend, problem)
 
@@ -193,8 +212,9 @@ GRADCHECK_CASES = {
 def test_gradcheck(backend, case):
     batch, channels, groups, height, width, kernel, stride, padding, dilation = case
     out_size = output_hw((height, width), kernel, stride, padding, dilation)
-    input = torch.randn(batch, channels, height, width, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(batch, groups, *kernel, *out_size, dtype=torch.float64, requires_grad=True)
+    options = {"dtype": torch.float64, "device": DEVICE_OF[backend], "requires_grad": True}
+    input = torch.randn(batch, channels, height, width, **options)
+    weight = torch.randn(batch, groups, *kernel, *out_size, **options)
 
     def function(x, w):
         return involution2d(x, w, stride, padding, dilation, backend=backend)
@@ -204,11 +224,12 @@ def test_gradcheck(backend, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    input = torch.randn(2, 4, 6, 5, requires_grad=True)
-    weight = torch.randn(2, 2, 3, 3, 3, 3, requires_grad=True)
+    device = DEVICE_OF[backend]
+    input = torch.randn(2, 4, 6, 5, device=device, requires_grad=True)
+    weight = torch.randn(2, 2, 3, 3, 3, 3, device=device, requires_grad=True)
     args = (input, weight, (2, 2), (1, 1), (1, 1), backend)
     torch.library.opcheck(torch.ops.involution.involution2d.default, args)
-    grad_output = torch.randn(2, 4, 3, 3)
+    grad_output = torch.randn(2, 4, 3, 3, device=device)
     for op in (
         torch.ops.involution.involution2d_backward_input.default,
         torch.ops.involution.involution2d_backward_weight.default,
@@ -221,8 +242,9 @@ def test_compiled_forward_backward_matches_eager(backend):
     # aot_eager traces exactly what inductor would (Dynamo without graph breaks, fake tensors,
     # AOT autograd through the custom op and its backward ops) without compiling C++ for seconds.
     torch._dynamo.reset()
-    input = torch.randn(2, 8, 7, 6, requires_grad=True)
-    weight = torch.randn(2, 2, 3, 3, 4, 3, requires_grad=True)
+    device = DEVICE_OF[backend]
+    input = torch.randn(2, 8, 7, 6, device=device, requires_grad=True)
+    weight = torch.randn(2, 2, 3, 3, 4, 3, device=device, requires_grad=True)
 
     def loss(x, w):
         return involution2d(x, w, stride=2, dilation=(1, 2), padding=(1, 2), backend=backend)
@@ -241,8 +263,8 @@ def test_compiled_forward_backward_matches_eager(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_expanded_upstream_gradient(backend, layout):
     # ``.sum()`` hands the backward an expanded (stride-0) gradient.
-    input = make_input((2, 32, 6, 5), torch.float32, layout)
-    weight = make_weight((2, 2, 3, 3, 6, 5), torch.float32, layout)
+    input = make_input((2, 32, 6, 5), torch.float32, layout, DEVICE_OF[backend])
+    weight = make_weight((2, 2, 3, 3, 6, 5), torch.float32, layout, DEVICE_OF[backend])
     grads = [
         torch.autograd.grad(involution2d(input, weight, backend=name).sum(), (input, weight))
         for name in (backend, "reference")
@@ -253,8 +275,8 @@ def test_expanded_upstream_gradient(backend, layout):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
-    input = torch.randn(0, 4, 5, 5, requires_grad=True)
-    weight = torch.randn(0, 2, 3, 3, 5, 5, requires_grad=True)
+    input = torch.randn(0, 4, 5, 5, device=DEVICE_OF[backend], requires_grad=True)
+    weight = torch.randn(0, 2, 3, 3, 5, 5, device=DEVICE_OF[backend], requires_grad=True)
     output = involution2d(input, weight, backend=backend)
     assert output.shape == (0, 4, 5, 5)
     grad_input, grad_weight = torch.autograd.grad(output.sum(), (input, weight))
@@ -263,8 +285,8 @@ def test_empty_batch(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_channels_last_in_channels_last_out(backend):
-    input = make_input((2, 8, 6, 7), torch.float32, "channels_last")
-    weight = make_weight((2, 2, 3, 3, 6, 7), torch.float32, "contiguous")
+    input = make_input((2, 8, 6, 7), torch.float32, "channels_last", DEVICE_OF[backend])
+    weight = make_weight((2, 2, 3, 3, 6, 7), torch.float32, "contiguous", DEVICE_OF[backend])
     output = involution2d(input, weight, backend=backend)
     grad_input, _ = torch.autograd.grad(output, (input, weight), torch.randn_like(output))
     assert output.is_contiguous(memory_format=torch.channels_last)
@@ -277,6 +299,11 @@ def test_channels_last_in_channels_last_out(backend):
 def test_auto_picks_cpu_backend_on_cpu():
     expected = "cpu" if "cpu" in BACKENDS else "reference"
     assert backends.resolve_backend("auto", CPU) == expected
+
+
+@pytest.mark.skipif(GPU is None, reason="needs a CUDA GPU")
+def test_auto_picks_triton_on_cuda():
+    assert backends.resolve_backend("auto", GPU) == "triton"
 
 
 @needs_cpu

@@ -81,9 +81,10 @@ def involution2d(
     if backend not in BACKENDS:
         raise ValueError(f"unknown involution backend {backend!r}; choose one of {BACKENDS}")
 
-    # Not every device type has autocast (meta has none; asking it would raise).
+    # Meta tensors have no autocast (asking would raise). A plain comparison rather than
+    # torch.amp.is_autocast_available, which Dynamo cannot trace in older PyTorch (2.11).
     device_type = input.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
         autocast_dtype = torch.get_autocast_dtype(device_type)
         input, weight = input.to(autocast_dtype), weight.to(autocast_dtype)
     if input.dtype not in _SUPPORTED_DTYPES:

@@ -31,6 +31,17 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def autotune_enabled() -> bool:
+    """Whether the kernels are autotuned per shape on a GPU (``INVOLUTION_TRITON_AUTOTUNE``).
+
+    ``INVOLUTION_TRITON_AUTOTUNE=0`` (read when the kernels are first imported) gives every
+    kernel one fixed tiling instead: each new shape then costs one compilation rather than one
+    per candidate, which keeps a GPU test run over hundreds of random shapes short.
+    """
+    setting = os.environ.get("INVOLUTION_TRITON_AUTOTUNE", "1").lower()
+    return setting not in ("0", "false", "off", "no")
+
+
 def unavailable_reason(device: torch.device) -> str | None:
     """``None`` when the kernels can run on ``device``, else why not.
 

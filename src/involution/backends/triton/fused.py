@@ -13,8 +13,12 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from involution.backends.triton import autotune_enabled
+
 if knobs.runtime.interpret:
     CONFIGS = [triton.Config({"BLOCK_P": 16, "BLOCK_R": 16}, num_warps=1)]
+elif not autotune_enabled():
+    CONFIGS = [triton.Config({"BLOCK_P": 64, "BLOCK_R": 32}, num_warps=4, num_stages=2)]
 else:
     CONFIGS = [
         triton.Config({"BLOCK_P": block_p, "BLOCK_R": block_r}, num_warps=warps, num_stages=stages)

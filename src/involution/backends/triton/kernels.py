@@ -17,11 +17,15 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from involution.backends.triton import autotune_enabled
+
 #: Autotune search space on a GPU (block of pixels, block of channels, warps). The interpreter
 #: cannot benchmark, so it gets one small config that still exercises the masking of partial
-#: blocks in the tiny test shapes.
+#: blocks in the tiny test shapes; with autotuning off a GPU gets one mid-sized config.
 if knobs.runtime.interpret:
     CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 4}, num_warps=1)]
+elif not autotune_enabled():
+    CONFIGS = [triton.Config({"BLOCK_P": 64, "BLOCK_C": 16}, num_warps=4)]
 else:
     CONFIGS = [
         triton.Config({"BLOCK_P": block_p, "BLOCK_C": block_c}, num_warps=warps)
