@@ -60,8 +60,9 @@ class Involution2d(nn.Module):
         norm_layer, act_layer: factories for the kernel branch's normalisation and activation.
         backend: aggregation backend, see :func:`involution.functional.involution2d`.
         fused: fuse the span conv into the aggregation (:mod:`involution.fused`), so the
-            per-pixel kernels are never stored; ``None`` (default) fuses when the resolved
-            backend is ``"triton"``. The state dict is the same either way.
+            per-pixel kernels are never stored. Opt-in: on an H100 it lowered RedNet-50's peak
+            training memory (6.5 vs 7.5 GiB at batch 128) but ran slower (inference 2,688 vs
+            5,002 images/s). The state dict is the same either way.
 
     Shape:
         input (B, C, H, W) -> output (B, C, ceil(H / stride), ceil(W / stride)).
@@ -78,7 +79,7 @@ class Involution2d(nn.Module):
         norm_layer: LayerFactory = nn.BatchNorm2d,
         act_layer: Callable[[], nn.Module] = nn.ReLU,
         backend: str = "auto",
-        fused: bool | None = None,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -129,7 +130,7 @@ class Involution2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         backend = resolve_backend(self.backend, x.device)
-        if not (self.fused if self.fused is not None else backend == "triton"):
+        if not self.fused:
             return involution2d(
                 x,
                 self.generate_kernels(x),

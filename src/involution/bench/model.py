@@ -43,7 +43,7 @@ class BenchSettings:
 
     ``dtype`` is the autocast dtype (float32: no autocast); ``fused`` selects the Involution2d
     variants: ``"both"`` (fused and unfused), ``"on"``, ``"off"`` or ``"auto"`` (the module's
-    default: fused exactly when the Triton backend runs); ``backend`` is every Involution2d's
+    default, unfused); ``backend`` is every Involution2d's
     aggregation backend.
     """
 
@@ -96,7 +96,8 @@ def create_model(
     model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
     for module in model.modules():
         if isinstance(module, Involution2d):
-            module.fused = fused
+            if fused is not None:  # None: the module's default
+                module.fused = fused
             module.backend = backend
     return model
 
