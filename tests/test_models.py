@@ -90,10 +90,10 @@ def test_zero_init_last_makes_blocks_start_as_identity() -> None:
 @pytest.mark.parametrize("mixer", ["involution", "conv"])
 def test_compact_stem_runs_on_28x28(mixer: str) -> None:
     model = RedNet(
-        (1, 1, 1), stage_widths=(16, 32, 64), stem_width=32, stem_type="compact", in_chans=1,
+        (1, 2, 1), stage_widths=(16, 32, 64), stem_width=32, stem_type="compact", in_chans=1,
         num_classes=10, mixer=mixer,
     )  # fmt: skip
-    assert [info["reduction"] for info in model.feature_info] == [1, 1, 2, 4]
+    assert [info["reduction"] for info in model.feature_info] == [2, 2, 4, 8]
     assert isinstance(model.maxpool, nn.Identity)
     mixers = [m.conv2 for m in model.modules() if isinstance(m, Bottleneck)]
     expected = Involution2d if mixer == "involution" else nn.Conv2d
@@ -101,7 +101,7 @@ def test_compact_stem_runs_on_28x28(mixer: str) -> None:
     model.train()
     logits = model(torch.randn(2, 1, 28, 28))
     assert logits.shape == (2, 10)
-    assert model.forward_features(torch.randn(1, 1, 28, 28)).shape == (1, 256, 7, 7)
+    assert model.forward_features(torch.randn(1, 1, 28, 28)).shape == (1, 256, 4, 4)
     logits.sum().backward()
     assert model.stem.conv1.weight.grad is not None
 

@@ -2,14 +2,17 @@
 
 ``rednet_compact`` and ``rednet_compact_conv`` share every layer except the bottlenecks'
 spatial mixer (a 7x7 involution vs a 3x3 convolution), so training both with one recipe
-checks the paper's claim that involution beats convolution with fewer parameters. Both keep
-the RedNet stem's involution.
+tests the paper's claim that involution beats convolution with fewer parameters (at this
+scale and budget it did not: see the figures below). Both keep the RedNet stem's involution.
 
-They use the official ("deep") stem: 28x28 inputs become 7x7 before the stages. On 2 CPU
-cores this trains several times faster than the stride-1 "compact" stem (which, with widths
-16/32/64, reached 81% after one epoch at a fifth of the speed); these variants reached 89.4%
-(involution) and 88.6% (convolution) test accuracy on Fashion-MNIST in 3 epochs. Pass
-``stem_type="compact"`` to keep the full resolution.
+They use the "compact" stem (2x downsampling instead of the official 4x: 28x28 inputs enter
+the stages at 14x14, then 7x7 and 4x4) and narrow stages (1/2/1 blocks, 16/32/64 wide,
+64/128/256 out). With the default recipe (fashion_mnist.yaml: 3 epochs, no augmentation,
+channels_last, one CPU thread) on Fashion-MNIST, measured on a 2-core CPU:
+
+- ``rednet_compact`` (100,660 parameters): 89.55% top-1 / 99.84% top-5 test accuracy,
+  891 images/s, 212 s of training;
+- ``rednet_compact_conv`` (151,247 parameters): 90.52% / 99.86%, 1,044 images/s, 181 s.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ __all__ = ["COMPACT_ARCH"]
 
 #: Architecture shared by the compact variants (any key can be overridden at creation).
 COMPACT_ARCH: dict[str, Any] = {
-    "layers": (1, 1, 1),
-    "stage_widths": (32, 64, 128),
+    "layers": (1, 2, 1),
+    "stage_widths": (16, 32, 64),
     "stem_width": 32,
-    "stem_type": "deep",
+    "stem_type": "compact",
     "in_chans": 1,
     "num_classes": 10,
 }
@@ -38,7 +41,7 @@ def _cfg() -> dict[str, Any]:
         "url": "",
         "num_classes": 10,
         "input_size": (1, 28, 28),
-        "pool_size": (2, 2),
+        "pool_size": (4, 4),
         "crop_pct": 1.0,
         "interpolation": "bilinear",
         "mean": (0.2860,),

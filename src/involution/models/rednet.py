@@ -117,7 +117,7 @@ def _make_mixer(
     norm_layer: NormFactory,
     act_layer: ActFactory,
     backend: str,
-    fused: bool | None,
+    fused: bool,
 ) -> nn.Module:
     """The spatial layer of a bottleneck: an involution or its 3x3-convolution twin."""
     if mixer == "involution":
@@ -138,12 +138,12 @@ def _make_mixer(
 class RedNetStem(nn.Module):
     """conv3x3 -> BN -> ReLU -> involution -> BN -> ReLU -> conv3x3 -> BN -> ReLU.
 
-    The first conv has stride 2 for the "deep" (official) stem and stride 1 for the "compact"
-    stem used on small images. The max-pool that follows the official stem lives in
+    The first conv has stride 2 in both stem types; only the "deep" (official) stem is followed
+    by a max-pool. The max-pool that follows the official stem lives in
     ``RedNet.maxpool`` so that this module's output is the official ``backbone.stem`` output.
 
     Shape:
-        (B, in_chans, H, W) -> (B, stem_width, H / s, W / s) with s = 2 (deep) or 1 (compact).
+        (B, in_chans, H, W) -> (B, stem_width, H / 2, W / 2).
     """
 
     def __init__(
@@ -157,7 +157,7 @@ class RedNetStem(nn.Module):
         norm_layer: NormFactory,
         act_layer: ActFactory,
         backend: str,
-        fused: bool | None,
+        fused: bool,
     ) -> None:
         super().__init__()
         mid = stem_width // 2
@@ -207,7 +207,7 @@ class Bottleneck(nn.Module):
         norm_layer: NormFactory = nn.BatchNorm2d,
         act_layer: ActFactory = nn.ReLU,
         backend: str = "auto",
-        fused: bool | None = None,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         out_chs = width * self.expansion
@@ -263,7 +263,7 @@ class RedNet(nn.Module):
         stage_widths: bottleneck widths per stage; stage outputs are 4x these.
         stem_width: stem output channels (the stem involution has ``stem_width // 2``).
         stem_type: "deep" (official: stride-2 conv and 3x3/2 max-pool, 4x downsampling) or
-            "compact" (stride-1 conv, no max-pool: for tiny images such as 28x28).
+            "compact" (stride-2 conv, no max-pool: 2x downsampling, for 28-32 px images).
         stem_kernel_size: K of the stem involution (3 in the classifier, 7 in det/seg backbones).
         mixer: "involution", or "conv" for the 3x3-convolution twin (a plain ResNet).
         kernel_size, group_channels, reduction_ratio: of the bottleneck involutions.
@@ -272,12 +272,12 @@ class RedNet(nn.Module):
         norm_layer, act_layer: normalisation and activation factories.
         zero_init_last: zero-initialise each block's last BN.
         backend: involution backend, see :func:`involution.functional.involution2d`.
-        fused: fuse each involution's span conv into the aggregation (``None``: on the
-            triton backend), see :class:`involution.Involution2d`; same state dict.
+        fused: fuse each involution's span conv into the aggregation (opt-in), see
+            :class:`involution.Involution2d`; same state dict.
 
     Shape:
         (B, in_chans, H, W) -> logits (B, num_classes); ``forward_features`` gives
-        (B, 4 * stage_widths[-1], H / 32, W / 32) with the deep stem (H / 8 compact).
+        (B, 4 * stage_widths[-1], H / 32, W / 32) with the deep stem (H / 16 compact).
     """
 
     def __init__(
@@ -299,7 +299,7 @@ class RedNet(nn.Module):
         act_layer: ActFactory = nn.ReLU,
         zero_init_last: bool = True,
         backend: str = "auto",
-        fused: bool | None = None,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         layers = tuple(layers)
@@ -331,7 +331,7 @@ class RedNet(nn.Module):
         self.stem = RedNetStem(
             in_chans,
             stem_width,
-            stride=2 if deep else 1,
+            stride=2,
             kernel_size=stem_kernel_size,
             group_channels=group_channels,
             reduction_ratio=reduction_ratio,
@@ -340,7 +340,7 @@ class RedNet(nn.Module):
             backend=backend,
             fused=fused,
         )
-        reduction = 2 if deep else 1
+        reduction = 2
         self.feature_info: list[dict[str, Any]] = [
             dict(num_chs=stem_width, reduction=reduction, module="stem")
         ]
