@@ -162,6 +162,16 @@ def test_engine_options_channels_last_bf16_clip_and_accumulation(tmp_path: Path)
     assert np.isfinite(record["val_loss"])
 
 
+def test_compiled_training_matches_eager(tmp_path: Path) -> None:
+    # train.compile=true: the whole model, involution ops included, through torch.compile.
+    assert _train(tmp_path, "eager", "train.epochs=1") == 0
+    assert _train(tmp_path, "compiled", "train.epochs=1", "train.compile=true") == 0
+    eager, compiled = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
