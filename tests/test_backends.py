@@ -233,6 +233,7 @@ def test_opcheck(backend):
     for op in (
         torch.ops.involution.involution2d_backward_input.default,
         torch.ops.involution.involution2d_backward_weight.default,
+        torch.ops.involution.involution2d_backward.default,
     ):
         torch.library.opcheck(op, (grad_output, input.detach(), weight.detach(), *args[2:]))
 

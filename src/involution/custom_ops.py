@@ -2,8 +2,9 @@
 
 The operator is a ``torch.library.custom_op`` (``torch.ops.involution.involution2d``) with a fake
 (meta) implementation and a registered autograd formula, so ``torch.compile(fullgraph=True)``
-traces through it without a graph break and ``torch.library.opcheck`` passes. The backward is two
-more custom ops, one per gradient, so only the gradients that are needed are computed.
+traces through it without a graph break and ``torch.library.opcheck`` passes. The backward is
+more custom ops: one per gradient, so only the gradients that are needed are computed, and one
+for both, which lets a backend share work between them.
 
 The ops take already-validated arguments: call :func:`involution.functional.involution2d`.
 Outputs follow the input's memory format (channels_last in, channels_last out).
@@ -117,6 +118,40 @@ def _(grad_output, input, weight, stride, padding, dilation, backend):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("involution::involution2d_backward", mutates_args=())
+def involution2d_backward_op(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Both gradients of :func:`involution2d_op`: (grad_input, grad_weight)."""
+    memory_format = memory_format_of(input)
+    if input.numel() == 0:
+        return (
+            torch.zeros_like(input, memory_format=memory_format),
+            torch.zeros_like(weight, memory_format=torch.contiguous_format),
+        )
+    impl = get_backend(backend)
+    args = (grad_output, input, weight, _pair(stride), _pair(padding), _pair(dilation))
+    if hasattr(impl, "backward"):
+        grad_input, grad_weight = impl.backward(*args)
+    else:
+        grad_input, grad_weight = impl.backward_input(*args), impl.backward_weight(*args)
+    return grad_input.contiguous(memory_format=memory_format), grad_weight.contiguous()
+
+
+@involution2d_backward_op.register_fake
+def _(grad_output, input, weight, stride, padding, dilation, backend):
+    return (
+        torch.empty_like(input, memory_format=memory_format_of(input)),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+    )
+
+
 def _setup_context(ctx, inputs, output) -> None:
     input, weight, stride, padding, dilation, backend = inputs
     ctx.save_for_backward(input, weight)
@@ -127,9 +162,11 @@ def _backward(ctx, grad_output: Tensor):
     input, weight = ctx.saved_tensors
     args = ctx.conv_args
     grad_input = grad_weight = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+        grad_input, grad_weight = involution2d_backward_op(grad_output, input, weight, *args)
+    elif ctx.needs_input_grad[0]:
         grad_input = involution2d_backward_input_op(grad_output, input, weight, *args)
-    if ctx.needs_input_grad[1]:
+    elif ctx.needs_input_grad[1]:
         grad_weight = involution2d_backward_weight_op(grad_output, input, weight, *args)
     return grad_input, grad_weight, None, None, None, None
 

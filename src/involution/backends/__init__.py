@@ -1,6 +1,7 @@
 """Backends of the involution operator, behind one front door.
 
-Every backend is a module exposing the same four functions, all taking already-validated
+Every backend is a module exposing the same four functions (and optionally a fifth), all taking
+already-validated
 arguments (see :func:`involution.functional.involution2d`):
 
 - ``unavailable_reason(device) -> str | None``: why the backend cannot run on ``device``
@@ -8,6 +9,8 @@ arguments (see :func:`involution.functional.involution2d`):
 - ``forward(input, weight, stride, padding, dilation) -> output``
 - ``backward_input(grad_output, input, weight, stride, padding, dilation) -> grad_input``
 - ``backward_weight(grad_output, input, weight, stride, padding, dilation) -> grad_weight``
+- optional ``backward(grad_output, input, weight, stride, padding, dilation) -> (grad_input,
+  grad_weight)``, for a backend that saves work by computing both in one call.
 
 Shapes: ``input`` (B, C, H, W), ``weight`` (B, G, Kh, Kw, H_out, W_out), ``output`` and
 ``grad_output`` (B, C, H_out, W_out), any strides; ``stride``, ``padding``, ``dilation`` are pairs.

@@ -55,3 +55,10 @@ def backward_weight(
 ) -> Tensor:
     """Gradient with respect to ``weight``: (B, G, Kh, Kw, H_out, W_out)."""
     return _C.backward_weight(grad_output, input, weight, stride, padding, dilation)
+
+
+def backward(
+    grad_output: Tensor, input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair
+) -> tuple[Tensor, Tensor]:
+    """Both gradients, sharing the layout conversions of ``grad_output`` and ``input``."""
+    return _C.backward(grad_output, input, weight, stride, padding, dilation)

@@ -436,6 +436,23 @@ at::Tensor backward_weight(
   return grad_w.to(weight.scalar_type());
 }
 
+// Both gradients. grad_output and the input are converted to channels_last (and the compute
+// dtype) once for the two kernels, which then find them already converted.
+std::tuple<at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, Pair stride,
+    Pair padding, Pair dilation) {
+  const at::ScalarType dtype = compute_type(input.scalar_type());
+  if (input.scalar_type() != dtype) {  // half types: each kernel converts its own operands
+    return {backward_input(grad_output, input, weight, stride, padding, dilation),
+            backward_weight(grad_output, input, weight, stride, padding, dilation)};
+  }
+  const at::Tensor grad_y = as_channels_last(grad_output, dtype);
+  // grad_input takes its layout from `input`, so it gets the original; grad_weight is contiguous.
+  return {backward_input(grad_y, input, weight, stride, padding, dilation),
+          backward_weight(grad_y, as_channels_last(input, dtype), weight, stride, padding,
+                          dilation)};
+}
+
 }  // namespace involution_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -449,6 +466,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dilation"));
   m.def("backward_weight", &involution_cpu::backward_weight,
         "Gradient with respect to the weight -> (B, G, Kh, Kw, H_out, W_out)",
+        py::arg("grad_output"), py::arg("input"), py::arg("weight"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"));
+  m.def("backward", &involution_cpu::backward, "(grad_input, grad_weight) in one call",
         py::arg("grad_output"), py::arg("input"), py::arg("weight"), py::arg("stride"),
         py::arg("padding"), py::arg("dilation"));
 }
