@@ -65,8 +65,18 @@ def test_involution_backward_ops_cost_as_much_as_the_forward() -> None:
     counts = counter.get_flop_counts()["Global"]
     forward = 2 * 4 * 6 * 6 * 9
     assert counts[torch.ops.involution.involution2d] == forward
-    assert counts[torch.ops.involution.involution2d_backward_input] == forward
-    assert counts[torch.ops.involution.involution2d_backward_weight] == forward
+    # Both gradients in one op (input and weight both require grad).
+    assert counts[torch.ops.involution.involution2d_backward] == 2 * forward
+    # One gradient: its own op.
+    for op, inputs in (
+        ("involution2d_backward_input", (x, weight.detach())),
+        ("involution2d_backward_weight", (x.detach(), weight)),
+    ):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            involution2d(*inputs, backend="reference").sum().backward()
+        counts = counter.get_flop_counts()["Global"]
+        assert counts[getattr(torch.ops.involution, op)] == forward
 
 
 def test_resnets_with_the_same_counter() -> None:

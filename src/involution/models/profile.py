@@ -4,7 +4,7 @@ Counting uses :class:`torch.utils.flop_counter.FlopCounterMode` on fake tensors
 (``FakeTensorMode``), so even RedNet-152 at 224 px is profiled in about a second without
 allocating activations. The involution custom ops get a flop formula here: every output
 element of the aggregation costs K*K multiply-adds, in the forward pass and in each of the
-two backward ops.
+two gradients (twice that for the backward op that computes both).
 
 Conventions (FlopCounterMode counts 2 FLOPs per multiply-add; we report MACs = FLOPs / 2):
 
@@ -121,6 +121,12 @@ register_flop_formula(
         torch.ops.involution.involution2d_backward_weight,
     ]
 )(_involution_backward_flop)
+
+
+@register_flop_formula(torch.ops.involution.involution2d_backward)
+def _involution_both_gradients_flop(*args: Any, out_shape: Any) -> int:
+    """grad_input and grad_weight: twice the cost of one gradient."""
+    return 2 * _involution_backward_flop(*args, out_shape=None)
 
 
 def _per_input_element(input_shape: Sequence[int], *args: Any, **kwargs: Any) -> int:
