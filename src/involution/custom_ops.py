@@ -158,16 +158,33 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.conv_args = (stride, padding, dilation, backend)
 
 
+def aggregation_gradients(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    conv_args: tuple,
+    needs_input: bool,
+    needs_weight: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(grad_input, grad_weight) of the aggregation, each ``None`` where it is not needed.
+
+    ``conv_args`` is (stride, padding, dilation, backend). Both gradients go through one op
+    call, so that a backend can share work between them.
+    """
+    if needs_input and needs_weight:
+        return involution2d_backward_op(grad_output, input, weight, *conv_args)
+    if needs_input:
+        return involution2d_backward_input_op(grad_output, input, weight, *conv_args), None
+    if needs_weight:
+        return None, involution2d_backward_weight_op(grad_output, input, weight, *conv_args)
+    return None, None
+
+
 def _backward(ctx, grad_output: Tensor):
     input, weight = ctx.saved_tensors
-    args = ctx.conv_args
-    grad_input = grad_weight = None
-    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-        grad_input, grad_weight = involution2d_backward_op(grad_output, input, weight, *args)
-    elif ctx.needs_input_grad[0]:
-        grad_input = involution2d_backward_input_op(grad_output, input, weight, *args)
-    elif ctx.needs_input_grad[1]:
-        grad_weight = involution2d_backward_weight_op(grad_output, input, weight, *args)
+    grad_input, grad_weight = aggregation_gradients(
+        grad_output, input, weight, ctx.conv_args, *ctx.needs_input_grad[:2]
+    )
     return grad_input, grad_weight, None, None, None, None
 
 

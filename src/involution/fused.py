@@ -140,15 +140,16 @@ def _backward(ctx, grad_output: Tensor):
     kernel_size, groups = ctx.kernel_args
     needs_input, needs_reduced, needs_weight, needs_bias = ctx.needs_input_grad[:4]
     kernels = generate_kernels(reduced, span_weight, span_bias, kernel_size, groups)
-    grad_input = grad_reduced = grad_span_weight = grad_span_bias = None
-    if needs_input:
-        grad_input = custom_ops.involution2d_backward_input_op(
-            grad_output, input, kernels, *ctx.conv_args
-        )
-    if needs_reduced or needs_weight or needs_bias:
-        grad_kernels = custom_ops.involution2d_backward_weight_op(
-            grad_output, input, kernels, *ctx.conv_args
-        )
+    grad_reduced = grad_span_weight = grad_span_bias = None
+    grad_input, grad_kernels = custom_ops.aggregation_gradients(
+        grad_output,
+        input,
+        kernels,
+        ctx.conv_args,
+        needs_input,
+        needs_reduced or needs_weight or needs_bias,
+    )
+    if grad_kernels is not None:
         # (B, G*Kh*Kw, P): the gradient of the span conv's output.
         grad_kernels = grad_kernels.flatten(1, 3).flatten(2)
         if needs_reduced:
