@@ -16,8 +16,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
-from involution import backends, cli, involution2d
+from involution import backends, cli, custom_ops, involution2d
 from involution.backends import cpu as cpu_backend
 from involution.bench import op as op_bench
 from involution.functional import output_size
@@ -195,6 +196,62 @@ def test_cpu_matches_reference(problem):
 @given(problem=problems(tiny=OTHER_INTERPRETED))
 def test_other_backends_match_reference(backend, problem):
     check_against_reference(backend, problem)
+
+
+#: Output widths that cover every register block of the 16-channel cpu kernels: the forward's
+#: near-equal blocks of up to 8 columns and grad_weight's blocks of 16, 8, 4, 2 and 1.
+WIDE_ROW_WIDTHS = (1, 3, 7, 8, 9, 15, 16, 17, 23, 33)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize(("stride", "dilation"), [(1, 1), (2, 1), (1, 2), (3, 2)])
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+def test_cpu_sixteen_channel_rows_match_reference(dtype, stride, dilation, layout):
+    kernel, padding = (3, 7), (1, 3 * dilation)
+    for out_w in WIDE_ROW_WIDTHS:
+        width = (out_w - 1) * stride + dilation * (kernel[1] - 1) + 1 - 2 * padding[1]
+        width = max(width, 1)
+        problem = {
+            "batch": 2,
+            "channels": 32,
+            "groups": 2,
+            "spatial": (3, width),
+            "kernel": kernel,
+            "stride": (1, stride),
+            "padding": padding,
+            "dilation": (1, dilation),
+            "dtype": dtype,
+            "layout": layout,
+        }
+        check_against_reference("cpu", problem)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_path_matches_custom_op(backend):
+    # Plain eager calls skip torch.library's dispatch (custom_ops.EagerInvolution2d); the custom
+    # op must give the same output and gradients.
+    device = DEVICE_OF[backend]
+    input = torch.randn(2, 32, 7, 9, device=device, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 2, 3, 3, 4, 5, device=device, dtype=torch.float64, requires_grad=True)
+    grad_output = torch.randn(2, 32, 4, 5, device=device, dtype=torch.float64)
+    args = ((2, 2), (1, 1), (1, 1), backend)
+    assert custom_ops.use_eager_path(input, weight)
+    results = []
+    for function in (custom_ops.EagerInvolution2d.apply, torch.ops.involution.involution2d):
+        output = function(input, weight, *args)
+        results.append((output, *torch.autograd.grad(output, (input, weight), grad_output)))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_eager_path_is_not_taken_where_ops_must_be_seen():
+    input, weight = torch.randn(1, 4, 5, 5), torch.randn(1, 2, 3, 3, 5, 5)
+    assert custom_ops.use_eager_path(input, weight)
+    with FlopCounterMode(display=False):  # a dispatch mode: counts ops by their formulas
+        assert not custom_ops.use_eager_path(input, weight)
+    assert not custom_ops.use_eager_path(input.to("meta"), weight.to("meta"))
+    assert not custom_ops.use_eager_path(torch.nn.Parameter(input), weight)
 
 
 #: (B, C, G, H, W, kernel, stride, padding, dilation) for gradcheck; None = default padding.

@@ -140,4 +140,7 @@ def involution2d(
         )
 
     concrete = resolve_backend(backend, input.device)
-    return custom_ops.involution2d_op(input, weight, stride_hw, padding_hw, dilation_hw, concrete)
+    args = (input, weight, stride_hw, padding_hw, dilation_hw, concrete)
+    if custom_ops.use_eager_path(input, weight):
+        return custom_ops.EagerInvolution2d.apply(*args)
+    return custom_ops.involution2d_op(*args)

@@ -10,11 +10,17 @@
 // - Feature maps are read channels_last (B, H, W, C): the C/G channels of one group at one
 //   pixel are contiguous, so the innermost loop runs over them with unit stride whatever the
 //   stride/dilation, and the compiler vectorises it (C/G = 16 in RedNet: one AVX-512 register).
-//   grad_weight sums over those channels; for 16 channels the sum is a tree of vector adds.
-//   The output and grad_input rows are accumulated in a small per-thread buffer and written in
-//   the input's layout (NCHW or channels_last), so they need no conversion afterwards.
-// - For each kernel column kw the range of output columns j whose input column j*s + kw*d - p lies
-//   inside the image is computed once, so the inner loops have no bounds checks.
+// - The forward copies the input once per call into a channels_last map padded with zero
+//   columns, so its hot loop has no column bounds checks (rows outside the image are skipped
+//   whole). The gradients read the valid column range of each kernel column, computed once per
+//   call: on small maps (RedNet's 7x7) per-tap bounds arithmetic costs more than the work.
+// - With 16 channels per group, the forward keeps blocks of up to 8 output pixels in registers
+//   while it runs over the K*K taps, and grad_weight reduces the 16-channel products of up to 16
+//   neighbouring pixels together (a transposing tree of shuffles and adds), so one tap's row of
+//   kernel gradients costs about one add per value instead of a log2(16)-deep horizontal sum.
+// - Both gradients run in one parallel region when both are needed.
+// - The output and grad_input rows are written in the input's layout (NCHW or channels_last), so
+//   they need no conversion afterwards.
 // - float32 and float64 are computed natively; float16 and bfloat16 are converted to float32 for
 //   the computation (fp32 accumulation) and the result is converted back.
 // - On x86-64 with GCC or Clang the hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64
@@ -41,19 +47,54 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define INVOLUTION_INLINE inline __attribute__((always_inline))
+// For lambdas in the kernels: a lambda is a function of its own, which would otherwise be
+// compiled for the baseline instruction set rather than for the clone that calls it.
+#define INVOLUTION_LAMBDA_INLINE __attribute__((always_inline))
 #else
 #define INVOLUTION_INLINE inline
+#define INVOLUTION_LAMBDA_INLINE
+#endif
+
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+// The register-blocked 16-channel kernels use GCC/Clang vector types and lane shuffles.
+#define INVOLUTION_VECTOR_KERNELS 1
+#endif
 #endif
 
 namespace involution_cpu {
 
 using Pair = std::array<int64_t, 2>;
 
+// Output columns j in [lo, hi) whose input column j * stride + offset lies in [0, width).
+struct ColumnRange {
+  int64_t lo, hi;
+};
+
+inline ColumnRange valid_columns(int64_t offset, int64_t stride, int64_t width, int64_t out_w) {
+  const int64_t lo = offset >= 0 ? 0 : std::min(out_w, (-offset + stride - 1) / stride);
+  const int64_t last = width - 1 - offset;
+  const int64_t hi = last < 0 ? 0 : std::min(out_w, last / stride + 1);
+  return {lo, std::max(lo, hi)};  // empty when no column is inside
+}
+
 // Sizes and convolution parameters shared by the three kernels.
 struct Geometry {
   int64_t batch, channels, height, width;
   int64_t groups, group_channels, kernel_h, kernel_w, out_h, out_w;
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  // Width of the zero-padded channels_last input and of the grad_input row buffers: input column
+  // iw sits at padded column iw + pad_w, and output column j reads padded columns
+  // j * stride_w + kw * dil_w, all inside [0, padded_width).
+  int64_t padded_width;
+  // The output columns split into the fewest blocks of at most 8 columns, of near-equal sizes,
+  // for the register-blocked forward: a block's pixels are independent chains of multiply-adds,
+  // and small blocks would leave the vector units waiting on latency.
+  std::vector<int64_t> blocks8;
+  // columns[kw]: the output columns whose input column for kernel column kw is inside the image.
+  // Like blocks8, computed once per call: integer divisions in the hot loops would cost more
+  // than the work of a 7-pixel row.
+  std::vector<ColumnRange> columns;
   // Layout of the forward output and of grad_input: that of the input, so that the caller does
   // not have to convert them (channels_last, or NCHW contiguous when false).
   bool channels_last_result;
@@ -62,26 +103,21 @@ struct Geometry {
   int64_t weight_row(int64_t b, int64_t g, int64_t kh, int64_t kw, int64_t i) const {
     return ((((b * groups + g) * kernel_h + kh) * kernel_w + kw) * out_h + i) * out_w;
   }
-  // Offset of x[b, g * C/G, h, 0] in a channels_last (B, H, W, C) map of width `row_width`.
+  // Distance between the weight rows of neighbouring taps (kh, kw) and (kh, kw + 1).
+  int64_t tap_stride() const { return out_h * out_w; }
+  // Offset of x[b, g * C/G, h, 0] in a channels_last (B, rows, row_width, C) map.
   int64_t pixel_row(int64_t b, int64_t g, int64_t h, int64_t rows, int64_t row_width) const {
     return ((b * rows + h) * row_width) * channels + g * group_channels;
   }
+  // Offset of the padded input's row ih of group g (its padded column 0).
+  int64_t padded_row(int64_t b, int64_t g, int64_t ih) const {
+    return pixel_row(b, g, ih, height, padded_width);
+  }
+  // The input row read by output row i through kernel row kh (outside [0, height) for padding).
+  int64_t input_row(int64_t i, int64_t kh) const { return i * stride_h - pad_h + kh * dil_h; }
   // Work (multiply-adds) of one task, used to size the parallel chunks.
   int64_t task_work() const { return kernel_h * kernel_w * out_w * group_channels; }
 };
-
-// Output columns j in [lo, hi) whose input column j * stride + offset lies in [0, width).
-struct ColumnRange {
-  int64_t lo, hi;
-};
-
-INVOLUTION_INLINE ColumnRange valid_columns(
-    int64_t offset, int64_t stride, int64_t width, int64_t out_w) {
-  const int64_t lo = offset >= 0 ? 0 : std::min(out_w, (-offset + stride - 1) / stride);
-  const int64_t last = width - 1 - offset;
-  const int64_t hi = last < 0 ? 0 : std::min(out_w, last / stride + 1);
-  return {lo, std::max(lo, hi)};  // empty when no column is inside
-}
 
 // Writes the (columns, C/G) row `row` of one group g into channels c = g*C/G + cc, row r of the
 // (B, C, rows, columns) result `out`, in the result layout.
@@ -104,8 +140,150 @@ INVOLUTION_INLINE void store_row(
   }
 }
 
+#ifdef INVOLUTION_VECTOR_KERNELS
+// 16 values of T (one group of RedNet's width), compiled to the widest registers of the target.
+template <typename T>
+struct Lanes16 {
+  typedef T type __attribute__((vector_size(16 * sizeof(T))));
+};
+template <typename T>
+using V16 = typename Lanes16<T>::type;
+
+template <typename T>
+INVOLUTION_INLINE V16<T> load16(const T* p) {
+  V16<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// One step of the transposing reduction. a and b hold segments of `SEGMENT` lanes, each the
+// partial sums of one dot product; the result holds a's then b's dot products in segments of
+// half the size: the low halves of the segments plus their high halves.
+template <int SEGMENT, typename V>
+INVOLUTION_INLINE V fold(V a, V b) {
+  if constexpr (SEGMENT == 16) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                   31);
+  } else if constexpr (SEGMENT == 8) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                   31);
+  } else if constexpr (SEGMENT == 4) {
+    return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                   31);
+  } else {
+    static_assert(SEGMENT == 2);
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
+                                   30) +
+           __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29,
+                                   31);
+  }
+}
+
+// Folds the N (<= 16) vectors in v down to one whose first N lanes are their lane sums, in order
+// (an odd vector out is folded with itself; its duplicate lands past the first N lanes).
+template <int N, int SEGMENT = 16, typename V>
+INVOLUTION_INLINE V lane_sums(V* v) {
+  if constexpr (SEGMENT == 1) {
+    return v[0];
+  } else {
+    constexpr int kHalf = (N + 1) / 2;
+    for (int k = 0; k < kHalf; ++k) {
+      v[k] = fold<SEGMENT>(v[2 * k], 2 * k + 1 < N ? v[2 * k + 1] : v[2 * k]);
+    }
+    return lane_sums<kHalf, SEGMENT / 2>(v);
+  }
+}
+
+// y[b, i, j0 .. j0+NJ, g-slice] of one output row, accumulated in registers over the taps.
+// `x` points at the padded input's (b, row 0, column 0, g-slice), `w` at weight[b, g, 0, 0, i, 0].
+template <typename T, int NJ>
+INVOLUTION_INLINE void forward_block16(
+    const Geometry& geo, const T* __restrict x, const T* __restrict w, int64_t i, int64_t j0,
+    T* __restrict row) {
+  V16<T> acc[NJ] = {};
+  const int64_t pixel = geo.channels;
+  const int64_t step = geo.stride_w * pixel;
+  for (int64_t kh = 0; kh < geo.kernel_h; ++kh) {
+    const int64_t ih = geo.input_row(i, kh);
+    if (ih < 0 || ih >= geo.height) {
+      continue;
+    }
+    const T* __restrict in_row = x + ih * geo.padded_width * pixel + j0 * step;
+    const T* __restrict w_tap = w + kh * geo.kernel_w * geo.tap_stride() + j0;
+    for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
+      const T* __restrict in = in_row + kw * geo.dil_w * pixel;
+      for (int n = 0; n < NJ; ++n) {
+        acc[n] += w_tap[n] * load16(in + n * step);
+      }
+      w_tap += geo.tap_stride();
+    }
+  }
+  std::memcpy(row + j0 * 16, acc, sizeof(acc));
+}
+
+// grad_w[b, g, kh, kw, i, j0 .. j0+NJ] for one tap: 16-channel dot products of grad_y and x.
+template <typename T, int NJ>
+INVOLUTION_INLINE void backward_weight_block16(
+    const Geometry& geo, const T* __restrict gy_row, const T* __restrict in, int64_t j0,
+    T* __restrict gw_row) {
+  const int64_t pixel = geo.channels;
+  V16<T> products[NJ];
+  for (int n = 0; n < NJ; ++n) {
+    products[n] = load16(gy_row + (j0 + n) * pixel) *
+                  load16(in + (j0 + n) * geo.stride_w * pixel);
+  }
+  const V16<T> sums = lane_sums<NJ>(products);
+  std::memcpy(gw_row + j0, &sums, NJ * sizeof(T));
+}
+
+// Calls block(nj, j0), nj a std::integral_constant <= MAX, for block sizes 1..MAX.
+template <int MAX, int NJ = MAX, typename Block>
+INVOLUTION_INLINE void call_block(int64_t size, int64_t j0, const Block& block) {
+  if constexpr (NJ > 1) {
+    if (size < NJ) {
+      call_block<MAX, NJ - 1>(size, j0, block);
+      return;
+    }
+  }
+  block(std::integral_constant<int, NJ>{}, j0);
+}
+
+// Calls block(nj, j0) over the output columns, in the blocks of `sizes` (Geometry::blocks8).
+template <int MAX, typename Block>
+INVOLUTION_INLINE void for_column_blocks(const std::vector<int64_t>& sizes, const Block& block) {
+  int64_t j0 = 0;
+  for (const int64_t size : sizes) {
+    call_block<MAX>(size, j0, block);
+    j0 += size;
+  }
+}
+
+// Calls block(nj, j0) over the columns [lo, hi) in blocks of 16, then 8, 4, 2 and 1.
+template <typename Block>
+INVOLUTION_INLINE void for_power_of_two_blocks(int64_t lo, int64_t hi, const Block& block) {
+  int64_t j0 = lo;
+  for (; j0 + 16 <= hi; j0 += 16) {
+    block(std::integral_constant<int, 16>{}, j0);
+  }
+  const int64_t rest = hi - j0;
+  const auto tail = [&](auto nj) INVOLUTION_LAMBDA_INLINE {
+    if (rest & nj) {
+      block(nj, j0);
+      j0 += nj;
+    }
+  };
+  tail(std::integral_constant<int, 8>{});
+  tail(std::integral_constant<int, 4>{});
+  tail(std::integral_constant<int, 2>{});
+  tail(std::integral_constant<int, 1>{});
+}
+#endif  // INVOLUTION_VECTOR_KERNELS
+
 // y[b, i, j, g-slice] = sum_{kh, kw} w[b, g, kh, kw, i, j] * x[b, ih, iw, g-slice]
-// for the tasks (b, g, i) in [begin, end).
+// for the tasks (b, g, i) in [begin, end). `x` is the padded input.
 template <typename T, int64_t CG>
 INVOLUTION_INLINE void forward_tasks_impl(
     const Geometry& geo, const T* __restrict x, const T* __restrict w, T* __restrict y,
@@ -117,20 +295,29 @@ INVOLUTION_INLINE void forward_tasks_impl(
     const int64_t i = task % geo.out_h;
     const int64_t g = (task / geo.out_h) % geo.groups;
     const int64_t b = task / (geo.out_h * geo.groups);
+#ifdef INVOLUTION_VECTOR_KERNELS
+    if constexpr (CG == 16) {
+      const T* x_group = x + geo.padded_row(b, g, 0);
+      const T* w_group = w + geo.weight_row(b, g, 0, 0, i);
+      for_column_blocks<8>(geo.blocks8, [&](auto nj, int64_t j0) INVOLUTION_LAMBDA_INLINE {
+        forward_block16<T, decltype(nj)::value>(geo, x_group, w_group, i, j0, acc_row.data());
+      });
+      store_row(geo, acc_row.data(), y, b, g, i, geo.out_h, geo.out_w, cg);
+      continue;
+    }
+#endif
     std::fill(acc_row.begin(), acc_row.end(), T(0));
     for (int64_t kh = 0; kh < geo.kernel_h; ++kh) {
-      const int64_t ih = i * geo.stride_h - geo.pad_h + kh * geo.dil_h;
+      const int64_t ih = geo.input_row(i, kh);
       if (ih < 0 || ih >= geo.height) {
         continue;
       }
-      const T* __restrict in_row = x + geo.pixel_row(b, g, ih, geo.height, geo.width);
+      const T* __restrict in_row = x + geo.padded_row(b, g, ih);
       for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
-        const int64_t offset = kw * geo.dil_w - geo.pad_w;
-        const ColumnRange cols = valid_columns(offset, geo.stride_w, geo.width, geo.out_w);
         const T* __restrict w_row = w + geo.weight_row(b, g, kh, kw, i);
-        for (int64_t j = cols.lo; j < cols.hi; ++j) {
+        for (int64_t j = 0; j < geo.out_w; ++j) {
           const T weight = w_row[j];
-          const T* __restrict in = in_row + (j * geo.stride_w + offset) * pixel;
+          const T* __restrict in = in_row + (j * geo.stride_w + kw * geo.dil_w) * pixel;
           T* __restrict acc = acc_row.data() + j * cg;
 #pragma omp simd  // acc and in never overlap
           for (int64_t c = 0; c < cg; ++c) {
@@ -167,7 +354,7 @@ INVOLUTION_INLINE void backward_input_tasks_impl(
       const T* __restrict gy_row = grad_y + geo.pixel_row(b, g, i, geo.out_h, geo.out_w);
       for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
         const int64_t offset = kw * geo.dil_w - geo.pad_w;
-        const ColumnRange cols = valid_columns(offset, geo.stride_w, geo.width, geo.out_w);
+        const ColumnRange cols = geo.columns[kw];
         const T* __restrict w_row = w + geo.weight_row(b, g, kh, kw, i);
         for (int64_t j = cols.lo; j < cols.hi; ++j) {
           const T weight = w_row[j];
@@ -184,42 +371,9 @@ INVOLUTION_INLINE void backward_input_tasks_impl(
   }
 }
 
-#if defined(__GNUC__) || defined(__clang__)
-// A GCC/Clang vector of N values of T, compiled to the widest registers of the target.
-template <typename T, int64_t N>
-struct Vector {
-  typedef T type __attribute__((vector_size(N * sizeof(T))));
-};
-
-// The sum of the N lanes of v, added as a balanced tree of vector adds (halving the width each
-// step): log2(N) dependent adds instead of the chain of N scalar adds that the compiler emits for
-// a plain loop without -ffast-math.
-template <typename T, int64_t N>
-INVOLUTION_INLINE T sum_lanes(typename Vector<T, N>::type v) {
-  if constexpr (N == 2) {
-    return v[0] + v[1];
-  } else {
-    using Half = typename Vector<T, N / 2>::type;
-    Half low, high;
-    std::memcpy(&low, &v, sizeof(Half));
-    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
-    return sum_lanes<T, N / 2>(low + high);
-  }
-}
-#define INVOLUTION_VECTOR_DOT 1
-#endif
-
-// sum_{c < n} a[c] * b[c] (n == CG when CG > 0).
-template <typename T, int64_t CG>
+// sum_{c < n} a[c] * b[c].
+template <typename T>
 INVOLUTION_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-#ifdef INVOLUTION_VECTOR_DOT
-  if constexpr (CG >= 2 && (CG & (CG - 1)) == 0) {
-    typename Vector<T, CG>::type va, vb;
-    std::memcpy(&va, a, sizeof(va));
-    std::memcpy(&vb, b, sizeof(vb));
-    return sum_lanes<T, CG>(va * vb);
-  }
-#endif
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t c = 0; c < n; ++c) {
@@ -229,7 +383,7 @@ INVOLUTION_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n)
 }
 
 // grad_w[b, g, kh, kw, i, j] = sum_{c in g} grad_y[b, i, j, c] * x[b, ih, iw, c] (zero where
-// (ih, iw) is padding), for the tasks (b, g, i) in [begin, end).
+// (ih, iw) is padding), for the tasks (b, g, i) in [begin, end). `x` is channels_last.
 template <typename T, int64_t CG>
 INVOLUTION_INLINE void backward_weight_tasks_impl(
     const Geometry& geo, const T* __restrict grad_y, const T* __restrict x,
@@ -242,24 +396,31 @@ INVOLUTION_INLINE void backward_weight_tasks_impl(
     const int64_t b = task / (geo.out_h * geo.groups);
     const T* __restrict gy_row = grad_y + geo.pixel_row(b, g, i, geo.out_h, geo.out_w);
     for (int64_t kh = 0; kh < geo.kernel_h; ++kh) {
-      const int64_t ih = i * geo.stride_h - geo.pad_h + kh * geo.dil_h;
+      const int64_t ih = geo.input_row(i, kh);
       const bool row_inside = ih >= 0 && ih < geo.height;
-      const T* __restrict in_row =
-          row_inside ? x + geo.pixel_row(b, g, ih, geo.height, geo.width) : nullptr;
       for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
         T* __restrict gw_row = grad_w + geo.weight_row(b, g, kh, kw, i);
         if (!row_inside) {
           std::fill_n(gw_row, geo.out_w, T(0));
           continue;
         }
-        const int64_t offset = kw * geo.dil_w - geo.pad_w;
-        const ColumnRange cols = valid_columns(offset, geo.stride_w, geo.width, geo.out_w);
+        const ColumnRange cols = geo.columns[kw];
         std::fill_n(gw_row, cols.lo, T(0));
         std::fill(gw_row + cols.hi, gw_row + geo.out_w, T(0));
+        // Input pixel of output column j: in_tap + j * stride_w * pixel.
+        const T* __restrict in_tap = x + geo.pixel_row(b, g, ih, geo.height, geo.width) +
+                                     (kw * geo.dil_w - geo.pad_w) * pixel;
+#ifdef INVOLUTION_VECTOR_KERNELS
+        if constexpr (CG == 16) {
+          for_power_of_two_blocks(cols.lo, cols.hi, [&](auto nj, int64_t j0)
+                                                        INVOLUTION_LAMBDA_INLINE {
+            backward_weight_block16<T, decltype(nj)::value>(geo, gy_row, in_tap, j0, gw_row);
+          });
+          continue;
+        }
+#endif
         for (int64_t j = cols.lo; j < cols.hi; ++j) {
-          const T* __restrict gy = gy_row + j * pixel;
-          const T* __restrict in = in_row + (j * geo.stride_w + offset) * pixel;
-          gw_row[j] = dot<T, CG>(gy, in, cg);
+          gw_row[j] = dot(gy_row + j * pixel, in_tap + j * geo.stride_w * pixel, cg);
         }
       }
     }
@@ -286,6 +447,16 @@ INVOLUTION_DEFINE_KERNELS(float)
 INVOLUTION_DEFINE_KERNELS(double)
 #undef INVOLUTION_DEFINE_KERNELS
 #undef INVOLUTION_DEFINE_KERNEL
+
+// `columns` split into the fewest blocks of at most `max_size`, of near-equal sizes.
+std::vector<int64_t> column_blocks(int64_t columns, int64_t max_size) {
+  const int64_t count = (columns + max_size - 1) / max_size;
+  std::vector<int64_t> sizes;
+  for (int64_t k = 0; k < count; ++k) {
+    sizes.push_back(columns / count + (k < columns % count ? 1 : 0));
+  }
+  return sizes;
+}
 
 // Checks the arguments (the Python front door already validated them; these checks keep direct
 // callers from reading out of bounds) and collects the sizes.
@@ -332,6 +503,14 @@ Geometry make_geometry(
       geo.out_h == out_size(geo.height, geo.kernel_h, geo.stride_h, geo.pad_h, geo.dil_h) &&
           geo.out_w == out_size(geo.width, geo.kernel_w, geo.stride_w, geo.pad_w, geo.dil_w),
       "involution: weight ", weight.sizes(), " does not match input ", input.sizes());
+  geo.padded_width =
+      std::max(geo.pad_w + geo.width, (geo.out_w - 1) * geo.stride_w +
+                                          (geo.kernel_w - 1) * geo.dil_w + 1);
+  geo.blocks8 = column_blocks(geo.out_w, 8);
+  for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
+    geo.columns.push_back(
+        valid_columns(kw * geo.dil_w - geo.pad_w, geo.stride_w, geo.width, geo.out_w));
+  }
   return geo;
 }
 
@@ -347,6 +526,18 @@ at::MemoryFormat result_format(const Geometry& geo) {
 // `t` as a channels_last tensor of the compute dtype (a no-op when it already is one).
 at::Tensor as_channels_last(const at::Tensor& t, at::ScalarType dtype) {
   return t.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::ChannelsLast);
+}
+
+// The input as a channels_last (B, H, padded_width, C) map of the compute dtype, zero outside
+// the columns [pad_w, pad_w + W) (see Geometry::padded_width).
+at::Tensor padded_input(const at::Tensor& input, const Geometry& geo, at::ScalarType dtype) {
+  at::Tensor padded = at::empty({geo.batch, geo.height, geo.padded_width, geo.channels},
+                                input.options().dtype(dtype));
+  const int64_t right = geo.pad_w + geo.width;
+  padded.narrow(2, 0, geo.pad_w).zero_();
+  padded.narrow(2, right, geo.padded_width - right).zero_();
+  padded.narrow(2, geo.pad_w, geo.width).copy_(input.permute({0, 2, 3, 1}));
+  return padded;
 }
 
 // Runs body(begin, end) over the tasks [0, total) on the intra-op threads. Chunks of at least
@@ -375,7 +566,7 @@ at::Tensor forward(
     const at::Tensor& input, const at::Tensor& weight, Pair stride, Pair padding, Pair dilation) {
   const Geometry geo = make_geometry(input, weight, stride, padding, dilation);
   const at::ScalarType dtype = compute_type(input.scalar_type());
-  const at::Tensor x = as_channels_last(input, dtype);
+  const at::Tensor x = padded_input(input, geo, dtype);
   const at::Tensor w = weight.to(dtype).contiguous();
   at::Tensor y = at::empty({geo.batch, geo.channels, geo.out_h, geo.out_w},
                            x.options().memory_format(result_format(geo)));
@@ -390,67 +581,67 @@ at::Tensor forward(
   return y.to(input.scalar_type());
 }
 
-at::Tensor backward_input(
+// The gradients that are asked for (undefined tensors for the others). When both are, their
+// tasks share one parallel region: on small maps starting the threads costs as much as a kernel.
+std::tuple<at::Tensor, at::Tensor> gradients(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, Pair stride,
-    Pair padding, Pair dilation) {
+    Pair padding, Pair dilation, bool needs_input, bool needs_weight) {
   const Geometry geo = make_geometry(input, weight, stride, padding, dilation);
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({geo.batch, geo.channels, geo.out_h,
                                                        geo.out_w}),
               "involution: grad_output ", grad_output.sizes(), " does not match the output");
   const at::ScalarType dtype = compute_type(input.scalar_type());
   const at::Tensor grad_y = as_channels_last(grad_output, dtype);
-  const at::Tensor w = weight.to(dtype).contiguous();
-  at::Tensor grad_x =
-      at::empty(input.sizes(), grad_y.options().memory_format(result_format(geo)));
-  AT_DISPATCH_FLOATING_TYPES(dtype, "involution_cpu_backward_input", [&] {
+  at::Tensor w, x, grad_x, grad_w;
+  if (needs_input) {
+    w = weight.to(dtype).contiguous();
+    grad_x = at::empty(input.sizes(), grad_y.options().memory_format(result_format(geo)));
+  }
+  if (needs_weight) {
+    x = as_channels_last(input, dtype);
+    grad_w = at::empty(weight.sizes(), grad_y.options().memory_format(at::MemoryFormat::Contiguous));
+  }
+  const int64_t input_tasks = needs_input ? geo.batch * geo.groups * geo.height : 0;
+  const int64_t weight_tasks = needs_weight ? geo.batch * geo.groups * geo.out_h : 0;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "involution_cpu_backward", [&] {
     const scalar_t* gy_ptr = grad_y.const_data_ptr<scalar_t>();
-    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
-    scalar_t* gx_ptr = grad_x.mutable_data_ptr<scalar_t>();
-    parallel_tasks(geo, geo.batch * geo.groups * geo.height, [&](int64_t begin, int64_t end) {
-      backward_input_tasks(geo, gy_ptr, w_ptr, gx_ptr, begin, end);
+    const scalar_t* w_ptr = needs_input ? w.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* x_ptr = needs_weight ? x.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gx_ptr = needs_input ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gw_ptr = needs_weight ? grad_w.mutable_data_ptr<scalar_t>() : nullptr;
+    // Tasks [0, input_tasks) are grad_input rows, the rest grad_weight rows.
+    parallel_tasks(geo, input_tasks + weight_tasks, [&](int64_t begin, int64_t end) {
+      if (begin < input_tasks) {
+        backward_input_tasks(geo, gy_ptr, w_ptr, gx_ptr, begin, std::min(end, input_tasks));
+      }
+      if (end > input_tasks) {
+        backward_weight_tasks(geo, gy_ptr, x_ptr, gw_ptr, std::max(begin, input_tasks) - input_tasks,
+                              end - input_tasks);
+      }
     });
   });
-  return grad_x.to(input.scalar_type());
+  return {needs_input ? grad_x.to(input.scalar_type()) : grad_x,
+          needs_weight ? grad_w.to(weight.scalar_type()) : grad_w};
+}
+
+at::Tensor backward_input(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, Pair stride,
+    Pair padding, Pair dilation) {
+  return std::get<0>(
+      gradients(grad_output, input, weight, stride, padding, dilation, true, false));
 }
 
 at::Tensor backward_weight(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, Pair stride,
     Pair padding, Pair dilation) {
-  const Geometry geo = make_geometry(input, weight, stride, padding, dilation);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({geo.batch, geo.channels, geo.out_h,
-                                                       geo.out_w}),
-              "involution: grad_output ", grad_output.sizes(), " does not match the output");
-  const at::ScalarType dtype = compute_type(input.scalar_type());
-  const at::Tensor grad_y = as_channels_last(grad_output, dtype);
-  const at::Tensor x = as_channels_last(input, dtype);
-  at::Tensor grad_w = at::empty(weight.sizes(), x.options().memory_format(
-                                                    at::MemoryFormat::Contiguous));
-  AT_DISPATCH_FLOATING_TYPES(dtype, "involution_cpu_backward_weight", [&] {
-    const scalar_t* gy_ptr = grad_y.const_data_ptr<scalar_t>();
-    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-    scalar_t* gw_ptr = grad_w.mutable_data_ptr<scalar_t>();
-    parallel_tasks(geo, geo.batch * geo.groups * geo.out_h, [&](int64_t begin, int64_t end) {
-      backward_weight_tasks(geo, gy_ptr, x_ptr, gw_ptr, begin, end);
-    });
-  });
-  return grad_w.to(weight.scalar_type());
+  return std::get<1>(
+      gradients(grad_output, input, weight, stride, padding, dilation, false, true));
 }
 
-// Both gradients. grad_output and the input are converted to channels_last (and the compute
-// dtype) once for the two kernels, which then find them already converted.
 std::tuple<at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, Pair stride,
     Pair padding, Pair dilation) {
-  const at::ScalarType dtype = compute_type(input.scalar_type());
-  if (input.scalar_type() != dtype) {  // half types: each kernel converts its own operands
-    return {backward_input(grad_output, input, weight, stride, padding, dilation),
-            backward_weight(grad_output, input, weight, stride, padding, dilation)};
-  }
-  const at::Tensor grad_y = as_channels_last(grad_output, dtype);
-  // grad_input takes its layout from `input`, so it gets the original; grad_weight is contiguous.
-  return {backward_input(grad_y, input, weight, stride, padding, dilation),
-          backward_weight(grad_y, as_channels_last(input, dtype), weight, stride, padding,
-                          dilation)};
+  return gradients(grad_output, input, weight, stride, padding, dilation, true, true);
 }
 
 }  // namespace involution_cpu
