@@ -83,7 +83,7 @@ struct Geometry {
   int64_t batch, channels, height, width;
   int64_t groups, group_channels, kernel_h, kernel_w, out_h, out_w;
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  // Width of the zero-padded channels_last input and of the grad_input row buffers: input column
+  // Width of the forward's zero-padded channels_last input: input column
   // iw sits at padded column iw + pad_w, and output column j reads padded columns
   // j * stride_w + kw * dil_w, all inside [0, padded_width).
   int64_t padded_width;
