@@ -390,22 +390,19 @@ def test_front_door_wrong_rank():
         involution2d(input, weight.flatten(1, 3))
 
 
-def test_front_door_groups_must_divide_channels():
+@pytest.mark.parametrize(
+    ("weight_shape", "message"),
+    [
+        ((2, 3, 3, 3, 6, 6), "G=3 must divide input channels C=4"),
+        ((2, 2, 3, 3, 5, 6), r"weight spatial size \(5, 6\) does not match .*\(6, 6\)"),
+        ((3, 2, 3, 3, 6, 6), "weight batch 3 does not match input batch 2"),
+    ],
+    ids=["groups_must_divide_channels", "weight_spatial_mismatch", "batch_mismatch"],
+)
+def test_front_door_weight_shape_mismatch(weight_shape, message):
     input, _ = _valid_args()
-    with pytest.raises(ValueError, match="G=3 must divide input channels C=4"):
-        involution2d(input, torch.randn(2, 3, 3, 3, 6, 6))
-
-
-def test_front_door_weight_spatial_mismatch():
-    input, _ = _valid_args()
-    with pytest.raises(ValueError, match=r"weight spatial size \(5, 6\) does not match .*\(6, 6\)"):
-        involution2d(input, torch.randn(2, 2, 3, 3, 5, 6))
-
-
-def test_front_door_batch_mismatch():
-    input, _ = _valid_args()
-    with pytest.raises(ValueError, match="weight batch 3 does not match input batch 2"):
-        involution2d(input, torch.randn(3, 2, 3, 3, 6, 6))
+    with pytest.raises(ValueError, match=message):
+        involution2d(input, torch.randn(*weight_shape))
 
 
 def test_front_door_dtype_mismatch():

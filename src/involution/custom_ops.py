@@ -253,9 +253,9 @@ class EagerInvolution2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, stride, padding, dilation, backend):
-        ctx.save_for_backward(input, weight)
-        ctx.conv_args = (stride, padding, dilation, backend)
-        return aggregate(input, weight, stride, padding, dilation, backend)
+        inputs = (input, weight, stride, padding, dilation, backend)
+        _setup_context(ctx, inputs, None)
+        return aggregate(*inputs)
 
     @staticmethod
     @once_differentiable
