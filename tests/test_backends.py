@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,10 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from involution import backends, cli, custom_ops, involution2d
-from involution.backends import cpu as cpu_backend
+from involution import cli, involution2d
 from involution.bench import op as op_bench
-from involution.functional import output_size
+from involution.ops import backends, registration
+from involution.ops.backends import cpu as cpu_backend
+from involution.ops.checks import output_size
 
 CPU = torch.device("cpu")
 GPU = torch.device("cuda") if torch.cuda.is_available() else None
@@ -229,16 +232,16 @@ def test_cpu_sixteen_channel_rows_match_reference(dtype, stride, dilation, layou
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eager_path_matches_custom_op(backend):
-    # Plain eager calls skip torch.library's dispatch (custom_ops.EagerInvolution2d); the custom
+    # Plain eager calls skip torch.library's dispatch (registration.EagerInvolution2d); the custom
     # op must give the same output and gradients.
     device = DEVICE_OF[backend]
     input = torch.randn(2, 32, 7, 9, device=device, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(2, 2, 3, 3, 4, 5, device=device, dtype=torch.float64, requires_grad=True)
     grad_output = torch.randn(2, 32, 4, 5, device=device, dtype=torch.float64)
     args = ((2, 2), (1, 1), (1, 1), backend)
-    assert custom_ops.use_eager_path(input, weight)
+    assert registration.use_eager_path(input, weight)
     results = []
-    for function in (custom_ops.EagerInvolution2d.apply, torch.ops.involution.involution2d):
+    for function in (registration.EagerInvolution2d.apply, torch.ops.involution.involution2d):
         output = function(input, weight, *args)
         results.append((output, *torch.autograd.grad(output, (input, weight), grad_output)))
     for got, want in zip(*results, strict=True):
@@ -247,11 +250,11 @@ def test_eager_path_matches_custom_op(backend):
 
 def test_eager_path_is_not_taken_where_ops_must_be_seen():
     input, weight = torch.randn(1, 4, 5, 5), torch.randn(1, 2, 3, 3, 5, 5)
-    assert custom_ops.use_eager_path(input, weight)
+    assert registration.use_eager_path(input, weight)
     with FlopCounterMode(display=False):  # a dispatch mode: counts ops by their formulas
-        assert not custom_ops.use_eager_path(input, weight)
-    assert not custom_ops.use_eager_path(input.to("meta"), weight.to("meta"))
-    assert not custom_ops.use_eager_path(torch.nn.Parameter(input), weight)
+        assert not registration.use_eager_path(input, weight)
+    assert not registration.use_eager_path(input.to("meta"), weight.to("meta"))
+    assert not registration.use_eager_path(torch.nn.Parameter(input), weight)
 
 
 #: (B, C, G, H, W, kernel, stride, padding, dilation) for gradcheck; None = default padding.
@@ -446,6 +449,26 @@ def test_front_door_cpu_backend_on_meta_tensor():
     input, weight = (t.to("meta") for t in _valid_args())
     with pytest.raises(RuntimeError, match="backend 'cpu' is unavailable on meta"):
         involution2d(input, weight, backend="cpu")
+
+
+def test_ops_import_without_timm():
+    """The op needs only PyTorch: with timm blocked, ``involution.ops`` imports and runs."""
+    code = (
+        "import sys\n"
+        "sys.modules['timm'] = None\n"
+        "import torch\n"
+        "from involution.ops import Involution2d, involution2d, involution2d_fused\n"
+        "from involution import functional\n"
+        "assert functional.involution2d is involution2d\n"
+        "assert 'involution.models' not in sys.modules\n"
+        "x = torch.randn(1, 8, 5, 5, requires_grad=True)\n"
+        "Involution2d(8, 3, group_channels=4)(x).sum().backward()\n"
+        "assert x.grad.shape == (1, 8, 5, 5)\n"
+        "y = involution2d(x, torch.randn(1, 2, 3, 3, 5, 5))\n"
+        "z = involution2d_fused(x, torch.randn(1, 2, 5, 5), torch.randn(18, 2), None, 3, 2)\n"
+        "assert y.shape == z.shape == (1, 8, 5, 5)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_front_door_cpu_backend_not_built(monkeypatch):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from involution import Involution2d, involution2d
-from involution.modules import convert_official_involution_state_dict
+from involution.ops.modules import convert_official_involution_state_dict
 
 CONFORMANCE = Path(__file__).resolve().parents[1].parent / "shared" / "conformance"
 OP_CASES = CONFORMANCE / "involution_op_cases.pt"

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from involution import Involution2d, cli, involution2d
-from involution.backends import triton as triton_backend
 from involution.bench import bandwidth
 from involution.bench.model import variants
 from involution.bench.op import Measurement
 from involution.bench.op import format_table as format_op_table
-from involution.functional import output_size
-from involution.fused import involution2d_fused
+from involution.ops import involution2d_fused
+from involution.ops.backends import triton as triton_backend
+from involution.ops.checks import output_size
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -345,7 +345,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from involution.backends.triton import fused, kernels
+from involution.ops.backends.triton import fused, kernels
 
 FUSED = {"KK_PAD": 64, "HAS_BIAS": True, "IEEE_DOT": False, "DOT_IN_FP32": False}
 for kernel, extra in (

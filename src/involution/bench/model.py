@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import involution.models  # noqa: F401  (registers the RedNets with timm)
-from involution.backends import BACKENDS
-from involution.modules import Involution2d
+from involution.ops import BACKENDS, Involution2d
 
 REDNETS = ("rednet26", "rednet50", "rednet101")
 RESNETS = ("resnet26", "resnet50", "resnet101")

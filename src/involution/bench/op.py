@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from involution.backends import BACKENDS, get_backend
 from involution.bench.bandwidth import peak_memory_bandwidth
-from involution.functional import involution2d
+from involution.ops import BACKENDS, involution2d
+from involution.ops.backends import get_backend
 
 #: (channels, spatial size) of the involution layers of RedNet-50, one per stage; G = C/16,
 #: kernel 7, stride 1.

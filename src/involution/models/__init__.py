@@ -1,13 +1,10 @@
 """RedNet models (registered with timm on import) and the official-checkpoint converter.
 
-Importing this package also registers the involution ops' flop formulas with
-``torch.utils.flop_counter`` (see :mod:`involution.models.profile`).
+The per-stage profiler (:mod:`involution.models.profile`) counts the involution ops with the
+flop formulas of :mod:`involution.ops.flops`.
 """
 
-from involution.models import (
-    compact,  # noqa: F401  (registers the compact variants)
-    profile,  # noqa: F401  (registers the involution flop formulas)
-)
+from involution.models import compact  # noqa: F401  (registers the compact variants)
 from involution.models.convert import load_checkpoint, rednet_from_checkpoint
 from involution.models.rednet import MODEL_DEPTHS, Bottleneck, RedNet, RedNetStem
 

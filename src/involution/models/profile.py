@@ -2,9 +2,10 @@
 
 Counting uses :class:`torch.utils.flop_counter.FlopCounterMode` on fake tensors
 (``FakeTensorMode``), so even RedNet-152 at 224 px is profiled in about a second without
-allocating activations. The involution custom ops get a flop formula here: every output
-element of the aggregation costs K*K multiply-adds, in the forward pass and in each of the
-two gradients (twice that for the backward op that computes both).
+allocating activations. The involution custom ops count with the formulas of
+:mod:`involution.ops.flops`: every output element of the aggregation costs K*K multiply-adds,
+in the forward pass and in each of the two gradients (twice that for the backward op that
+computes both).
 
 Conventions (FlopCounterMode counts 2 FLOPs per multiply-add; we report MACs = FLOPs / 2):
 
@@ -32,18 +33,15 @@ from typing import Any
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
-# Importing these modules registers the custom ops the formulas below attach to.
-import involution.custom_ops
-import involution.fused  # noqa: F401
+from involution.ops.flops import fused_flop
 
 __all__ = [
     "PAPER_GMACS",
     "ModelProfile",
     "StageProfile",
     "format_profile",
-    "involution_flop",
     "profile_model",
 ]
 
@@ -60,42 +58,6 @@ PAPER_GMACS: dict[str, float] = {
 _HEAD_CHILDREN = frozenset({"global_pool", "avgpool", "fc", "head", "head_drop", "classifier"})
 
 
-def involution_flop(
-    input_shape: Sequence[int], weight_shape: Sequence[int], *args: Any, out_shape: Sequence[int]
-) -> int:
-    """FLOPs (2 per multiply-add) of an involution: K*K multiply-adds per output element.
-
-    ``weight_shape`` is (B, G, Kh, Kw, H_out, W_out) and ``out_shape`` (B, C, H_out, W_out).
-    """
-    return 2 * math.prod(out_shape) * weight_shape[2] * weight_shape[3]
-
-
-def _involution_backward_flop(
-    grad_output_shape: Sequence[int],
-    input_shape: Sequence[int],
-    weight_shape: Sequence[int],
-    *args: Any,
-    out_shape: Sequence[int],
-) -> int:
-    """Each backward op is one more K*K multiply-adds per element of ``grad_output``."""
-    return 2 * math.prod(grad_output_shape) * weight_shape[2] * weight_shape[3]
-
-
-def _fused_flop(
-    input_shape: Sequence[int],
-    reduced_shape: Sequence[int],
-    span_weight_shape: Sequence[int],
-    span_bias_shape: Sequence[int] | None,
-    kernel_size: Sequence[int],
-    *args: Any,
-    out_shape: Sequence[int],
-) -> int:
-    """The fused op = the span 1x1 conv (R -> G*K*K per output pixel) + the aggregation."""
-    batch, _, out_h, out_w = out_shape
-    span_macs = batch * out_h * out_w * math.prod(span_weight_shape)
-    return 2 * (span_macs + math.prod(out_shape) * kernel_size[0] * kernel_size[1])
-
-
 def _fused_flop_with_bias(
     input_shape: Sequence[int],
     reduced_shape: Sequence[int],
@@ -104,29 +66,13 @@ def _fused_flop_with_bias(
     *args: Any,
     out_shape: Sequence[int],
 ) -> int:
-    flops = _fused_flop(
+    flops = fused_flop(
         input_shape, reduced_shape, span_weight_shape, span_bias_shape, *args, out_shape=out_shape
     )
     if span_bias_shape is None:
         return flops
     batch, _, out_h, out_w = out_shape
     return flops + 2 * batch * out_h * out_w * span_bias_shape[0]
-
-
-register_flop_formula(torch.ops.involution.involution2d)(involution_flop)
-register_flop_formula(torch.ops.involution.involution2d_fused)(_fused_flop)
-register_flop_formula(
-    [
-        torch.ops.involution.involution2d_backward_input,
-        torch.ops.involution.involution2d_backward_weight,
-    ]
-)(_involution_backward_flop)
-
-
-@register_flop_formula(torch.ops.involution.involution2d_backward)
-def _involution_both_gradients_flop(*args: Any, out_shape: Any) -> int:
-    """grad_input and grad_weight: twice the cost of one gradient."""
-    return 2 * _involution_backward_flop(*args, out_shape=None)
 
 
 def _per_input_element(input_shape: Sequence[int], *args: Any, **kwargs: Any) -> int:

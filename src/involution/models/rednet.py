@@ -24,8 +24,8 @@ from timm.models import (
 from timm.models._features import feature_take_indices  # not re-exported by timm.models
 from torch import Tensor, nn
 
-from involution.modules import OFFICIAL_KEY_PREFIXES as OFFICIAL_INVOLUTION_PREFIXES
-from involution.modules import Involution2d
+from involution.ops.modules import OFFICIAL_KEY_PREFIXES as OFFICIAL_INVOLUTION_PREFIXES
+from involution.ops.modules import Involution2d
 
 __all__ = ["MODEL_DEPTHS", "Bottleneck", "RedNet", "RedNetStem"]
 
@@ -271,7 +271,7 @@ class RedNet(nn.Module):
         global_pool: timm pooling type ("avg", "max", "avgmax", "" for none, ...).
         norm_layer, act_layer: normalisation and activation factories.
         zero_init_last: zero-initialise each block's last BN.
-        backend: involution backend, see :func:`involution.functional.involution2d`.
+        backend: involution backend, see :func:`involution.ops.involution2d`.
         fused: fuse each involution's span conv into the aggregation (opt-in), see
             :class:`involution.Involution2d`; same state dict.
 

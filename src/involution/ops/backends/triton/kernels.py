@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from involution.backends.triton import autotune_enabled
+from involution.ops.backends.triton import autotune_enabled
 
 #: Autotune search space on a GPU (block of pixels, block of channels, warps). The interpreter
 #: cannot benchmark, so it gets one small config that still exercises the masking of partial

@@ -11,8 +11,15 @@ same backend calls (:func:`aggregate`, :func:`gradients`). ``torch.library``'s P
 costs about 120 µs per forward+backward on CPU, which is a quarter of the whole operator on
 RedNet's 7x7 maps at batch 1. See :func:`use_eager_path` for when the ops are used instead.
 
-The ops take already-validated arguments: call :func:`involution.functional.involution2d`.
-Outputs follow the input's memory format (channels_last in, channels_last out).
+``involution::involution2d_fused`` takes the kernel branch's reduced features and the span
+conv's parameters instead of the kernels: a backend with a ``fused_forward`` generates the
+kernels on the fly (Triton: in registers, never written to memory); every other backend runs the
+span conv, then its aggregation. Either way autograd saves only the op's inputs and the backward
+recomputes the kernels, materialising them (and their gradient) only while it runs.
+
+The ops take already-validated arguments: call the front doors in
+:mod:`involution.ops.functional`. Outputs follow the input's memory format (channels_last in,
+channels_last out).
 """
 
 from __future__ import annotations
@@ -24,33 +31,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from involution.backends import get_backend
-
-
-def _pair(values: Sequence[int]) -> tuple[int, int]:
-    return int(values[0]), int(values[1])
-
-
-def memory_format_of(tensor: Tensor) -> torch.memory_format:
-    """channels_last for tensors laid out that way (and not also plain contiguous), else NCHW."""
-    if (
-        tensor.dim() == 4
-        and not tensor.is_contiguous()
-        and tensor.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _output_like(input: Tensor, weight: Tensor) -> Tensor:
-    batch, channels = input.shape[:2]
-    out_h, out_w = weight.shape[-2:]
-    return torch.empty(
-        (batch, channels, out_h, out_w),
-        dtype=input.dtype,
-        device=input.device,
-        memory_format=memory_format_of(input),
-    )
+from involution.ops.backends import get_backend
+from involution.ops.layout import empty_output, generate_kernels, memory_format_of, pair
 
 
 def aggregate(
@@ -63,9 +45,9 @@ def aggregate(
 ) -> Tensor:
     """Involution forward: y[b, c, i, j] = sum_uv weight[b, g(c), u, v, i, j] * x_pad[...]."""
     if input.numel() == 0:
-        return _output_like(input, weight).zero_()
+        return empty_output(input, weight.shape[-2:]).zero_()
     output = get_backend(backend).forward(
-        input, weight, _pair(stride), _pair(padding), _pair(dilation)
+        input, weight, pair(stride), pair(padding), pair(dilation)
     )
     return output.contiguous(memory_format=memory_format_of(input))
 
@@ -95,7 +77,7 @@ def gradients(
             else None,
         )
     impl = get_backend(backend)
-    args = (grad_output, input, weight, _pair(stride), _pair(padding), _pair(dilation))
+    args = (grad_output, input, weight, pair(stride), pair(padding), pair(dilation))
     if needs_input and needs_weight and hasattr(impl, "backward"):
         grad_input, grad_weight = impl.backward(*args)
     else:
@@ -122,7 +104,7 @@ def involution2d_op(
 
 @involution2d_op.register_fake
 def _(input, weight, stride, padding, dilation, backend):
-    return _output_like(input, weight)
+    return empty_output(input, weight.shape[-2:])
 
 
 @torch.library.custom_op("involution::involution2d_backward_input", mutates_args=())
@@ -265,3 +247,83 @@ class EagerInvolution2d(torch.autograd.Function):
             grad_output, input, weight, *ctx.conv_args, *ctx.needs_input_grad[:2]
         )
         return grad_input, grad_weight, None, None, None, None
+
+
+@torch.library.custom_op("involution::involution2d_fused", mutates_args=())
+def involution2d_fused_op(
+    input: Tensor,
+    reduced: Tensor,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    backend: str,
+) -> Tensor:
+    """Involution of ``input`` with the kernels ``generate_kernels(reduced, span_weight, ...)``.
+
+    Backends without a ``fused_forward`` (and empty inputs) get the kernels materialised by the
+    span conv and aggregated by :func:`aggregate`.
+    """
+    impl = get_backend(backend)
+    if input.numel() == 0 or not hasattr(impl, "fused_forward"):
+        kernels = generate_kernels(reduced, span_weight, span_bias, kernel_size, groups)
+        return aggregate(input, kernels, stride, padding, dilation, backend)
+    output = impl.fused_forward(
+        input,
+        reduced,
+        span_weight,
+        span_bias,
+        pair(kernel_size),
+        pair(stride),
+        pair(padding),
+        pair(dilation),
+    )
+    return output.contiguous(memory_format=memory_format_of(input))
+
+
+@involution2d_fused_op.register_fake
+def _(input, reduced, span_weight, span_bias, *args):
+    return empty_output(input, reduced.shape[-2:])
+
+
+def _fused_setup_context(ctx, inputs, output) -> None:
+    input, reduced, span_weight, span_bias = inputs[:4]
+    kernel_size, stride, padding, dilation, groups, backend = inputs[4:]
+    # Only the op's inputs are saved: the kernels are recomputed in the backward.
+    ctx.save_for_backward(input, reduced, span_weight, span_bias)
+    ctx.kernel_args = (kernel_size, groups)
+    ctx.conv_args = (stride, padding, dilation, backend)
+
+
+def _fused_backward(ctx, grad_output: Tensor):
+    input, reduced, span_weight, span_bias = ctx.saved_tensors
+    kernel_size, groups = ctx.kernel_args
+    needs_input, needs_reduced, needs_weight, needs_bias = ctx.needs_input_grad[:4]
+    kernels = generate_kernels(reduced, span_weight, span_bias, kernel_size, groups)
+    grad_reduced = grad_span_weight = grad_span_bias = None
+    grad_input, grad_kernels = aggregation_gradients(
+        grad_output,
+        input,
+        kernels,
+        ctx.conv_args,
+        needs_input,
+        needs_reduced or needs_weight or needs_bias,
+    )
+    if grad_kernels is not None:
+        # (B, G*Kh*Kw, P): the gradient of the span conv's output.
+        grad_kernels = grad_kernels.flatten(1, 3).flatten(2)
+        if needs_reduced:
+            grad_reduced = torch.matmul(span_weight.t(), grad_kernels).view(reduced.shape)
+        if needs_weight:
+            grad_span_weight = torch.einsum("bkp,brp->kr", grad_kernels, reduced.flatten(2))
+        if needs_bias:
+            grad_span_bias = grad_kernels.sum(dim=(0, 2))
+    return grad_input, grad_reduced, grad_span_weight, grad_span_bias, *([None] * 6)
+
+
+torch.library.register_autograd(
+    "involution::involution2d_fused", _fused_backward, setup_context=_fused_setup_context
+)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from involution.backends.triton import autotune_enabled
+from involution.ops.backends.triton import autotune_enabled
 
 if knobs.runtime.interpret:
     CONFIGS = [triton.Config({"BLOCK_P": 16, "BLOCK_R": 16}, num_warps=1)]

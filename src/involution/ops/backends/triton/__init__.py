@@ -7,9 +7,10 @@ NCHW and channels_last inputs (read and written through their strides, no layout
 any stride, padding, dilation, rectangular kernel and number of groups. Results are
 deterministic: every output element is written by exactly one program, without atomics.
 
-The kernels live in :mod:`involution.backends.triton.kernels` (aggregation) and
-:mod:`involution.backends.triton.fused` (aggregation with on-the-fly kernel generation); they are
-imported lazily so that this module, and :func:`unavailable_reason`, work without Triton.
+The kernels live in :mod:`involution.ops.backends.triton.kernels` (aggregation) and
+:mod:`involution.ops.backends.triton.fused` (aggregation with on-the-fly kernel generation);
+they are imported lazily so that this module, and :func:`unavailable_reason`, work without
+Triton.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import torch
 from torch import Tensor
 
-Pair = tuple[int, int]
+from involution.ops.layout import Pair, empty_output, generate_kernels, memory_format_of
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -97,20 +98,14 @@ def _device_guard(tensor: Tensor):
 
 def forward(input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
     """Output (B, C, H_out, W_out) in the memory format of ``input`` (B, C, H, W)."""
-    from involution.backends.triton import kernels
-    from involution.custom_ops import memory_format_of
+    from involution.ops.backends.triton import kernels
 
     acc = _accumulator(input.dtype)
     input = input.contiguous(memory_format=memory_format_of(input))
     weight = weight.contiguous()
     batch, channels = input.shape[:2]
     groups, kh, kw, out_h, out_w = weight.shape[1:]
-    output = torch.empty(
-        (batch, channels, out_h, out_w),
-        dtype=input.dtype,
-        device=input.device,
-        memory_format=memory_format_of(input),
-    )
+    output = empty_output(input, (out_h, out_w))
     cg = channels // groups
 
     def programs(meta) -> int:
@@ -137,8 +132,7 @@ def backward_input(
     grad_output: Tensor, input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair
 ) -> Tensor:
     """Gradient (B, C, H, W) of the output with respect to ``input``, in its memory format."""
-    from involution.backends.triton import kernels
-    from involution.custom_ops import memory_format_of
+    from involution.ops.backends.triton import kernels
 
     acc = _accumulator(input.dtype)
     weight = weight.contiguous()
@@ -171,8 +165,7 @@ def backward_weight(
     grad_output: Tensor, input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair
 ) -> Tensor:
     """Gradient (B, G, Kh, Kw, H_out, W_out) of the output with respect to ``weight``."""
-    from involution.backends.triton import kernels
-    from involution.custom_ops import memory_format_of
+    from involution.ops.backends.triton import kernels
 
     acc = _accumulator(input.dtype)
     input = input.contiguous(memory_format=memory_format_of(input))
@@ -220,8 +213,7 @@ def fused_forward(
     float64 has no fast matrix-product path in Triton, so for it the kernels are materialised
     by a 1x1 convolution and aggregated by :func:`forward`.
     """
-    from involution.backends.triton import fused
-    from involution.custom_ops import memory_format_of
+    from involution.ops.backends.triton import fused
 
     kh, kw = kernel_size
     batch, channels = input.shape[:2]
@@ -229,19 +221,13 @@ def fused_forward(
     groups = rows // (kh * kw)
     out_h, out_w = reduced.shape[-2:]
     if input.dtype == torch.float64:
-        kernels = torch.nn.functional.conv2d(reduced, span_weight[:, :, None, None], span_bias)
-        weight = kernels.view(batch, groups, kh, kw, out_h, out_w)
+        weight = generate_kernels(reduced, span_weight, span_bias, kernel_size, groups)
         return forward(input, weight, stride, padding, dilation)
     _accumulator(input.dtype)
 
     input = input.contiguous(memory_format=memory_format_of(input))
     span_weight = span_weight.contiguous()
-    output = torch.empty(
-        (batch, channels, out_h, out_w),
-        dtype=input.dtype,
-        device=input.device,
-        memory_format=memory_format_of(input),
-    )
+    output = empty_output(input, (out_h, out_w))
     # The interpreter's tl.dot mishandles bfloat16 operands (NumPy has no bfloat16); there the
     # operands are upcast, which is exact: products of bfloat16 values are exact in float32.
     upcast = input.dtype == torch.bfloat16 and interpreter_enabled()

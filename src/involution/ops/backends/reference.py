@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Pair = tuple[int, int]
+from involution.ops.layout import Pair
 
 
 def unavailable_reason(device: torch.device) -> str | None:

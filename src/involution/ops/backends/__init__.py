@@ -1,8 +1,7 @@
 """Backends of the involution operator, behind one front door.
 
-Every backend is a module exposing the same four functions (and optionally a fifth), all taking
-already-validated
-arguments (see :func:`involution.functional.involution2d`):
+Every backend is a module exposing the same four functions (and optionally two more), all taking
+already-validated arguments (see the front doors in :mod:`involution.ops.functional`):
 
 - ``unavailable_reason(device) -> str | None``: why the backend cannot run on ``device``
   (``None`` when it can).
@@ -11,10 +10,15 @@ arguments (see :func:`involution.functional.involution2d`):
 - ``backward_weight(grad_output, input, weight, stride, padding, dilation) -> grad_weight``
 - optional ``backward(grad_output, input, weight, stride, padding, dilation) -> (grad_input,
   grad_weight)``, for a backend that saves work by computing both in one call.
+- optional ``fused_forward(input, reduced, span_weight, span_bias, kernel_size, stride, padding,
+  dilation) -> output``, for a backend that generates the kernels inside the aggregation
+  (``reduced`` (B, R, H_out, W_out), ``span_weight`` (G*Kh*Kw, R), ``span_bias`` (G*Kh*Kw,) or
+  ``None``); without it the fused op runs the span conv, then ``forward``.
 
 Shapes: ``input`` (B, C, H, W), ``weight`` (B, G, Kh, Kw, H_out, W_out), ``output`` and
 ``grad_output`` (B, C, H_out, W_out), any strides; ``stride``, ``padding``, ``dilation`` are pairs.
-Backends may return any memory layout: the custom op normalises it.
+Backends may return any memory layout: the custom op normalises it. Backends import only
+downward (:mod:`involution.ops.layout`), never the registration or the front doors.
 
 ``"reference"`` is the ground truth every other backend is tested against.
 """
@@ -28,9 +32,9 @@ import torch
 
 #: Backend name -> module implementing it. ``"auto"`` is resolved by :func:`resolve_backend`.
 _BACKEND_MODULES: dict[str, str] = {
-    "reference": "involution.backends.reference",
-    "cpu": "involution.backends.cpu",
-    "triton": "involution.backends.triton",
+    "reference": "involution.ops.backends.reference",
+    "cpu": "involution.ops.backends.cpu",
+    "triton": "involution.ops.backends.triton",
 }
 
 BACKENDS: tuple[str, ...] = ("auto", *_BACKEND_MODULES)

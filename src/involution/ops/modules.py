@@ -6,9 +6,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from involution.backends import resolve_backend
-from involution.functional import involution2d
-from involution.fused import involution2d_fused
+from involution.ops.backends import resolve_backend
+from involution.ops.functional import generate_kernels, involution2d, involution2d_fused
 
 LayerFactory = Callable[[int], nn.Module]
 
@@ -51,18 +50,19 @@ class Involution2d(nn.Module):
 
     Args:
         channels: C, input and output channels.
-        kernel_size: K, odd (even kernels: use :func:`involution.functional.involution2d` with an
+        kernel_size: K, odd (even kernels: use :func:`involution.ops.involution2d` with an
             explicit padding).
         stride: aggregation stride.
         dilation: aggregation dilation; padding is ``dilation * (K - 1) // 2``.
         group_channels: channels sharing one kernel; ``G = C // group_channels``.
         reduction_ratio: r, the kernel branch's bottleneck ratio (C -> C // r).
         norm_layer, act_layer: factories for the kernel branch's normalisation and activation.
-        backend: aggregation backend, see :func:`involution.functional.involution2d`.
-        fused: fuse the span conv into the aggregation (:mod:`involution.fused`), so the
-            per-pixel kernels are never stored. Opt-in: on an H100 it lowered RedNet-50's peak
-            training memory (6.5 vs 7.5 GiB at batch 128) but ran slower (inference 2,688 vs
-            5,002 images/s). The state dict is the same either way.
+        backend: aggregation backend, see :func:`involution.ops.involution2d`.
+        fused: fuse the span conv into the aggregation
+            (:func:`involution.ops.involution2d_fused`), so the per-pixel kernels are never
+            stored. Opt-in: on an H100 it lowered RedNet-50's peak training memory (6.5 vs
+            7.5 GiB at batch 128) but ran slower (inference 2,688 vs 5,002 images/s). The state
+            dict is the same either way.
 
     Shape:
         input (B, C, H, W) -> output (B, C, ceil(H / stride), ceil(W / stride)).
@@ -95,7 +95,7 @@ class Involution2d(nn.Module):
         if kernel_size % 2 == 0:
             raise ValueError(
                 f"kernel_size must be odd for Involution2d, got {kernel_size}; for even kernels "
-                "call involution.functional.involution2d with an explicit padding"
+                "call involution.ops.involution2d with an explicit padding"
             )
         if channels % group_channels != 0:
             raise ValueError(
@@ -121,12 +121,16 @@ class Involution2d(nn.Module):
         self.act = act_layer()
         self.span = nn.Conv2d(reduced, kernel_size * kernel_size * self.groups, 1)
 
+    def reduce_features(self, x: Tensor) -> Tensor:
+        """The kernel branch before the span conv: (B, C, H, W) -> (B, C/r, H_out, W_out)."""
+        return self.act(self.norm(self.reduce(self.pool(x))))
+
     def generate_kernels(self, x: Tensor) -> Tensor:
         """Per-pixel kernels (B, G, K, K, H_out, W_out) for input ``x`` (B, C, H, W)."""
-        kernels = self.span(self.act(self.norm(self.reduce(self.pool(x)))))
-        batch, _, out_h, out_w = kernels.shape
         k = self.kernel_size
-        return kernels.reshape(batch, self.groups, k, k, out_h, out_w)
+        return generate_kernels(
+            self.reduce_features(x), self.span.weight, self.span.bias, (k, k), self.groups
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         backend = resolve_backend(self.backend, x.device)
@@ -140,7 +144,7 @@ class Involution2d(nn.Module):
             )
         return involution2d_fused(
             x,
-            self.act(self.norm(self.reduce(self.pool(x)))),
+            self.reduce_features(x),
             self.span.weight,
             self.span.bias,
             self.kernel_size,

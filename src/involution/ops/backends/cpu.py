@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from involution.ops.layout import Pair
+
 try:
     from involution import _C
 except ImportError as error:  # not built: the backend reports why instead of failing on import
@@ -22,8 +24,6 @@ except ImportError as error:  # not built: the backend reports why instead of fa
     _IMPORT_ERROR: str | None = str(error)
 else:
     _IMPORT_ERROR = None
-
-Pair = tuple[int, int]
 
 
 def unavailable_reason(device: torch.device) -> str | None:

@@ -1,0 +1,20 @@
+"""The involution operator: front doors, ``torch.library`` registration, module and backends.
+
+- :mod:`~involution.ops.functional`: :func:`involution2d` and :func:`involution2d_fused`, the
+  front doors that check arguments (:mod:`~involution.ops.checks`) and pick a backend;
+- :mod:`~involution.ops.registration`: the ``torch.ops.involution.*`` custom ops, their fakes
+  and autograd, and the eager fast path;
+- :mod:`~involution.ops.modules`: :class:`Involution2d`, kernel generation plus aggregation;
+- :mod:`~involution.ops.backends`: ``reference``, ``cpu`` (C++) and ``triton`` implementations;
+- :mod:`~involution.ops.flops`: FLOP formulas for ``torch.utils.flop_counter`` (registered on
+  import).
+
+Needs only PyTorch (and Triton for the ``"triton"`` backend): no timm.
+"""
+
+from involution.ops import flops  # noqa: F401  (registers the ops' flop formulas)
+from involution.ops.backends import BACKENDS
+from involution.ops.functional import involution2d, involution2d_fused
+from involution.ops.modules import Involution2d
+
+__all__ = ["BACKENDS", "Involution2d", "involution2d", "involution2d_fused"]

@@ -1,0 +1,62 @@
+"""Tensor layouts shared by the op's registration and its backends.
+
+Backends import from here (never from the registration or the front doors above them): the
+memory format an output follows, an empty output in it, and the (B, G, Kh, Kw, H_out, W_out)
+kernel layout of the span conv's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: A validated (height, width) pair: stride, padding, dilation or kernel size.
+Pair = tuple[int, int]
+
+
+def pair(values: Sequence[int]) -> Pair:
+    """``(int(values[0]), int(values[1]))``: the op schemas pass pairs as lists of ints."""
+    return int(values[0]), int(values[1])
+
+
+def memory_format_of(tensor: Tensor) -> torch.memory_format:
+    """channels_last for tensors laid out that way (and not also plain contiguous), else NCHW."""
+    if (
+        tensor.dim() == 4
+        and not tensor.is_contiguous()
+        and tensor.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def empty_output(input: Tensor, out_size: Sequence[int]) -> Tensor:
+    """Uninitialised (B, C, H_out, W_out) output in the dtype, device and layout of ``input``."""
+    return torch.empty(
+        (*input.shape[:2], *out_size),
+        dtype=input.dtype,
+        device=input.device,
+        memory_format=memory_format_of(input),
+    )
+
+
+def generate_kernels(
+    reduced: Tensor,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    kernel_size: Sequence[int],
+    groups: int,
+) -> Tensor:
+    """The span conv: kernels (B, G, Kh, Kw, H_out, W_out) from ``reduced`` (B, R, H_out, W_out).
+
+    ``span_weight`` is (G*Kh*Kw, R) or the conv layout (G*Kh*Kw, R, 1, 1), ``span_bias``
+    (G*Kh*Kw,) or ``None``. Kernel channel ``g*Kh*Kw + kh*Kw + kw`` is the official order.
+    """
+    batch, _, out_h, out_w = reduced.shape
+    if span_weight.dim() == 2:
+        span_weight = span_weight[:, :, None, None]
+    kernels = F.conv2d(reduced, span_weight, span_bias)
+    return kernels.reshape(batch, groups, *pair(kernel_size), out_h, out_w)
