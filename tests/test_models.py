@@ -87,6 +87,19 @@ def test_zero_init_last_makes_blocks_start_as_identity() -> None:
     assert all(torch.all(m.bn3.weight == 1) for m in other.modules() if isinstance(m, Bottleneck))
 
 
+def test_bottleneck_builds_its_spatial_layer_with_the_factory() -> None:
+    calls = []
+
+    def mixer_layer(channels: int, stride: int) -> nn.Module:
+        calls.append((channels, stride))
+        return Involution2d(channels, 3, stride=stride, group_channels=4)
+
+    block = Bottleneck(16, 8, stride=2, mixer_layer=mixer_layer)
+    assert calls == [(8, 2)]
+    assert (block.conv2.kernel_size, block.conv2.groups) == (3, 2)
+    assert block(torch.randn(1, 16, 9, 9)).shape == (1, 32, 5, 5)
+
+
 @pytest.mark.parametrize("mixer", ["involution", "conv"])
 def test_compact_stem_runs_on_28x28(mixer: str) -> None:
     model = RedNet(

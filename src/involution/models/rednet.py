@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,11 +27,16 @@ from torch import Tensor, nn
 
 from involution.ops.modules import OFFICIAL_KEY_PREFIXES as OFFICIAL_INVOLUTION_PREFIXES
 from involution.ops.modules import Involution2d
+from involution.serialization import load_tensor_file
 
-__all__ = ["MODEL_DEPTHS", "Bottleneck", "RedNet", "RedNetStem"]
+__all__ = ["MODEL_DEPTHS", "Bottleneck", "RedNet", "RedNetStem", "conv3x3"]
 
 NormFactory = Callable[[int], nn.Module]
 ActFactory = Callable[[], nn.Module]
+#: A bottleneck's or the stem's spatial layer, called as ``mixer_layer(channels, stride=s)``
+#: for a (B, C, H, W) -> (B, C, ceil(H / s), ceil(W / s)) module: e.g.
+#: ``partial(Involution2d, kernel_size=7, group_channels=16)`` or :func:`conv3x3`.
+MixerFactory = Callable[..., nn.Module]
 
 #: Blocks per stage of the official RedNet depths.
 MODEL_DEPTHS: dict[int, tuple[int, int, int, int]] = {
@@ -107,32 +113,9 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
     return {official_key_to_ours(key) or key: value for key, value in state_dict.items()}
 
 
-def _make_mixer(
-    mixer: str,
-    width: int,
-    stride: int,
-    kernel_size: int,
-    group_channels: int,
-    reduction_ratio: int,
-    norm_layer: NormFactory,
-    act_layer: ActFactory,
-    backend: str,
-    fused: bool,
-) -> nn.Module:
-    """The spatial layer of a bottleneck: an involution or its 3x3-convolution twin."""
-    if mixer == "involution":
-        return Involution2d(
-            width,
-            kernel_size,
-            stride=stride,
-            group_channels=group_channels,
-            reduction_ratio=reduction_ratio,
-            norm_layer=norm_layer,
-            act_layer=act_layer,
-            backend=backend,
-            fused=fused,
-        )
-    return nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+def conv3x3(channels: int, stride: int = 1) -> nn.Conv2d:
+    """The convolution twin's spatial layer: a bias-free 3x3 conv, ``channels`` in and out."""
+    return nn.Conv2d(channels, channels, 3, stride=stride, padding=1, bias=False)
 
 
 class RedNetStem(nn.Module):
@@ -142,6 +125,13 @@ class RedNetStem(nn.Module):
     by a max-pool. The max-pool that follows the official stem lives in
     ``RedNet.maxpool`` so that this module's output is the official ``backbone.stem`` output.
 
+    Args:
+        in_chans, stem_width: input channels and output channels.
+        mixer_layer: factory of the middle layer (RedNet's: an :class:`Involution2d`), called
+            as ``mixer_layer(stem_width // 2, stride=1)``.
+        stride: of the first conv.
+        norm_layer, act_layer: normalisation and activation factories.
+
     Shape:
         (B, in_chans, H, W) -> (B, stem_width, H / 2, W / 2).
     """
@@ -150,30 +140,17 @@ class RedNetStem(nn.Module):
         self,
         in_chans: int,
         stem_width: int,
-        stride: int,
-        kernel_size: int,
-        group_channels: int,
-        reduction_ratio: int,
-        norm_layer: NormFactory,
-        act_layer: ActFactory,
-        backend: str,
-        fused: bool,
+        mixer_layer: MixerFactory,
+        stride: int = 2,
+        norm_layer: NormFactory = nn.BatchNorm2d,
+        act_layer: ActFactory = nn.ReLU,
     ) -> None:
         super().__init__()
         mid = stem_width // 2
         self.conv1 = nn.Conv2d(in_chans, mid, 3, stride=stride, padding=1, bias=False)
         self.bn1 = norm_layer(mid)
         self.act1 = act_layer()
-        self.inv = Involution2d(
-            mid,
-            kernel_size,
-            group_channels=group_channels,
-            reduction_ratio=reduction_ratio,
-            norm_layer=norm_layer,
-            act_layer=act_layer,
-            backend=backend,
-            fused=fused,
-        )
+        self.inv = mixer_layer(mid, stride=1)
         self.bn2 = norm_layer(mid)
         self.act2 = act_layer()
         self.conv2 = nn.Conv2d(mid, stem_width, 3, padding=1, bias=False)
@@ -189,6 +166,15 @@ class RedNetStem(nn.Module):
 class Bottleneck(nn.Module):
     """ResNet bottleneck (expansion 4) with the spatial layer as ``conv2``: an involution or a conv.
 
+    Args:
+        in_chs: input channels.
+        width: channels of the spatial layer; the block outputs ``4 * width``.
+        stride: of the spatial layer and the shortcut.
+        mixer_layer: factory of the spatial layer, called as ``mixer_layer(width, stride=s)``:
+            an involution (the default, :class:`Involution2d` with its defaults) or
+            :func:`conv3x3` for the convolution twin.
+        norm_layer, act_layer: normalisation and activation factories.
+
     Shape:
         (B, in_chs, H, W) -> (B, 4 * width, ceil(H / stride), ceil(W / stride)).
     """
@@ -200,32 +186,16 @@ class Bottleneck(nn.Module):
         in_chs: int,
         width: int,
         stride: int = 1,
-        mixer: str = "involution",
-        kernel_size: int = 7,
-        group_channels: int = 16,
-        reduction_ratio: int = 4,
+        mixer_layer: MixerFactory = Involution2d,
         norm_layer: NormFactory = nn.BatchNorm2d,
         act_layer: ActFactory = nn.ReLU,
-        backend: str = "auto",
-        fused: bool = False,
     ) -> None:
         super().__init__()
         out_chs = width * self.expansion
         self.conv1 = nn.Conv2d(in_chs, width, 1, bias=False)
         self.bn1 = norm_layer(width)
         self.act1 = act_layer()
-        self.conv2 = _make_mixer(
-            mixer,
-            width,
-            stride,
-            kernel_size,
-            group_channels,
-            reduction_ratio,
-            norm_layer,
-            act_layer,
-            backend,
-            fused,
-        )
+        self.conv2 = mixer_layer(width, stride=stride)
         self.bn2 = norm_layer(width)
         self.act2 = act_layer()
         self.conv3 = nn.Conv2d(width, out_chs, 1, bias=False)
@@ -328,17 +298,28 @@ class RedNet(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         deep = stem_type == "deep"
-        self.stem = RedNetStem(
-            in_chans,
-            stem_width,
-            stride=2,
-            kernel_size=stem_kernel_size,
+        # The layer factories, built once: the stem keeps an involution in the conv twin too.
+        involution = partial(
+            Involution2d,
             group_channels=group_channels,
             reduction_ratio=reduction_ratio,
             norm_layer=norm_layer,
             act_layer=act_layer,
             backend=backend,
             fused=fused,
+        )
+        mixer_layer = (
+            partial(involution, kernel_size=kernel_size) if mixer == "involution" else conv3x3
+        )
+        block = partial(
+            Bottleneck, mixer_layer=mixer_layer, norm_layer=norm_layer, act_layer=act_layer
+        )
+        self.stem = RedNetStem(
+            in_chans,
+            stem_width,
+            partial(involution, kernel_size=stem_kernel_size),
+            norm_layer=norm_layer,
+            act_layer=act_layer,
         )
         reduction = 2
         self.feature_info: list[dict[str, Any]] = [
@@ -353,21 +334,7 @@ class RedNet(nn.Module):
             reduction *= stride
             blocks = []
             for block_index in range(depth):
-                blocks.append(
-                    Bottleneck(
-                        in_chs,
-                        width,
-                        stride=stride if block_index == 0 else 1,
-                        mixer=mixer,
-                        kernel_size=kernel_size,
-                        group_channels=group_channels,
-                        reduction_ratio=reduction_ratio,
-                        norm_layer=norm_layer,
-                        act_layer=act_layer,
-                        backend=backend,
-                        fused=fused,
-                    )
-                )
+                blocks.append(block(in_chs, width, stride=stride if block_index == 0 else 1))
                 in_chs = width * Bottleneck.expansion
             name = f"layer{index + 1}"
             self.add_module(name, nn.Sequential(*blocks))
@@ -479,7 +446,15 @@ class RedNet(nn.Module):
 
 
 def _create_rednet(variant: str, pretrained: bool = False, **kwargs: Any) -> RedNet:
-    """Build a registered variant through timm (pretrained loading, ``features_only``)."""
+    """Build a registered variant through timm (pretrained loading, ``features_only``).
+
+    A ``pretrained_cfg_overlay`` file is first read with the project's loader (weights only,
+    or safetensors), so a pickle carrying code is refused with its message whatever timm's
+    own loader allows (timm 1.0 reads it with ``weights_only=True`` afterwards).
+    """
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and overlay.get("file"):
+        load_tensor_file(overlay["file"])
     return build_model_with_cfg(
         RedNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
     )
