@@ -11,16 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from involution.datasets.fashion_mnist import SYSTEM_FASHION_MNIST, find_fashion_mnist, read_idx
 from involution.train.config import load_config
-from involution.train.data import (
-    SYSTEM_FASHION_MNIST,
-    ArrayDataset,
-    EpochSampler,
-    ShardSampler,
-    build_datasets,
-    find_fashion_mnist,
-    read_idx,
-)
+from involution.train.data import ArrayDataset, EpochBatchSampler, ShardSampler, build_datasets
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
@@ -104,20 +97,37 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index() -> None:
     assert rrc[(2, 4)][0].shape == (1, 8, 8)
 
 
-def test_epoch_sampler_shards_are_disjoint_and_skippable() -> None:
-    dataset = list(range(10))
+def test_epoch_batches_are_disjoint_shards_and_skippable() -> None:
+    dataset = list(range(11))
     shards = []
     for rank in range(2):
-        sampler = EpochSampler(dataset, seed=1, rank=rank, world_size=2)
+        sampler = EpochBatchSampler(dataset, batch_size=2, seed=1, rank=rank, world_size=2)
         sampler.set_epoch(3)
-        keys = list(sampler)
-        assert all(epoch == 3 for epoch, _ in keys)
-        shards.append({index for _, index in keys})
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 3  # 11 samples padded to 12: 6 per rank
+        assert all(epoch == 3 for batch in batches for epoch, _ in batch)
+        shards.append({index for batch in batches for _, index in batch})
         sampler.set_epoch(3, skip=2)
-        assert list(sampler) == keys[2:] and len(sampler) == 3
-    assert shards[0].isdisjoint(shards[1]) and shards[0] | shards[1] == set(range(10))
+        assert list(sampler) == batches[2:]
+        sampler.set_epoch(4)
+        assert list(sampler) != batches
+    assert len(shards[0] & shards[1]) <= 1  # DistributedSampler pads 11 to 12 with one repeat
+    assert shards[0] | shards[1] == set(range(11))
     evaluation = [[i for _, i in ShardSampler(7, rank, 2)] for rank in range(2)]
     assert sorted(evaluation[0] + evaluation[1]) == list(range(7))
+
+
+def test_grouped_batches_hold_one_group_until_the_leftovers() -> None:
+    groups = [0, 1] * 10 + [1] * 3  # 10 of group 0, 13 of group 1
+    sampler = EpochBatchSampler(range(len(groups)), batch_size=4, seed=0, group_ids=groups)
+    batches = [[index for _, index in batch] for batch in sampler]
+    assert len(batches) == len(sampler) == len(groups) // 4
+    pure = [b for b in batches if len({groups[i] for i in b}) == 1]
+    assert len(pure) == 2 + 3  # floor(10 / 4) + floor(13 / 4) single-group batches first
+    assert batches[: len(pure)] == pure
+    assert len({i for b in batches for i in b}) == sum(len(b) for b in batches)  # no repeats
+    with pytest.raises(ValueError, match="group_ids has 3 entries"):
+        EpochBatchSampler(range(5), 2, 0, group_ids=[0, 1, 0])
 
 
 def _image_folder(root: Path, classes: dict[str, int], split: str = "train") -> None:

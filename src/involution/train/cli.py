@@ -1,4 +1,4 @@
-"""``involution train``, ``involution eval`` and ``involution predict``."""
+"""``involution train``, ``eval``, ``predict`` and ``upgrade-checkpoint``."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-from PIL import Image
 from torch import nn
 
 from involution.train import checkpoint as ckpt
 from involution.train.config import DEFAULT_CONFIG_NAME, Config, load_config, shipped_configs
+from involution.train.tasks import get_task
 
 #: Errors caused by the user's input: reported in one line, exit code 2.
 USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, OSError)
@@ -52,7 +51,9 @@ def add_commands(subparsers: Any) -> None:
     train.set_defaults(func=train_command)
 
     evaluate = subparsers.add_parser(
-        "eval", help="top-1/top-5 accuracy of trained weights on a dataset's evaluation split"
+        "eval",
+        help="metrics of trained weights on a dataset's evaluation split (top-1/top-5, COCO AP, "
+        "mIoU: by task)",
     )
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", metavar="RUN_DIR", help="a training run directory")
@@ -61,14 +62,35 @@ def add_commands(subparsers: Any) -> None:
     _add_overrides(evaluate)
     evaluate.set_defaults(func=eval_command)
 
-    predict = subparsers.add_parser("predict", help="top-k classes of image files")
+    predict = subparsers.add_parser(
+        "predict", help="classes (top-k), detections or segmentation masks of image files"
+    )
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", metavar="RUN_DIR", help="a training run directory")
     source.add_argument("--weights", metavar="FILE", help="a .safetensors weights file")
     predict.add_argument("--config", help="config (default: the one stored with the weights)")
     predict.add_argument("--topk", type=int, default=5, help="classes to show per image")
+    predict.add_argument(
+        "--out", metavar="DIR", help="write drawn predictions here (detection, segmentation)"
+    )
     predict.set_defaults(func=predict_command)
+
+    upgrade = subparsers.add_parser(
+        "upgrade-checkpoint",
+        help="rewrite a checkpoint you trust as tensors and plain data (runs the file's code)",
+        description=(
+            "Unpickle OLD in full and write NEW with tensors and plain data only, so that it "
+            "loads with weights_only=True (numpy arrays become tensors, argparse namespaces "
+            "dicts): for training checkpoints written before RNG states were stored as tensors "
+            "and other checkpoints refused as holding more than tensors and plain data. "
+            "Reading OLD runs any code it contains: only for files whose origin you trust, on "
+            "a trusted machine. NEW may be OLD."
+        ),
+    )
+    upgrade.add_argument("old", metavar="OLD", help="checkpoint to rewrite (torch.save file)")
+    upgrade.add_argument("new", metavar="NEW", help="output file (may be OLD)")
+    upgrade.set_defaults(func=upgrade_command)
 
 
 # ----------------------------------------------------------------------------- train
@@ -124,13 +146,22 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(f"\nrun {state}: {summary['steps']} steps, {summary['wall_s']:.0f} s")
     print(f"parameters: {summary['num_params']:,}")
     print(f"training throughput: {summary['train_img_per_s']:.1f} img/s")
-    if "val_top1" in summary:
-        print(
-            f"test accuracy: top-1 {summary['val_top1']:.2f}%, top-5 {summary['val_top5']:.2f}%"
-            + (f" (EMA top-1 {summary['ema_val_top1']:.2f}%)" if "ema_val_top1" in summary else "")
-        )
+    task = get_task(summary["task"])
+    for prefix, label in (("val_", "evaluation"), ("ema_val_", "evaluation of the EMA weights")):
+        metrics = {k[len(prefix) :]: v for k, v in summary.items() if k.startswith(prefix)}
+        if metrics:
+            print(f"{label}: {task.format_metrics(metrics)}")
     print(f"run directory: {run_dir}")
     print(_describe_run_dir(run_dir))
+
+
+def upgrade_command(args: argparse.Namespace) -> int:
+    try:
+        ckpt.upgrade_checkpoint(Path(args.old), Path(args.new))
+    except USER_ERRORS as err:
+        return _error(err)
+    print(f"wrote {args.new}: tensors and plain data only (loads with weights_only=True)")
+    return 0
 
 
 # ----------------------------------------------------------------------------- eval / predict
@@ -138,11 +169,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def load_trained_model(
     weights: Path, config_path: str | None, overrides: list[str]
-) -> tuple[nn.Module, Config, list[str] | None, int | None]:
-    """Model with ``weights`` loaded, its config, and (from the file's metadata when present)
-    the class names and input channels."""
-    from involution.train.engine import build_model
-
+) -> tuple[nn.Module, Config, list[str] | None, int]:
+    """Model with ``weights`` loaded (eval mode), its config, and (from the file's metadata when
+    present) the class names and input channels."""
     tensors, metadata = ckpt.load_weights(weights)
     if config_path is not None:
         config = load_config(config_path, overrides)
@@ -153,11 +182,11 @@ def load_trained_model(
     else:
         raise ValueError(f"{weights} carries no training config: pass --config")
     classes = json.loads(metadata["classes"]) if "classes" in metadata else None
-    in_chans = int(metadata["in_chans"]) if "in_chans" in metadata else None
-    if "fc.weight" not in tensors and classes is None:
-        raise ValueError(f"{weights} has neither class names in its metadata nor fc.weight")
-    num_classes = len(classes) if classes else tensors["fc.weight"].shape[0]
-    model = build_model(config, num_classes, in_chans or 3)
+    in_chans = int(metadata.get("in_chans", 3))
+    task = get_task(config["task"])
+    if classes is None:
+        classes = task.build_data(config, train=False).classes
+    model = task.build_model(config, classes, in_chans)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -172,8 +201,8 @@ def _weights_path(args: argparse.Namespace) -> Path:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from involution.train.data import ShardSampler, build_datasets, build_loader
-    from involution.train.engine import DistInfo, evaluate, resolve_device
+    from involution.train.data import ShardSampler, build_loader
+    from involution.train.engine import DistInfo, resolve_device
 
     files = [_weights_path(args)]
     if args.run and (Path(args.run) / ckpt.EMA_WEIGHTS_NAME).is_file():
@@ -182,8 +211,9 @@ def eval_command(args: argparse.Namespace) -> int:
         results = {}
         for path in files:
             model, config, classes, _ = load_trained_model(path, args.config, args.overrides)
-            data = build_datasets(config, train=False)
-            if classes is not None and classes != data.classes:
+            task = get_task(config["task"])
+            data = task.build_data(config, train=False)
+            if classes != data.classes:
                 raise ValueError(f"{path} was trained on other classes than {config['data']}")
             info = DistInfo(0, 1, resolve_device(config["train"]["device"]))
             loader = build_loader(
@@ -191,44 +221,27 @@ def eval_command(args: argparse.Namespace) -> int:
                 ShardSampler(len(data.val)),
                 config["train"]["batch_size"],
                 config["data"]["workers"],
-                drop_last=False,
+                data.collate_fn,
             )
-            results[path.name] = evaluate(model.to(info.device), loader, info, progress=True)
+            metrics = task.evaluate(model.to(info.device), loader, info, progress=True)
+            results[path.name] = task.format_metrics(metrics)
     except USER_ERRORS as err:
         return _error(err)
-    for name, metrics in results.items():
-        print(
-            f"{name}: top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
-            f"loss {metrics['loss']:.4f}"
-        )
+    for name, text in results.items():
+        print(f"{name}: {text}")
     return 0
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    from involution.train.data import build_datasets, build_transform
-
     if args.topk < 1:
         return _error(f"--topk must be positive, got {args.topk}")
     try:
         model, config, classes, in_chans = load_trained_model(_weights_path(args), args.config, [])
-        if classes is None:
-            classes = build_datasets(config, train=False).classes
-        channels = in_chans or 3
-        transform = build_transform(config, train=False, channels=channels)
-        batch = []
-        for name in args.images:
-            try:
-                with Image.open(name) as image:
-                    batch.append(transform(image.convert("L" if channels == 1 else "RGB")))
-            except OSError as err:
-                raise OSError(f"cannot read image {name}: {err}") from err
+        out_dir = Path(args.out) if args.out else None
+        images = [Path(name) for name in args.images]
+        get_task(config["task"]).predict(
+            model, config, classes, in_chans, images, out_dir, args.topk
+        )
     except USER_ERRORS as err:
         return _error(err)
-    with torch.no_grad():
-        probs = model(torch.stack(batch)).softmax(dim=1)
-    top = probs.topk(min(args.topk, probs.shape[1]), dim=1)
-    for name, values, indices in zip(args.images, top.values, top.indices, strict=True):
-        print(name)
-        for p, i in zip(values.tolist(), indices.tolist(), strict=True):
-            print(f"  {100 * p:6.2f}%  {classes[i]}")
     return 0

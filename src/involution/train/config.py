@@ -20,6 +20,8 @@ Config = dict[str, Any]
 
 #: Every configurable key with its default. ``None`` means "unset" (any type accepted).
 DEFAULTS: Config = {
+    # classification | detection | segmentation (see involution.train.tasks)
+    "task": "classification",
     "model": {
         "name": "rednet_compact",
         "kwargs": {},
@@ -59,7 +61,19 @@ DEFAULTS: Config = {
         "momentum": 0.9,
         "nesterov": True,
         "weight_decay": 5e-5,
+        # Train for this many optimizer steps instead of `epochs` (the last epoch is cut short).
+        "iterations": None,
         "warmup_epochs": 0.0,
+        # Warm-up length in optimizer steps; overrides warmup_epochs when set.
+        "warmup_steps": None,
+        # Warm-up starts at this fraction of the lr (None: at 1/warmup_steps) and rises linearly.
+        "warmup_factor": None,
+        # cosine (to min_lr_ratio) | step (x gamma at each of milestones, in epochs) |
+        # poly ((1 - t/T)^poly_power, floored at min_lr_ratio)
+        "schedule": "cosine",
+        "milestones": [],
+        "gamma": 0.1,
+        "poly_power": 0.9,
         "min_lr_ratio": 0.0,
         "label_smoothing": 0.0,
         "grad_clip": None,
@@ -247,8 +261,16 @@ def load_config(
     return config
 
 
+#: The tasks of :mod:`involution.train.tasks` and the datasets each can read.
+TASK_DATASETS: dict[str, tuple[str, ...]] = {
+    "classification": ("fashion_mnist", "imagefolder", "synthetic"),
+    "detection": ("coco", "fashion_mnist_scenes"),
+    "segmentation": ("folder", "cityscapes", "ade20k", "fashion_mnist_scenes"),
+}
+
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.dataset": ("fashion_mnist", "imagefolder", "synthetic"),
+    "task": tuple(TASK_DATASETS),
+    "train.schedule": ("cosine", "step", "poly"),
     "data.augment": ("none", "crop_flip", "random_resized_crop"),
     "train.optimizer": ("sgd", "adamw"),
     "train.amp": ("none", "bf16", "fp16"),
@@ -273,6 +295,16 @@ def validate(config: Config) -> None:
         value = _lookup(config, dotted)
         if value <= 0:
             raise ValueError(f"config key {dotted!r} must be positive, got {value!r}")
+    datasets = TASK_DATASETS[config["task"]]
+    if config["data"]["dataset"] not in datasets:
+        raise ValueError(
+            f"data.dataset={config['data']['dataset']!r} is not a {config['task']} dataset; "
+            f"choose one of {datasets}"
+        )
+    if any(not isinstance(m, int | float) or m < 0 for m in config["train"]["milestones"]):
+        raise ValueError(
+            f"train.milestones must be epochs >= 0, got {config['train']['milestones']}"
+        )
     ema = config["train"]["ema_decay"]
     if ema is not None and not 0.0 < ema < 1.0:
         raise ValueError(f"train.ema_decay must be in (0, 1), got {ema!r}")

@@ -1,4 +1,4 @@
-"""Datasets and loaders: Fashion-MNIST (IDX files), any ImageFolder tree, synthetic images.
+"""Datasets and loaders: Fashion-MNIST, any ImageFolder tree, synthetic images.
 
 Random augmentation is a pure function of ``(seed, epoch, sample index)``: samplers yield
 ``(epoch, index)`` keys and datasets seed each sample's augmentation from them. A run therefore
@@ -7,9 +7,8 @@ sees the same augmented images whatever the number of workers, ranks or resumpti
 
 from __future__ import annotations
 
-import gzip
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,26 +21,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torchvision.transforms import v2
 
+from involution.datasets.fashion_mnist import (
+    FASHION_MNIST_CLASSES,
+    find_fashion_mnist,
+    load_fashion_mnist,
+)
 from involution.train.config import Config
 
-#: Where Debian's ``dataset-fashion-mnist`` package puts the IDX files.
-SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-_FASHION_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
 _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion_mnist": ((0.2860,), (0.3530,)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -64,84 +50,6 @@ def sample_seeds(
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return x ^ (x >> np.uint64(31))
-
-
-# ----------------------------------------------------------------------------- IDX files
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) into a numpy array of its stored dtype and shape."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
-    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if data[2] not in dtypes:
-        raise ValueError(f"{path}: unknown IDX data type 0x{data[2]:02x}")
-    ndim = data[3]
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    array = np.frombuffer(data, dtypes[data[2]], offset=4 + 4 * ndim)
-    if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: holds {array.size} values, header says {shape}")
-    return array.reshape(shape).astype(array.dtype.newbyteorder("="))
-
-
-def _idx_file(folder: Path, stem: str) -> Path | None:
-    for name in (f"{stem}.gz", stem):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def find_fashion_mnist(root: str | Path | None = None, download: bool = True) -> Path:
-    """The folder holding Fashion-MNIST's four IDX files.
-
-    Looks in ``root`` (if given), then in Debian's ``dataset-fashion-mnist`` location, then
-    downloads with torchvision into ``~/.cache/involution`` (only when ``root`` is unset).
-    """
-    stems = [stem for pair in _FASHION_FILES.values() for stem in pair]
-    candidates = [Path(root)] if root is not None else [SYSTEM_FASHION_MNIST]
-    if root is not None:
-        candidates.append(Path(root) / "FashionMNIST" / "raw")
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "involution"
-    candidates.append(cache / "FashionMNIST" / "raw")
-    for folder in candidates:
-        if all(_idx_file(folder, stem) for stem in stems):
-            return folder
-    if root is not None:
-        raise FileNotFoundError(
-            f"Fashion-MNIST IDX files ({', '.join(s + '.gz' for s in stems)}) not found in {root}"
-        )
-    if download:
-        from torchvision.datasets import FashionMNIST
-
-        try:
-            FashionMNIST(str(cache), train=True, download=True)
-            FashionMNIST(str(cache), train=False, download=True)
-            return cache / "FashionMNIST" / "raw"
-        except Exception as err:  # network errors come in many types
-            reason = f"download failed ({type(err).__name__}: {err})"
-    else:
-        reason = "download disabled"
-    raise FileNotFoundError(
-        f"Fashion-MNIST not found in {SYSTEM_FASHION_MNIST} and {reason}. Install it with "
-        "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), go online so torchvision "
-        "can download it, or set data.root to a folder holding the IDX files."
-    )
-
-
-def load_fashion_mnist(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 28, 28) uint8 and labels (N,) int64 of split ``"train"`` or ``"test"``."""
-    if split not in _FASHION_FILES:
-        raise ValueError(f"Fashion-MNIST has splits 'train' and 'test', got {split!r}")
-    image_stem, label_stem = _FASHION_FILES[split]
-    images = read_idx(_idx_file(folder, image_stem) or folder / image_stem)
-    labels = read_idx(_idx_file(folder, label_stem) or folder / label_stem).astype(np.int64)
-    if images.ndim != 3 or labels.shape != images.shape[:1]:
-        raise ValueError(f"{folder}: Fashion-MNIST {split} images {images.shape} vs {labels.shape}")
-    return images, labels
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -333,6 +241,10 @@ class DataBundle:
     val: Dataset
     classes: list[str]
     in_chans: int
+    #: Batches samples into what the task's model takes (``None``: :func:`collate`).
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    #: One group per training sample (e.g. an aspect-ratio bin): batches come from one group.
+    group_ids: Sequence[int] | None = None
 
 
 def _subset(n: int | None, total: int, seed: int) -> np.ndarray:
@@ -412,32 +324,66 @@ def build_datasets(config: Config, train: bool = True) -> DataBundle:
 # ----------------------------------------------------------------------------- loaders
 
 
-class EpochSampler(Sampler[SampleKey]):
-    """Shuffled per-rank shard of a dataset yielding ``(epoch, index)`` keys.
+class EpochBatchSampler(Sampler[list[SampleKey]]):
+    """Per-rank training batches of ``(epoch, index)`` keys, reshuffled every epoch.
 
-    Wraps :class:`torch.utils.data.DistributedSampler` (disjoint shards, reshuffled per epoch
-    from ``seed``) and can skip the first samples of an epoch to resume mid-epoch.
+    The shuffle is :class:`torch.utils.data.DistributedSampler`'s (disjoint shards, a
+    permutation per epoch from ``seed``). With ``group_ids`` (one group per sample, e.g. an
+    aspect-ratio bin) each batch is filled from one group in shuffled order; the leftovers of all
+    groups fill the last batches, so an epoch always has ``len(self)`` batches. Batches are a
+    pure function of (seed, epoch, rank), so skipping the first ones resumes mid-epoch exactly.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        dataset: Sized,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        group_ids: Sequence[int] | None = None,
+    ) -> None:
+        if group_ids is not None and len(group_ids) != len(dataset):
+            raise ValueError(
+                f"group_ids has {len(group_ids)} entries for a dataset of {len(dataset)} samples"
+            )
         self.inner = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
         )
+        self.batch_size = batch_size
+        self.group_ids = group_ids
         self.epoch = 0
         self.skip = 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Start ``epoch`` after its first ``skip`` samples (of this rank)."""
+        """Start ``epoch`` after its first ``skip`` batches."""
         self.inner.set_epoch(epoch)
         self.epoch = epoch
         self.skip = skip
 
-    def __iter__(self) -> Iterator[SampleKey]:
-        indices = list(self.inner)[self.skip :]
-        return iter([(self.epoch, i) for i in indices])
+    def _batches(self) -> list[list[int]]:
+        order = list(self.inner)
+        size = self.batch_size
+        if self.group_ids is None:
+            return [order[i : i + size] for i in range(0, len(self) * size, size)]
+        batches, pending, leftovers = [], {}, []
+        for index in order:
+            bucket = pending.setdefault(self.group_ids[index], [])
+            bucket.append(index)
+            if len(bucket) == size:
+                batches.append(bucket.copy())
+                bucket.clear()
+        for bucket in pending.values():
+            leftovers.extend(bucket)
+        batches.extend(leftovers[i : i + size] for i in range(0, len(leftovers), size))
+        return batches[: len(self)]
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        for batch in self._batches()[self.skip :]:
+            yield [(self.epoch, index) for index in batch]
 
     def __len__(self) -> int:
-        return len(self.inner) - self.skip
+        return len(self.inner) // self.batch_size
 
 
 class ShardSampler(Sampler[SampleKey]):
@@ -460,16 +406,27 @@ def collate(batch: Any) -> Any:
 
 
 def build_loader(
-    dataset: Dataset, sampler: Sampler[SampleKey], batch_size: int, workers: int, drop_last: bool
+    dataset: Dataset,
+    sampler: Sampler,
+    batch_size: int | None,
+    workers: int,
+    collate_fn: Callable[[Any], Any] | None = None,
 ) -> DataLoader:
-    """A loader over ``sampler``'s keys (workers persist across epochs)."""
+    """A loader over ``sampler``'s keys (workers persist across epochs).
+
+    ``batch_size=None``: ``sampler`` yields whole batches (:class:`EpochBatchSampler`).
+    ``collate_fn`` defaults to :func:`collate`.
+    """
+    batching = (
+        {"batch_sampler": sampler}
+        if batch_size is None
+        else {"sampler": sampler, "batch_size": batch_size}
+    )
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        **batching,
         num_workers=workers,
-        collate_fn=collate,
-        drop_last=drop_last,
+        collate_fn=collate_fn or collate,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         # Its own generator: starting an epoch must not draw from the global RNG (that would

@@ -14,31 +14,24 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import involution  # noqa: F401  (registers the RedNet models with timm)
 from involution.train import checkpoint as ckpt
 from involution.train.config import Config, dump_config
-from involution.train.data import (
-    DataBundle,
-    EpochSampler,
-    ShardSampler,
-    build_datasets,
-    build_loader,
-)
+from involution.train.data import DataBundle, EpochBatchSampler, ShardSampler, build_loader
 from involution.train.plots import plot_curves
+from involution.train.tasks import Task, get_task
 
 
 class NonFiniteLossError(RuntimeError):
@@ -113,16 +106,6 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- model pieces
 
 
-def build_model(config: Config, num_classes: int, in_chans: int) -> nn.Module:
-    """``timm.create_model(model.name, num_classes, in_chans, **model.kwargs)``."""
-    name = config["model"]["name"]
-    if not timm.is_model(name):
-        ours = ", ".join(timm.list_models("rednet*"))
-        raise ValueError(f"unknown model {name!r}; RedNet models: {ours} (or any timm model)")
-    kwargs = {"num_classes": num_classes, "in_chans": in_chans, **config["model"]["kwargs"]}
-    return timm.create_model(name, **kwargs)
-
-
 class ModelEma:
     """Exponential moving average of a model's parameters and buffers (float copies).
 
@@ -147,11 +130,37 @@ class ModelEma:
         torch._foreach_lerp_(floats_ema, floats_new, 1.0 - self.decay)
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warm-up from
-    1/warmup_steps, then cosine decay to ``min_ratio`` at ``total_steps``."""
+def lr_factor(
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    min_ratio: float,
+    schedule: str = "cosine",
+    warmup_factor: float | None = None,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    power: float = 0.9,
+) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based).
+
+    ``cosine``: linear warm-up from 1/warmup_steps (or ``warmup_factor``), then cosine decay to
+    ``min_ratio`` at ``total_steps``. ``step``: ``gamma`` ** (milestones passed, in steps).
+    ``poly``: ``(1 - step/total_steps) ** power``, floored at ``min_ratio``. ``step`` and
+    ``poly`` decay from step 0 and the warm-up multiplies them (as mmdet/mmseg do).
+    """
+    warm = 1.0
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        if warmup_factor is None:
+            warm = (step + 1) / warmup_steps
+        else:
+            warm = warmup_factor + (1 - warmup_factor) * step / warmup_steps
+    if schedule == "step":
+        return warm * gamma ** sum(step >= m for m in milestones)
+    if schedule == "poly":
+        decayed = (1 - min(step, total_steps) / max(1, total_steps)) ** power
+        return warm * max(min_ratio, decayed)
+    if step < warmup_steps:
+        return warm
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -181,45 +190,11 @@ def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Any,
-    info: DistInfo,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    desc: str = "eval",
-    progress: bool = False,
-) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (%) of ``model`` over ``loader``, summed over ranks."""
-    was_training = model.training
-    model.eval()
-    totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, samples
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        images = images.to(info.device, non_blocking=True)
-        labels = torch.as_tensor(labels).to(info.device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(info.device.type, amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == labels[:, None]
-        totals[0] += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        totals[1] += hits[:, :1].sum().item()
-        totals[2] += hits.sum().item()
-        totals[3] += len(labels)
-    model.train(was_training)
-    loss, top1, top5, count = all_reduce_sum(totals, info)
-    if count == 0:
-        raise ValueError("the evaluation set is empty")
-    return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count}
-
-
 def weights_metadata(config: Config, classes: list[str], in_chans: int) -> dict[str, str]:
     """safetensors metadata that lets ``eval``/``predict`` rebuild the model from the file."""
     return {
         "format": "pt",
+        "task": config["task"],
         "model": config["model"]["name"],
         "config": dump_config(config),
         "classes": json.dumps(classes),
@@ -231,18 +206,42 @@ def weights_metadata(config: Config, classes: list[str], in_chans: int) -> dict[
 
 
 def new_run_dir(config: Config) -> Path:
-    """``output.dir/output.name``, or ``output.dir/<model>-<dataset>-<UTC time>`` (unique)."""
+    """Create and return a new, empty run directory that no other process also got.
+
+    ``output.dir/output.name``, refused (``ValueError`` naming ``--resume``) if it exists;
+    without a name ``output.dir/<model>-<dataset>-<UTC time>``, then ``-2``, ``-3``, ... for
+    the runs started in the same second. ``mkdir`` without ``exist_ok`` is atomic: of the
+    processes racing for one name, exactly one creates it.
+    """
     root = Path(config["output"]["dir"]).expanduser()
     name = config["output"]["name"]
-    if name is None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        name = f"{config['model']['name']}-{config['data']['dataset']}-{stamp}"
-    path = root / name
-    suffix = 1
-    while path.exists() and config["output"]["name"] is None:
-        suffix += 1
-        path = root / f"{name}-{suffix}"
-    return path
+    if name is not None:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            if (path / ckpt.CHECKPOINT_NAME).exists():
+                raise ValueError(
+                    f"{path} already holds a run: continue it with --resume {path}, or set "
+                    "another output.name"
+                ) from None
+            raise ValueError(
+                f"{path} already exists and holds no {ckpt.CHECKPOINT_NAME} to --resume {path} "
+                "from: set another output.name (run directories are never reused)"
+            ) from None
+        return path
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = f"{config['model']['name']}-{config['data']['dataset']}-{stamp}"
+    root.mkdir(parents=True, exist_ok=True)
+    path, suffix = root / base, 1
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            suffix += 1
+            path = root / f"{base}-{suffix}"
 
 
 class Trainer:
@@ -272,8 +271,10 @@ class Trainer:
 
         # Same initial weights on every rank, then per-rank randomness (dropout).
         seed_everything(train["seed"])
-        self.data: DataBundle = build_datasets(config)
-        model = build_model(config, len(self.data.classes), self.data.in_chans).to(info.device)
+        self.task: Task = get_task(config["task"])
+        self.data: DataBundle = self.task.build_data(config)
+        model = self.task.build_model(config, self.data.classes, self.data.in_chans)
+        model = model.to(info.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -283,32 +284,58 @@ class Trainer:
         self.batch_size = train["batch_size"]
         self.accumulation = train["accumulation_steps"]
         self.global_batch = self.batch_size * self.accumulation * info.world_size
-        self.sampler = EpochSampler(self.data.train, train["seed"], info.rank, info.world_size)
-        if len(self.sampler) < self.batch_size * self.accumulation:
+        self.sampler = EpochBatchSampler(
+            self.data.train,
+            self.batch_size,
+            train["seed"],
+            info.rank,
+            info.world_size,
+            group_ids=self.data.group_ids,
+        )
+        if len(self.sampler) < self.accumulation:
             raise ValueError(
-                f"each rank gets {len(self.sampler)} training images, fewer than one "
-                f"step's batch_size * accumulation_steps = {self.batch_size * self.accumulation}"
+                f"each rank gets {len(self.data.train) // info.world_size} training samples, "
+                "fewer than one step's batch_size * accumulation_steps = "
+                f"{self.batch_size * self.accumulation}"
             )
         workers = config["data"]["workers"]
-        self.train_loader = build_loader(
-            self.data.train, self.sampler, self.batch_size, workers, True
-        )
+        collate_fn = self.data.collate_fn
+        self.train_loader = build_loader(self.data.train, self.sampler, None, workers, collate_fn)
         val_sampler = ShardSampler(len(self.data.val), info.rank, info.world_size)
-        self.val_loader = build_loader(self.data.val, val_sampler, self.batch_size, workers, False)
-        self.steps_per_epoch = len(self.sampler) // (self.batch_size * self.accumulation)
+        self.val_loader = build_loader(
+            self.data.val, val_sampler, self.batch_size, workers, collate_fn
+        )
+        self.steps_per_epoch = len(self.sampler) // self.accumulation
         self.total_steps = train["epochs"] * self.steps_per_epoch
+        self.num_epochs = train["epochs"]
+        if train["iterations"] is not None:
+            # An iteration budget (segmentation's 80k): the last epoch is cut short.
+            self.total_steps = train["iterations"]
+            self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
 
         base_batch = train["lr_base_batch"]
         self.peak_lr = train["lr"] * (self.global_batch / base_batch if base_batch else 1.0)
         self.optimizer = build_optimizer(model, config, self.peak_lr)
-        warmup = round(train["warmup_epochs"] * self.steps_per_epoch)
+        warmup = train["warmup_steps"]
+        if warmup is None:
+            warmup = round(train["warmup_epochs"] * self.steps_per_epoch)
+        milestones = [round(m * self.steps_per_epoch) for m in train["milestones"]]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda step: lr_factor(step, self.total_steps, warmup, train["min_lr_ratio"]),
+            lambda step: lr_factor(
+                step,
+                self.total_steps,
+                warmup,
+                train["min_lr_ratio"],
+                train["schedule"],
+                train["warmup_factor"],
+                milestones,
+                train["gamma"],
+                train["poly_power"],
+            ),
         )
         fp16 = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=fp16)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=train["label_smoothing"])
         self.ema = ModelEma(model, train["ema_decay"]) if train["ema_decay"] else None
 
         net: nn.Module = model
@@ -327,11 +354,10 @@ class Trainer:
         if resume:
             self._load(self.run_dir / ckpt.CHECKPOINT_NAME)
         elif info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # run_dir is new and empty (new_run_dir): no earlier run's files to clear.
             ckpt.atomic_write(
                 self.run_dir / ckpt.CONFIG_NAME, lambda f: f.write(dump_config(config).encode())
             )
-            (self.run_dir / ckpt.METRICS_NAME).unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- state
 
@@ -399,21 +425,18 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
 
-    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for images, labels in self.train_loader:
-            images = images.to(self.info.device, non_blocking=True)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            yield images, torch.as_tensor(labels).to(self.info.device, non_blocking=True)
+    def _batches(self) -> Iterator[Any]:
+        for batch in self.train_loader:
+            yield self.task.to_device(batch, self.info.device, self.channels_last)
 
-    def _train_step(self, batches: Iterator[tuple[Tensor, Tensor]]) -> float:
+    def _train_step(self, batches: Iterator[Any]) -> float:
         """One optimizer step over ``accumulation_steps`` micro-batches; returns the mean loss.
 
         Raises :class:`NonFiniteLossError` (on every rank) before touching the weights.
         """
         loss_sum = torch.zeros((), device=self.info.device)
         for micro in range(self.accumulation):
-            images, labels = next(batches)
+            batch = next(batches)
             last = micro == self.accumulation - 1
             sync = contextlib.nullcontext()
             if self.info.distributed and not last:
@@ -422,7 +445,7 @@ class Trainer:
                 with torch.autocast(
                     self.info.device.type, self.amp_dtype, enabled=self.amp_dtype is not None
                 ):
-                    loss = self.criterion(self.net(images).float(), labels) / self.accumulation
+                    loss = self.task.loss(self.net, batch, self.config) / self.accumulation
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         loss_value, bad = all_reduce_sum(
@@ -455,21 +478,21 @@ class Trainer:
         show = train["progress"] and self.info.is_main
         timed_images, timed_seconds = 0, 0.0
         start = time.perf_counter()
-        while self.epoch < train["epochs"] and not self.stopped_early:
-            skip = self.step_in_epoch * self.batch_size * self.accumulation
+        while self.epoch < self.num_epochs and not self.stopped_early:
+            skip = self.step_in_epoch * self.accumulation
             self.sampler.set_epoch(self.epoch, skip=skip)
             self.model.train()
             batches = self._batches()
             bar = tqdm(
                 total=self.steps_per_epoch,
                 initial=self.step_in_epoch,
-                desc=f"epoch {self.epoch + 1}/{train['epochs']}",
+                desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
                 unit="step",
                 disable=not show,
                 dynamic_ncols=True,
             )
             window_loss, window_steps, window_seconds = 0.0, 0, 0.0
-            while self.step_in_epoch < self.steps_per_epoch:
+            while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
                 tick = time.perf_counter()
                 loss = self._train_step(batches)
                 seconds = time.perf_counter() - tick
@@ -486,7 +509,11 @@ class Trainer:
                 rate = self.global_batch / seconds
                 bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.3g}, {rate:.0f} img/s", False)
                 bar.update()
-                end_of_window = self.step_in_epoch == self.steps_per_epoch or self.step % 50 == 0
+                end_of_window = (
+                    self.step_in_epoch == self.steps_per_epoch
+                    or self.step == self.total_steps
+                    or self.step % 50 == 0
+                )
                 stop = max_steps is not None and self.step >= max_steps
                 if end_of_window or stop:
                     self.log(
@@ -514,6 +541,7 @@ class Trainer:
             dist.barrier()
         return {
             "run_dir": str(self.run_dir),
+            "task": self.task.name,
             "steps": self.step,
             "epochs_done": self.epoch,
             "finished": not self.stopped_early,
@@ -525,12 +553,12 @@ class Trainer:
 
     def _end_epoch(self, show: bool) -> None:
         """Evaluate (and the EMA), log, advance the epoch, checkpoint."""
-        metrics = evaluate(
+        metrics = self.task.evaluate(
             self.net, self.val_loader, self.info, self.amp_dtype, self.channels_last, progress=show
         )
         record = {f"val_{k}": v for k, v in metrics.items()}
         if self.ema is not None:
-            ema = evaluate(
+            ema = self.task.evaluate(
                 self.ema.module, self.val_loader, self.info, self.amp_dtype, self.channels_last
             )
             record.update({f"ema_val_{k}": v for k, v in ema.items()})
@@ -545,22 +573,26 @@ class Trainer:
 
 
 def run_training(config: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
-    """Train ``config`` (new run dir unless given) and tear down the process group."""
-    info_world = int(os.environ.get("WORLD_SIZE", "1"))
-    if run_dir is None:
-        run_dir = new_run_dir(config)
-        if (run_dir / ckpt.CHECKPOINT_NAME).exists():
-            raise ValueError(
-                f"{run_dir} already holds a run: continue it with --resume {run_dir} or set "
-                "another output.name"
-            )
-        if info_world > 1:
-            # Every rank must agree on the (time-stamped) name chosen by rank 0.
-            init_distributed(config["train"]["device"])
-            names = [str(run_dir)]
-            dist.broadcast_object_list(names, src=0)
-            run_dir = Path(names[0])
+    """Train ``config`` and tear down the process group.
+
+    Without ``run_dir`` (the run to resume) a new one is created before anything is written
+    (:func:`new_run_dir`); under DDP rank 0 alone creates it and the others take its path.
+    """
     try:
+        if run_dir is None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            run_dir = new_run_dir(config)
+        elif run_dir is None:
+            info = init_distributed(config["train"]["device"])
+            created: list[str | None] = [None, None]  # rank 0's path, or its error
+            if info.is_main:
+                try:
+                    created[0] = str(new_run_dir(config))
+                except (ValueError, OSError) as err:
+                    created[1] = str(err)
+            dist.broadcast_object_list(created, src=0)
+            if created[1] is not None:
+                raise ValueError(created[1])
+            run_dir = Path(created[0])
         trainer = Trainer(config, run_dir, resume=resume)
         return trainer.fit()
     finally:
