@@ -81,6 +81,8 @@ DEFAULTS: Config = {
         # none | bf16 | fp16 (fp16 only on CUDA)
         "amp": "none",
         "channels_last": False,
+        # Under DDP, synchronise BatchNorm statistics across processes (segmentation's SyncBN).
+        "sync_bn": False,
         "compile": False,
         "seed": 0,
         "deterministic": False,

@@ -274,6 +274,8 @@ class Trainer:
         self.task: Task = get_task(config["task"])
         self.data: DataBundle = self.task.build_data(config)
         model = self.task.build_model(config, self.data.classes, self.data.in_chans)
+        if train["sync_bn"] and info.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(info.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
