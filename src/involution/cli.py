@@ -11,6 +11,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "involution.train.cli",
     "involution.models.cli",
     "involution.bench.cli",
+    "involution.datasets.cli",
 )
 
 
