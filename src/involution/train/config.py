@@ -48,6 +48,18 @@ DEFAULTS: Config = {
         "synthetic_val_size": 32,
         "synthetic_classes": 10,
         "synthetic_channels": 3,
+        # data.dataset=fashion_mnist_scenes: generation parameters (involution.datasets.scenes;
+        # built into data.root, default ~/.cache/involution/fashion_mnist_scenes).
+        "scenes": {
+            "train_scenes": 4000,
+            "val_scenes": 500,
+            "min_size": 128,
+            "max_size": 160,
+            "items": [2, 5],
+            "scales": [1.0, 2.5],
+            "max_overlap": 0.15,
+            "seed": 0,
+        },
     },
     "train": {
         "epochs": 3,
@@ -93,6 +105,21 @@ DEFAULTS: Config = {
         # CPU threads per process (None: torch's default, one per core).
         "threads": None,
         "progress": True,
+    },
+    "detection": {
+        # data.dataset=coco: image folders and instances JSONs, relative to data.root.
+        "train_images": "train2017",
+        "train_annotations": "annotations/instances_train2017.json",
+        "val_images": "val2017",
+        "val_annotations": "annotations/instances_val2017.json",
+        # Resize the shorter image side to min_size, the longer one to at most max_size
+        # (the official 1333x800); the detector's own resize is set to the same sizes.
+        "min_size": 800,
+        "max_size": 1333,
+        # Probability of a horizontal flip of a training image.
+        "hflip": 0.5,
+        # `involution predict`: draw the detections scoring at least this.
+        "score_threshold": 0.5,
     },
     "output": {
         "dir": "runs",
