@@ -5,27 +5,27 @@ An official file is ``{"meta": ..., "state_dict": {...}}`` with ``backbone.*`` k
 :func:`infer_rednet_kwargs` reads the architecture off the tensor shapes, and
 :func:`check_state_dict` compares a state dict with a model key by key and shape by shape, so
 a file from another model, a truncated file or a wrong depth fails with the offending keys
-listed. The CLI ``involution convert SRC DST`` writes our state dict as safetensors.
+listed. Files are read by :func:`involution.serialization.read_state_dict` (``weights_only``
+or safetensors): a pickle holding more than tensors and plain data is refused unread. The CLI
+``involution convert SRC DST`` writes our state dict as safetensors.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from involution.models.rednet import RedNet, official_key_to_ours
+from involution.serialization import read_state_dict
 
 __all__ = [
     "CheckpointMismatchError",
@@ -42,8 +42,6 @@ __all__ = [
 
 #: Listed keys per category in error messages (the rest is counted).
 _MAX_LISTED = 20
-# What torch.load / safetensors raise on truncated or foreign files.
-_READ_ERRORS = (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
 _STAGE_BLOCK = re.compile(r"layer(\d+)\.(\d+)\.")
 
 
@@ -174,27 +172,6 @@ def check_state_dict(
     ]
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(missing, unexpected, mismatched)
-
-
-def read_state_dict(path: str | PathLike) -> dict[str, Tensor]:
-    """Tensors of a checkpoint file: safetensors, or a ``torch.save`` file (``weights_only``)
-    holding either a state dict or a dict with a ``"state_dict"`` entry (mmcls, timm)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(path)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except _READ_ERRORS as err:
-        raise ValueError(f"cannot read {path} (truncated or not a checkpoint): {err}") from err
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, dict) or not all(
-        isinstance(key, str) and isinstance(value, Tensor) for key, value in checkpoint.items()
-    ):
-        raise ValueError(f"{path} holds no state dict (a mapping of names to tensors)")
-    return dict(checkpoint)
 
 
 def _to_ours(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -3,6 +3,10 @@
 Every file is written to a temporary name in the same folder, flushed to disk, then moved
 over the old one with ``os.replace`` (atomic on POSIX): a kill at any moment leaves either the
 previous complete file or the new complete one.
+
+A training checkpoint holds tensors and plain data only (RNG states included), so resuming
+reads it with ``weights_only=True`` (:mod:`involution.serialization`): a run directory from
+elsewhere cannot run code. :func:`upgrade_checkpoint` rewrites a trusted older checkpoint.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,9 +23,15 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from involution.serialization import (
+    UPGRADE_COMMAND,
+    load_safetensors,
+    load_torch_file,
+    to_plain_data,
+)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 WEIGHTS_NAME = "model.safetensors"
@@ -53,16 +64,47 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomically ``torch.save`` a training state."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    """Atomically ``torch.save`` a training state as tensors and plain data.
+
+    Raises ``TypeError`` (before writing) for an entry that would not load back with
+    ``weights_only=True``.
+    """
+    plain = to_plain_data(state)
+    atomic_write(path, lambda f: torch.save(plain, f))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a training state saved by :func:`save_checkpoint` (on the CPU)."""
+    """Load a training state saved by :func:`save_checkpoint` (on the CPU, weights only).
+
+    A file holding anything but tensors and plain data is refused unread
+    (:class:`~involution.serialization.UnsafeFileError`, a ``ValueError``).
+    """
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    # Our own file, holding RNG states and numpy scalars: not restricted to weights.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    remedy = (
+        "If it is a training checkpoint you trust, written before involution stored RNG "
+        f"states as tensors, convert it on a trusted machine: {UPGRADE_COMMAND} {path} {path}"
+    )
+    return load_torch_file(path, remedy)
+
+
+def upgrade_checkpoint(src: Path, dst: Path) -> None:
+    """Rewrite a trusted checkpoint ``src`` as tensors and plain data at ``dst`` (may be ``src``).
+
+    ``src`` is unpickled in full, so it may run code: only for files whose origin is trusted,
+    on a machine where that is acceptable. Numpy arrays become tensors, numpy scalars Python
+    numbers and ``argparse.Namespace`` dicts (old RNG states thus take the current format);
+    any other object raises ``TypeError`` naming its entry, and nothing is written.
+    """
+    if not src.is_file():
+        raise FileNotFoundError(f"no checkpoint at {src}")
+    try:
+        # The one full unpickle in the project: the caller vouches for ``src``.
+        state = torch.load(src, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        raise ValueError(f"cannot read {src} (truncated or not a checkpoint): {err}") from err
+    save_checkpoint(dst, state)
+    load_torch_file(dst)  # the result reads back with weights_only=True
 
 
 def save_weights(path: Path, model: nn.Module, metadata: dict[str, str]) -> None:
@@ -73,16 +115,8 @@ def save_weights(path: Path, model: nn.Module, metadata: dict[str, str]) -> None
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors and metadata of a safetensors file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    tensors = {}
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            tensors[key] = f.get_tensor(key)
-    return tensors, metadata
+    """The tensors and metadata of a run's safetensors weights file (a pickle is refused)."""
+    return load_safetensors(path)
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -111,10 +145,18 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG the training loop may draw from (Python, numpy, torch CPU and CUDA)."""
+    """Every RNG the training loop may draw from (Python, numpy, torch CPU and CUDA), as
+    tensors and plain data.
+
+    ``python``: ``random.getstate()`` (a tuple of ints); ``numpy``: ``np.random.get_state()``
+    with its uint32 key array as an int64 tensor of 624 entries (uint32 tensors cannot cross
+    ``all_gather_object``'s pickling); ``torch``: the CPU generator's uint8 tensor; ``cuda``:
+    one uint8 tensor per device.
+    """
+    kind, keys, *position = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *position),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -123,7 +165,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore the RNGs saved by :func:`rng_state`."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *position = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *position))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
