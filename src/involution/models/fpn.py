@@ -25,10 +25,10 @@ from involution.models.convert import (
     check_state_dict,
     convert_official_state_dict,
     is_official_state_dict,
-    read_state_dict,
 )
 from involution.models.rednet import MODEL_DEPTHS, RedNet
 from involution.ops import Involution2d
+from involution.serialization import read_state_dict
 
 __all__ = [
     "DETSEG_STEM_KERNEL_SIZE",
