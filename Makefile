@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt setup.py $(wildcard src/involution/csrc
 
 setup: $(STAMP)
 
-test: setup
+# Fashion-MNIST too: the scenes, detection and segmentation tests train on the real data.
+test: setup fashion-mnist
 	$(PY) -m pytest -n 2 -q
 
 lint: setup
