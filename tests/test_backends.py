@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from involution import cli, involution2d
 from involution.bench import op as op_bench
-from involution.ops import backends, registration
+from involution.ops import backends, involution2d_fused, registration
 from involution.ops.backends import cpu as cpu_backend
 from involution.ops.checks import output_size
 
@@ -443,6 +443,15 @@ def test_front_door_unknown_backend():
     input, weight = _valid_args()
     with pytest.raises(ValueError, match="unknown involution backend 'gpu'"):
         involution2d(input, weight, backend="gpu")
+
+
+def test_front_doors_on_meta_tensors():
+    """Both front doors share the checks, which skip autocast on meta tensors (shape-only runs)."""
+    input, weight = (t.to("meta") for t in _valid_args())
+    assert involution2d(input, weight).shape == (2, 4, 6, 6)
+    reduced, span_weight = torch.empty(2, 3, 6, 6, device="meta"), torch.empty(18, 3, device="meta")
+    output = involution2d_fused(input, reduced, span_weight, None, 3, 2)
+    assert output.device.type == "meta" and output.shape == (2, 4, 6, 6)
 
 
 def test_front_door_cpu_backend_on_meta_tensor():
