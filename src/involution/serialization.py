@@ -51,6 +51,7 @@ _READ_ERRORS = (
     KeyError,
     ValueError,
     IndexError,
+    OSError,  # e.g. EINVAL from the zip reader on a truncated archive
     struct.error,
     zipfile.BadZipFile,
     pickle.UnpicklingError,
@@ -94,21 +95,28 @@ def load_torch_file(path: str | PathLike, remedy: str | None = None) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        message = str(err)
-        if _WEIGHTS_ONLY_REFUSAL in message and _is_pickle(path):
-            refused = _REFUSED_GLOBAL.search(message)
-            detail = f" (it refers to {refused.group(1)})" if refused else ""
-            # torch's own message suggests weights_only=False: not chained, on purpose.
-            raise UnsafeFileError(
-                f"{path} contains objects other than tensors and plain data{detail}, so it was "
-                f"not loaded (nothing in it was executed). {remedy or _default_remedy(path)}"
-            ) from None
-        raise ValueError(f"cannot read {path} (truncated or not a checkpoint): {err}") from None
-    except _READ_ERRORS as err:
-        raise ValueError(f"cannot read {path} (truncated or not a checkpoint): {err}") from None
+    # Opened here so that an OSError from torch.load is about the content, not the access.
+    with open(path, "rb") as f:
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            message = str(err)
+            if _WEIGHTS_ONLY_REFUSAL in message and _is_pickle(path):
+                refused = _REFUSED_GLOBAL.search(message)
+                detail = f" (it refers to {refused.group(1)})" if refused else ""
+                # torch's own message suggests weights_only=False: not chained, on purpose.
+                raise UnsafeFileError(
+                    f"{path} contains objects other than tensors and plain data{detail}, so it "
+                    "was not loaded (nothing in it was executed). "
+                    f"{remedy or _default_remedy(path)}"
+                ) from None
+            raise _unreadable(path, err) from None
+        except _READ_ERRORS as err:
+            raise _unreadable(path, err) from None
+
+
+def _unreadable(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"cannot read {path} (truncated or not a checkpoint): {err}")
 
 
 def load_safetensors(path: str | PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
