@@ -130,10 +130,9 @@ def test_model_loaders_refuse_a_crafted_checkpoint(tmp_path: Path, marker: Path)
     with pytest.raises(UnsafeFileError, match=REFUSED):
         load_model_checkpoint(RedNet(MODEL_DEPTHS[26], num_classes=2), evil)
     # timm's pretrained_cfg_overlay file goes through the same loader first.
-    with pytest.raises(UnsafeFileError, match=REFUSED):
-        timm.create_model(
-            "rednet26", pretrained=True, num_classes=2, pretrained_cfg_overlay={"file": str(evil)}
-        )
+    for name in ("rednet26", "rednet_compact"):
+        with pytest.raises(UnsafeFileError, match=REFUSED):
+            timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(evil)})
 
 
 def test_truncated_file_still_reads_as_truncated(tmp_path: Path) -> None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from involution.models.rednet import RedNet
+from involution.models.rednet import RedNet, _create_rednet
 
 __all__ = ["COMPACT_ARCH"]
 
@@ -56,9 +56,8 @@ default_cfgs = generate_default_cfgs({"rednet_compact": _cfg(), "rednet_compact_
 
 
 def _create(variant: str, pretrained: bool, mixer: str, **kwargs: Any) -> RedNet:
-    return build_model_with_cfg(
-        RedNet, variant, pretrained, **{**COMPACT_ARCH, "mixer": mixer, **kwargs}
-    )
+    # RedNet's builder: its pretrained files go through the project's safe loader.
+    return _create_rednet(variant, pretrained, **{**COMPACT_ARCH, "mixer": mixer, **kwargs})
 
 
 @register_model
