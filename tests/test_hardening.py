@@ -25,6 +25,7 @@ import torch
 from involution.cli import main
 from involution.models import RedNet, rednet_from_checkpoint
 from involution.models.convert import load_checkpoint as load_model_checkpoint
+from involution.models.fpn import load_backbone_weights
 from involution.models.rednet import MODEL_DEPTHS
 from involution.serialization import UnsafeFileError, load_torch_file
 from involution.train import engine
@@ -127,8 +128,12 @@ def test_model_loaders_refuse_a_crafted_checkpoint(tmp_path: Path, marker: Path)
     evil = _crafted(tmp_path, marker, name="rednet26.pth")
     with pytest.raises(UnsafeFileError, match=REFUSED):
         rednet_from_checkpoint(evil)
+    model = RedNet(MODEL_DEPTHS[26], num_classes=0)
     with pytest.raises(UnsafeFileError, match=REFUSED):
-        load_model_checkpoint(RedNet(MODEL_DEPTHS[26], num_classes=2), evil)
+        load_model_checkpoint(model, evil)
+    # The detection / segmentation backbone's weights (models.fpn).
+    with pytest.raises(UnsafeFileError, match=REFUSED):
+        load_backbone_weights(model, evil)
     # timm's pretrained_cfg_overlay file goes through the same loader first.
     for name in ("rednet26", "rednet_compact"):
         with pytest.raises(UnsafeFileError, match=REFUSED):
