@@ -121,6 +121,31 @@ DEFAULTS: Config = {
         # `involution predict`: draw the detections scoring at least this.
         "score_threshold": 0.5,
     },
+    # task: segmentation (see involution.train.tasks.segmentation)
+    "segmentation": {
+        # data.dataset=folder: class names, label value i = classes[i] (other datasets know theirs).
+        "classes": None,
+        # data.dataset=folder: label 0 -> ignore (255), k -> k - 1 (always on for ade20k).
+        "reduce_zero_label": False,
+        # Training crops [h, w]; smaller images are padded (labels with the ignore index 255).
+        "crop_size": [512, 1024],
+        # Random rescale before cropping: fit scale * r, r uniform in ratio_range (null: none).
+        "scale": None,
+        "ratio_range": [0.5, 2.0],
+        # Redraw a crop (up to 10 times) while one class covers this fraction of it (1: never).
+        "cat_max_ratio": 1.0,
+        "flip": True,
+        "color_jitter": False,
+        # Evaluation and prediction: keep-ratio resize to fit [h, w] (null: as is); scores are
+        # computed at the labels' own size.
+        "eval_scale": None,
+        # whole (one forward per image) | slide (slide_crop windows every slide_stride, averaged)
+        "inference": "whole",
+        "slide_crop": None,
+        "slide_stride": None,
+        # Weight of the auxiliary head's loss (UPerNet's FCN head on C4).
+        "aux_weight": 0.4,
+    },
     "output": {
         "dir": "runs",
         "name": None,
