@@ -289,6 +289,19 @@ def detection_transform(train: bool, min_size: int, max_size: int, hflip: float)
     return v2.Compose(steps)
 
 
+def image_transform(min_size: int, max_size: int) -> v2.Compose:
+    """An image alone (no target), as :func:`detection_transform` prepares it for evaluation:
+    uint8 (3, H, W) -> float32 (3, H', W') in [0, 1], shorter side ``min_size``, longer side
+    at most ``max_size``."""
+    return v2.Compose(
+        [
+            v2.Resize(min_size, max_size=max_size, antialias=True),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+
+
 class CocoDetection(Dataset):
     """A COCO-format detection dataset indexed by ``(epoch, index)`` keys.
 
@@ -367,6 +380,12 @@ class CocoDetection(Dataset):
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def select(self, positions: Sequence[int]) -> None:
+        """Keep only the samples at ``positions`` (e.g. a fixed random subset), in that order;
+        evaluation then covers only their images."""
+        self.image_ids = [self.image_ids[i] for i in positions]
+        self._targets = [self._targets[i] for i in positions]
 
     @property
     def group_ids(self) -> list[int]:

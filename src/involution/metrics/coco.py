@@ -2,9 +2,9 @@
 
 A detector returns, per image, ``boxes`` (N, 4) XYXY in the pixels of the image it was fed,
 ``labels`` (N,) contiguous 1..C, ``scores`` (N,) and, for Mask R-CNN, ``masks`` (N, 1, H, W)
-probabilities. :func:`to_coco_results` maps them to the original image's pixels and category
-ids in COCO's result format; :func:`coco_evaluate` scores a set of results against the ground
-truth:
+probabilities. :func:`rescale_detections` maps them back to the original image's pixels,
+:func:`to_coco_results` also to category ids in COCO's result format; :func:`coco_evaluate`
+scores a set of results against the ground truth:
 
 - ``{iou_type}_AP``: AP averaged over IoU 0.50:0.05:0.95 (the COCO metric), ``_AP50``,
   ``_AP75``; ``_APs``/``_APm``/``_APl``: objects under 32², between 32² and 96², over 96²
@@ -46,6 +46,33 @@ STAT_NAMES: tuple[str, ...] = (
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
 
 
+def rescale_detections(
+    prediction: dict[str, Tensor], input_size: tuple[int, int], original_size: tuple[int, int]
+) -> dict[str, Tensor]:
+    """A detector's output for an image resized from ``original_size`` to ``input_size``
+    (``(height, width)`` each), mapped back to the original pixels, on the CPU in float32.
+
+    ``boxes`` (N, 4) XYXY are scaled per axis; ``masks`` (N, 1, H, W) probabilities are
+    resized bilinearly to (N, 1, original height, original width); ``labels`` and ``scores``
+    are kept.
+    """
+    (in_h, in_w), (out_h, out_w) = input_size, original_size
+    scale = torch.tensor([out_w / in_w, out_h / in_h, out_w / in_w, out_h / in_h])
+    result = {
+        "boxes": prediction["boxes"].detach().float().cpu() * scale,
+        "labels": prediction["labels"].detach().cpu(),
+        "scores": prediction["scores"].detach().float().cpu(),
+    }
+    if "masks" in prediction:
+        masks = prediction["masks"].detach().float().cpu()
+        if len(masks) and masks.shape[-2:] != (out_h, out_w):
+            masks = torch.nn.functional.interpolate(
+                masks, size=(out_h, out_w), mode="bilinear", align_corners=False
+            )
+        result["masks"] = masks.reshape(len(masks), 1, out_h, out_w)
+    return result
+
+
 def to_coco_results(
     prediction: dict[str, Tensor],
     image_id: int,
@@ -71,11 +98,10 @@ def to_coco_results(
         ``{"bbox": [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...],
         "segm": [{"image_id", "category_id", "segmentation": RLE, "score"}, ...]}``.
     """
-    (in_h, in_w), (out_h, out_w) = input_size, original_size
-    scale = torch.tensor([out_w / in_w, out_h / in_h, out_w / in_w, out_h / in_h])
-    boxes = prediction["boxes"].detach().float().cpu() * scale
+    prediction = rescale_detections(prediction, input_size, original_size)
+    boxes = prediction["boxes"]
     boxes[:, 2:] -= boxes[:, :2]
-    scores = prediction["scores"].detach().float().cpu().tolist()
+    scores = prediction["scores"].tolist()
     categories = [category_ids[label - 1] for label in prediction["labels"].tolist()]
     results: dict[str, list[dict[str, Any]]] = {
         "bbox": [
@@ -84,13 +110,8 @@ def to_coco_results(
         ]
     }
     if "masks" in prediction:
-        masks = prediction["masks"].detach().float().cpu()
-        if masks.shape[0] and masks.shape[-2:] != (out_h, out_w):
-            masks = torch.nn.functional.interpolate(
-                masks, size=(out_h, out_w), mode="bilinear", align_corners=False
-            )
-        binary = (masks[:, 0] >= mask_threshold).numpy().astype(np.uint8)
-        rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0))) if len(masks) else []
+        binary = (prediction["masks"][:, 0] >= mask_threshold).numpy().astype(np.uint8)
+        rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
         results["segm"] = []
         for c, rle, s in zip(categories, rles, scores, strict=True):
             rle["counts"] = rle["counts"].decode("ascii")  # JSON- and pickle-friendly

@@ -1,0 +1,322 @@
+"""Object detection and instance segmentation: torchvision's RetinaNet / Faster R-CNN / Mask
+R-CNN on RedNet-FPN backbones (:data:`involution.models.detection.DETECTION_MODELS`), COCO data
+and the COCO protocol.
+
+- Data (``data.dataset``): ``coco`` reads ``detection.{train,val}_{images,annotations}`` under
+  ``data.root``; ``fashion_mnist_scenes`` first builds (or reuses) the Fashion-MNIST scenes in
+  ``data.root`` (default ``~/.cache/involution/fashion_mnist_scenes``) with ``data.scenes``,
+  then reads them the same way. Images are resized in the dataset (shorter side
+  ``detection.min_size``, longer side at most ``detection.max_size``), and the detector's own
+  resize is set to the same sizes, so it leaves them as they are.
+- Model: ``model.name`` is a :data:`DETECTION_MODELS` name, ``model.kwargs`` its builder's
+  arguments (``backbone_kwargs``, ``fpn_channels``, ``trainable_stages``, ``norm_eval``, any
+  torchvision detector argument), plus ``anchor_sizes`` (one list of sizes per feature level)
+  and ``anchor_aspect_ratios``, which become torchvision's ``AnchorGenerator``.
+- Loss: the sum of the detector's loss dict. Metrics: COCO box AP/AR (and mask AP/AR for
+  Mask R-CNN) on the original images, see :mod:`involution.metrics.coco`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from tqdm import tqdm
+
+from involution.datasets.coco import (
+    CocoDetection,
+    collate_detection,
+    detection_transform,
+    image_transform,
+)
+from involution.datasets.scenes import ensure_scenes
+from involution.metrics.coco import (
+    coco_evaluate,
+    format_coco_table,
+    rescale_detections,
+    to_coco_results,
+)
+from involution.models.detection import DETECTION_MODELS
+from involution.train.config import Config
+from involution.train.data import DataBundle, _read_image, _subset
+from involution.train.engine import DistInfo
+from involution.train.tasks.base import Task
+from involution.train.tasks.drawing import class_colours, draw_instances, save_png
+
+#: Where ``fashion_mnist_scenes`` is built when ``data.root`` is unset.
+DEFAULT_SCENES_ROOT = Path("~/.cache/involution/fashion_mnist_scenes")
+
+Batch = tuple[list[Tensor], list[dict[str, Any]]]
+
+
+def prepare_scenes(config: Config) -> Path:
+    """Build (or reuse) the Fashion-MNIST scenes of ``config["data"]["scenes"]`` in
+    ``data.root`` and return that folder. Under DDP rank 0 builds while the others wait."""
+    root = Path(config["data"]["root"] or DEFAULT_SCENES_ROOT).expanduser()
+    parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if parallel and dist.get_rank() != 0:
+        dist.barrier()  # rank 0 builds first
+    root = ensure_scenes(root, **config["data"]["scenes"])
+    if parallel and dist.get_rank() == 0:
+        dist.barrier()
+    return root
+
+
+def _sources(config: Config) -> dict[str, tuple[Path, Path]]:
+    """``{"train": (image folder, instances JSON), "val": (...)}`` of the configured data."""
+    data = config["data"]
+    if data["dataset"] == "fashion_mnist_scenes":
+        root = prepare_scenes(config)
+        return {
+            role: (root / "images" / role, root / "annotations" / f"instances_{role}.json")
+            for role in ("train", "val")
+        }
+    if data["root"] is None:
+        raise ValueError(
+            "data.root must be set for data.dataset=coco (the folder holding the "
+            "detection.{train,val}_images folders and _annotations files)"
+        )
+    root = Path(data["root"]).expanduser()
+    det = config["detection"]
+    return {
+        role: (root / det[f"{role}_images"], root / det[f"{role}_annotations"])
+        for role in ("train", "val")
+    }
+
+
+def _needs_masks(config: Config) -> bool:
+    """Whether the configured model is a Mask R-CNN (its training targets need masks)."""
+    return config["model"]["name"].startswith("maskrcnn")
+
+
+class DetectionTask(Task):
+    """Detection (and instance segmentation) with the COCO protocol."""
+
+    name = "detection"
+    key_metric = "bbox_AP"
+
+    def build_data(self, config: Config, train: bool = True) -> DataBundle:
+        det = config["detection"]
+        seed = config["train"]["seed"]
+        sources = _sources(config)
+        roles = ("train", "val") if train else ("val",)
+        datasets: dict[str, CocoDetection] = {}
+        for role in roles:
+            images, annotations = sources[role]
+            datasets[role] = CocoDetection(
+                images,
+                annotations,
+                transform=detection_transform(
+                    role == "train", det["min_size"], det["max_size"], det["hflip"]
+                ),
+                seed=seed,
+                # Evaluation scores against the JSON: its samples need no decoded masks.
+                masks=role == "train" and _needs_masks(config),
+                categories=datasets["train"].categories if "train" in datasets else None,
+            )
+            size = config["data"][f"{role}_subset"]
+            if size is not None:
+                datasets[role].select(_subset(size, len(datasets[role]), seed).tolist())
+        val = datasets["val"]
+        return DataBundle(
+            train=datasets.get("train", []),
+            val=val,
+            classes=list(val.categories.names),
+            in_chans=3,
+            collate_fn=collate_detection,
+            group_ids=datasets["train"].group_ids if train else None,
+        )
+
+    def build_model(self, config: Config, classes: list[str], in_chans: int) -> nn.Module:
+        """``DETECTION_MODELS[model.name](num_classes=len(classes) + 1, **model.kwargs)`` with
+        the detector's resize set to ``detection.min_size`` / ``max_size``."""
+        name = config["model"]["name"]
+        if name not in DETECTION_MODELS:
+            raise ValueError(
+                f"unknown detection model {name!r}; choose one of {', '.join(DETECTION_MODELS)}"
+            )
+        if in_chans != 3:
+            raise ValueError(f"the detectors take RGB images (in_chans=3), got in_chans={in_chans}")
+        kwargs = dict(config["model"]["kwargs"])
+        sizes = kwargs.pop("anchor_sizes", None)
+        ratios = kwargs.pop("anchor_aspect_ratios", None)
+        if sizes is not None:
+            anchors = _anchor_generator(sizes, ratios)
+            kwargs["anchor_generator" if "retinanet" in name else "rpn_anchor_generator"] = anchors
+        elif ratios is not None:
+            raise ValueError("model.kwargs.anchor_aspect_ratios needs anchor_sizes too")
+        kwargs.setdefault("min_size", config["detection"]["min_size"])
+        kwargs.setdefault("max_size", config["detection"]["max_size"])
+        return DETECTION_MODELS[name](num_classes=len(classes) + 1, **kwargs)
+
+    def to_device(self, batch: Batch, device: torch.device, channels_last: bool) -> Batch:
+        """Images and target tensors on ``device`` as plain tensors. (Detectors pad and stack
+        the images themselves, so ``channels_last`` has no input to apply to.)"""
+        images, targets = batch
+        moved_images = [image.as_subclass(Tensor).to(device, non_blocking=True) for image in images]
+        moved_targets = [
+            {
+                key: value.as_subclass(Tensor).to(device, non_blocking=True)
+                if isinstance(value, Tensor)
+                else value
+                for key, value in target.items()
+            }
+            for target in targets
+        ]
+        return moved_images, moved_targets
+
+    def loss(self, net: nn.Module, batch: Batch, config: Config) -> Tensor:
+        """The sum of the detector's losses (classification, box regression, objectness, RPN
+        boxes, masks: whichever the detector has)."""
+        images, targets = batch
+        losses = net(images, targets)
+        return sum(value.float() for value in losses.values())
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: nn.Module,
+        loader: Iterable[Any],
+        info: DistInfo,
+        amp_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        progress: bool = False,
+    ) -> dict[str, float]:
+        """COCO box (and, for models that predict masks, mask) AP/AR over the loader's dataset.
+
+        Every rank detects on its shard; the results are gathered and scored on rank 0 and the
+        metrics broadcast, so every rank returns the same dict.
+        """
+        dataset = getattr(loader, "dataset", None)
+        if not isinstance(dataset, CocoDetection):
+            raise TypeError(f"evaluate needs a loader over a CocoDetection, got {type(dataset)}")
+        was_training = model.training
+        model.eval()
+        results: dict[str, list[dict[str, Any]]] = {"bbox": [], "segm": []}
+        image_ids: list[int] = []
+        masks = False
+        for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
+            images, targets = self.to_device(batch, info.device, channels_last)
+            with torch.autocast(info.device.type, amp_dtype, enabled=amp_dtype is not None):
+                outputs = model(images)
+            for image, target, output in zip(images, targets, outputs, strict=True):
+                found = to_coco_results(
+                    output,
+                    target["image_id"],
+                    tuple(image.shape[-2:]),
+                    target["orig_size"],
+                    dataset.categories.ids,
+                )
+                for iou_type, entries in found.items():
+                    results[iou_type] += entries
+                image_ids.append(target["image_id"])
+                masks = masks or "masks" in output
+        model.train(was_training)
+        shards = [(results, image_ids, masks)]
+        if info.distributed:
+            shards = [None] * info.world_size
+            dist.all_gather_object(shards, (results, image_ids, masks))
+        metrics: dict[str, float] = {}
+        if info.is_main:
+            merged: dict[str, list[dict[str, Any]]] = {"bbox": [], "segm": []}
+            for shard_results, _, _ in shards:
+                for iou_type, entries in shard_results.items():
+                    merged[iou_type] += entries
+            all_ids = [i for _, ids, _ in shards for i in ids]
+            if not all_ids:
+                raise ValueError("the evaluation set is empty")
+            iou_types = ("bbox", "segm") if any(m for _, _, m in shards) else ("bbox",)
+            metrics = coco_evaluate(dataset.coco, merged, all_ids, iou_types)
+        if info.distributed:
+            box = [metrics]
+            dist.broadcast_object_list(box, src=0)
+            metrics = box[0]
+        return metrics
+
+    def format_metrics(self, metrics: dict[str, float]) -> str:
+        return "COCO metrics\n" + format_coco_table(metrics)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        model: nn.Module,
+        config: Config,
+        classes: list[str],
+        in_chans: int,
+        images: list[Path],
+        out_dir: Path | None,
+        topk: int,
+    ) -> None:
+        """Print each image's detections scoring at least ``detection.score_threshold`` (at
+        most ``topk``, best first) and, with ``out_dir``, write ``out_dir/<image stem>.png``
+        with their boxes, class names, scores and masks drawn on the original image."""
+        det = config["detection"]
+        stems = [path.stem for path in images]
+        repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+        if out_dir is not None and repeated:
+            raise ValueError(
+                f"several input images are named {repeated}: their outputs would clash"
+            )
+        transform = image_transform(det["min_size"], det["max_size"])
+        colours = class_colours(len(classes))
+        device = next(model.parameters()).device
+        model.eval()
+        for path in images:
+            original = torch.from_numpy(np.array(_read_image(str(path)))).permute(2, 0, 1)
+            resized = transform(original)
+            output = model([resized.as_subclass(Tensor).to(device)])[0]
+            found = rescale_detections(
+                output, tuple(resized.shape[-2:]), tuple(original.shape[-2:])
+            )
+            keep = (found["scores"] >= det["score_threshold"]).nonzero().flatten()[:topk]
+            names = [classes[label - 1] for label in found["labels"][keep].tolist()]
+            scores = found["scores"][keep].tolist()
+            boxes = found["boxes"][keep]
+            print(f"{path}: {len(keep)} detections (score >= {det['score_threshold']:g})")
+            for name, score, box in zip(names, scores, boxes.tolist(), strict=True):
+                corners = ", ".join(f"{v:.0f}" for v in box)
+                print(f"  {score:5.3f}  {name:<14} [{corners}]")
+            if out_dir is None:
+                continue
+            masks = found["masks"][keep, 0] >= 0.5 if "masks" in found else None
+            drawn = draw_instances(
+                original,
+                boxes,
+                [f"{name} {score:.2f}" for name, score in zip(names, scores, strict=True)],
+                [colours[label - 1] for label in found["labels"][keep].tolist()],
+                masks,
+            )
+            save_png(drawn, out_dir / f"{path.stem}.png")
+        if out_dir is not None:
+            print(f"wrote {len(images)} images to {out_dir}{os.sep}")
+
+
+def _anchor_generator(
+    sizes: list[list[int]] | list[int], ratios: list[float] | list[list[float]] | None
+) -> AnchorGenerator:
+    """torchvision's ``AnchorGenerator`` from YAML lists: ``sizes`` per feature level (a flat
+    list means one size per level), ``ratios`` shared by all levels or one list per level
+    (default 0.5, 1, 2)."""
+    per_level = tuple(tuple(s) if isinstance(s, list | tuple) else (s,) for s in sizes)
+    ratios = ratios or [0.5, 1.0, 2.0]
+    if all(isinstance(r, list | tuple) for r in ratios):
+        aspect = tuple(tuple(r) for r in ratios)
+    else:
+        aspect = (tuple(ratios),) * len(per_level)
+    if len(aspect) != len(per_level):
+        raise ValueError(
+            f"anchor_aspect_ratios has {len(aspect)} levels, anchor_sizes {len(per_level)}"
+        )
+    return AnchorGenerator(per_level, aspect)
+
+
+TASK = DetectionTask()
+
+__all__ = ["DEFAULT_SCENES_ROOT", "TASK", "DetectionTask", "prepare_scenes"]
