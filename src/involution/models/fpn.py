@@ -81,14 +81,16 @@ def load_backbone_weights(backbone: RedNet, path: str | PathLike) -> RedNet:
 
     The classifier (``fc.*``) is dropped. The stem involution's span conv of an ImageNet
     checkpoint (kernel 3) does not fit the det/seg stem (kernel 7): it is left at its
-    initialisation with a warning, which is what the official mmseg/mmdet training did (a
-    non-strict load). Every other key and shape must match, else
+    initialisation, which is what the official mmseg/mmdet training did (a non-strict load).
+    One ``UserWarning`` names the keys left at their initialisation and the dropped ones.
+    Every other key and shape must match, else
     :class:`~involution.models.convert.CheckpointMismatchError` lists the differences.
     """
     state_dict = read_state_dict(path)
     if is_official_state_dict(state_dict):
         state_dict = convert_official_state_dict(state_dict)
-    state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
+    dropped = [key for key in state_dict if key.startswith("fc.")]
+    state_dict = {key: value for key, value in state_dict.items() if key not in dropped}
     expected = backbone.state_dict()
     kept_init = [
         key
@@ -99,13 +101,17 @@ def load_backbone_weights(backbone: RedNet, path: str | PathLike) -> RedNet:
         state_dict[key] = expected[key]
     check_state_dict(state_dict, expected)
     backbone.load_state_dict(state_dict)
+    notes = []  # one warning naming every key not loaded and every classifier key dropped
     if kept_init:
-        warnings.warn(
-            f"{path}: the checkpoint's stem involution has another kernel size than the "
-            f"backbone's ({backbone.stem.inv.kernel_size}); {', '.join(kept_init)} keep their "
-            "initialisation (as in the official det/seg training)",
-            stacklevel=2,
+        notes.append(
+            "the checkpoint's stem involution has another kernel size than the backbone's "
+            f"({backbone.stem.inv.kernel_size}); {', '.join(kept_init)} keep their "
+            "initialisation (as in the official det/seg training)"
         )
+    if dropped:
+        notes.append(f"classifier keys dropped: {', '.join(dropped)}")
+    if notes:
+        warnings.warn(f"{path}: {'; '.join(notes)}", UserWarning, stacklevel=2)
     return backbone
 
 

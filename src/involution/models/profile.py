@@ -169,13 +169,15 @@ def profile_model(
     input_size: int | Sequence[int] = 224,
     in_chans: int = 3,
     batch_size: int = 1,
+    stage_of: Callable[[str], str] | None = None,
 ) -> ModelProfile:
     """Profile the model returned by ``build()`` on a (batch, in_chans, H, W) input.
 
     ``build`` is called inside ``FakeTensorMode`` so weights and activations are never
     allocated; pass e.g. ``lambda: timm.create_model("rednet50")``. Stages are the model's
     top-level children grouped as ``stem`` (everything before ``layer1``), ``layer1`` ..
-    ``layerN`` and ``head`` (pooling and classifier), in forward order.
+    ``layerN`` and ``head`` (pooling and classifier), in forward order; or, with
+    ``stage_of`` (child name -> row name), by that mapping in the children's order.
     """
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in (*size, in_chans)):
@@ -194,11 +196,13 @@ def profile_model(
 
     rows: dict[str, list[int]] = {}
     for name in children:
-        row = rows.setdefault(_stage_of(name), [0, 0, 0])
+        row = rows.setdefault((stage_of or _stage_of)(name), [0, 0, 0])
         row[0] += params[name]
         row[1] += per_child.get(name, 0) // 2
         row[2] += per_child_elementwise.get(name, 0) // 2
     order = ["stem", *sorted((s for s in rows if s.startswith("layer")), key=_stage_index), "head"]
+    if stage_of is not None:
+        order = list(rows)
     stages = [StageProfile(name, *rows[name]) for name in order if name in rows]
     total_row = StageProfile("total", total_params, total // 2, total_elementwise // 2)
     return ModelProfile(input_shape, stages, total_row)
