@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from involution.cli import main
 from involution.models.fpn import InvolutionFPN, load_backbone_weights, rednet_backbone
 from involution.models.rednet import official_key_to_ours
 from involution.models.segmentation import (
@@ -57,6 +58,24 @@ def test_parameter_counts_match_the_official_table(name: str) -> None:
     assert abs(_num_params(model) / official - 1) < 0.015
     # The table rounds to 0.1M: ours must round to the same figure.
     assert round(_num_params(model) / 1e6, 1) == OFFICIAL_CITYSCAPES[name]["params_m"]
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_CITYSCAPES))
+def test_profile_flops_match_the_official_table(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At 1024x2048 (mmseg's get_flops shape), counted as mmcv does, without the aux head
+    (mmseg's forward_dummy runs backbone, neck and decode head only)."""
+    args = ["profile", name, "--num-classes", "19", "--input-size", "1024", "2048", "--json"]
+    assert main(args) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
+    assert set(rows) - {"aux_head"} == {"backbone", "decode_head", "total"} | (
+        {"neck"} if name.startswith("semantic_fpn") else set()
+    )
+    aux = rows["aux_head"]["macs_elementwise"] if "aux_head" in rows else 0
+    gmacs = (rows["total"]["macs_elementwise"] - aux) / 1e9
+    assert abs(gmacs / OFFICIAL_CITYSCAPES[name]["gflops"] - 1) < 0.015
+    assert main(["profile", name]) == 2  # segmentation models need --num-classes
 
 
 def test_involution_neck_saves_what_the_table_says() -> None:

@@ -13,10 +13,14 @@ import torchvision
 from torch import nn
 
 from involution.models.convert import convert_checkpoint
-from involution.models.profile import PAPER_GMACS, format_profile, profile_model
+from involution.models.profile import PAPER_GMACS, ModelProfile, format_profile, profile_model
+from involution.models.segmentation import OFFICIAL_CITYSCAPES, SEGMENTATION_MODELS
 
 #: Prefix that selects a torchvision model instead of a timm one, e.g. ``torchvision:resnet50``.
 TORCHVISION_PREFIX = "torchvision:"
+#: Models that are not timm classifiers, by name: ``builder(num_classes=...) -> nn.Module``.
+#: Their profile has one row per top-level child (e.g. backbone, neck, decode_head).
+TASK_MODELS: dict[str, Callable[..., nn.Module]] = {**SEGMENTATION_MODELS}
 
 
 def _error(message: object) -> int:
@@ -46,11 +50,20 @@ def add_commands(subparsers: Any) -> None:
         help="parameters and multiply-adds per stage (involution counted correctly)",
         description=(
             "Count parameters and multiply-adds (MACs) per stage on fake tensors. MODEL is a "
-            f"timm model name (rednet26, resnet50, ...) or {TORCHVISION_PREFIX}NAME."
+            f"timm model name (rednet26, resnet50, ...), {TORCHVISION_PREFIX}NAME, or a "
+            "segmentation model (semantic_fpn_rednet50, upernet_rednet50, ...; needs "
+            "--num-classes)."
         ),
     )
     profile.add_argument("model", metavar="MODEL")
-    profile.add_argument("--input-size", type=int, default=224, help="square input side (224)")
+    profile.add_argument(
+        "--input-size",
+        type=int,
+        nargs="+",
+        default=[224],
+        metavar=("H", "W"),
+        help="input side, or height and width (224)",
+    )
     profile.add_argument("--in-chans", type=int, help="input channels (default: the model's)")
     profile.add_argument("--num-classes", type=int, help="classifier outputs (model default)")
     profile.add_argument(
@@ -73,6 +86,8 @@ def model_builder(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
     if name.startswith(TORCHVISION_PREFIX):
         tv_name = name[len(TORCHVISION_PREFIX) :]
         return lambda: torchvision.models.get_model(tv_name, **kwargs)
+    if name in TASK_MODELS:
+        return lambda: TASK_MODELS[name](**kwargs)
     if not timm.is_model(name):
         raise ValueError(f"unknown model {name!r} (not a timm model; try e.g. rednet50, resnet50)")
     return lambda: timm.create_model(name, **kwargs)
@@ -82,15 +97,24 @@ def profile_command(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {}
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
+    if len(args.input_size) > 2:
+        return _error(f"--input-size takes H or H W, got {len(args.input_size)} values")
+    input_size = args.input_size[0] if len(args.input_size) == 1 else tuple(args.input_size)
+    task_model = args.model in TASK_MODELS
+    if task_model and args.num_classes is None:
+        return _error(f"{args.model} needs --num-classes (e.g. 19 for Cityscapes)")
     try:
-        if args.model.startswith(TORCHVISION_PREFIX):
+        if args.model.startswith(TORCHVISION_PREFIX) or task_model:
             in_chans = 3 if args.in_chans is None else args.in_chans
         else:
             if args.in_chans is not None:
                 kwargs["in_chans"] = args.in_chans
             in_chans = kwargs.get("in_chans") or _default_in_chans(args.model)
         result = profile_model(
-            model_builder(args.model, **kwargs), input_size=args.input_size, in_chans=in_chans
+            model_builder(args.model, **kwargs),
+            input_size=input_size,
+            in_chans=in_chans,
+            stage_of=(lambda child: child) if task_model else None,
         )
     except (ValueError, TypeError, RuntimeError) as err:
         return _error(err)
@@ -99,14 +123,31 @@ def profile_command(args: argparse.Namespace) -> int:
         print(json.dumps({"input_shape": result.input_shape, "rows": [vars(r) for r in rows]}))
         return 0
     print(format_profile(result, args.model))
+    official = OFFICIAL_CITYSCAPES.get(args.model)
+    if official is not None and input_size == (1024, 2048) and args.num_classes == 19:
+        print(_cityscapes_comparison(result, official))
     paper = PAPER_GMACS.get(args.model)
-    if paper is not None and args.input_size == 224 and "num_classes" not in kwargs:
+    if paper is not None and input_size == 224 and "num_classes" not in kwargs:
         print(
             f"\npaper: {paper:.2f} GMACs; ours {result.total.macs_elementwise / 1e9:.3f} "
             f"({100 * (result.total.macs_elementwise / 1e9 / paper - 1):+.1f}%) with "
             "element-wise ops counted as mmcv does"
         )
     return 0
+
+
+def _cityscapes_comparison(result: ModelProfile, official: dict[str, float]) -> str:
+    """Ours vs the official table; its FLOPs leave out the auxiliary head (mmseg's
+    ``forward_dummy``), its parameter count includes it."""
+    aux = sum(row.macs_elementwise for row in result.stages if row.name == "aux_head")
+    gmacs = (result.total.macs_elementwise - aux) / 1e9
+    return (
+        f"\nofficial (1024x2048, 19 classes): {official['params_m']}M parameters, "
+        f"{official['gflops']} GFLOPs (MACs); ours {result.total.params / 1e6:.2f}M, "
+        f"{gmacs:.1f} GMACs with element-wise ops counted as mmcv does"
+        f"{' and without the aux head' if aux else ''} "
+        f"({100 * (gmacs / official['gflops'] - 1):+.1f}%)"
+    )
 
 
 def _default_in_chans(name: str) -> int:
