@@ -646,8 +646,12 @@ std::tuple<at::Tensor, at::Tensor> backward(
 
 }  // namespace involution_cpu
 
+// The fused inference kernel of the whole layer (involution_layer_cpu.cpp).
+void register_layer_kernels(pybind11::module& m);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fast CPU kernels of the involution operator (see involution.backends.cpu).";
+  register_layer_kernels(m);
   m.def("forward", &involution_cpu::forward, "Involution forward -> (B, C, H_out, W_out)",
         py::arg("input"), py::arg("weight"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"));

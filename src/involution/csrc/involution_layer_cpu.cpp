@@ -1,0 +1,590 @@
+// Fused inference kernel of the whole Involution2d layer on CPU:
+//
+//   xk  = avg_pool(x, stride)                 (kernel branch input; x itself when stride 1)
+//   r   = ReLU(W0 · xk + b0)                  W0: (M, C), the reduce conv with its BN folded in
+//   h   = W1 · r + b1                         W1: (G*Kh*Kw, M), the span conv
+//   y   = sum_{kh, kw} h[g(c), kh, kw] * x[c, i*s + kh*d - p, j*s + kw*d - p]   (involution)
+//   out = [ReLU](scale * y + shift)           optional epilogue: the following BN (+ ReLU)
+//
+// computed per block of up to 8 output pixels of one row, so the (B, G*Kh*Kw, H_out, W_out)
+// kernel tensor h (about 3x the activation in RedNet), the reduced features r and the pooled
+// input never reach memory: each block's r and h live in a few KiB of per-thread scratch.
+//
+// Design:
+// - Feature maps are read channels_last: one pixel's C channels are contiguous, so the 1x1 convs
+//   are small matrix products over a block's pixels and the aggregation's innermost loop runs
+//   over a group's C/G channels with unit stride (C/G = 16 in RedNet: one AVX-512 register).
+// - Both 1x1 convs are register-blocked matrix products: up to 8 pixels x 32 output channels of
+//   accumulators, one broadcast per pixel and two vector loads of the (pre-transposed) weights
+//   per reduction step.
+// - The aggregation keeps the block's pixels in registers over the taps; taps whose input column
+//   is outside the image are skipped per pixel only in the blocks that touch the border (the
+//   valid output columns of each kernel column are computed once per call).
+// - Tasks are output rows, handed out on demand to the intra-op threads (a thread slowed down by
+//   other processes does not hold the others back); every task writes its own output pixels.
+// - float32 and float64; the output is written in the input's layout (NCHW or channels_last).
+// - As in involution_cpu.cpp, the hot loops are compiled for AVX-512, AVX2+FMA and baseline
+//   x86-64 and the best version is picked at load time.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
+#define LAYER_TARGET_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LAYER_TARGET_CLONES
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define LAYER_INLINE inline __attribute__((always_inline))
+#define LAYER_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define LAYER_INLINE inline
+#define LAYER_LAMBDA_INLINE
+#endif
+
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define LAYER_VECTOR_KERNELS 1  // GCC/Clang vector types
+#endif
+#endif
+
+namespace involution_layer_cpu {
+
+using Pair = std::array<int64_t, 2>;
+
+// Pixels per block: the 1x1 convs' and the aggregation's register tile.
+constexpr int64_t kBlock = 8;
+// Lanes of the vector type; the transposed 1x1-conv weights are padded to a multiple of it.
+constexpr int64_t kLanes = 16;
+
+inline int64_t round_up(int64_t n, int64_t multiple) {
+  return (n + multiple - 1) / multiple * multiple;
+}
+
+struct ColumnRange {
+  int64_t lo, hi;  // output columns j in [lo, hi) read an input column inside the image
+};
+
+struct LayerGeometry {
+  int64_t batch, channels, height, width, out_h, out_w;
+  int64_t groups, group_channels, kernel_h, kernel_w;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t reduced, reduced_padded;  // M = C/r, and M rounded up to kLanes
+  int64_t taps;                     // Kh*Kw
+  int64_t kernels_padded;           // G*Kh*Kw rounded up to kLanes: the scratch row of h
+  std::vector<int64_t> blocks;      // the output columns in near-equal blocks of <= kBlock
+  std::vector<ColumnRange> columns;  // per kernel column kw
+  bool channels_last_result;
+  bool has_scale, out_relu;
+
+  int64_t input_row(int64_t i, int64_t kh) const { return i * stride_h - pad_h + kh * dil_h; }
+  int64_t input_column(int64_t j, int64_t kw) const { return j * stride_w - pad_w + kw * dil_w; }
+};
+
+// The parameters of one call, in the compute type, transposed and padded for the kernels.
+template <typename T>
+struct LayerParams {
+  const T* x;        // (B, H, W, C) channels_last input
+  const T* w0t;      // (C, reduced_padded): reduce weight, transposed, zero columns past M
+  const T* b0;       // (reduced_padded)
+  const T* w1t;      // (M, kernels_padded): span weight, transposed
+  const T* b1;       // (kernels_padded)
+  const T* scale;    // (C) or nullptr
+  const T* shift;    // (C) or nullptr
+  T* y;              // (B, C, H_out, W_out) in the result layout
+};
+
+#ifdef LAYER_VECTOR_KERNELS
+template <typename T>
+struct Lanes16 {
+  typedef T type __attribute__((vector_size(kLanes * sizeof(T))));
+};
+template <typename T>
+using V16 = typename Lanes16<T>::type;
+
+template <typename T>
+LAYER_INLINE V16<T> load16(const T* p) {
+  V16<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+LAYER_INLINE void store16(T* p, const V16<T>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// max(v, 0) that keeps NaN (like torch.relu): a NaN lane compares false and is kept.
+template <typename V>
+LAYER_INLINE V relu16(const V& v) {
+  const V zero = {};
+  return v < zero ? zero : v;
+}
+
+// out[p, n] = bias[n] + sum_k a[p * lda + k] * b[k * ldb + n] (then ReLU when `relu`), for the
+// NP pixels p of a block and the n in [0, ldb), ldb a multiple of 16: accumulators for NP pixels
+// x NV vectors stay in registers over the reduction.
+template <typename T, int NP, int NV>
+LAYER_INLINE void matmul_columns(
+    const T* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb, int64_t depth,
+    const T* __restrict bias, bool relu, T* __restrict out, int64_t n0) {
+  V16<T> acc[NP][NV];
+  for (int v = 0; v < NV; ++v) {
+    const V16<T> start = load16(bias + n0 + v * kLanes);
+    for (int p = 0; p < NP; ++p) {
+      acc[p][v] = start;
+    }
+  }
+  const T* __restrict b_col = b + n0;
+  for (int64_t k = 0; k < depth; ++k) {
+    V16<T> row[NV];
+    for (int v = 0; v < NV; ++v) {
+      row[v] = load16(b_col + k * ldb + v * kLanes);
+    }
+    for (int p = 0; p < NP; ++p) {
+      const T scalar = a[p * lda + k];
+      for (int v = 0; v < NV; ++v) {
+        acc[p][v] += scalar * row[v];
+      }
+    }
+  }
+  for (int p = 0; p < NP; ++p) {
+    for (int v = 0; v < NV; ++v) {
+      store16(out + p * ldb + n0 + v * kLanes, relu ? relu16(acc[p][v]) : acc[p][v]);
+    }
+  }
+}
+
+template <typename T, int NP>
+LAYER_INLINE void matmul_block(
+    const T* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb, int64_t depth,
+    const T* __restrict bias, bool relu, T* __restrict out) {
+  int64_t n0 = 0;
+  for (; n0 + 2 * kLanes <= ldb; n0 += 2 * kLanes) {
+    matmul_columns<T, NP, 2>(a, lda, b, ldb, depth, bias, relu, out, n0);
+  }
+  if (n0 < ldb) {
+    matmul_columns<T, NP, 1>(a, lda, b, ldb, depth, bias, relu, out, n0);
+  }
+}
+
+// The aggregation of group g for the NP pixels j0.. of output row i (16 channels per group),
+// with the epilogue, written to the output.
+template <typename T, int NP>
+LAYER_INLINE void aggregate_block16(
+    const LayerGeometry& geo, const LayerParams<T>& prm, const T* __restrict h, int64_t b,
+    int64_t i, int64_t j0, int64_t g) {
+  V16<T> acc[NP] = {};
+  const int64_t pixel = geo.channels;
+  const T* __restrict x_batch = prm.x + b * geo.height * geo.width * pixel + g * kLanes;
+  const T* __restrict h_group = h + g * geo.taps;
+  for (int64_t kh = 0; kh < geo.kernel_h; ++kh) {
+    const int64_t ih = geo.input_row(i, kh);
+    if (ih < 0 || ih >= geo.height) {
+      continue;
+    }
+    const T* __restrict x_row = x_batch + ih * geo.width * pixel;
+    for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
+      const T* __restrict h_tap = h_group + kh * geo.kernel_w + kw;
+      const ColumnRange cols = geo.columns[kw];
+      // Input column of pixel p: column0 + p * stride_w (outside the image where p is not in
+      // cols, in which case it is never read).
+      const int64_t column0 = geo.input_column(j0, kw);
+      if (j0 >= cols.lo && j0 + NP <= cols.hi) {
+        const T* __restrict in = x_row + column0 * pixel;
+        for (int p = 0; p < NP; ++p) {
+          acc[p] += h_tap[p * geo.kernels_padded] * load16(in + p * geo.stride_w * pixel);
+        }
+      } else {
+        for (int p = 0; p < NP; ++p) {
+          if (j0 + p >= cols.lo && j0 + p < cols.hi) {
+            acc[p] += h_tap[p * geo.kernels_padded] *
+                      load16(x_row + (column0 + p * geo.stride_w) * pixel);
+          }
+        }
+      }
+    }
+  }
+  const int64_t c0 = g * kLanes;
+  if (geo.has_scale) {
+    const V16<T> scale = load16(prm.scale + c0);
+    const V16<T> shift = load16(prm.shift + c0);
+    for (int p = 0; p < NP; ++p) {
+      acc[p] = acc[p] * scale + shift;
+    }
+  }
+  if (geo.out_relu) {
+    for (int p = 0; p < NP; ++p) {
+      acc[p] = relu16(acc[p]);
+    }
+  }
+  if (geo.channels_last_result) {
+    T* __restrict out = prm.y + ((b * geo.out_h + i) * geo.out_w + j0) * pixel + c0;
+    for (int p = 0; p < NP; ++p) {
+      store16(out + p * pixel, acc[p]);
+    }
+    return;
+  }
+  const int64_t plane = geo.out_h * geo.out_w;
+  T* __restrict out = prm.y + (b * geo.channels + c0) * plane + i * geo.out_w + j0;
+  for (int64_t c = 0; c < kLanes; ++c) {
+    for (int p = 0; p < NP; ++p) {
+      out[c * plane + p] = acc[p][c];
+    }
+  }
+}
+#endif  // LAYER_VECTOR_KERNELS
+
+// Scalar versions of the three steps, for any group width and for compilers without vector
+// types. acc is (np, C/G) scratch.
+template <typename T>
+void matmul_block_scalar(
+    const T* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb, int64_t depth,
+    const T* __restrict bias, bool relu, T* __restrict out, int64_t np) {
+  for (int64_t p = 0; p < np; ++p) {
+    T* __restrict row = out + p * ldb;
+    std::copy_n(bias, ldb, row);
+    for (int64_t k = 0; k < depth; ++k) {
+      const T scalar = a[p * lda + k];
+      const T* __restrict b_row = b + k * ldb;
+#pragma omp simd
+      for (int64_t n = 0; n < ldb; ++n) {
+        row[n] += scalar * b_row[n];
+      }
+    }
+    if (relu) {
+      for (int64_t n = 0; n < ldb; ++n) {
+        row[n] = row[n] < T(0) ? T(0) : row[n];
+      }
+    }
+  }
+}
+
+template <typename T>
+void aggregate_block_scalar(
+    const LayerGeometry& geo, const LayerParams<T>& prm, const T* __restrict h, int64_t b,
+    int64_t i, int64_t j0, int64_t np, int64_t g, T* __restrict acc) {
+  const int64_t cg = geo.group_channels;
+  const int64_t pixel = geo.channels;
+  const int64_t c0 = g * cg;
+  std::fill_n(acc, np * cg, T(0));
+  for (int64_t kh = 0; kh < geo.kernel_h; ++kh) {
+    const int64_t ih = geo.input_row(i, kh);
+    if (ih < 0 || ih >= geo.height) {
+      continue;
+    }
+    const T* __restrict x_row = prm.x + ((b * geo.height + ih) * geo.width) * pixel + c0;
+    for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
+      const ColumnRange cols = geo.columns[kw];
+      const int64_t lo = std::max(j0, cols.lo);
+      const int64_t hi = std::min(j0 + np, cols.hi);
+      for (int64_t j = lo; j < hi; ++j) {
+        const T weight = h[(j - j0) * geo.kernels_padded + g * geo.taps + kh * geo.kernel_w + kw];
+        const T* __restrict in = x_row + geo.input_column(j, kw) * pixel;
+        T* __restrict a = acc + (j - j0) * cg;
+#pragma omp simd
+        for (int64_t c = 0; c < cg; ++c) {
+          a[c] += weight * in[c];
+        }
+      }
+    }
+  }
+  const int64_t plane = geo.out_h * geo.out_w;
+  for (int64_t p = 0; p < np; ++p) {
+    for (int64_t c = 0; c < cg; ++c) {
+      T value = acc[p * cg + c];
+      if (geo.has_scale) {
+        value = value * prm.scale[c0 + c] + prm.shift[c0 + c];
+      }
+      if (geo.out_relu) {
+        value = value < T(0) ? T(0) : value;
+      }
+      const int64_t j = j0 + p;
+      if (geo.channels_last_result) {
+        prm.y[((b * geo.out_h + i) * geo.out_w + j) * pixel + c0 + c] = value;
+      } else {
+        prm.y[(b * geo.channels + c0 + c) * plane + i * geo.out_w + j] = value;
+      }
+    }
+  }
+}
+
+// The kernel branch's input for the block's pixels: the average of each pixel's stride x stride
+// window (clipped at the bottom/right border, dividing by the pixels inside, like
+// avg_pool2d(ceil_mode=True)), as np rows of C values.
+template <typename T>
+void pool_block(
+    const LayerGeometry& geo, const T* __restrict x, int64_t b, int64_t i, int64_t j0, int64_t np,
+    T* __restrict out) {
+  const int64_t pixel = geo.channels;
+  const int64_t h0 = i * geo.stride_h, h1 = std::min(h0 + geo.stride_h, geo.height);
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t w0 = (j0 + p) * geo.stride_w, w1 = std::min(w0 + geo.stride_w, geo.width);
+    T* __restrict row = out + p * pixel;
+    std::fill_n(row, pixel, T(0));
+    for (int64_t ih = h0; ih < h1; ++ih) {
+      for (int64_t iw = w0; iw < w1; ++iw) {
+        const T* __restrict in = x + ((b * geo.height + ih) * geo.width + iw) * pixel;
+#pragma omp simd
+        for (int64_t c = 0; c < pixel; ++c) {
+          row[c] += in[c];
+        }
+      }
+    }
+    const T inv_count = T(1) / T((h1 - h0) * (w1 - w0));
+#pragma omp simd
+    for (int64_t c = 0; c < pixel; ++c) {
+      row[c] *= inv_count;
+    }
+  }
+}
+
+// Calls block(np) with np a std::integral_constant in 1..kBlock equal to `size`.
+template <int NP = kBlock, typename Block>
+LAYER_INLINE void with_block_size(int64_t size, const Block& block) {
+  if constexpr (NP > 1) {
+    if (size < NP) {
+      with_block_size<NP - 1>(size, block);
+      return;
+    }
+  }
+  block(std::integral_constant<int, NP>{});
+}
+
+// The rows (b, i) in [begin, end): for each block of pixels, pool, reduce, span, aggregate.
+template <typename T>
+LAYER_INLINE void layer_rows_impl(
+    const LayerGeometry& geo, const LayerParams<T>& prm, int64_t begin, int64_t end) {
+  const bool pooled = geo.stride_h > 1 || geo.stride_w > 1;
+  std::vector<T> pool_scratch(pooled ? kBlock * geo.channels : 0);
+  std::vector<T> reduced(kBlock * geo.reduced_padded);
+  std::vector<T> kernels(kBlock * geo.kernels_padded);
+  std::vector<T> acc(kBlock * geo.group_channels);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t i = task % geo.out_h;
+    const int64_t b = task / geo.out_h;
+    int64_t j0 = 0;
+    for (const int64_t np : geo.blocks) {
+      // The kernel branch's input rows: the block's own pixels of x (stride 1) or their pools.
+      const T* branch = prm.x + ((b * geo.height + i) * geo.width + j0) * geo.channels;
+      if (pooled) {
+        pool_block(geo, prm.x, b, i, j0, np, pool_scratch.data());
+        branch = pool_scratch.data();
+      }
+#ifdef LAYER_VECTOR_KERNELS
+      with_block_size(np, [&](auto size) LAYER_LAMBDA_INLINE {
+        constexpr int NP = decltype(size)::value;
+        matmul_block<T, NP>(branch, geo.channels, prm.w0t, geo.reduced_padded, geo.channels,
+                            prm.b0, true, reduced.data());
+        matmul_block<T, NP>(reduced.data(), geo.reduced_padded, prm.w1t, geo.kernels_padded,
+                            geo.reduced, prm.b1, false, kernels.data());
+        for (int64_t g = 0; g < geo.groups; ++g) {
+          if (geo.group_channels == kLanes) {
+            aggregate_block16<T, NP>(geo, prm, kernels.data(), b, i, j0, g);
+          } else {
+            aggregate_block_scalar(geo, prm, kernels.data(), b, i, j0, NP, g, acc.data());
+          }
+        }
+      });
+#else
+      matmul_block_scalar(branch, geo.channels, prm.w0t, geo.reduced_padded, geo.channels,
+                          prm.b0, true, reduced.data(), np);
+      matmul_block_scalar(reduced.data(), geo.reduced_padded, prm.w1t, geo.kernels_padded,
+                          geo.reduced, prm.b1, false, kernels.data(), np);
+      for (int64_t g = 0; g < geo.groups; ++g) {
+        aggregate_block_scalar(geo, prm, kernels.data(), b, i, j0, np, g, acc.data());
+      }
+#endif
+      j0 += np;
+    }
+  }
+}
+
+LAYER_TARGET_CLONES void layer_rows(
+    const LayerGeometry& geo, const LayerParams<float>& prm, int64_t begin, int64_t end) {
+  layer_rows_impl<float>(geo, prm, begin, end);
+}
+LAYER_TARGET_CLONES void layer_rows(
+    const LayerGeometry& geo, const LayerParams<double>& prm, int64_t begin, int64_t end) {
+  layer_rows_impl<double>(geo, prm, begin, end);
+}
+
+inline ColumnRange valid_columns(int64_t offset, int64_t stride, int64_t width, int64_t out_w) {
+  const int64_t lo = offset >= 0 ? 0 : std::min(out_w, (-offset + stride - 1) / stride);
+  const int64_t last = width - 1 - offset;
+  const int64_t hi = last < 0 ? 0 : std::min(out_w, last / stride + 1);
+  return {lo, std::max(lo, hi)};
+}
+
+// Runs body(begin, end) over the rows [0, total) on the intra-op threads, handing out chunks of
+// about `chunk` rows on demand; small problems stay on the calling thread.
+template <typename Body>
+void parallel_rows(int64_t total, int64_t chunk, const Body& body) {
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    body(0, total);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t start = next.fetch_add(chunk); start < total; start = next.fetch_add(chunk)) {
+      body(start, std::min(total, start + chunk));
+    }
+  });
+}
+
+// `t` (n, m) transposed into a zero-padded (m, padded_n) tensor of `dtype`.
+at::Tensor transposed_padded(const at::Tensor& t, int64_t padded_n, at::ScalarType dtype) {
+  at::Tensor out = at::zeros({t.size(1), padded_n}, t.options().dtype(dtype));
+  out.narrow(1, 0, t.size(0)).copy_(t.t());
+  return out;
+}
+
+at::Tensor padded_vector(const std::optional<at::Tensor>& v, int64_t n, int64_t padded_n,
+                         const at::TensorOptions& options) {
+  at::Tensor out = at::zeros({padded_n}, options);
+  if (v.has_value() && v->defined()) {
+    out.narrow(0, 0, n).copy_(*v);
+  }
+  return out;
+}
+
+// Whole involution layer, inference only. Shapes: input (B, C, H, W); reduce_weight (M, C) or
+// (M, C, 1, 1); reduce_bias (M) or None; span_weight (G*Kh*Kw, M) or (G*Kh*Kw, M, 1, 1);
+// span_bias (G*Kh*Kw) or None; out_scale, out_shift (C) or None (both or neither).
+// Returns (B, C, H_out, W_out) in the input's layout.
+at::Tensor layer_forward(
+    const at::Tensor& input, const at::Tensor& reduce_weight,
+    const std::optional<at::Tensor>& reduce_bias, const at::Tensor& span_weight,
+    const std::optional<at::Tensor>& span_bias, Pair kernel_size, Pair stride, Pair padding,
+    Pair dilation, int64_t groups, const std::optional<at::Tensor>& out_scale,
+    const std::optional<at::Tensor>& out_shift, bool out_relu) {
+  TORCH_CHECK(input.device().is_cpu(), "involution layer: input must be on the CPU, got ",
+              input.device());
+  TORCH_CHECK(input.dim() == 4, "involution layer: input must be (B, C, H, W), got ",
+              input.sizes());
+  const at::ScalarType dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "involution layer: float32 or float64 input expected, got ", dtype);
+  LayerGeometry geo{};
+  geo.batch = input.size(0);
+  geo.channels = input.size(1);
+  geo.height = input.size(2);
+  geo.width = input.size(3);
+  geo.groups = groups;
+  geo.kernel_h = kernel_size[0];
+  geo.kernel_w = kernel_size[1];
+  geo.stride_h = stride[0];
+  geo.stride_w = stride[1];
+  geo.pad_h = padding[0];
+  geo.pad_w = padding[1];
+  geo.dil_h = dilation[0];
+  geo.dil_w = dilation[1];
+  TORCH_CHECK(geo.kernel_h >= 1 && geo.kernel_w >= 1 && geo.stride_h >= 1 && geo.stride_w >= 1 &&
+                  geo.dil_h >= 1 && geo.dil_w >= 1 && geo.pad_h >= 0 && geo.pad_w >= 0,
+              "involution layer: bad kernel size, stride, padding or dilation");
+  TORCH_CHECK(groups >= 1 && geo.channels % groups == 0, "involution layer: groups ", groups,
+              " must divide channels ", geo.channels);
+  geo.group_channels = geo.channels / groups;
+  geo.taps = geo.kernel_h * geo.kernel_w;
+  const at::Tensor w0 = reduce_weight.reshape({reduce_weight.size(0), -1});
+  const at::Tensor w1 = span_weight.reshape({span_weight.size(0), -1});
+  geo.reduced = w0.size(0);
+  TORCH_CHECK(w0.size(1) == geo.channels, "involution layer: reduce_weight ",
+              reduce_weight.sizes(), " does not take ", geo.channels, " channels");
+  TORCH_CHECK(w1.size(0) == groups * geo.taps && w1.size(1) == geo.reduced,
+              "involution layer: span_weight ", span_weight.sizes(), " must be (G*Kh*Kw, ",
+              geo.reduced, ") with G*Kh*Kw = ", groups * geo.taps);
+  const auto out_size = [](int64_t n, int64_t k, int64_t s, int64_t p, int64_t d) {
+    return (n + 2 * p - d * (k - 1) - 1) / s + 1;
+  };
+  geo.out_h = out_size(geo.height, geo.kernel_h, geo.stride_h, geo.pad_h, geo.dil_h);
+  geo.out_w = out_size(geo.width, geo.kernel_w, geo.stride_w, geo.pad_w, geo.dil_w);
+  // The kernel branch sees the input pooled by the stride: its size must be the output's.
+  TORCH_CHECK(geo.out_h == (geo.height + geo.stride_h - 1) / geo.stride_h &&
+                  geo.out_w == (geo.width + geo.stride_w - 1) / geo.stride_w,
+              "involution layer: output size (", geo.out_h, ", ", geo.out_w,
+              ") differs from the input pooled by the stride; use 'same' padding");
+  geo.reduced_padded = round_up(geo.reduced, kLanes);
+  geo.kernels_padded = round_up(groups * geo.taps, kLanes);
+  geo.channels_last_result = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  geo.has_scale = out_scale.has_value() && out_scale->defined();
+  TORCH_CHECK(geo.has_scale == (out_shift.has_value() && out_shift->defined()),
+              "involution layer: out_scale and out_shift go together");
+  geo.out_relu = out_relu;
+  const int64_t count = (geo.out_w + kBlock - 1) / kBlock;
+  for (int64_t k = 0; k < count; ++k) {
+    geo.blocks.push_back(geo.out_w / count + (k < geo.out_w % count ? 1 : 0));
+  }
+  for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
+    geo.columns.push_back(
+        valid_columns(kw * geo.dil_w - geo.pad_w, geo.stride_w, geo.width, geo.out_w));
+  }
+
+  const at::TensorOptions options = input.options().dtype(dtype);
+  const at::Tensor x =
+      input.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::ChannelsLast);
+  const at::Tensor w0t = transposed_padded(w0, geo.reduced_padded, dtype);
+  const at::Tensor w1t = transposed_padded(w1, geo.kernels_padded, dtype);
+  const at::Tensor b0 = padded_vector(reduce_bias, geo.reduced, geo.reduced_padded, options);
+  const at::Tensor b1 = padded_vector(span_bias, groups * geo.taps, geo.kernels_padded, options);
+  at::Tensor scale, shift;
+  if (geo.has_scale) {
+    scale = out_scale->to(dtype).contiguous();
+    shift = out_shift->to(dtype).contiguous();
+    TORCH_CHECK(scale.numel() == geo.channels && shift.numel() == geo.channels,
+                "involution layer: out_scale and out_shift must have ", geo.channels,
+                " values");
+  }
+  at::Tensor y = at::empty(
+      {geo.batch, geo.channels, geo.out_h, geo.out_w},
+      options.memory_format(geo.channels_last_result ? at::MemoryFormat::ChannelsLast
+                                                     : at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) {
+    return y;
+  }
+  // About 64k multiply-adds per chunk of rows.
+  const int64_t row_work =
+      geo.out_w * (geo.channels * geo.reduced + geo.reduced * groups * geo.taps +
+                   geo.channels * geo.taps);
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, row_work));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "involution_layer_forward", [&] {
+    LayerParams<scalar_t> prm{};
+    prm.x = x.const_data_ptr<scalar_t>();
+    prm.w0t = w0t.const_data_ptr<scalar_t>();
+    prm.b0 = b0.const_data_ptr<scalar_t>();
+    prm.w1t = w1t.const_data_ptr<scalar_t>();
+    prm.b1 = b1.const_data_ptr<scalar_t>();
+    prm.scale = geo.has_scale ? scale.const_data_ptr<scalar_t>() : nullptr;
+    prm.shift = geo.has_scale ? shift.const_data_ptr<scalar_t>() : nullptr;
+    prm.y = y.mutable_data_ptr<scalar_t>();
+    parallel_rows(geo.batch * geo.out_h, chunk, [&](int64_t begin, int64_t end) {
+      layer_rows(geo, prm, begin, end);
+    });
+  });
+  return y;
+}
+
+}  // namespace involution_layer_cpu
+
+// Called from involution_cpu.cpp's PYBIND11_MODULE: one extension, one module.
+void register_layer_kernels(pybind11::module& m) {
+  m.def("layer_forward", &involution_layer_cpu::layer_forward,
+        "Whole involution layer, inference: pool, reduce (+bias) + ReLU, span, aggregation and "
+        "an optional per-channel affine (+ ReLU) epilogue -> (B, C, H_out, W_out)",
+        py::arg("input"), py::arg("reduce_weight"), py::arg("reduce_bias"),
+        py::arg("span_weight"), py::arg("span_bias"), py::arg("kernel_size"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("out_scale"),
+        py::arg("out_shift"), py::arg("out_relu"));
+}
