@@ -1,7 +1,8 @@
 """The involution operator: front doors, ``torch.library`` registration, module and backends.
 
-- :mod:`~involution.ops.functional`: :func:`involution2d` and :func:`involution2d_fused`, the
-  front doors that check arguments (:mod:`~involution.ops.checks`) and pick a backend;
+- :mod:`~involution.ops.functional`: :func:`involution2d`, :func:`involution2d_fused` and the
+  inference-only whole layer :func:`involution2d_layer`, the front doors that check arguments
+  (:mod:`~involution.ops.checks`) and pick a backend;
 - :mod:`~involution.ops.registration`: the ``torch.ops.involution.*`` custom ops, their fakes
   and autograd, and the eager fast path;
 - :mod:`~involution.ops.modules`: :class:`Involution2d`, kernel generation plus aggregation;
@@ -14,7 +15,14 @@ Needs only PyTorch (and Triton for the ``"triton"`` backend): no timm.
 
 from involution.ops import flops  # noqa: F401  (registers the ops' flop formulas)
 from involution.ops.backends import BACKENDS
-from involution.ops.functional import involution2d, involution2d_fused
-from involution.ops.modules import Involution2d
+from involution.ops.functional import involution2d, involution2d_fused, involution2d_layer
+from involution.ops.modules import Involution2d, Involution2dAffine
 
-__all__ = ["BACKENDS", "Involution2d", "involution2d", "involution2d_fused"]
+__all__ = [
+    "BACKENDS",
+    "Involution2d",
+    "Involution2dAffine",
+    "involution2d",
+    "involution2d_fused",
+    "involution2d_layer",
+]

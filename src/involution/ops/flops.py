@@ -2,7 +2,8 @@
 
 Every output element of the aggregation costs K*K multiply-adds, in the forward pass and in each
 of the two gradients (twice that for the backward op that computes both). The fused op adds its
-span conv (R -> G*K*K per output pixel). Formulas return FLOPs, 2 per multiply-add, as
+span conv (R -> G*K*K per output pixel), the inference layer op its reduce conv (C -> R per
+output pixel) too. Formulas return FLOPs, 2 per multiply-add, as
 ``FlopCounterMode`` counts them.
 """
 
@@ -23,6 +24,7 @@ __all__ = [
     "involution_backward_flop",
     "involution_both_gradients_flop",
     "involution_flop",
+    "layer_flop",
 ]
 
 
@@ -62,7 +64,26 @@ def fused_flop(
     return 2 * (span_macs + math.prod(out_shape) * kernel_size[0] * kernel_size[1])
 
 
+def layer_flop(
+    input_shape: Sequence[int],
+    reduce_weight_shape: Sequence[int],
+    reduce_bias_shape: Sequence[int] | None,
+    span_weight_shape: Sequence[int],
+    span_bias_shape: Sequence[int] | None,
+    kernel_size: Sequence[int],
+    *args: Any,
+    out_shape: Sequence[int],
+) -> int:
+    """The layer op = reduce 1x1 conv (C -> R) + span 1x1 conv (R -> G*K*K) per output pixel +
+    the aggregation (pooling and epilogue not counted, like BN and ReLU)."""
+    batch, _, out_h, out_w = out_shape
+    pixels = batch * out_h * out_w
+    conv_macs = pixels * (math.prod(reduce_weight_shape) + math.prod(span_weight_shape))
+    return 2 * (conv_macs + math.prod(out_shape) * kernel_size[0] * kernel_size[1])
+
+
 register_flop_formula(torch.ops.involution.involution2d)(involution_flop)
+register_flop_formula(torch.ops.involution.involution2d_layer)(layer_flop)
 register_flop_formula(torch.ops.involution.involution2d_fused)(fused_flop)
 register_flop_formula(
     [

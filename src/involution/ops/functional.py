@@ -1,4 +1,5 @@
-"""The front doors of the involution operator: :func:`involution2d` and :func:`involution2d_fused`.
+"""The front doors of the involution operator: :func:`involution2d`, :func:`involution2d_fused`
+and, for inference, the whole layer :func:`involution2d_layer`.
 
 Both check their arguments (:mod:`involution.ops.checks`), apply autocast, resolve the backend
 and call the registered ops (:mod:`involution.ops.registration`).
@@ -7,6 +8,7 @@ and call the registered ops (:mod:`involution.ops.registration`).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from involution.ops import registration
@@ -24,7 +26,7 @@ from involution.ops.checks import (
 )
 from involution.ops.layout import generate_kernels
 
-__all__ = ["generate_kernels", "involution2d", "involution2d_fused"]
+__all__ = ["generate_kernels", "involution2d", "involution2d_fused", "involution2d_layer"]
 
 
 def involution2d(
@@ -162,3 +164,124 @@ def involution2d_fused(
         groups,
         resolve_backend(backend, input.device),
     )
+
+
+def _as_matrix(name: str, weight: Tensor, rows: int | None, columns: int) -> Tensor:
+    """A 1x1 conv weight (rows, columns[, 1, 1]) as a (rows, columns) matrix, shape-checked;
+    ``rows=None`` accepts any number of rows."""
+    if weight.dim() == 4 and weight.shape[2:] == (1, 1):
+        weight = weight.flatten(1)
+    if weight.dim() != 2 or weight.shape[1] != columns or rows not in (None, weight.shape[0]):
+        expected = ("R" if rows is None else rows, columns)
+        raise ValueError(
+            f"{name} must have shape {expected} or {(*expected, 1, 1)}, got {tuple(weight.shape)}"
+        )
+    return weight
+
+
+def _check_vector(name: str, vector: Tensor | None, length: int) -> None:
+    if vector is not None and tuple(vector.shape) != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(vector.shape)}")
+
+
+def involution2d_layer(
+    input: Tensor,
+    reduce_weight: Tensor,
+    reduce_bias: Tensor | None,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    kernel_size: IntOrPair,
+    groups: int,
+    stride: IntOrPair = 1,
+    dilation: IntOrPair = 1,
+    out_scale: Tensor | None = None,
+    out_shift: Tensor | None = None,
+    out_relu: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    r"""The whole :class:`~involution.ops.Involution2d` layer, for inference (no autograd).
+
+    .. math::
+        r = \mathrm{ReLU}(W_0\,\mathrm{pool}_s(x) + b_0),\quad
+        W = W_1 r + b_1,\quad
+        y = \mathrm{involution2d}(x, W),\quad
+        \mathrm{out} = [\mathrm{ReLU}](\mathrm{scale}\cdot y + \mathrm{shift})
+
+    where :math:`\mathrm{pool}_s` is ``avg_pool2d(kernel=stride, stride, ceil_mode=True)`` (the
+    identity for stride 1) and the padding is ``dilation * (K - 1) // 2``. The layer's kernel
+    branch norm (an eval-mode BatchNorm) is expected folded into ``reduce_weight`` and
+    ``reduce_bias``; ``out_scale``/``out_shift`` carry a following BatchNorm the same way.
+
+    On the ``"cpu"`` backend (float32/float64) one C++ kernel computes all of it per block of
+    output pixels, so neither the (B, G*K*K, H_out, W_out) kernels nor the reduced features
+    are stored; otherwise the steps run one after another (identical results within rounding).
+
+    Args:
+        input: (B, C, H, W), NCHW or channels_last (the output follows).
+        reduce_weight: (M, C) or (M, C, 1, 1); reduce_bias: (M,) or ``None``.
+        span_weight: (G*K*K, M) or (G*K*K, M, 1, 1); span_bias: (G*K*K,) or ``None``.
+        kernel_size: K, odd (int or pair).
+        groups: G, dividing C.
+        stride, dilation: int or pair.
+        out_scale, out_shift: (C,) each, both or neither.
+        out_relu: apply ReLU last.
+        backend: as in :func:`involution2d`.
+
+    Returns:
+        (B, C, ceil(H / s_h), ceil(W / s_w)).
+
+    Raises ``RuntimeError`` when gradients are enabled and a tensor requires them: use the
+    layer's differentiable path (:class:`~involution.ops.Involution2d` in training mode or
+    with gradients enabled) for training.
+    """
+    named = dict(
+        input=input,
+        reduce_weight=reduce_weight,
+        reduce_bias=reduce_bias,
+        span_weight=span_weight,
+        span_bias=span_bias,
+        out_scale=out_scale,
+        out_shift=out_shift,
+    )
+    check_tensors(**named)
+    check_backend(backend)
+    check_rank("input", input, ("B", "C", "H", "W"))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in named.values()):
+        raise RuntimeError(
+            "involution2d_layer is inference-only (no autograd); call it under torch.no_grad() "
+            "or torch.inference_mode()"
+        )
+    kernel_hw = as_pair("kernel_size", kernel_size)
+    if kernel_hw[0] % 2 == 0 or kernel_hw[1] % 2 == 0:
+        raise ValueError(f"kernel_size must be odd for involution2d_layer, got {kernel_hw}")
+    _, channels, height, width = input.shape
+    geo = geometry((height, width), kernel_hw, stride, None, dilation)
+    check_groups(groups, channels, f"input {tuple(input.shape)}")
+    reduce_weight = _as_matrix("reduce_weight", reduce_weight, None, channels)
+    reduced = reduce_weight.shape[0]
+    span_weight = _as_matrix(
+        "span_weight", span_weight, groups * kernel_hw[0] * kernel_hw[1], reduced
+    )
+    _check_vector("reduce_bias", reduce_bias, reduced)
+    _check_vector("span_bias", span_bias, span_weight.shape[0])
+    _check_vector("out_scale", out_scale, channels)
+    _check_vector("out_shift", out_shift, channels)
+    if (out_scale is None) != (out_shift is None):
+        raise ValueError("out_scale and out_shift must be given together")
+    named.update(reduce_weight=reduce_weight, span_weight=span_weight)
+    tensors = autocast(*named.values())
+    check_dtypes(**dict(zip(named, tensors, strict=True)))
+    args = (
+        *tensors[:5],
+        kernel_hw,
+        geo.stride,
+        geo.padding,
+        geo.dilation,
+        groups,
+        *tensors[5:],
+        out_relu,
+        resolve_backend(backend, input.device),
+    )
+    if registration.use_eager_path(input, reduce_weight):
+        return registration.layer_inference(*args)
+    return registration.involution2d_layer_op(*args)

@@ -1,13 +1,25 @@
-"""``Involution2d``: kernel generation plus aggregation, as in the paper and the official code."""
+"""``Involution2d``: kernel generation plus aggregation, as in the paper and the official code.
+
+In eval mode without gradients on the ``"cpu"`` backend, the layer runs as one fused inference
+op (:func:`~involution.ops.involution2d_layer`). :class:`Involution2dAffine` adds a following
+per-channel affine (a folded BatchNorm) and ReLU to that op, for
+:func:`involution.models.fold_batchnorm`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from involution.ops.backends import resolve_backend
-from involution.ops.functional import generate_kernels, involution2d, involution2d_fused
+from involution.ops.functional import (
+    generate_kernels,
+    involution2d,
+    involution2d_fused,
+    involution2d_layer,
+)
 
 LayerFactory = Callable[[int], nn.Module]
 
@@ -17,6 +29,35 @@ OFFICIAL_KEY_PREFIXES: dict[str, str] = {
     "conv1.bn.": "norm.",
     "conv2.conv.": "span.",
 }
+
+
+def batchnorm_affine(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """An eval-mode BatchNorm as ``y = scale * x + shift``: (scale, shift), each (C,).
+
+    Raises ``ValueError`` for a BatchNorm without running statistics (it normalises with the
+    batch's statistics even in eval mode, which no fixed affine reproduces).
+    """
+    if norm.running_mean is None or norm.running_var is None:
+        raise ValueError(f"{norm} has no running statistics: it cannot be folded")
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale, shift
+
+
+def _is_foldable_norm(norm: nn.Module) -> bool:
+    """Identity (already folded) or a BatchNorm2d in eval mode with running statistics."""
+    if type(norm) is nn.Identity:
+        return True
+    return (
+        isinstance(norm, nn.BatchNorm2d)
+        and not norm.training
+        and norm.running_mean is not None
+        and norm.running_var is not None
+    )
 
 
 def convert_official_involution_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -63,6 +104,11 @@ class Involution2d(nn.Module):
             stored. Opt-in: on an H100 it lowered RedNet-50's peak training memory (6.5 vs
             7.5 GiB at batch 128) but ran slower (inference 2,688 vs 5,002 images/s). The state
             dict is the same either way.
+        fuse_inference: in eval mode with gradients disabled, on the ``"cpu"`` backend (CPU,
+            float32/float64), with a BatchNorm2d (or an identity) as ``norm`` and ReLU as
+            ``act``, compute the whole layer in one op (:meth:`forward_layer`): the kernel
+            tensor is never stored, and the output is the same within float rounding. Also an
+            attribute, to switch it off on a built model (e.g. to time both paths).
 
     Shape:
         input (B, C, H, W) -> output (B, C, ceil(H / stride), ceil(W / stride)).
@@ -80,6 +126,7 @@ class Involution2d(nn.Module):
         act_layer: Callable[[], nn.Module] = nn.ReLU,
         backend: str = "auto",
         fused: bool = False,
+        fuse_inference: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -114,6 +161,7 @@ class Involution2d(nn.Module):
         self.groups = channels // group_channels
         self.backend = backend
         self.fused = fused
+        self.fuse_inference = fuse_inference
         reduced = channels // reduction_ratio
         self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
         self.reduce = nn.Conv2d(channels, reduced, 1, bias=False)
@@ -132,8 +180,60 @@ class Involution2d(nn.Module):
             self.reduce_features(x), self.span.weight, self.span.bias, (k, k), self.groups
         )
 
+    def layer_inference_applies(self, x: Tensor, backend: str) -> bool:
+        """Whether :meth:`forward` runs the fused inference op (see ``fuse_inference``)."""
+        return (
+            self.fuse_inference
+            and not self.training
+            and not torch.is_grad_enabled()
+            and backend == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and type(self.act) is nn.ReLU
+            and _is_foldable_norm(self.norm)
+        )
+
+    def folded_reduce(self) -> tuple[Tensor, Tensor | None]:
+        """The reduce conv with the eval-mode ``norm`` folded in: weight (C/r, C), bias (C/r,)."""
+        weight = self.reduce.weight.flatten(1)
+        if type(self.norm) is nn.Identity:
+            return weight, self.reduce.bias
+        scale, shift = batchnorm_affine(self.norm)
+        bias = shift if self.reduce.bias is None else self.reduce.bias * scale + shift
+        return weight * scale[:, None], bias
+
+    def forward_layer(
+        self,
+        x: Tensor,
+        backend: str,
+        out_scale: Tensor | None = None,
+        out_shift: Tensor | None = None,
+        out_relu: bool = False,
+    ) -> Tensor:
+        """The whole layer as one inference op, with an optional per-channel affine + ReLU after.
+
+        Requires :meth:`layer_inference_applies`; (B, C, H, W) -> (B, C, H_out, W_out).
+        """
+        reduce_weight, reduce_bias = self.folded_reduce()
+        return involution2d_layer(
+            x,
+            reduce_weight,
+            reduce_bias,
+            self.span.weight,
+            self.span.bias,
+            self.kernel_size,
+            self.groups,
+            stride=self.stride,
+            dilation=self.dilation,
+            out_scale=out_scale,
+            out_shift=out_shift,
+            out_relu=out_relu,
+            backend=backend,
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         backend = resolve_backend(self.backend, x.device)
+        if self.layer_inference_applies(x, backend):
+            return self.forward_layer(x, backend)
         if not self.fused:
             return involution2d(
                 x,
@@ -159,3 +259,52 @@ class Involution2d(nn.Module):
             f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"dilation={self.dilation}, groups={self.groups}"
         )
+
+
+class Involution2dAffine(nn.Module):
+    """An :class:`Involution2d` followed by a fixed per-channel affine and an activation.
+
+    ``out = act(scale * involution(x) + shift)``: what :func:`involution.models.fold_batchnorm`
+    makes of an involution followed by an eval-mode BatchNorm (and ReLU). Where the
+    involution's fused inference op applies (:meth:`Involution2d.layer_inference_applies`) and
+    ``act`` is ReLU or the identity, the affine and the ReLU run inside that op, on each output
+    pixel while it is in registers; otherwise step by step.
+
+    Shape:
+        (B, C, H, W) -> (B, C, H_out, W_out), as the involution.
+    """
+
+    def __init__(
+        self, involution: Involution2d, scale: Tensor, shift: Tensor, act: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        channels = involution.channels
+        for name, value in (("scale", scale), ("shift", shift)):
+            if tuple(value.shape) != (channels,):
+                raise ValueError(
+                    f"{name} must have shape ({channels},) for {involution}, "
+                    f"got {tuple(value.shape)}"
+                )
+        self.involution = involution
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+        self.act = nn.Identity() if act is None else act
+
+    @classmethod
+    def from_batchnorm(
+        cls, involution: Involution2d, norm: nn.BatchNorm2d, act: nn.Module | None = None
+    ) -> Involution2dAffine:
+        """``act(norm(involution(x)))`` with the eval-mode ``norm`` as the affine."""
+        with torch.no_grad():
+            scale, shift = batchnorm_affine(norm)
+        return cls(involution, scale, shift, act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        relu = type(self.act) is nn.ReLU
+        backend = resolve_backend(self.involution.backend, x.device)
+        if (relu or type(self.act) is nn.Identity) and self.involution.layer_inference_applies(
+            x, backend
+        ):
+            return self.involution.forward_layer(x, backend, self.scale, self.shift, relu)
+        y = self.involution(x)
+        return self.act(y * self.scale[:, None, None] + self.shift[:, None, None])

@@ -17,6 +17,11 @@ kernels on the fly (Triton: in registers, never written to memory); every other 
 span conv, then its aggregation. Either way autograd saves only the op's inputs and the backward
 recomputes the kernels, materialising them (and their gradient) only while it runs.
 
+``involution::involution2d_layer`` is the whole :class:`~involution.ops.Involution2d` layer
+for inference (kernel branch, span conv, aggregation and an optional per-channel affine + ReLU
+epilogue): a backend with a ``layer_forward`` (``"cpu"``) computes it without storing the
+kernels; every other call composes the steps (:func:`compose_layer`). It has no autograd.
+
 The ops take already-validated arguments: call the front doors in
 :mod:`involution.ops.functional`. Outputs follow the input's memory format (channels_last in,
 channels_last out).
@@ -27,11 +32,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from involution.ops.backends import get_backend
+from involution.ops.checks import output_size
 from involution.ops.layout import empty_output, generate_kernels, memory_format_of, pair
 
 
@@ -327,3 +334,133 @@ def _fused_backward(ctx, grad_output: Tensor):
 torch.library.register_autograd(
     "involution::involution2d_fused", _fused_backward, setup_context=_fused_setup_context
 )
+
+
+def compose_layer(
+    input: Tensor,
+    reduce_weight: Tensor,
+    reduce_bias: Tensor | None,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    out_scale: Tensor | None,
+    out_shift: Tensor | None,
+    out_relu: bool,
+    backend: str,
+) -> Tensor:
+    """The layer op step by step: pool, reduce conv + ReLU, span conv, aggregation, epilogue."""
+    stride = pair(stride)
+    branch = input
+    if stride != (1, 1):  # Involution2d's kernel branch: AvgPool2d(stride, ceil_mode=True)
+        branch = F.avg_pool2d(input, stride, stride, ceil_mode=True)
+    reduce_weight = reduce_weight.reshape(reduce_weight.shape[0], -1, 1, 1)
+    reduced = F.relu(F.conv2d(branch, reduce_weight, reduce_bias))
+    kernels = generate_kernels(
+        reduced, span_weight.reshape(span_weight.shape[0], -1), span_bias, kernel_size, groups
+    )
+    output = aggregate(input, kernels, stride, padding, dilation, backend)
+    if out_scale is not None:
+        output = output * out_scale[:, None, None] + out_shift[:, None, None]
+    return F.relu(output) if out_relu else output
+
+
+def layer_inference(
+    input: Tensor,
+    reduce_weight: Tensor,
+    reduce_bias: Tensor | None,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    out_scale: Tensor | None,
+    out_shift: Tensor | None,
+    out_relu: bool,
+    backend: str,
+) -> Tensor:
+    """The layer op: the backend's ``layer_forward`` when it has one for the call, else
+    :func:`compose_layer`. Output in the memory format of ``input``."""
+    args = (
+        input,
+        reduce_weight,
+        reduce_bias,
+        span_weight,
+        span_bias,
+        pair(kernel_size),
+        pair(stride),
+        pair(padding),
+        pair(dilation),
+        groups,
+        out_scale,
+        out_shift,
+        out_relu,
+    )
+    impl = get_backend(backend)
+    output = None
+    if input.numel() > 0 and hasattr(impl, "layer_forward"):
+        output = impl.layer_forward(*args)
+    if output is None:
+        output = compose_layer(*args, backend)
+    return output.contiguous(memory_format=memory_format_of(input))
+
+
+@torch.library.custom_op("involution::involution2d_layer", mutates_args=())
+def involution2d_layer_op(
+    input: Tensor,
+    reduce_weight: Tensor,
+    reduce_bias: Tensor | None,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    out_scale: Tensor | None,
+    out_shift: Tensor | None,
+    out_relu: bool,
+    backend: str,
+) -> Tensor:
+    """The whole Involution2d layer for inference (:func:`layer_inference`) as a custom op."""
+    return layer_inference(
+        input,
+        reduce_weight,
+        reduce_bias,
+        span_weight,
+        span_bias,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        groups,
+        out_scale,
+        out_shift,
+        out_relu,
+        backend,
+    )
+
+
+@involution2d_layer_op.register_fake
+def _(
+    input,
+    reduce_weight,
+    reduce_bias,
+    span_weight,
+    span_bias,
+    kernel_size,
+    stride,
+    padding,
+    dilation,
+    *args,
+):
+    out_size = [
+        output_size(input.shape[2 + d], kernel_size[d], stride[d], padding[d], dilation[d])
+        for d in range(2)
+    ]
+    return empty_output(input, out_size)

@@ -8,6 +8,9 @@ and bfloat16 are computed in float32. See ``src/involution/csrc/involution_cpu.c
 Shapes: ``input`` (B, C, H, W), ``weight`` (B, G, Kh, Kw, H_out, W_out), ``output`` and
 ``grad_output`` (B, C, H_out, W_out). The output and ``grad_input`` come back in the input's
 layout (NCHW or channels_last), ``grad_weight`` contiguous.
+
+:func:`layer_forward` is the whole Involution2d layer for inference in one kernel (see
+``src/involution/csrc/involution_layer_cpu.cpp``): the kernel tensor is never stored.
 """
 
 from __future__ import annotations
@@ -62,3 +65,44 @@ def backward(
 ) -> tuple[Tensor, Tensor]:
     """Both gradients, sharing the layout conversions of ``grad_output`` and ``input``."""
     return _C.backward(grad_output, input, weight, stride, padding, dilation)
+
+
+def layer_forward(
+    input: Tensor,
+    reduce_weight: Tensor,
+    reduce_bias: Tensor | None,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    kernel_size: Pair,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    groups: int,
+    out_scale: Tensor | None,
+    out_shift: Tensor | None,
+    out_relu: bool,
+) -> Tensor | None:
+    """The whole layer, inference only: (B, C, H, W) -> (B, C, H_out, W_out), input's layout.
+
+    ``reduce_weight`` (M, C[, 1, 1]) and ``reduce_bias`` (M,) are the reduce conv with its norm
+    folded in (followed by ReLU), ``span_weight`` (G*Kh*Kw, M[, 1, 1]) and ``span_bias`` the span
+    conv; the output is ``relu?(out_scale * y + out_shift)`` when ``out_scale`` is given. float32
+    and float64 only: ``None`` for other dtypes (the caller falls back to the unfused layer).
+    """
+    if input.dtype not in (torch.float32, torch.float64):
+        return None
+    return _C.layer_forward(
+        input,
+        reduce_weight,
+        reduce_bias,
+        span_weight,
+        span_bias,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        groups,
+        out_scale,
+        out_shift,
+        out_relu,
+    )

@@ -1,0 +1,218 @@
+"""The fused inference layer (``involution2d_layer``, Involution2d's eval path, Involution2dAffine)
+against the unfused layer on the reference backend.
+
+Every case builds an Involution2d with random weights and random BatchNorm statistics and
+compares the fused C++ path (``"cpu"`` backend, eval mode, no gradients) with the same module on
+the ``"reference"`` backend, which never takes the fused path: float64 to 1e-12, float32 to
+float32 rounding, over odd sizes, strides 1-3, dilations 1-2, 4-32 channels per group, both
+memory layouts, with and without the BatchNorm + ReLU epilogue.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from involution.ops import Involution2d, Involution2dAffine, involution2d_layer, registration
+from involution.ops.backends import cpu as cpu_backend
+
+pytestmark = pytest.mark.skipif(
+    cpu_backend.unavailable_reason(torch.device("cpu")) is not None,
+    reason=f"cpu backend unavailable: {cpu_backend.unavailable_reason(torch.device('cpu'))}",
+)
+
+#: (rtol, atol) of the fused path against the unfused reference.
+TOLERANCES = {torch.float64: (1e-12, 1e-12), torch.float32: (2e-5, 2e-5)}
+
+#: (channels, group_channels, kernel_size, stride, dilation, height, width)
+CASES = [
+    (32, 16, 7, 1, 1, 13, 11),  # RedNet's group width, odd sizes
+    (32, 16, 7, 2, 1, 13, 11),  # stride 2 with odd sizes: ceil-mode pooled kernel branch
+    (64, 16, 7, 1, 1, 7, 7),  # the map is smaller than the kernel's reach
+    (32, 16, 3, 1, 2, 9, 10),  # dilation
+    (24, 8, 5, 2, 1, 10, 7),  # 8 channels per group: the generic aggregation
+    (20, 4, 3, 3, 1, 5, 6),  # stride 3, G*K*K not a multiple of 16
+    (64, 32, 7, 1, 1, 20, 19),  # 32 channels per group, more than one block of pixels per row
+]
+
+
+def randomize(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Random weights and BatchNorm statistics, eval mode."""
+    torch.manual_seed(0)
+    module = module.to(dtype).eval()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.normal_(0, 0.5)
+        for norm in module.modules():
+            if isinstance(norm, nn.BatchNorm2d):
+                norm.running_mean.normal_(0, 0.5)
+                norm.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+def make_input(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    x = torch.randn(shape, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def fused_and_reference(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the module on the cpu backend, on the reference backend), under no_grad."""
+    involutions = [m for m in module.modules() if isinstance(m, Involution2d)]
+    with torch.no_grad():
+        for inv in involutions:
+            inv.backend = "cpu"
+        fused = module(x)
+        for inv in involutions:
+            inv.backend = "reference"
+        reference = module(x)
+    return fused, reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_eval_layer_matches_unfused_reference(case, channels_last, dtype):
+    channels, group_channels, k, stride, dilation, height, width = case
+    module = Involution2d(
+        channels, k, stride=stride, dilation=dilation, group_channels=group_channels
+    )
+    module = randomize(module, dtype)
+    x = make_input((2, channels, height, width), dtype, channels_last)
+    backend = "cpu"
+    with torch.no_grad():
+        assert module.layer_inference_applies(x, backend)
+    fused, reference = fused_and_reference(module, x)
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(fused, reference, rtol=rtol, atol=atol)
+    assert fused.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Identity])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6]])
+def test_affine_epilogue_matches_unfused_reference(case, act, dtype):
+    channels, group_channels, k, stride, dilation, height, width = case
+    involution = Involution2d(
+        channels, k, stride=stride, dilation=dilation, group_channels=group_channels
+    )
+    norm = nn.BatchNorm2d(channels)
+    randomize(nn.Sequential(involution, norm), dtype)
+    module = Involution2dAffine.from_batchnorm(involution, norm, act())
+    x = make_input((3, channels, height, width), dtype, channels_last=True)
+    fused, reference = fused_and_reference(module, x)
+    with torch.no_grad():
+        unfused = act()(norm(involution(x)))  # involution on the reference backend here
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(fused, reference, rtol=rtol, atol=atol)
+    torch.testing.assert_close(fused, unfused, rtol=rtol, atol=atol)
+
+
+def test_functional_layer_matches_composed_steps_on_both_backends():
+    torch.manual_seed(1)
+    c, m, g, k = 32, 8, 2, 5
+    x = torch.randn(2, c, 9, 11, dtype=torch.float64)
+    args = dict(
+        reduce_weight=torch.randn(m, c, 1, 1, dtype=torch.float64),
+        reduce_bias=None,  # no bias: the kernel reads zeros
+        span_weight=torch.randn(g * k * k, m, dtype=torch.float64),
+        span_bias=torch.randn(g * k * k, dtype=torch.float64),
+        kernel_size=k,
+        groups=g,
+        stride=2,
+        out_scale=torch.rand(c, dtype=torch.float64),
+        out_shift=torch.randn(c, dtype=torch.float64),
+        out_relu=True,
+    )
+    fused = involution2d_layer(x, backend="cpu", **args)
+    reference = involution2d_layer(x, backend="reference", **args)
+    assert fused.shape == (2, c, 5, 6)
+    torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_half_precision_falls_back_to_the_composed_steps():
+    module = randomize(Involution2d(32, 3), torch.float32)
+    x = torch.randn(1, 32, 6, 6)
+    with torch.no_grad():
+        fused = involution2d_layer(
+            x.bfloat16(),
+            *(t.bfloat16() for t in module.folded_reduce()),
+            module.span.weight.bfloat16(),
+            module.span.bias.bfloat16(),
+            3,
+            module.groups,
+            backend="cpu",
+        )
+        module.backend = "reference"
+        reference = module(x)
+    assert fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), reference, rtol=2e-2, atol=5e-2)
+
+
+def test_training_mode_and_enabled_gradients_keep_the_differentiable_path():
+    module = randomize(Involution2d(32, 3), torch.float64)
+    x = torch.randn(1, 32, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert not module.layer_inference_applies(x, "cpu")  # gradients enabled
+    y = module(x)
+    assert y.requires_grad
+    y.sum().backward()
+    assert x.grad is not None and module.reduce.weight.grad is not None
+    module.train()
+    with torch.no_grad():
+        assert not module.layer_inference_applies(x, "cpu")
+    module.eval()
+    module.fuse_inference = False
+    with torch.no_grad():
+        assert not module.layer_inference_applies(x, "cpu")
+
+
+def test_eval_path_takes_the_layer_op(monkeypatch):
+    calls = []
+    original = registration.layer_inference
+
+    def counting(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(registration, "layer_inference", counting)
+    module = randomize(Involution2d(16, 3, backend="cpu"), torch.float32)
+    with torch.inference_mode():
+        module(torch.randn(1, 16, 5, 5))
+    assert len(calls) == 1
+
+
+def test_layer_op_refuses_gradients_and_bad_arguments():
+    x = torch.randn(1, 16, 5, 5)
+    weights = (torch.randn(4, 16), None, torch.randn(9, 4), None)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        involution2d_layer(x.requires_grad_(), *weights, 3, 1)
+    x = x.detach()
+    with pytest.raises(ValueError, match="odd"):
+        involution2d_layer(x, *weights, 2, 1)
+    with pytest.raises(ValueError, match="span_weight"):
+        involution2d_layer(x, *weights, 3, 2)  # 2 groups need 18 kernel channels
+    with pytest.raises(ValueError, match="reduce_weight"):
+        involution2d_layer(x, torch.randn(4, 8), *weights[1:], 3, 1)
+    with pytest.raises(ValueError, match="together"):
+        involution2d_layer(x, *weights, 3, 1, out_scale=torch.ones(16))
+    with pytest.raises(ValueError, match="out_shift"):
+        involution2d_layer(x, *weights, 3, 1, out_scale=torch.ones(16), out_shift=torch.ones(3))
+    with pytest.raises(ValueError, match="scale"):
+        Involution2dAffine(Involution2d(16, 3), torch.ones(8), torch.zeros(16))
+
+
+def test_layer_op_passes_opcheck_and_compiles_without_graph_breaks():
+    module = randomize(Involution2d(32, 7, stride=2), torch.float32)
+    affine = Involution2dAffine(module, torch.rand(32) + 0.5, torch.randn(32), nn.ReLU())
+    x = torch.randn(2, 32, 9, 9).contiguous(memory_format=torch.channels_last)
+    reduce_weight, reduce_bias = module.folded_reduce()
+    args = (x, reduce_weight.detach(), reduce_bias.detach(), module.span.weight.detach())
+    args += (module.span.bias.detach(), [7, 7], [2, 2], [3, 3], [1, 1], 2)
+    args += (affine.scale, affine.shift, True, "cpu")
+    torch.library.opcheck(registration.involution2d_layer_op, args)
+    with torch.no_grad():
+        eager = affine(x)
+        compiled = torch.compile(affine, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
