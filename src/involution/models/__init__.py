@@ -6,6 +6,7 @@ flop formulas of :mod:`involution.ops.flops`.
 
 from involution.models import compact  # noqa: F401  (registers the compact variants)
 from involution.models.convert import load_checkpoint, rednet_from_checkpoint
+from involution.models.fold import fold_batchnorm
 from involution.models.rednet import MODEL_DEPTHS, Bottleneck, RedNet, RedNetStem
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "Bottleneck",
     "RedNet",
     "RedNetStem",
+    "fold_batchnorm",
     "load_checkpoint",
     "rednet_from_checkpoint",
 ]

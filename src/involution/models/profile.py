@@ -36,6 +36,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from involution.ops.flops import fused_flop
+from involution.ops.modules import Involution2d
 
 __all__ = [
     "PAPER_GMACS",
@@ -187,6 +188,9 @@ def profile_model(
     input_shape = (batch_size, in_chans, *size)
     with FakeTensorMode():
         model = build().eval()
+        for module in model.modules():  # count the layer's steps, not its fused inference op
+            if isinstance(module, Involution2d):
+                module.fuse_inference = False
         example = torch.empty(input_shape)
         total, per_child = _count(model, example, None)
         total_elementwise, per_child_elementwise = _count(model, example, _ELEMENTWISE_MAPPING)

@@ -1,0 +1,103 @@
+"""``fold_batchnorm``: the folded RedNet computes the unfolded eval-mode RedNet's function.
+
+The folded model runs its fused CPU paths (``"cpu"`` backend); the original runs unfolded on the
+``"reference"`` backend, so each comparison checks the folding and the fused kernels together.
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from involution.models import RedNet
+from involution.models.fold import fold_batchnorm
+from involution.ops import Involution2d, Involution2dAffine
+from involution.ops.backends import cpu as cpu_backend
+
+pytestmark = pytest.mark.skipif(
+    cpu_backend.unavailable_reason(torch.device("cpu")) is not None,
+    reason=f"cpu backend unavailable: {cpu_backend.unavailable_reason(torch.device('cpu'))}",
+)
+
+TINY = dict(layers=(1, 2, 1, 1), stage_widths=(16, 32, 32, 64), stem_width=32, num_classes=10)
+TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4)}
+
+
+def randomize_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affines (zero_init_last would hide bn3), eval mode."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for norm in model.modules():
+            if isinstance(norm, nn.BatchNorm2d):
+                norm.running_mean.normal_(0, 0.2)
+                norm.running_var.uniform_(0.5, 2.0)
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.normal_(0, 0.2)
+    return model.eval()
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    for module in model.modules():
+        if isinstance(module, Involution2d):
+            module.backend = backend
+
+
+def compare(model: nn.Module, x: torch.Tensor) -> None:
+    """fold_batchnorm(model) on the cpu backend == model on the reference backend."""
+    folded = fold_batchnorm(model)
+    set_backend(folded, "cpu")
+    set_backend(model, "reference")
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    rtol, atol = TOLERANCES[x.dtype]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)  # a tensor or a list of them
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_rednet_matches_unfolded(dtype, channels_last):
+    model = randomize_norms(RedNet(**TINY).to(dtype))
+    x = torch.randn(2, 3, 27, 25, dtype=dtype)  # odd sizes: ceil-mode strides everywhere
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    compare(model, x)
+
+
+def test_every_batchnorm_is_folded_and_the_original_is_untouched():
+    model = randomize_norms(RedNet(**TINY))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert not folded.training
+    affines = [m for m in folded.modules() if isinstance(m, Involution2dAffine)]
+    assert len(affines) == 1 + sum(TINY["layers"])  # the stem's and every bottleneck's
+    assert all(isinstance(m.act, nn.ReLU) for m in affines)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_conv_twin_and_features_only_backbone_fold():
+    twin = randomize_norms(RedNet(mixer="conv", **TINY).double())
+    compare(twin, torch.randn(1, 3, 25, 27, dtype=torch.float64))
+    backbone = timm.create_model(
+        "rednet26", features_only=True, stage_widths=(16, 32, 32, 64), stem_width=32
+    )
+    compare(randomize_norms(backbone.double()), torch.randn(1, 3, 32, 36, dtype=torch.float64))
+
+
+def test_folded_model_differentiates_like_the_original():
+    # With gradients enabled the folded model takes the differentiable (unfused) path.
+    model = randomize_norms(RedNet(**TINY).double())
+    folded = fold_batchnorm(model)
+    affine = folded.layer1[0].conv2
+    assert isinstance(affine, Involution2dAffine)
+    features = torch.randn(1, 16, 5, 6, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(affine, (features,), fast_mode=True)
+    x = torch.randn(1, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+    (want,) = torch.autograd.grad(model(x).sum(), x)
+    (got,) = torch.autograd.grad(folded(x).sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
