@@ -17,7 +17,10 @@ setup(
     ext_modules=[
         CppExtension(
             "involution._C",
-            ["src/involution/csrc/involution_cpu.cpp", "src/involution/csrc/involution_layer_cpu.cpp"],
+            [
+                "src/involution/csrc/involution_cpu.cpp",
+                "src/involution/csrc/involution_layer_cpu.cpp",
+            ],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
         )
