@@ -4,6 +4,7 @@ gradients into every involution, frozen stages and BN statistics, checkpoint loa
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
+from involution.cli import main
 from involution.models.detection import (
     DETECTION_MODELS,
     LastLevelP6P7FromC5,
@@ -85,7 +87,6 @@ def test_parameter_counts_match_the_official_table(name: str) -> None:
     [
         "fasterrcnn_rednet50_fpn_inv_neck",
         "maskrcnn_rednet50_fpn_inv_neck_head",
-        "retinanet_rednet50_fpn_inv_neck",
     ],
 )
 def test_flops_at_1280x800_match_the_official_table(name: str) -> None:
@@ -98,6 +99,34 @@ def test_flops_at_1280x800_match_the_official_table(name: str) -> None:
     with torch.device("meta"):
         detector = DETECTION_MODELS[name](num_classes=COCO_CLASSES + 1)
     assert profile.total.params == _num_params(detector)  # the view holds the whole detector
+
+
+def test_profile_cli_compares_with_the_official_table(capsys: pytest.CaptureFixture) -> None:
+    name = "retinanet_rednet50_fpn_inv_neck"
+    assert main(["profile", name, "--input-size", "1280", "800", "--num-classes", "81"]) == 0
+    out = capsys.readouterr().out
+    for row in ("backbone", "neck", "head", "total"):
+        assert f"| {row} |" in out
+    # 26.27M trainable (-0.1%) of 26.41M; 200.2 GMACs (+0.2%: RetinaNet's 81st class).
+    assert "official (1280x800, 80 classes): 26.3M" in out
+    assert "ours 26.27M trainable (-0.1%) of 26.41M" in out
+    assert "GMACs with element-wise ops counted as mmcv does (+0.2%)" in out
+
+
+def test_bench_detect_runs_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    models = "retinanet_resnet50_fpn,retinanet_rednet50_fpn"
+    argv = ["bench", "detect", "--models", models, "--sizes", "64x96", "--repeats", "1"]
+    assert main([*argv, "--warmup", "0", "--json", str(tmp_path / "detect.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| retinanet_rednet50_fpn | 64 x 96 |" in out
+    records = json.loads((tmp_path / "detect.json").read_text())["results"]
+    assert [(r["model"], r["mode"]) for r in records] == [
+        ("retinanet_resnet50_fpn", "infer"),
+        ("retinanet_rednet50_fpn", "infer"),
+        ("retinanet_resnet50_fpn", "network"),
+        ("retinanet_rednet50_fpn", "network"),
+    ]
+    assert all(r["median_ms"] > 0 for r in records)
 
 
 def _targets(sizes: list[tuple[int, int]], masks: bool) -> list[dict[str, Tensor]]:

@@ -6,21 +6,29 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import timm
+import torch
 import torchvision
 from torch import nn
 
 from involution.models.convert import convert_checkpoint
+from involution.models.detection import DETECTION_MODELS
+from involution.models.detection.complexity import OFFICIAL_FIGURES, complexity_view
 from involution.models.profile import PAPER_GMACS, ModelProfile, format_profile, profile_model
 from involution.models.segmentation import OFFICIAL_CITYSCAPES, SEGMENTATION_MODELS
 
 #: Prefix that selects a torchvision model instead of a timm one, e.g. ``torchvision:resnet50``.
 TORCHVISION_PREFIX = "torchvision:"
 #: Models that are not timm classifiers, by name: ``builder(num_classes=...) -> nn.Module``.
-#: Their profile has one row per top-level child (e.g. backbone, neck, decode_head).
-TASK_MODELS: dict[str, Callable[..., nn.Module]] = {**SEGMENTATION_MODELS}
+#: Their profile has one row per top-level child (e.g. backbone, neck, decode_head). Detectors
+#: are profiled through what mmdet's FLOP count runs (backbone, neck, heads on 1000/100 RoIs).
+TASK_MODELS: dict[str, Callable[..., nn.Module]] = {
+    **SEGMENTATION_MODELS,
+    **{name: partial(complexity_view, name) for name in DETECTION_MODELS},
+}
 
 
 def _error(message: object) -> int:
@@ -51,8 +59,9 @@ def add_commands(subparsers: Any) -> None:
         description=(
             "Count parameters and multiply-adds (MACs) per stage on fake tensors. MODEL is a "
             f"timm model name (rednet26, resnet50, ...), {TORCHVISION_PREFIX}NAME, or a "
-            "segmentation model (semantic_fpn_rednet50, upernet_rednet50, ...; needs "
-            "--num-classes)."
+            "segmentation or detection model (semantic_fpn_rednet50, upernet_rednet50, "
+            "fasterrcnn_rednet50_fpn_inv_neck, ...; needs --num-classes, 81 for COCO "
+            "detection)."
         ),
     )
     profile.add_argument("model", metavar="MODEL")
@@ -102,7 +111,7 @@ def profile_command(args: argparse.Namespace) -> int:
     input_size = args.input_size[0] if len(args.input_size) == 1 else tuple(args.input_size)
     task_model = args.model in TASK_MODELS
     if task_model and args.num_classes is None:
-        return _error(f"{args.model} needs --num-classes (e.g. 19 for Cityscapes)")
+        return _error(f"{args.model} needs --num-classes (e.g. 19 for Cityscapes, 81 for COCO)")
     try:
         if args.model.startswith(TORCHVISION_PREFIX) or task_model:
             in_chans = 3 if args.in_chans is None else args.in_chans
@@ -126,6 +135,9 @@ def profile_command(args: argparse.Namespace) -> int:
     official = OFFICIAL_CITYSCAPES.get(args.model)
     if official is not None and input_size == (1024, 2048) and args.num_classes == 19:
         print(_cityscapes_comparison(result, official))
+    coco_size = sorted(args.input_size) == [800, 1280]
+    if args.model in OFFICIAL_FIGURES and coco_size and args.num_classes == 81:
+        print(_coco_comparison(args.model, result))
     paper = PAPER_GMACS.get(args.model)
     if paper is not None and input_size == 224 and "num_classes" not in kwargs:
         print(
@@ -147,6 +159,23 @@ def _cityscapes_comparison(result: ModelProfile, official: dict[str, float]) -> 
         f"{gmacs:.1f} GMACs with element-wise ops counted as mmcv does"
         f"{' and without the aux head' if aux else ''} "
         f"({100 * (gmacs / official['gflops'] - 1):+.1f}%)"
+    )
+
+
+def _coco_comparison(name: str, result: ModelProfile) -> str:
+    """Ours vs the official COCO table, whose parameters are mmcv's count: trainable only (the
+    frozen stem and layer1 left out)."""
+    official = OFFICIAL_FIGURES[name]
+    with torch.device("meta"):
+        model = DETECTION_MODELS[name](num_classes=81)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+    gmacs = result.total.macs_elementwise / 1e9
+    return (
+        f"\nofficial (1280x800, 80 classes): {official.params_m}M parameters (trainable), "
+        f"{official.gflops} GFLOPs (MACs); ours {trainable:.2f}M trainable "
+        f"({100 * (trainable / official.params_m - 1):+.1f}%) of {result.total.params / 1e6:.2f}M, "
+        f"{gmacs:.1f} GMACs with element-wise ops counted as mmcv does "
+        f"({100 * (gmacs / official.gflops - 1):+.1f}%)"
     )
 
 

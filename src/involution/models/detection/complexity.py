@@ -13,12 +13,14 @@ torchvision detector (the RoIAlign outputs are stand-in tensors of the right sha
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
 
-__all__ = ["OFFICIAL_FIGURES", "DetectorComplexityView", "OfficialFigures"]
+from involution.models.detection.builders import DETECTION_MODELS
+
+__all__ = ["OFFICIAL_FIGURES", "DetectorComplexityView", "OfficialFigures", "complexity_view"]
 
 
 class OfficialFigures(NamedTuple):
@@ -92,8 +94,13 @@ class DetectorComplexityView(nn.Module):
             return self.head(levels)
         self.rpn_head(levels)
         # RoIAlign outputs: not counted by mmcv, so stand-ins of the right shape suffice.
-        outputs = self.box_head(images.new_empty(self.box_rois, self.channels, *self.box_size))
+        outputs = self.box_head(images.new_zeros(self.box_rois, self.channels, *self.box_size))
         if hasattr(self, "mask_head"):
-            mask_features = images.new_empty(self.mask_rois, self.channels, *self.mask_size)
+            mask_features = images.new_zeros(self.mask_rois, self.channels, *self.mask_size)
             outputs = self.mask_head(mask_features)
         return outputs
+
+
+def complexity_view(name: str, **kwargs: Any) -> DetectorComplexityView:
+    """The :class:`DetectorComplexityView` of ``DETECTION_MODELS[name](**kwargs)``."""
+    return DetectorComplexityView(DETECTION_MODELS[name](**kwargs))
