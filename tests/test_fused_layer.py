@@ -216,3 +216,27 @@ def test_layer_op_passes_opcheck_and_compiles_without_graph_breaks():
         eager = affine(x)
         compiled = torch.compile(affine, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_weights_are_reused_until_the_weights_change(monkeypatch):
+    packs = []
+    original = cpu_backend._C.layer_pack
+
+    def counting(*args):
+        packs.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(cpu_backend._C, "layer_pack", counting)
+    module = randomize(Involution2d(32, 3), torch.float64)
+    module.reduce = nn.utils.fuse_conv_bn_eval(module.reduce, module.norm)
+    module.norm = nn.Identity()  # as fold_batchnorm leaves it: the weights are parameters
+    x = torch.randn(1, 32, 7, 7, dtype=torch.float64)
+    with torch.inference_mode():
+        module(x)
+        module(x)
+    assert len(packs) == 1
+    with torch.no_grad():
+        module.span.weight.mul_(2.0)
+    fused, reference = fused_and_reference(module, x)
+    assert len(packs) == 2
+    torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)

@@ -20,6 +20,8 @@
 // - The aggregation keeps the block's pixels in registers over the taps; taps whose input column
 //   is outside the image are skipped per pixel only in the blocks that touch the border (the
 //   valid output columns of each kernel column are computed once per call).
+// - The 1x1 convs' weights are transposed and padded to whole vectors once (layer_pack); the
+//   Python backend keeps the result while the weights are unchanged.
 // - Tasks are output rows, handed out on demand to the intra-op threads (a thread slowed down by
 //   other processes does not hold the others back); every task writes its own output pixels.
 // - float32 and float64; the output is written in the input's layout (NCHW or channels_last).
@@ -31,6 +33,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -444,39 +447,86 @@ void parallel_rows(int64_t total, int64_t chunk, const Body& body) {
   });
 }
 
-// `t` (n, m) transposed into a zero-padded (m, padded_n) tensor of `dtype`.
-at::Tensor transposed_padded(const at::Tensor& t, int64_t padded_n, at::ScalarType dtype) {
-  at::Tensor out = at::zeros({t.size(1), padded_n}, t.options().dtype(dtype));
-  out.narrow(1, 0, t.size(0)).copy_(t.t());
-  return out;
-}
-
-at::Tensor padded_vector(const std::optional<at::Tensor>& v, int64_t n, int64_t padded_n,
-                         const at::TensorOptions& options) {
-  at::Tensor out = at::zeros({padded_n}, options);
-  if (v.has_value() && v->defined()) {
-    out.narrow(0, 0, n).copy_(*v);
+// `src` (n, m) row-major, transposed into `dst` (m, padded_n) with zero columns past n. Plain
+// loops: on the small weights a parallel ATen copy costs more in thread start-up than it saves.
+template <typename T>
+void transpose_padded(const T* __restrict src, int64_t n, int64_t m, int64_t padded_n,
+                      T* __restrict dst) {
+  for (int64_t k = 0; k < m; ++k) {
+    T* __restrict row = dst + k * padded_n;
+    for (int64_t j = 0; j < n; ++j) {
+      row[j] = src[j * m + k];
+    }
+    std::fill(row + n, row + padded_n, T(0));
   }
-  return out;
 }
 
-// Whole involution layer, inference only. Shapes: input (B, C, H, W); reduce_weight (M, C) or
-// (M, C, 1, 1); reduce_bias (M) or None; span_weight (G*Kh*Kw, M) or (G*Kh*Kw, M, 1, 1);
-// span_bias (G*Kh*Kw) or None; out_scale, out_shift (C) or None (both or neither).
-// Returns (B, C, H_out, W_out) in the input's layout.
+// The 1x1 convs' parameters in the layout of the kernels: (w0t, b0, w1t, b1) with w0t (C,
+// M_padded) the transposed reduce weight, b0 (M_padded), w1t (M, N_padded) the transposed span
+// weight, b1 (N_padded); padded entries are zero, a missing bias is zeros. M = reduce_weight
+// rows, N = span_weight rows, both padded to a multiple of 16 lanes. Pack once per set of
+// weights (the Python backend caches the result) and pass to layer_forward.
+std::vector<at::Tensor> layer_pack(
+    const at::Tensor& reduce_weight, const std::optional<at::Tensor>& reduce_bias,
+    const at::Tensor& span_weight, const std::optional<at::Tensor>& span_bias) {
+  const at::ScalarType dtype = reduce_weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "involution layer: float32 or float64 weights expected, got ", dtype);
+  const at::Tensor w0 = reduce_weight.reshape({reduce_weight.size(0), -1}).contiguous();
+  const at::Tensor w1 = span_weight.reshape({span_weight.size(0), -1}).to(dtype).contiguous();
+  const int64_t reduced = w0.size(0), channels = w0.size(1), kernels = w1.size(0);
+  TORCH_CHECK(w1.size(1) == reduced, "involution layer: span_weight ", span_weight.sizes(),
+              " does not take the ", reduced, " reduced channels");
+  const int64_t reduced_padded = round_up(reduced, kLanes);
+  const int64_t kernels_padded = round_up(kernels, kLanes);
+  const at::TensorOptions options = reduce_weight.options().dtype(dtype);
+  at::Tensor w0t = at::empty({channels, reduced_padded}, options);
+  at::Tensor w1t = at::empty({reduced, kernels_padded}, options);
+  at::Tensor b0 = at::empty({reduced_padded}, options);
+  at::Tensor b1 = at::empty({kernels_padded}, options);
+  const auto bias = [&](const std::optional<at::Tensor>& v, int64_t n, at::Tensor& out) {
+    TORCH_CHECK(!v.has_value() || !v->defined() || v->numel() == n,
+                "involution layer: a bias of ", n, " values expected");
+    AT_DISPATCH_FLOATING_TYPES(dtype, "involution_layer_pack_bias", [&] {
+      scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+      std::fill_n(dst, out.numel(), scalar_t(0));
+      if (v.has_value() && v->defined()) {
+        const at::Tensor src = v->to(dtype).contiguous();
+        std::copy_n(src.const_data_ptr<scalar_t>(), n, dst);
+      }
+    });
+  };
+  AT_DISPATCH_FLOATING_TYPES(dtype, "involution_layer_pack", [&] {
+    transpose_padded(w0.const_data_ptr<scalar_t>(), reduced, channels, reduced_padded,
+                     w0t.mutable_data_ptr<scalar_t>());
+    transpose_padded(w1.const_data_ptr<scalar_t>(), kernels, reduced, kernels_padded,
+                     w1t.mutable_data_ptr<scalar_t>());
+  });
+  bias(reduce_bias, reduced, b0);
+  bias(span_bias, kernels, b1);
+  return {w0t, b0, w1t, b1};
+}
+
+// Whole involution layer, inference only. Shapes: input (B, C, H, W); `packed` from layer_pack;
+// out_scale, out_shift (C) or None (both or neither). Returns (B, C, H_out, W_out) in the
+// input's layout.
 at::Tensor layer_forward(
-    const at::Tensor& input, const at::Tensor& reduce_weight,
-    const std::optional<at::Tensor>& reduce_bias, const at::Tensor& span_weight,
-    const std::optional<at::Tensor>& span_bias, Pair kernel_size, Pair stride, Pair padding,
-    Pair dilation, int64_t groups, const std::optional<at::Tensor>& out_scale,
+    const at::Tensor& input, const std::vector<at::Tensor>& packed, Pair kernel_size, Pair stride,
+    Pair padding, Pair dilation, int64_t groups, const std::optional<at::Tensor>& out_scale,
     const std::optional<at::Tensor>& out_shift, bool out_relu) {
   TORCH_CHECK(input.device().is_cpu(), "involution layer: input must be on the CPU, got ",
               input.device());
   TORCH_CHECK(input.dim() == 4, "involution layer: input must be (B, C, H, W), got ",
               input.sizes());
+  TORCH_CHECK(packed.size() == 4, "involution layer: packed parameters from layer_pack expected");
+  const at::Tensor &w0t = packed[0], &b0 = packed[1], &w1t = packed[2], &b1 = packed[3];
   const at::ScalarType dtype = input.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "involution layer: float32 or float64 input expected, got ", dtype);
+  for (const at::Tensor& t : packed) {
+    TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(),
+                "involution layer: packed parameters of the input's dtype expected");
+  }
   LayerGeometry geo{};
   geo.batch = input.size(0);
   geo.channels = input.size(1);
@@ -498,14 +548,16 @@ at::Tensor layer_forward(
               " must divide channels ", geo.channels);
   geo.group_channels = geo.channels / groups;
   geo.taps = geo.kernel_h * geo.kernel_w;
-  const at::Tensor w0 = reduce_weight.reshape({reduce_weight.size(0), -1});
-  const at::Tensor w1 = span_weight.reshape({span_weight.size(0), -1});
-  geo.reduced = w0.size(0);
-  TORCH_CHECK(w0.size(1) == geo.channels, "involution layer: reduce_weight ",
-              reduce_weight.sizes(), " does not take ", geo.channels, " channels");
-  TORCH_CHECK(w1.size(0) == groups * geo.taps && w1.size(1) == geo.reduced,
-              "involution layer: span_weight ", span_weight.sizes(), " must be (G*Kh*Kw, ",
-              geo.reduced, ") with G*Kh*Kw = ", groups * geo.taps);
+  geo.reduced = w1t.size(0);
+  geo.reduced_padded = w0t.size(1);
+  geo.kernels_padded = w1t.size(1);
+  TORCH_CHECK(w0t.dim() == 2 && w0t.size(0) == geo.channels &&
+                  geo.reduced_padded == round_up(geo.reduced, kLanes) &&
+                  b0.numel() == geo.reduced_padded && b1.numel() == geo.kernels_padded &&
+                  geo.kernels_padded == round_up(groups * geo.taps, kLanes),
+              "involution layer: packed parameters ", w0t.sizes(), ", ", w1t.sizes(),
+              " do not match ", geo.channels, " channels and ", groups * geo.taps,
+              " kernel channels");
   const auto out_size = [](int64_t n, int64_t k, int64_t s, int64_t p, int64_t d) {
     return (n + 2 * p - d * (k - 1) - 1) / s + 1;
   };
@@ -516,8 +568,6 @@ at::Tensor layer_forward(
                   geo.out_w == (geo.width + geo.stride_w - 1) / geo.stride_w,
               "involution layer: output size (", geo.out_h, ", ", geo.out_w,
               ") differs from the input pooled by the stride; use 'same' padding");
-  geo.reduced_padded = round_up(geo.reduced, kLanes);
-  geo.kernels_padded = round_up(groups * geo.taps, kLanes);
   geo.channels_last_result = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   geo.has_scale = out_scale.has_value() && out_scale->defined();
   TORCH_CHECK(geo.has_scale == (out_shift.has_value() && out_shift->defined()),
@@ -532,13 +582,8 @@ at::Tensor layer_forward(
         valid_columns(kw * geo.dil_w - geo.pad_w, geo.stride_w, geo.width, geo.out_w));
   }
 
-  const at::TensorOptions options = input.options().dtype(dtype);
   const at::Tensor x =
       input.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::ChannelsLast);
-  const at::Tensor w0t = transposed_padded(w0, geo.reduced_padded, dtype);
-  const at::Tensor w1t = transposed_padded(w1, geo.kernels_padded, dtype);
-  const at::Tensor b0 = padded_vector(reduce_bias, geo.reduced, geo.reduced_padded, options);
-  const at::Tensor b1 = padded_vector(span_bias, groups * geo.taps, geo.kernels_padded, options);
   at::Tensor scale, shift;
   if (geo.has_scale) {
     scale = out_scale->to(dtype).contiguous();
@@ -549,8 +594,8 @@ at::Tensor layer_forward(
   }
   at::Tensor y = at::empty(
       {geo.batch, geo.channels, geo.out_h, geo.out_w},
-      options.memory_format(geo.channels_last_result ? at::MemoryFormat::ChannelsLast
-                                                     : at::MemoryFormat::Contiguous));
+      input.options().memory_format(geo.channels_last_result ? at::MemoryFormat::ChannelsLast
+                                                             : at::MemoryFormat::Contiguous));
   if (y.numel() == 0) {
     return y;
   }
@@ -580,11 +625,14 @@ at::Tensor layer_forward(
 
 // Called from involution_cpu.cpp's PYBIND11_MODULE: one extension, one module.
 void register_layer_kernels(pybind11::module& m) {
+  m.def("layer_pack", &involution_layer_cpu::layer_pack,
+        "The 1x1 convs' parameters in the fused layer kernel's layout -> [w0t, b0, w1t, b1]",
+        py::arg("reduce_weight"), py::arg("reduce_bias"), py::arg("span_weight"),
+        py::arg("span_bias"));
   m.def("layer_forward", &involution_layer_cpu::layer_forward,
         "Whole involution layer, inference: pool, reduce (+bias) + ReLU, span, aggregation and "
         "an optional per-channel affine (+ ReLU) epilogue -> (B, C, H_out, W_out)",
-        py::arg("input"), py::arg("reduce_weight"), py::arg("reduce_bias"),
-        py::arg("span_weight"), py::arg("span_bias"), py::arg("kernel_size"), py::arg("stride"),
+        py::arg("input"), py::arg("packed"), py::arg("kernel_size"), py::arg("stride"),
         py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("out_scale"),
         py::arg("out_shift"), py::arg("out_relu"));
 }

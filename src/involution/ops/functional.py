@@ -257,18 +257,17 @@ def involution2d_layer(
     _, channels, height, width = input.shape
     geo = geometry((height, width), kernel_hw, stride, None, dilation)
     check_groups(groups, channels, f"input {tuple(input.shape)}")
-    reduce_weight = _as_matrix("reduce_weight", reduce_weight, None, channels)
-    reduced = reduce_weight.shape[0]
-    span_weight = _as_matrix(
-        "span_weight", span_weight, groups * kernel_hw[0] * kernel_hw[1], reduced
-    )
+    reduced = _as_matrix("reduce_weight", reduce_weight, None, channels).shape[0]
+    kernels = groups * kernel_hw[0] * kernel_hw[1]
+    _as_matrix("span_weight", span_weight, kernels, reduced)
     _check_vector("reduce_bias", reduce_bias, reduced)
-    _check_vector("span_bias", span_bias, span_weight.shape[0])
+    _check_vector("span_bias", span_bias, kernels)
     _check_vector("out_scale", out_scale, channels)
     _check_vector("out_shift", out_shift, channels)
     if (out_scale is None) != (out_shift is None):
         raise ValueError("out_scale and out_shift must be given together")
-    named.update(reduce_weight=reduce_weight, span_weight=span_weight)
+    # The tensors themselves (not the flattened views): the cpu backend recognises a model's
+    # parameters across calls.
     tensors = autocast(*named.values())
     check_dtypes(**dict(zip(named, tensors, strict=True)))
     args = (

@@ -193,13 +193,14 @@ class Involution2d(nn.Module):
         )
 
     def folded_reduce(self) -> tuple[Tensor, Tensor | None]:
-        """The reduce conv with the eval-mode ``norm`` folded in: weight (C/r, C), bias (C/r,)."""
-        weight = self.reduce.weight.flatten(1)
+        """The reduce conv with the eval-mode ``norm`` folded in: weight (C/r, C, 1, 1), bias
+        (C/r,). With ``norm`` already folded (an identity), the conv's own parameters."""
+        weight = self.reduce.weight
         if type(self.norm) is nn.Identity:
             return weight, self.reduce.bias
         scale, shift = batchnorm_affine(self.norm)
         bias = shift if self.reduce.bias is None else self.reduce.bias * scale + shift
-        return weight * scale[:, None], bias
+        return weight * scale[:, None, None, None], bias
 
     def forward_layer(
         self,

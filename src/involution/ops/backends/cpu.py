@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from involution.ops.layout import Pair
 
@@ -67,6 +68,28 @@ def backward(
     return _C.backward(grad_output, input, weight, stride, padding, dilation)
 
 
+#: reduce_weight -> (key, packed 1x1-conv parameters) for :func:`layer_forward`.
+_PACKED = WeakIdKeyDictionary()
+
+
+def _packed(
+    reduce_weight: Tensor, reduce_bias: Tensor | None, span_weight: Tensor, span_bias: Tensor | None
+) -> list[Tensor]:
+    """The fused kernel's layout of the 1x1 convs' parameters (``_C.layer_pack``), reused while
+    the same four tensors are unchanged (same storage and version counter): a model's
+    parameters are packed once, not on every call. Inference tensors (no version counter, e.g.
+    a BatchNorm folded on the fly under ``inference_mode``) are packed on every call."""
+    tensors = (reduce_weight, reduce_bias, span_weight, span_bias)
+    if any(t is not None and t.is_inference() for t in tensors):
+        return _C.layer_pack(*tensors)
+    key = tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)
+    cached = _PACKED.get(reduce_weight)
+    if cached is None or cached[0] != key:
+        cached = (key, _C.layer_pack(*tensors))
+        _PACKED[reduce_weight] = cached
+    return cached[1]
+
+
 def layer_forward(
     input: Tensor,
     reduce_weight: Tensor,
@@ -93,10 +116,7 @@ def layer_forward(
         return None
     return _C.layer_forward(
         input,
-        reduce_weight,
-        reduce_bias,
-        span_weight,
-        span_bias,
+        _packed(reduce_weight, reduce_bias, span_weight, span_bias),
         kernel_size,
         stride,
         padding,
