@@ -40,6 +40,7 @@ _BACKEND_MODULES: dict[str, str] = {
     "reference": "involution.ops.backends.reference",
     "cpu": "involution.ops.backends.cpu",
     "triton": "involution.ops.backends.triton",
+    "inductor": "involution.ops.backends.inductor",
 }
 
 BACKENDS: tuple[str, ...] = ("auto", *_BACKEND_MODULES)
