@@ -15,9 +15,10 @@ Modes, one image per call, ``eval()`` and ``torch.inference_mode``:
   dense heads, the box head on 1000 RoIs and the mask head on 100
   (:class:`~involution.models.detection.complexity.DetectorComplexityView`).
 
-Latency is the median (and minimum) of ``--repeats`` calls after ``--warmup`` calls. The models
-of one (mode, size) are timed round-robin, one call each per round, so a machine whose load
-drifts (a shared CPU) slows them alike.
+Latency is the median (and minimum) wall-clock time of ``--repeats`` calls after ``--warmup``
+calls; on CPU also the median CPU time of the process (all threads summed), which other jobs on
+a shared machine inflate far less than the wall-clock time. The models of one (mode, size) are
+timed round-robin, one call each per round, so a machine whose load drifts slows them alike.
 
 ``train`` (CUDA only): a full SGD step (forward with losses, backward, update) on a batch of
 random images with three random boxes each (and masks for Mask R-CNN), one model at a time;
@@ -31,6 +32,7 @@ import json
 import math
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,6 +69,7 @@ class DetectResult:
     min_ms: float
     images_per_second: float
     peak_memory_mib: float | None
+    cpu_ms: float | None = None
     error: str | None = None
 
 
@@ -161,36 +164,68 @@ def training_step(
 
 
 def _result(
-    name: str, mode: str, size: tuple[int, int], batch: int, times: list[float], peak: float | None
+    name: str,
+    mode: str,
+    size: tuple[int, int],
+    batch: int,
+    times: list[float],
+    peak: float | None = None,
+    cpu_times: list[float] | None = None,
 ) -> DetectResult:
     median = statistics.median(times)
-    return DetectResult(name, mode, *size, batch, median, min(times), 1e3 * batch / median, peak)
+    cpu = statistics.median(cpu_times) if cpu_times else None
+    return DetectResult(
+        name, mode, *size, batch, median, min(times), 1e3 * batch / median, peak, cpu
+    )
 
 
 def _failed(name: str, mode: str, size: tuple[int, int], batch: int, error: str) -> DetectResult:
-    return DetectResult(name, mode, *size, batch, math.nan, math.nan, math.nan, None, error)
+    return DetectResult(name, mode, *size, batch, math.nan, math.nan, math.nan, None, None, error)
+
+
+def wall_and_cpu_ms(call: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """Wall-clock and process CPU milliseconds of one call (CUDA work synchronised)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1e3 * (time.perf_counter() - wall), 1e3 * (time.process_time() - cpu)
 
 
 def bench_inference(
     names: Sequence[str],
-    mode: str,
+    modes: Sequence[str],
     size: tuple[int, int],
     device: torch.device,
     warmup: int,
     repeats: int,
 ) -> list[DetectResult]:
-    """Time ``names`` side by side (round-robin) in ``mode`` ("infer" or "network")."""
-    calls = {
-        name: inference_call(build_detector(name, *size, device), mode, *size, device)
-        for name in names
-    }
-    for call in calls.values():
-        times_ms(call, device, warmup, 0)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            times[name] += times_ms(call, device, 0, 1)
-    return [_result(name, mode, size, 1, times[name], None) for name in names]
+    """Time ``names`` side by side (round-robin) in each of ``modes`` ("infer", "network"); each
+    model is built once for all modes."""
+    models = {name: build_detector(name, *size, device) for name in names}
+    results = []
+    for mode in modes:
+        calls = {name: inference_call(model, mode, *size, device) for name, model in models.items()}
+        for call in calls.values():
+            for _ in range(warmup):
+                call()
+        wall: dict[str, list[float]] = {name: [] for name in names}
+        cpu: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(repeats):
+            for name, call in calls.items():
+                wall_ms, cpu_ms = wall_and_cpu_ms(call, device)
+                wall[name].append(wall_ms)
+                cpu[name].append(cpu_ms)
+        on_cpu = device.type == "cpu"
+        results += [
+            _result(name, mode, size, 1, wall[name], cpu_times=cpu[name] if on_cpu else None)
+            for name in names
+        ]
+        for r in results[-len(names) :]:
+            print(f"{r.model} {mode} {size[0]}x{size[1]}: {r.median_ms:.1f} ms", file=sys.stderr)
+    return results
 
 
 def bench_training(
@@ -210,7 +245,7 @@ def bench_training(
     except torch.OutOfMemoryError:
         return _failed(name, "train", size, batch_size, "out of memory")
     peak = torch.cuda.max_memory_allocated(device) / 2**20
-    return _result(name, "train", size, batch_size, times, peak)
+    return _result(name, "train", size, batch_size, times, peak=peak)
 
 
 def format_table(results: Sequence[DetectResult]) -> str:
@@ -229,8 +264,9 @@ def format_table(results: Sequence[DetectResult]) -> str:
             ]
         else:
             lines += [
-                f"| model | H x W | {mode} median ms | min ms | vs ResNet-50 |",
-                "|---|---|---:|---:|---:|",
+                f"| model | H x W | {mode} median ms | min ms | CPU ms "
+                "| vs ResNet-50 (wall, CPU) |",
+                "|---|---|---:|---:|---:|---:|",
             ]
         for r in rows:
             size = f"{r.height} x {r.width}"
@@ -240,8 +276,11 @@ def format_table(results: Sequence[DetectResult]) -> str:
             base = by_key.get((baseline_of(r.model), mode, r.height, r.width))
             ratio = f"{r.median_ms / base.median_ms:.2f}x" if base and not base.error else "-"
             if mode != "train":
+                cpu = "-" if r.cpu_ms is None else f"{r.cpu_ms:.0f}"
+                if r.cpu_ms is not None and base and base.cpu_ms:
+                    ratio += f", {r.cpu_ms / base.cpu_ms:.2f}x"
                 lines.append(
-                    f"| {r.model} | {size} | {r.median_ms:.0f} | {r.min_ms:.0f} | {ratio} |"
+                    f"| {r.model} | {size} | {r.median_ms:.0f} | {r.min_ms:.0f} | {cpu} | {ratio} |"
                 )
                 continue
             if base and base.peak_memory_mib and r.peak_memory_mib:
@@ -333,20 +372,19 @@ def detect_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = cuda
 
+    inference_modes = [mode for mode in INFERENCE_MODES if mode in modes]
     results: list[DetectResult] = []
-    for mode in modes:
-        for size in args.sizes:
-            if mode == "train":
-                batch = args.train_batch_size
-                results += [
-                    bench_training(name, size, batch, device, args.warmup, repeats)
-                    for name in models
-                ]
-            else:
-                results += bench_inference(models, mode, size, device, args.warmup, repeats)
-            for r in results[-len(models) :]:
-                outcome = r.error or f"{r.median_ms:.1f} ms"
-                print(f"{r.model} {mode} {size[0]}x{size[1]}: {outcome}", file=sys.stderr)
+    for size in args.sizes:
+        if inference_modes:
+            results += bench_inference(models, inference_modes, size, device, args.warmup, repeats)
+        if "train" in modes:
+            for name in models:
+                result = bench_training(
+                    name, size, args.train_batch_size, device, args.warmup, repeats
+                )
+                results.append(result)
+                outcome = result.error or f"{result.images_per_second:.2f} images/s"
+                print(f"{name} train {size[0]}x{size[1]}: {outcome}", file=sys.stderr)
     environment = _environment(device, torch.float32)
     print(f"# {json.dumps(environment)}, warm-up {args.warmup}, {repeats} timed calls")
     print(format_table(results))
