@@ -353,3 +353,22 @@ def test_cityscapes_configs_share_the_official_recipe() -> None:
         "": "semantic_fpn_rednet50",
         "_involution_neck": "semantic_fpn_rednet50_involution_neck",
     }
+
+
+def test_folder_dataset_needs_its_class_names(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        for folder in ("images", "labels"):
+            (tmp_path / folder / split).mkdir(parents=True)
+        Image.new("RGB", (6, 4)).save(tmp_path / f"images/{split}/a.jpg")
+        Image.new("L", (6, 4), 2).save(tmp_path / f"labels/{split}/a.png")
+    task = get_task("segmentation")
+    base = ["task=segmentation", "data.dataset=folder", f"data.root={tmp_path}"]
+    with pytest.raises(ValueError, match=r"needs segmentation\.classes"):
+        task.build_data(load_config(None, base))
+    config = load_config(None, [*base, "segmentation.classes=[sky, road, car]"])
+    bundle = task.build_data(config, train=False)
+    assert bundle.classes == ["sky", "road", "car"] and bundle.train == []
+    assert bundle.val[(0, 0)][1].unique().tolist() == [2]
+    config = load_config(None, [*base, "segmentation.classes=[sky, road]"])
+    with pytest.raises(ValueError, match=r"label .*a\.png holds value\(s\) \[2\]"):
+        task.build_data(config, train=False).val[(0, 0)]
