@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
+from involution.bench.detect import training_step
 from involution.cli import main
 from involution.models.detection import (
     DETECTION_MODELS,
@@ -127,6 +128,15 @@ def test_bench_detect_runs_side_by_side(tmp_path: Path, capsys: pytest.CaptureFi
         ("retinanet_rednet50_fpn", "network"),
     ]
     assert all(r["median_ms"] > 0 and r["cpu_ms"] > 0 for r in records)
+
+
+def test_bench_training_step_updates_the_weights() -> None:
+    # The CUDA training benchmark's step, run here on CPU with a small Mask R-CNN.
+    torch.manual_seed(0)
+    model = maskrcnn_rednet_fpn(26, **FAST_RCNN, involution_neck=True, involution_head=True)
+    before = model.roi_heads.mask_head[0][0].span.weight.clone()
+    training_step(model, 96, 128, 2, torch.device("cpu"), num_classes=4)()
+    assert not torch.equal(model.roi_heads.mask_head[0][0].span.weight, before)
 
 
 def _targets(sizes: list[tuple[int, int]], masks: bool) -> list[dict[str, Tensor]]:

@@ -102,16 +102,21 @@ def build_detector(name: str, height: int, width: int, device: torch.device) -> 
 
 
 def random_targets(
-    batch_size: int, height: int, width: int, masks: bool, device: torch.device
+    batch_size: int,
+    height: int,
+    width: int,
+    masks: bool,
+    device: torch.device,
+    num_classes: int = NUM_CLASSES,
 ) -> list[dict[str, Tensor]]:
-    """Three random boxes (at least 16 px a side) per image, labels 1..80, and filled-box masks
-    if ``masks``."""
+    """Three random boxes (at least 16 px a side) per image, labels 1..num_classes-1, and
+    filled-box masks if ``masks``."""
     targets = []
     scale = torch.tensor([width - 16, height - 16])
     for _ in range(batch_size):
         corners = torch.rand(3, 2, 2) * scale
         boxes = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values + 16], dim=1)
-        target = {"boxes": boxes, "labels": torch.randint(1, NUM_CLASSES, (3,))}
+        target = {"boxes": boxes, "labels": torch.randint(1, num_classes, (3,))}
         if masks:
             target["masks"] = torch.zeros(3, height, width, dtype=torch.uint8)
             for index, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
@@ -145,13 +150,19 @@ def inference_call(
 
 
 def training_step(
-    model: nn.Module, height: int, width: int, batch_size: int, device: torch.device
+    model: nn.Module,
+    height: int,
+    width: int,
+    batch_size: int,
+    device: torch.device,
+    num_classes: int = NUM_CLASSES,
 ) -> Callable[[], None]:
-    """One SGD step of ``model`` on a random batch with random targets."""
+    """One SGD step of ``model`` (``num_classes`` with the background) on a random batch with
+    random targets."""
     model.train()
     images = [torch.rand(3, height, width, device=device) for _ in range(batch_size)]
     masks = getattr(model, "roi_heads", None) is not None and model.roi_heads.has_mask()
-    targets = random_targets(batch_size, height, width, masks, device)
+    targets = random_targets(batch_size, height, width, masks, device, num_classes)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def train() -> None:
