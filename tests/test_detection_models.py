@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from involution.bench.detect import training_step
 from involution.cli import main
@@ -241,13 +242,16 @@ def test_frozen_stages_and_statistics_survive_an_optimizer_step(
     assert not torch.equal(model.backbone.fpn.layer_blocks[0].norm.running_mean, neck_stats)
 
 
-def test_official_classification_checkpoint_loads_with_one_warning() -> None:
+@pytest.mark.parametrize("norm_layer", [nn.BatchNorm2d, FrozenBatchNorm2d])
+def test_official_classification_checkpoint_loads_with_one_warning(norm_layer: type) -> None:
     path = CONFORMANCE / "rednet26_official_random.pth"
     if not path.exists():
         pytest.skip(f"official conformance data not found at {path}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = fasterrcnn_rednet_fpn(26, num_classes=3, backbone_weights=path)
+        model = fasterrcnn_rednet_fpn(
+            26, num_classes=3, backbone_weights=path, backbone_kwargs={"norm_layer": norm_layer}
+        )
     messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     assert len(messages) == 1, messages
     for key in ("stem.inv.span.weight", "stem.inv.span.bias", "fc.weight", "fc.bias"):
@@ -260,6 +264,8 @@ def test_official_classification_checkpoint_loads_with_one_warning() -> None:
     )
     assert torch.equal(loaded["stem.conv1.weight"], official["backbone.stem.0.conv.weight"].float())
     assert loaded["stem.inv.span.weight"].shape[0] == 2 * 7 * 7  # the detection stem, K = 7
+    statistic = "layer4.0.bn3.running_var"  # a buffer in both norm layers
+    assert torch.equal(loaded[statistic], official[f"backbone.{statistic}"].float())
 
 
 def test_retinanet_takes_p6_from_c5_even_when_c5_has_the_fpn_width() -> None:

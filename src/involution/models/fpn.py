@@ -92,6 +92,12 @@ def load_backbone_weights(backbone: RedNet, path: str | PathLike) -> RedNet:
     dropped = [key for key in state_dict if key.startswith("fc.")]
     state_dict = {key: value for key, value in state_dict.items() if key not in dropped}
     expected = backbone.state_dict()
+    # A backbone with FrozenBatchNorm2d has no BN step counters: they are not weights.
+    state_dict = {
+        key: value
+        for key, value in state_dict.items()
+        if key in expected or not key.endswith(".num_batches_tracked")
+    }
     kept_init = [
         key
         for key in _STEM_SPAN_KEYS
