@@ -8,9 +8,11 @@ heads, returned levels and frozen stages, so only the backbone body differs. The
 
 Modes, one image per call, ``eval()`` and ``torch.inference_mode``:
 
-- ``infer``: the whole torchvision detector (transform, backbone, heads, anchors, NMS,
-  post-processing) with its default score thresholds. Random weights score (almost) nothing
-  above them, so the post-processing and Mask R-CNN's mask head have (almost) nothing to do;
+- ``infer``: the whole torchvision detector: transform, backbone, neck, dense heads, anchors,
+  RPN proposals and NMS, the box head on 1000 proposals, post-processing. The score threshold
+  is 1, so no detection is kept: with random weights the number of boxes above the usual 0.05
+  (and so the class-wise NMS and Mask R-CNN's mask head) would differ from model to model by
+  chance;
 - ``network``: what mmdet's ``forward_dummy`` (the official FLOP count) runs: backbone, neck,
   dense heads, the box head on 1000 RoIs and the mask head on 100
   (:class:`~involution.models.detection.complexity.DetectorComplexityView`).
@@ -93,10 +95,16 @@ def baseline_of(name: str) -> str:
 
 
 def build_detector(name: str, height: int, width: int, device: torch.device) -> nn.Module:
-    """A random-weight detector (seed 0) whose transform keeps H x W images at their size."""
+    """A random-weight detector (seed 0) whose transform keeps H x W images at their size and
+    whose post-processing keeps no detection (score threshold 1), so that no model's latency
+    depends on how many boxes its random weights happen to score high."""
     torch.manual_seed(0)
+    threshold = "score_thresh" if name.startswith("retinanet") else "box_score_thresh"
     model = DETECTION_MODELS[name](
-        num_classes=NUM_CLASSES, min_size=min(height, width), max_size=max(height, width)
+        num_classes=NUM_CLASSES,
+        min_size=min(height, width),
+        max_size=max(height, width),
+        **{threshold: 1.0},
     )
     return model.to(device)
 
