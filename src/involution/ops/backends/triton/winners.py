@@ -17,7 +17,6 @@ measured at one batch size is used for all.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -40,6 +39,7 @@ DEFAULT_VARIANT = "gather"
 FORMAT = 1
 WINNERS_ENV = "INVOLUTION_TRITON_WINNERS"
 DEFAULT_PATH = Path(__file__).with_name("winners.json")
+_DEFAULT_NAME = str(DEFAULT_PATH)
 
 
 def shape_key(
@@ -64,11 +64,6 @@ def shape_key(
     )
 
 
-def table_path() -> Path:
-    """The table in use: ``$INVOLUTION_TRITON_WINNERS`` when set, else the committed one."""
-    return Path(os.environ.get(WINNERS_ENV) or DEFAULT_PATH)
-
-
 def _check_table(data: object, path: Path) -> dict[str, dict[str, str]]:
     """The ``winners`` mapping of a parsed table; ``ValueError`` naming the bad entry."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -89,24 +84,29 @@ def _check_table(data: object, path: Path) -> dict[str, dict[str, str]]:
     return winners
 
 
-@functools.lru_cache(maxsize=8)
-def _load(path: Path, modified_ns: int) -> dict[str, dict[str, str]]:
-    # Cached per modification time: a table rewritten in-process (the benchmark) is re-read.
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    return _check_table(data, path)
+#: Tables read so far: path -> (modification time in ns, winners). Every call checks the
+#: file's modification time (one stat), so a table rewritten in-process is re-read.
+_loaded: dict[str, tuple[int, dict[str, dict[str, str]]]] = {}
 
 
-def load_table(path: Path | None = None) -> dict[str, dict[str, str]]:
-    """The winners of the table at ``path`` (default :func:`table_path`); ``{}`` if absent."""
-    path = Path(path) if path is not None else table_path()
+def load_table(path: Path | str | None = None) -> dict[str, dict[str, str]]:
+    """The winners of the table at ``path`` (default: ``$INVOLUTION_TRITON_WINNERS`` when set,
+    else the committed :data:`DEFAULT_PATH`); ``{}`` when the file does not exist."""
+    name = str(path) if path is not None else os.environ.get(WINNERS_ENV) or _DEFAULT_NAME
     try:
-        modified_ns = path.stat().st_mtime_ns
+        modified_ns = os.stat(name).st_mtime_ns
     except FileNotFoundError:
         return {}
-    return _load(path, modified_ns)
+    cached = _loaded.get(name)
+    if cached is not None and cached[0] == modified_ns:
+        return cached[1]
+    try:
+        data = json.loads(Path(name).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{name}: not valid JSON ({error})") from None
+    winners = _check_table(data, Path(name))
+    _loaded[name] = (modified_ns, winners)
+    return winners
 
 
 def lookup(pass_name: str, key: str, path: Path | None = None) -> str:
