@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: setup test lint demo demo-segment demo-detect fashion-mnist clean
+.PHONY: setup test lint demo demo-segment demo-detect fashion-mnist clean bench-gpu bench-gpu-dry
 
 $(STAMP): pyproject.toml constraints.txt setup.py $(wildcard src/involution/csrc/*.cpp)
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,19 @@ demo-segment: setup fashion-mnist
 # involution neck on them (CPU); reports the COCO box AP table.
 demo-detect: setup fashion-mnist
 	$(VENV)/bin/involution train scenes_det
+
+# The prepared GPU run (involution bench gpu, at most 8 minutes): op tests on CUDA, every Triton
+# variant on RedNet-50's layer shapes, the winner table, RedNet-50 vs ResNet-50. Runs with the
+# machine's own Python (CUDA builds of torch and triton, timm, torchvision, pytest): no venv,
+# nothing to build. A GPU session: make bench-gpu BENCH_OUT=$OUT/bench-gpu
+BENCH_OUT ?= benchmarks/results/gpu
+GPU_PYTHON ?= python3
+bench-gpu:
+	PYTHONPATH=src PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m involution.bench.gpu --out $(BENCH_OUT)
+
+# The same pipeline on CPU under the Triton interpreter, tiny shapes: checks it, measures nothing.
+bench-gpu-dry: setup
+	TRITON_INTERPRET=1 $(PY) -m involution.bench.gpu --dry-run --out $(BENCH_OUT)-dry
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/involution/*.so

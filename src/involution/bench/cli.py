@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from involution.bench import detect, model, onnx, op
+from involution.bench import detect, gpu, model, onnx, op
 
 
 def add_commands(subparsers: Any) -> None:
@@ -17,5 +17,6 @@ def add_commands(subparsers: Any) -> None:
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     op.add_op_parser(benchmarks)
     model.add_model_parser(benchmarks)
+    gpu.add_gpu_parser(benchmarks)
     onnx.add_onnx_parsers(benchmarks)
     detect.add_detect_parser(benchmarks)
