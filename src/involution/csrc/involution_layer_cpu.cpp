@@ -17,9 +17,11 @@
 // - Both 1x1 convs are register-blocked matrix products: up to 8 pixels x 32 output channels of
 //   accumulators, one broadcast per pixel and two vector loads of the (pre-transposed) weights
 //   per reduction step.
-// - The aggregation keeps the block's pixels in registers over the taps; taps whose input column
-//   is outside the image are skipped per pixel only in the blocks that touch the border (the
-//   valid output columns of each kernel column are computed once per call).
+// - The aggregation keeps the block's pixels in registers over the taps. With RedNet's 7x7
+//   kernels at unit stride, each input pixel of a kernel row is loaded once and reused by the 7
+//   taps that read it (zero outside the image); otherwise taps whose input column is outside the
+//   image are skipped per pixel in the blocks that touch the border (the valid output columns of
+//   each kernel column are computed once per call).
 // - The 1x1 convs' weights are transposed and padded to whole vectors once (layer_pack); the
 //   Python backend keeps the result while the weights are unchanged.
 // - Tasks are output rows, handed out on demand to the intra-op threads (a thread slowed down by
@@ -182,8 +184,11 @@ LAYER_INLINE void matmul_block(
 }
 
 // The aggregation of group g for the NP pixels j0.. of output row i (16 channels per group),
-// with the epilogue, written to the output.
-template <typename T, int NP>
+// with the epilogue, written to the output. KW > 0: the layer has Kw = KW, unit column stride and
+// no column dilation, and each input pixel of a kernel row is loaded once into a register (zero
+// outside the image) and serves every tap that reads it: NP + KW - 1 loads for NP * KW
+// multiply-adds instead of NP * KW. KW = 0: any layer, one load per tap and pixel.
+template <typename T, int NP, int KW>
 LAYER_INLINE void aggregate_block16(
     const LayerGeometry& geo, const LayerParams<T>& prm, const T* __restrict h, int64_t b,
     int64_t i, int64_t j0, int64_t g) {
@@ -197,6 +202,21 @@ LAYER_INLINE void aggregate_block16(
       continue;
     }
     const T* __restrict x_row = x_batch + ih * geo.width * pixel;
+    if constexpr (KW > 0) {
+      const int64_t column0 = j0 - geo.pad_w;  // the input column of pixel 0 and tap 0
+      V16<T> in[NP + KW - 1];
+      for (int q = 0; q < NP + KW - 1; ++q) {
+        const int64_t column = column0 + q;
+        in[q] = column >= 0 && column < geo.width ? load16(x_row + column * pixel) : V16<T>{};
+      }
+      const T* __restrict h_row = h_group + kh * KW;
+      for (int kw = 0; kw < KW; ++kw) {
+        for (int p = 0; p < NP; ++p) {
+          acc[p] += h_row[p * geo.kernels_padded + kw] * in[p + kw];
+        }
+      }
+      continue;
+    }
     for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
       const T* __restrict h_tap = h_group + kh * geo.kernel_w + kw;
       const ColumnRange cols = geo.columns[kw];
@@ -391,9 +411,12 @@ LAYER_INLINE void layer_rows_impl(
                             prm.b0, true, reduced.data());
         matmul_block<T, NP>(reduced.data(), geo.reduced_padded, prm.w1t, geo.kernels_padded,
                             geo.reduced, prm.b1, false, kernels.data());
+        const bool unit_columns = geo.stride_w == 1 && geo.dil_w == 1;
         for (int64_t g = 0; g < geo.groups; ++g) {
-          if (geo.group_channels == kLanes) {
-            aggregate_block16<T, NP>(geo, prm, kernels.data(), b, i, j0, g);
+          if (geo.group_channels == kLanes && unit_columns && geo.kernel_w == 7) {
+            aggregate_block16<T, NP, 7>(geo, prm, kernels.data(), b, i, j0, g);
+          } else if (geo.group_channels == kLanes) {
+            aggregate_block16<T, NP, 0>(geo, prm, kernels.data(), b, i, j0, g);
           } else {
             aggregate_block_scalar(geo, prm, kernels.data(), b, i, j0, NP, g, acc.data());
           }

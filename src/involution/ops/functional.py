@@ -281,6 +281,8 @@ def involution2d_layer(
         out_relu,
         resolve_backend(backend, input.device),
     )
-    if registration.use_eager_path(input, reduce_weight):
+    # The weights are often Parameters (a Tensor subclass that eager mode treats as a tensor):
+    # the input alone decides.
+    if registration.use_eager_path(input, input):
         return registration.layer_inference(*args)
     return registration.involution2d_layer_op(*args)

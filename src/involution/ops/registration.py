@@ -403,10 +403,12 @@ def layer_inference(
     )
     impl = get_backend(backend)
     output = None
-    if input.numel() > 0 and hasattr(impl, "layer_forward"):
-        output = impl.layer_forward(*args)
-    if output is None:
-        output = compose_layer(*args, backend)
+    # Named in torch.profiler traces (eager calls reach here without a dispatcher op).
+    with torch.profiler.record_function("involution::layer_inference"):
+        if input.numel() > 0 and hasattr(impl, "layer_forward"):
+            output = impl.layer_forward(*args)
+        if output is None:
+            output = compose_layer(*args, backend)
     return output.contiguous(memory_format=memory_format_of(input))
 
 
