@@ -264,6 +264,7 @@ def test_train_eval_predict_on_tiny_scenes(
         "train.iterations=2",
         "train.warmup_steps=1",
         "train.progress=false",
+        "data.workers=0",
         f"output.dir={tmp_path}",
         "output.name=run",
     ]
