@@ -25,6 +25,7 @@ from involution.ops.checks import (
     geometry,
 )
 from involution.ops.layout import generate_kernels
+from involution.ops.lowering import exporting_to_onnx, involution2d_lowered
 
 __all__ = ["generate_kernels", "involution2d", "involution2d_fused", "involution2d_layer"]
 
@@ -61,7 +62,27 @@ def involution2d(
 
     Half-precision inputs accumulate in float32. Under autocast both tensors are cast to the
     autocast dtype. Differentiable with respect to ``input`` and ``weight``.
+
+    Outside eager PyTorch: ``torch.compile``/``torch.export`` see the custom op
+    ``torch.ops.involution.involution2d``; TorchScript calls it directly (without these
+    checks, ``backend="auto"`` resolved per call); ``torch.onnx.export`` gets the op in
+    standard operators (:mod:`involution.ops.lowering`).
     """
+    if torch.jit.is_scripting():
+        return _scripted_involution2d(input, weight, stride, padding, dilation, backend)
+    else:
+        return _checked_involution2d(input, weight, stride, padding, dilation, backend)
+
+
+def _checked_involution2d(
+    input: Tensor,
+    weight: Tensor,
+    stride: IntOrPair,
+    padding: IntOrPair | None,
+    dilation: IntOrPair,
+    backend: str,
+) -> Tensor:
+    """:func:`involution2d` in Python: check, autocast, then the eager path or the custom op."""
     check_tensors(input=input, weight=weight)
     check_rank("input", input, ("B", "C", "H", "W"))
     check_rank("weight", weight, ("B", "G", "Kh", "Kw", "H_out", "W_out"))
@@ -86,6 +107,8 @@ def involution2d(
     args = (input, weight, geo.stride, geo.padding, geo.dilation, concrete)
     if registration.use_eager_path(input, weight):
         return registration.EagerInvolution2d.apply(*args)
+    if exporting_to_onnx():  # ONNX has no custom op: standard operators
+        return involution2d_lowered(input, weight, geo.stride, geo.padding, geo.dilation)
     return registration.involution2d_op(*args)
 
 
@@ -124,7 +147,50 @@ def involution2d_fused(
 
     Returns:
         (B, C, H_out, W_out), in the memory format of ``input``.
+
+    TorchScript and ONNX export as for :func:`involution2d`.
     """
+    if torch.jit.is_scripting():
+        return _scripted_involution2d_fused(
+            input,
+            reduced,
+            span_weight,
+            span_bias,
+            kernel_size,
+            groups,
+            stride,
+            padding,
+            dilation,
+            backend,
+        )
+    else:
+        return _checked_involution2d_fused(
+            input,
+            reduced,
+            span_weight,
+            span_bias,
+            kernel_size,
+            groups,
+            stride,
+            padding,
+            dilation,
+            backend,
+        )
+
+
+def _checked_involution2d_fused(
+    input: Tensor,
+    reduced: Tensor,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    kernel_size: IntOrPair,
+    groups: int,
+    stride: IntOrPair,
+    padding: IntOrPair | None,
+    dilation: IntOrPair,
+    backend: str,
+) -> Tensor:
+    """:func:`involution2d_fused` in Python: check, autocast, then the custom op."""
     check_tensors(input=input, reduced=reduced, span_weight=span_weight, span_bias=span_bias)
     check_backend(backend)
     check_rank("input", input, ("B", "C", "H", "W"))
@@ -152,6 +218,9 @@ def involution2d_fused(
     input, reduced, span_weight, span_bias = autocast(input, reduced, span_weight, span_bias)
     check_dtypes(input=input, reduced=reduced, span_weight=span_weight, span_bias=span_bias)
 
+    if exporting_to_onnx():
+        kernels = generate_kernels(reduced, span_weight, span_bias, kernel_hw, groups)
+        return involution2d_lowered(input, kernels, geo.stride, geo.padding, geo.dilation)
     return registration.involution2d_fused_op(
         input,
         reduced,
@@ -163,6 +232,69 @@ def involution2d_fused(
         geo.dilation,
         groups,
         resolve_backend(backend, input.device),
+    )
+
+
+def _int_list(value: IntOrPair) -> list[int]:
+    """An int or pair as the op schemas' int list (TorchScript's counterpart of ``as_pair``)."""
+    if isinstance(value, int):
+        return [value, value]
+    return [value[0], value[1]]
+
+
+def _scripted_padding(padding: IntOrPair | None, kernel: list[int], dilation: list[int]):
+    if padding is None:
+        return [dilation[0] * (kernel[0] - 1) // 2, dilation[1] * (kernel[1] - 1) // 2]
+    return _int_list(padding)
+
+
+def _scripted_involution2d(
+    input: Tensor,
+    weight: Tensor,
+    stride: IntOrPair,
+    padding: IntOrPair | None,
+    dilation: IntOrPair,
+    backend: str,
+) -> Tensor:
+    """:func:`involution2d` under TorchScript: the registered op, called directly."""
+    dilation_hw = _int_list(dilation)
+    kernel = [weight.shape[2], weight.shape[3]]
+    return torch.ops.involution.involution2d(
+        input,
+        weight,
+        _int_list(stride),
+        _scripted_padding(padding, kernel, dilation_hw),
+        dilation_hw,
+        backend,
+    )
+
+
+def _scripted_involution2d_fused(
+    input: Tensor,
+    reduced: Tensor,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    kernel_size: IntOrPair,
+    groups: int,
+    stride: IntOrPair,
+    padding: IntOrPair | None,
+    dilation: IntOrPair,
+    backend: str,
+) -> Tensor:
+    """:func:`involution2d_fused` under TorchScript: the registered op, called directly."""
+    kernel = _int_list(kernel_size)
+    dilation_hw = _int_list(dilation)
+    return torch.ops.involution.involution2d_fused(
+        input,
+        reduced,
+        span_weight.flatten(1),
+        span_bias,
+        kernel,
+        _int_list(stride),
+        _scripted_padding(padding, kernel, dilation_hw),
+        dilation_hw,
+        groups,
+        backend,
     )
 
 

@@ -15,11 +15,16 @@ from torch import Tensor, nn
 
 from involution.ops.backends import resolve_backend
 from involution.ops.functional import (
-    generate_kernels,
     involution2d,
     involution2d_fused,
     involution2d_layer,
 )
+from involution.ops.lowering import exporting_to_onnx, involution2d_lowered
+
+# FX symbolic tracing (torch.fx, torchvision's and timm's feature extraction) records each call
+# of the front doors from this module as one node, instead of tracing into their checks.
+torch.fx.wrap("involution2d")
+torch.fx.wrap("involution2d_fused")
 
 LayerFactory = Callable[[int], nn.Module]
 
@@ -109,6 +114,15 @@ class Involution2d(nn.Module):
             ``act``, compute the whole layer in one op (:meth:`forward_layer`): the kernel
             tensor is never stored, and the output is the same within float rounding. Also an
             attribute, to switch it off on a built model (e.g. to time both paths).
+        exportable: aggregate with standard PyTorch operators only
+            (:func:`involution.ops.lowering.involution2d_lowered`), for tracers and exporters
+            that cannot run the custom op (``torch.jit.trace``, ``torch.export`` for other
+            runtimes); slower. timm's ``set_layer_config(exportable=True)`` sets it in RedNet.
+            ``torch.onnx.export`` lowers the op without it.
+
+    TorchScript (``torch.jit.script``) and FX (``torch.fx.symbolic_trace``) see the kernel
+    branch and one call of the op (:func:`~involution.ops.involution2d` or
+    :func:`~involution.ops.involution2d_fused`).
 
     Shape:
         input (B, C, H, W) -> output (B, C, ceil(H / stride), ceil(W / stride)).
@@ -127,6 +141,7 @@ class Involution2d(nn.Module):
         backend: str = "auto",
         fused: bool = False,
         fuse_inference: bool = True,
+        exportable: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -162,6 +177,7 @@ class Involution2d(nn.Module):
         self.backend = backend
         self.fused = fused
         self.fuse_inference = fuse_inference
+        self.exportable = exportable
         reduced = channels // reduction_ratio
         self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
         self.reduce = nn.Conv2d(channels, reduced, 1, bias=False)
@@ -176,9 +192,9 @@ class Involution2d(nn.Module):
     def generate_kernels(self, x: Tensor) -> Tensor:
         """Per-pixel kernels (B, G, K, K, H_out, W_out) for input ``x`` (B, C, H, W)."""
         k = self.kernel_size
-        return generate_kernels(
-            self.reduce_features(x), self.span.weight, self.span.bias, (k, k), self.groups
-        )
+        # The span conv module itself (not its weights), so that its forward hooks see the
+        # kernels (involution.export.kernels) and tracers record a module call.
+        return self.span(self.reduce_features(x)).unflatten(1, [self.groups, k, k])
 
     def layer_inference_applies(self, x: Tensor, backend: str) -> bool:
         """Whether :meth:`forward` runs the fused inference op (see ``fuse_inference``)."""
@@ -190,6 +206,7 @@ class Involution2d(nn.Module):
             and x.dtype in (torch.float32, torch.float64)
             and type(self.act) is nn.ReLU
             and _is_foldable_norm(self.norm)
+            and not exporting_to_onnx()  # ONNX has no custom op: the lowered layer
         )
 
     def folded_reduce(self) -> tuple[Tensor, Tensor | None]:
@@ -232,16 +249,30 @@ class Involution2d(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        backend = resolve_backend(self.backend, x.device)
-        if self.layer_inference_applies(x, backend):
-            return self.forward_layer(x, backend)
+        if self.exportable and not torch.jit.is_scripting():
+            padding = self.dilation * (self.kernel_size - 1) // 2
+            return involution2d_lowered(
+                x,
+                self.generate_kernels(x),
+                (self.stride, self.stride),
+                (padding, padding),
+                (self.dilation, self.dilation),
+            )
+        # The fused inference op depends on run-time state (grad mode, dtype, device) that
+        # TorchScript and FX tracing cannot capture: they record the layer below. Two ifs:
+        # TorchScript skips a block only on a bare is_scripting() test.
+        if not torch.jit.is_scripting():  # noqa: SIM102
+            if not isinstance(x, torch.fx.Proxy):
+                backend = resolve_backend(self.backend, x.device)
+                if self.layer_inference_applies(x, backend):
+                    return self.forward_layer(x, backend)
         if not self.fused:
             return involution2d(
                 x,
                 self.generate_kernels(x),
                 stride=self.stride,
                 dilation=self.dilation,
-                backend=backend,
+                backend=self.backend,
             )
         return involution2d_fused(
             x,
@@ -252,7 +283,7 @@ class Involution2d(nn.Module):
             self.groups,
             stride=self.stride,
             dilation=self.dilation,
-            backend=backend,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -37,9 +37,16 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from involution.ops.backends import get_backend
+from involution.ops.backends import get_backend, resolve_backend
 from involution.ops.checks import output_size
 from involution.ops.layout import empty_output, generate_kernels, memory_format_of, pair
+
+
+def backend_module(name: str, device: torch.device):
+    """The module of backend ``name``. The ops also take ``"auto"``, resolved for ``device``:
+    TorchScript calls them with a layer's own setting, the device being known only at run time.
+    """
+    return get_backend(resolve_backend(name, device) if name == "auto" else name)
 
 
 def aggregate(
@@ -53,7 +60,7 @@ def aggregate(
     """Involution forward: y[b, c, i, j] = sum_uv weight[b, g(c), u, v, i, j] * x_pad[...]."""
     if input.numel() == 0:
         return empty_output(input, weight.shape[-2:]).zero_()
-    output = get_backend(backend).forward(
+    output = backend_module(backend, input.device).forward(
         input, weight, pair(stride), pair(padding), pair(dilation)
     )
     return output.contiguous(memory_format=memory_format_of(input))
@@ -83,7 +90,7 @@ def gradients(
             if needs_weight
             else None,
         )
-    impl = get_backend(backend)
+    impl = backend_module(backend, input.device)
     args = (grad_output, input, weight, pair(stride), pair(padding), pair(dilation))
     if needs_input and needs_weight and hasattr(impl, "backward"):
         grad_input, grad_weight = impl.backward(*args)
@@ -274,7 +281,7 @@ def involution2d_fused_op(
     Backends without a ``fused_forward`` (and empty inputs) get the kernels materialised by the
     span conv and aggregated by :func:`aggregate`.
     """
-    impl = get_backend(backend)
+    impl = backend_module(backend, input.device)
     if input.numel() == 0 or not hasattr(impl, "fused_forward"):
         kernels = generate_kernels(reduced, span_weight, span_bias, kernel_size, groups)
         return aggregate(input, kernels, stride, padding, dilation, backend)
