@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from involution.models.rednet import RedNet, official_key_to_ours
+from involution.models.rednet import MODEL_DEPTHS, RedNet, official_key_to_ours
 from involution.serialization import read_state_dict
 
 __all__ = [
@@ -101,9 +101,34 @@ def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, T
     return converted
 
 
+def _not_a_rednet(state_dict: Mapping[str, Tensor], reason: str) -> CheckpointMismatchError:
+    """The error for a state dict whose architecture cannot be read: its differences from the
+    official RedNet depth (1000 classes) that shares the most keys with it."""
+    best: tuple[int, int, dict[str, Tensor]] | None = None
+    for depth, layers in MODEL_DEPTHS.items():
+        with torch.device("meta"):
+            expected = RedNet(layers=layers).state_dict()
+        shared = len(expected.keys() & state_dict.keys())
+        if best is None or shared > best[0]:
+            best = (shared, depth, expected)
+    _, depth, expected = best
+    mismatched = [
+        (key, tuple(value.shape), tuple(expected[key].shape))
+        for key, value in state_dict.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    return CheckpointMismatchError(
+        [key for key in expected if key not in state_dict],
+        [key for key in state_dict if key not in expected],
+        mismatched,
+        f" (not a RedNet checkpoint: {reason}; compared with rednet{depth}, the official "
+        "depth sharing the most keys)",
+    )
+
+
 def _require(state_dict: Mapping[str, Tensor], key: str) -> Tensor:
     if key not in state_dict:
-        raise CheckpointMismatchError([key], [], [], " (cannot infer the architecture)")
+        raise _not_a_rednet(state_dict, f"it has no {key}")
     return state_dict[key]
 
 
@@ -122,7 +147,8 @@ def infer_rednet_kwargs(state_dict: Mapping[str, Tensor], group_channels: int = 
             stage, block = int(match.group(1)), int(match.group(2))
             depths[stage] = max(depths.get(stage, 0), block + 1)
     if not depths or sorted(depths) != list(range(1, len(depths) + 1)):
-        raise ValueError(f"no consecutive layer1..layerN blocks found (stages: {sorted(depths)})")
+        found = ", ".join(f"layer{i}" for i in sorted(depths)) or "none"
+        raise _not_a_rednet(state_dict, f"no consecutive layer1..layerN blocks (found: {found})")
     stages = range(1, len(depths) + 1)
     widths = tuple(_require(state_dict, f"layer{i}.0.conv1.weight").shape[0] for i in stages)
     stem_inv_span = _require(state_dict, "stem.inv.span.weight")

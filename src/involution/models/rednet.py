@@ -3,9 +3,11 @@
 The layout follows the official mmcls ``RedNet`` (d-li14/involution) so its checkpoints convert
 by renaming keys (see :mod:`involution.models.convert`), and the class follows timm's model
 interface so ``timm.create_model("rednet50", features_only=True, ...)`` works.
-"""
 
-from __future__ import annotations
+Annotations here are evaluated (no ``from __future__ import annotations``): torch.fx writes the
+forward's argument annotations into the code it generates, and TorchScript (scripting a traced
+model, as timm's FX feature extractor does) cannot resolve postponed, string annotations.
+"""
 
 import re
 from collections.abc import Callable, Sequence
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import create_classifier
+from timm.layers import create_classifier, is_exportable, register_notrace_module
 from timm.models import (
     build_model_with_cfg,
     checkpoint_seq,
@@ -30,6 +32,12 @@ from involution.ops.modules import Involution2d
 from involution.serialization import load_tensor_file
 
 __all__ = ["MODEL_DEPTHS", "Bottleneck", "RedNet", "RedNetStem", "conv3x3"]
+
+# timm's FX tracers (features_only with feature_cls="fx", its FX model tests) keep each
+# involution as one module call, so the traced model runs exactly the eager layer (including
+# its fused inference op). Plain torch.fx and torchvision's tracers record the op as one call
+# (torch.fx.wrap in involution.ops.modules) after the kernel branch.
+register_notrace_module(Involution2d)
 
 NormFactory = Callable[[int], nn.Module]
 ActFactory = Callable[[], nn.Module]
@@ -47,6 +55,8 @@ MODEL_DEPTHS: dict[int, tuple[int, int, int, int]] = {
     152: (3, 8, 36, 3),
 }
 
+#: Stages are named ``layer1`` .. ``layer4`` as in the official mmcls RedNet (1 to 4 stages).
+MAX_STAGES = 4
 STEM_TYPES = ("deep", "compact")
 MIXERS = ("involution", "conv")
 
@@ -244,6 +254,12 @@ class RedNet(nn.Module):
         backend: involution backend, see :func:`involution.ops.involution2d`.
         fused: fuse each involution's span conv into the aggregation (opt-in), see
             :class:`involution.Involution2d`; same state dict.
+        exportable: involutions in standard operators only (see
+            :class:`involution.Involution2d`); ``None`` follows timm's layer config
+            (``timm.layers.set_layer_config(exportable=True)``).
+
+    Works with ``torch.jit.script``, ``torch.fx`` symbolic tracing (timm's and torchvision's
+    feature extraction), ``torch.compile``, ``torch.export`` and ``torch.onnx.export``.
 
     Shape:
         (B, in_chans, H, W) -> logits (B, num_classes); ``forward_features`` gives
@@ -270,6 +286,7 @@ class RedNet(nn.Module):
         zero_init_last: bool = True,
         backend: str = "auto",
         fused: bool = False,
+        exportable: bool | None = None,
     ) -> None:
         super().__init__()
         layers = tuple(layers)
@@ -279,6 +296,8 @@ class RedNet(nn.Module):
                 "layers and stage_widths must be non-empty sequences of positive ints, "
                 f"got {layers} and {stage_widths}"
             )
+        if len(layers) > MAX_STAGES:
+            raise ValueError(f"RedNet has 1 to {MAX_STAGES} stages, got layers={layers}")
         if len(layers) != len(stage_widths):
             raise ValueError(
                 f"layers has {len(layers)} stages but stage_widths has {len(stage_widths)}"
@@ -307,6 +326,7 @@ class RedNet(nn.Module):
             act_layer=act_layer,
             backend=backend,
             fused=fused,
+            exportable=is_exportable() if exportable is None else exportable,
         )
         mixer_layer = (
             partial(involution, kernel_size=kernel_size) if mixer == "involution" else conv3x3
@@ -401,8 +421,18 @@ class RedNet(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) -> last-stage feature map (B, num_features, H / 32, W / 32)."""
         x = self.maxpool(self.stem(x))
-        for name in self.stage_names:
-            x = self._stage(name, x)
+        if torch.jit.is_scripting():
+            # TorchScript cannot getattr a computed name: the (at most four) stages by name.
+            x = self.layer1(x)
+            if hasattr(self, "layer2"):
+                x = self.layer2(x)
+            if hasattr(self, "layer3"):
+                x = self.layer3(x)
+            if hasattr(self, "layer4"):
+                x = self.layer4(x)
+        else:
+            for name in self.stage_names:
+                x = self._stage(name, x)
         return x
 
     def forward_intermediates(
@@ -434,6 +464,21 @@ class RedNet(nn.Module):
                 intermediates.append(x)
         return intermediates if intermediates_only else (x, intermediates)
 
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last one :meth:`forward_intermediates` returns for
+        ``indices`` (and the head), for timm's ``features_only`` getter; returns the indices.
+
+        ``prune_norm`` is accepted for timm compatibility (RedNet has no final norm).
+        """
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        for name in self.stage_names[max_index:]:
+            setattr(self, name, nn.Identity())
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Pool, dropout and classify: (B, num_features, h, w) -> (B, num_classes)."""
         x = self.global_pool(x)
@@ -455,8 +500,19 @@ def _create_rednet(variant: str, pretrained: bool = False, **kwargs: Any) -> Red
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     if pretrained and overlay.get("file"):
         load_tensor_file(overlay["file"])
+    # features_only: the stem and every stage by default (timm's default, 0..4, assumes four).
+    stages = len(kwargs.get("layers", ()))
+    feature_cfg = {
+        "out_indices": tuple(range(stages + 1)),
+        **(kwargs.pop("feature_cfg", None) or {}),
+    }
     return build_model_with_cfg(
-        RedNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+        RedNet,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=feature_cfg,
+        **kwargs,
     )
 
 
