@@ -12,6 +12,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "involution.models.cli",
     "involution.bench.cli",
     "involution.datasets.cli",
+    "involution.export.cli",
 )
 
 
