@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from involution.models import RedNet
-from involution.models.fold import fold_batchnorm
+from involution.models.fold import ConvAct, fold_batchnorm
 from involution.ops import Involution2d, Involution2dAffine
 from involution.ops.backends import cpu as cpu_backend
 
@@ -101,3 +101,20 @@ def test_folded_model_differentiates_like_the_original():
     (want,) = torch.autograd.grad(model(x).sum(), x)
     (got,) = torch.autograd.grad(folded(x).sum(), x)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_conv_act_matches_conv_add_relu(relu, residual):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, stride=2, padding=1).eval()
+    module = ConvAct(conv, relu)
+    x = torch.randn(2, 16, 11, 9).contiguous(memory_format=torch.channels_last)
+    other = torch.randn(2, 24, 6, 5) if residual else None
+    with torch.no_grad():  # float32 on CPU: oneDNN's fused convolution where available
+        got = module(x, other)
+        want = conv(x) + (other if residual else 0)
+        want = torch.relu(want) if relu else want
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="padding"):
+        ConvAct(nn.Conv2d(4, 4, 3, padding="same"), relu)

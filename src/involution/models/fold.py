@@ -5,19 +5,141 @@ into that conv's weight and bias (``torch.nn.utils.fuse_conv_bn_eval``), and the
 one pass less over every activation. A BatchNorm after an involution cannot fold into it (its
 kernels are shared by a group's channels); it becomes the epilogue of the fused inference op
 (:class:`~involution.ops.Involution2dAffine`), together with the ReLU after it.
+
+The ReLU after a folded conv, and a bottleneck's residual add and ReLU after its last conv, run
+inside the conv too (:class:`ConvAct`: oneDNN's fused convolution on CPU float32, which applies
+them to each output tile while it is in cache), so no activation is read back for them.
 """
 
 from __future__ import annotations
 
 import copy
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.nn.utils import fuse_conv_bn_eval
 
 from involution.models.rednet import Bottleneck, RedNetStem
 from involution.ops.modules import Involution2d, Involution2dAffine
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["ConvAct", "fold_batchnorm"]
+
+
+class ConvAct(nn.Module):
+    """Eval-only ``relu?(conv(x) [+ residual])`` for a conv with its BatchNorm folded in.
+
+    Without gradients on CPU float32 (oneDNN available, not under ``torch.compile``, which
+    fuses the same on its own), one call of oneDNN's convolution with the add and the ReLU as
+    post-ops (``torch.ops.mkldnn._convolution_pointwise``, what inductor's CPU freezing pass
+    emits); otherwise the conv, the add and the ReLU one after another.
+
+    Shape:
+        (B, C_in, H, W) [, residual (B, C_out, H_out, W_out)] -> (B, C_out, H_out, W_out).
+    """
+
+    def __init__(self, conv: nn.Conv2d, relu: bool) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"ConvAct needs explicit zero padding, got {conv}")
+        self.conv = conv
+        self.relu = relu
+
+    def _fused(self, x: Tensor) -> bool:
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and torch.backends.mkldnn.is_available()
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        )
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        conv = self.conv
+        if self._fused(x):
+            args = (conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+            if residual is None:
+                attr = "relu" if self.relu else "none"
+                return torch.ops.mkldnn._convolution_pointwise(x, *args, attr, [], "")
+            unary = "relu" if self.relu else None
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual, *args, "add", None, unary, [], ""
+            )
+        y = conv(x)
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if self.relu else y
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
+
+
+class _InferenceBottleneck(nn.Module):
+    """A folded :class:`Bottleneck` whose ReLUs and residual add run inside its convs."""
+
+    def __init__(self, block: Bottleneck) -> None:
+        super().__init__()
+        self.conv1 = ConvAct(block.conv1, relu=True)
+        # The spatial layer: an Involution2dAffine (BN and ReLU inside), or the conv twin's conv.
+        mixer = block.conv2
+        self.conv2 = ConvAct(mixer, relu=True) if isinstance(mixer, nn.Conv2d) else mixer
+        self.conv3 = ConvAct(block.conv3, relu=True)  # + shortcut, then ReLU
+        self.downsample = None if block.downsample is None else ConvAct(block.downsample[0], False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.conv3(self.conv2(self.conv1(x)), residual=shortcut)
+
+
+class _InferenceStem(nn.Module):
+    """A folded :class:`RedNetStem` whose ReLUs run inside its convs."""
+
+    def __init__(self, stem: RedNetStem) -> None:
+        super().__init__()
+        self.conv1 = ConvAct(stem.conv1, relu=True)
+        self.inv = stem.inv  # an Involution2dAffine: BN and ReLU inside
+        self.conv2 = ConvAct(stem.conv2, relu=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv2(self.inv(self.conv1(x)))
+
+
+def _is_relu(*modules: nn.Module) -> bool:
+    return all(type(m) is nn.ReLU for m in modules)
+
+
+def _all_folded(*norms: nn.Module) -> bool:
+    return all(type(m) is nn.Identity for m in norms)
+
+
+def _fuse_block(block: nn.Module) -> nn.Module:
+    """The folded block's inference version when its structure allows, else the block itself."""
+    if isinstance(block, Bottleneck):
+        downsample_folded = block.downsample is None or (
+            isinstance(block.downsample, nn.Sequential)
+            and len(block.downsample) == 2
+            and isinstance(block.downsample[0], nn.Conv2d)
+            and _all_folded(block.downsample[1])
+        )
+        mixer_ok = isinstance(block.conv2, Involution2dAffine) or (
+            isinstance(block.conv2, nn.Conv2d) and _is_relu(block.act2)
+        )
+        if (
+            isinstance(block.conv1, nn.Conv2d)
+            and isinstance(block.conv3, nn.Conv2d)
+            and _all_folded(block.bn1, block.bn2, block.bn3)
+            and _is_relu(block.act1, block.act3)
+            and downsample_folded
+            and mixer_ok
+        ):
+            return _InferenceBottleneck(block)
+    if isinstance(block, RedNetStem) and (
+        isinstance(block.inv, Involution2dAffine)
+        and _all_folded(block.bn1, block.bn2, block.bn3)
+        and _is_relu(block.act1, block.act3)
+    ):
+        return _InferenceStem(block)
+    return block
 
 
 def _foldable(norm: nn.Module) -> bool:
@@ -46,7 +168,7 @@ def _fold_mixer(parent: nn.Module, mixer_name: str, norm_name: str, act_name: st
         _fold_pair(parent, mixer_name, norm_name)
 
 
-def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
+def fold_batchnorm(model: nn.Module, inplace: bool = False, fuse_relu: bool = True) -> nn.Module:
     """An eval-mode copy of ``model`` with every conv -> BatchNorm pair of its RedNet parts folded.
 
     Folded: the stem's two convs (``conv1``/``bn1``, ``conv2``/``bn3``), each bottleneck's
@@ -57,6 +179,10 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     applies them inside the fused inference op. Other modules are left as they are, so any model
     built from RedNet's blocks (classifier, ``features_only`` backbone, detection and
     segmentation backbones) folds.
+
+    With ``fuse_relu`` (default), each folded stem and bottleneck (with ReLU activations) is
+    replaced by an inference version whose convs apply their ReLU, and the last conv the
+    residual add and ReLU, as :class:`ConvAct` post-ops.
 
     The result computes the same function as ``model.eval()`` within float rounding, with fewer
     passes over memory. It is meant for inference: its affine parameters no longer follow the
@@ -83,4 +209,10 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
         if isinstance(module, Involution2d) and _foldable(module.norm):
             module.reduce = fuse_conv_bn_eval(module.reduce, module.norm)
             module.norm = nn.Identity()
+    if fuse_relu:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                fused = _fuse_block(child)
+                if fused is not child:
+                    setattr(parent, name, fused.eval())
     return model
