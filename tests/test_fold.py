@@ -6,6 +6,8 @@ The folded model runs its fused CPU paths (``"cpu"`` backend); the original runs
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -118,3 +120,20 @@ def test_conv_act_matches_conv_add_relu(relu, residual):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="padding"):
         ConvAct(nn.Conv2d(4, 4, 3, padding="same"), relu)
+
+
+def test_conv_act_reorders_its_weight_once_and_still_copies():
+    conv = nn.Conv2d(8, 8, 1).eval()
+    module = ConvAct(conv, relu=True)
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        module(x)
+        first = module._packed
+        module(x)
+        assert module._packed is first  # None where oneDNN is unavailable
+        conv.weight.mul_(-1.0)  # a changed weight is reordered again
+        torch.testing.assert_close(module(x), torch.relu(conv(x)), rtol=1e-5, atol=1e-5)
+    copied = copy.deepcopy(module)
+    assert copied._packed is None
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), module(x))

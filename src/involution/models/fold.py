@@ -32,7 +32,9 @@ class ConvAct(nn.Module):
     Without gradients on CPU float32 (oneDNN available, not under ``torch.compile``, which
     fuses the same on its own), one call of oneDNN's convolution with the add and the ReLU as
     post-ops (``torch.ops.mkldnn._convolution_pointwise``, what inductor's CPU freezing pass
-    emits); otherwise the conv, the add and the ReLU one after another.
+    emits), on the weight reordered once into oneDNN's blocked layout (kept while the weight is
+    unchanged: reordering on every call would cost more than the conv on small maps);
+    otherwise the conv, the add and the ReLU one after another.
 
     Shape:
         (B, C_in, H, W) [, residual (B, C_out, H_out, W_out)] -> (B, C_out, H_out, W_out).
@@ -44,6 +46,26 @@ class ConvAct(nn.Module):
             raise ValueError(f"ConvAct needs explicit zero padding, got {conv}")
         self.conv = conv
         self.relu = relu
+        # (weight storage, weight version, oneDNN-layout weight): not a buffer, so that it is
+        # neither saved nor converted with the module; rebuilt when the weight changes.
+        self._packed: tuple[int, int, Tensor] | None = None
+
+    def __getstate__(self) -> dict:
+        # The oneDNN-layout weight is a cache (and cannot be copied or pickled): drop it.
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        return state
+
+    def _packed_weight(self, x: Tensor) -> Tensor:
+        weight = self.conv.weight
+        key = (weight.data_ptr(), weight._version)
+        if self._packed is None or self._packed[:2] != key:
+            conv = self.conv
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                weight, conv.padding, conv.stride, conv.dilation, conv.groups, list(x.shape)
+            )
+            self._packed = (*key, packed)
+        return self._packed[2]
 
     def _fused(self, x: Tensor) -> bool:
         return (
@@ -57,7 +79,8 @@ class ConvAct(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         conv = self.conv
         if self._fused(x):
-            args = (conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+            weight = self._packed_weight(x)
+            args = (weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
             if residual is None:
                 attr = "relu" if self.relu else "none"
                 return torch.ops.mkldnn._convolution_pointwise(x, *args, attr, [], "")
