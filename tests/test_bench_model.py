@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
 
 from involution import cli
 from involution.bench.model import create_model, fold_model, is_known_model
+from involution.models.fold import ConvAct
 
 
 def test_model_names_from_timm_and_torchvision():
@@ -21,11 +23,25 @@ def test_model_names_from_timm_and_torchvision():
 
 def test_fold_model_folds_torchvision_and_rednet_batchnorms():
     torch.manual_seed(0)
-    for name, channels in (("torchvision.resnet18", 3), ("rednet_compact", 1)):
+    # A small torchvision bottleneck ResNet (ResNet-50's block, narrow): RedNet's treatment.
+    small_resnet = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, width_per_group=16)
+    cases = [
+        ("basic-block resnet18", create_model("torchvision.resnet18", None, num_classes=10), 3),
+        ("bottleneck resnet", small_resnet, 3),
+        ("rednet_compact", create_model("rednet_compact", None, num_classes=10), 1),
+    ]
+    for name, model, channels in cases:
         x = torch.randn(1, channels, 28, 28)
-        model = create_model(name, None, num_classes=10).eval()
+        model = model.eval()
+        with torch.no_grad():  # BatchNorms that are not the identity
+            for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+                norm.running_var.uniform_(0.5, 2.0)
+                norm.weight.uniform_(0.5, 1.5)
         folded = fold_model(model)
         assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        # Bottleneck ResNets get RedNet's treatment (ReLUs and adds inside the convs).
+        assert any(isinstance(m, ConvAct) for m in folded.modules()) == (name != cases[0][0])
+        assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # untouched
         with torch.no_grad():
             torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
 

@@ -16,14 +16,17 @@ RedNet is run twice, with its Involution2d layers fused (kernel generation insid
 aggregation) and unfused.
 
 Models are timm names (``rednet50``, ``resnet26``) or ``torchvision.NAME``
-(``torchvision.resnet50``). ``--fold-bn`` folds every conv -> BatchNorm pair of the inference
-models, RedNets with :func:`involution.models.fold_batchnorm` and the others with ``torch.fx``'s
-conv-BN fusion, so that both sides get the same transformation.
+(``torchvision.resnet50``). ``--fold-bn`` prepares every inference model the same way: RedNets
+with :func:`involution.models.fold_batchnorm`, torchvision's and timm's bottleneck ResNets with
+the same treatment (each BatchNorm folded into its conv, the ReLUs and the residual add run as
+oneDNN post-ops of the convs, :class:`~involution.models.fold.ConvAct`), other models with
+``torch.fx``'s conv-BN fusion.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -39,9 +42,11 @@ import torch
 import torch.fx.experimental.optimization as fx_optimization
 import torch.nn.functional as F
 import torchvision
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.utils import fuse_conv_bn_eval
 
 from involution.models import fold_batchnorm
+from involution.models.fold import ConvAct
 from involution.ops import BACKENDS, Involution2d
 
 REDNETS = ("rednet26", "rednet50", "rednet101")
@@ -167,13 +172,86 @@ def create_model(
     return model
 
 
+class _InferenceResNetBottleneck(nn.Module):
+    """A torchvision or timm ResNet bottleneck prepared as ``fold_batchnorm`` prepares RedNet's:
+    BatchNorms folded, ReLUs and the residual add inside the convs (:class:`ConvAct`)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.conv1 = ConvAct(fuse_conv_bn_eval(block.conv1, block.bn1), relu=True)
+        self.conv2 = ConvAct(fuse_conv_bn_eval(block.conv2, block.bn2), relu=True)
+        self.conv3 = ConvAct(fuse_conv_bn_eval(block.conv3, block.bn3), relu=True)
+        downsample = block.downsample
+        self.downsample = (
+            None
+            if downsample is None
+            else ConvAct(fuse_conv_bn_eval(downsample[0], downsample[1]), relu=False)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.conv3(self.conv2(self.conv1(x)), residual=shortcut)
+
+
+def _is_resnet_bottleneck(block: nn.Module) -> bool:
+    """A plain bottleneck of torchvision's or timm's ResNet (ReLUs, no SE/anti-aliasing/drops)."""
+    convs = [getattr(block, f"conv{i}", None) for i in (1, 2, 3)]
+    norms = [getattr(block, f"bn{i}", None) for i in (1, 2, 3)]
+    downsample = getattr(block, "downsample", "missing")
+    acts = [getattr(block, name, None) for name in ("relu", "act1", "act2", "act3")]
+    extras = [getattr(block, name, None) for name in ("drop_block", "aa", "se", "drop_path")]
+    return (
+        all(type(c) is nn.Conv2d and isinstance(c.padding, tuple) for c in convs)
+        and all(type(n) is nn.BatchNorm2d for n in norms)
+        and (
+            downsample is None
+            or (
+                isinstance(downsample, nn.Sequential)
+                and len(downsample) == 2
+                and type(downsample[0]) is nn.Conv2d
+                and type(downsample[1]) is nn.BatchNorm2d
+            )
+        )
+        and all(a is None or type(a) is nn.ReLU for a in acts)
+        and any(a is not None for a in acts)
+        and all(e is None or type(e) is nn.Identity for e in extras)
+    )
+
+
+def _fold_resnet(model: nn.Module) -> nn.Module | None:
+    """A bottleneck ResNet (torchvision's or timm's) prepared like a folded RedNet, or ``None``
+    when ``model`` is not one."""
+    stem_act = "relu" if hasattr(model, "relu") else "act1"
+    blocks = [
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if _is_resnet_bottleneck(child)
+    ]
+    stem_ok = (
+        type(getattr(model, "conv1", None)) is nn.Conv2d
+        and type(getattr(model, "bn1", None)) is nn.BatchNorm2d
+        and type(getattr(model, stem_act, None)) is nn.ReLU
+    )
+    if not blocks or not stem_ok:
+        return None
+    for parent, name in blocks:
+        setattr(parent, name, _InferenceResNetBottleneck(getattr(parent, name)))
+    model.conv1 = ConvAct(fuse_conv_bn_eval(model.conv1, model.bn1), relu=True)
+    model.bn1 = nn.Identity()
+    setattr(model, stem_act, nn.Identity())
+    return model
+
+
 def fold_model(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` with its conv -> BatchNorm pairs folded: RedNets (any
-    model with an Involution2d) through :func:`~involution.models.fold_batchnorm`, others
-    through ``torch.fx``'s conv-BN fusion."""
+    """An eval-mode copy of ``model`` prepared for inference: RedNets (any model with an
+    Involution2d) by :func:`~involution.models.fold_batchnorm`, bottleneck ResNets the same way
+    (BatchNorms folded, ReLUs and residual adds inside oneDNN convs), other models by
+    ``torch.fx``'s conv-BN fusion."""
     if any(isinstance(module, Involution2d) for module in model.modules()):
         return fold_batchnorm(model)
-    return fx_optimization.fuse(model.eval())
+    model = copy.deepcopy(model).eval()
+    return _fold_resnet(model) or fx_optimization.fuse(model)
 
 
 def _synchronize(device: torch.device) -> None:
