@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import timm
@@ -60,8 +61,8 @@ def _ops_run(module: torch.nn.Module, *inputs: torch.Tensor) -> tuple[torch.Tens
     return output, {event.name for event in prof.events()}
 
 
-#: (stride, dilation, group_channels, fused) of the layers exported together.
-GEOMETRIES = [(1, 1, 16, False), (2, 1, 8, False), (1, 2, 4, False), (3, 1, 16, True)]
+#: (kernel, stride, dilation, group_channels, fused) of the layers exported together.
+GEOMETRIES = [(7, 1, 1, 16, False), (3, 2, 1, 8, False), (3, 1, 2, 4, False), (5, 3, 1, 16, True)]
 
 
 def _randomise(layers: nn.Module, seed: int = 0) -> nn.Module:
@@ -214,8 +215,8 @@ class _Layers(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            Involution2d(32, 7, stride=s, dilation=d, group_channels=g, fused=f)
-            for s, d, g, f in GEOMETRIES
+            Involution2d(32, k, stride=s, dilation=d, group_channels=g, fused=f)
+            for k, s, d, g, f in GEOMETRIES
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -256,6 +257,33 @@ def test_onnx_export_out_of_the_box(tmp_path: Path) -> None:
     assert relative_difference(_onnxruntime(path, x)[0], expected) < 1e-5
 
 
+def test_export_keeps_the_op_and_onnx_translates_it(tmp_path: Path) -> None:
+    layer = _randomise(Involution2d(16, 3)).eval()
+    x = torch.randn(1, 16, 12, 12)
+    program = torch.export.export(layer, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert "involution.involution2d.default" in targets
+    path = tmp_path / "layer.onnx"
+    torch.onnx.export(layer, (x,), path, dynamo=True)
+    nodes = onnx.load(path).graph.node
+    assert {n.domain for n in nodes} <= {"", "ai.onnx"}  # standard operators only
+    assert sum(n.op_type == "Slice" for n in nodes) == 3 + 9  # the shifts: rows, then taps
+
+
+@pytest.mark.parametrize("name", sorted(lowering.LOWERINGS))
+def test_exportable_layers_in_onnxruntime(name: str, tmp_path: Path) -> None:
+    # Involution2d(exportable=True): the ATen formulation, traced by the exporter
+    layer = Involution2d(16, 3, stride=2, dilation=2, group_channels=8, exportable=True)
+    layer = _randomise(layer).eval()
+    dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    path = tmp_path / f"{name}.onnx"
+    with torch.no_grad(), lowering.use_lowering(name):
+        torch.onnx.export(layer, (torch.randn(1, 16, 12, 12),), path, dynamic_shapes=(dims,))
+        x = torch.randn(2, 16, 15, 9)
+        expected = layer(x)
+    assert relative_difference(_onnxruntime(path, x)[0], expected) < 1e-5
+
+
 def test_rednet_onnx_matches_eager_at_other_sizes(tmp_path: Path) -> None:
     # The feature map, not pooled logits: its every pixel depends on the input.
     model = timm.create_model("rednet26", num_classes=0, global_pool="")
@@ -271,10 +299,8 @@ def test_export_cli_checks_parity(tmp_path: Path, capsys) -> None:
     weights = tmp_path / "compact.safetensors"
     save_file(source.state_dict(), weights)
     out = tmp_path / "compact.onnx"
-    assert (
-        main(["export", "--model", "rednet_compact", "--weights", str(weights), "--out", str(out)])
-        == 0
-    )
+    args = ["--model", "rednet_compact", "--weights", str(weights), "--out", str(out)]
+    assert main(["export", *args]) == 0
     printed = capsys.readouterr().out
     assert "1x1x28x28" in printed and "2x1x36x26" in printed
     assert float(re.search(r"max relative difference: (\S+)", printed).group(1)) < 1e-4

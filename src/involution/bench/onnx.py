@@ -5,13 +5,17 @@
 CPU session per model with ``--threads`` intra-op threads, side by side in one process.
 
 ``onnx-lowering``: the involution op alone (input and kernels as graph inputs, RedNet-50's layer
-shapes: G = C/16, K = 7, stride 1), exported once per formulation of
-:mod:`involution.ops.lowering` with dynamic batch and size, to choose the formulation exports
-use. The C++ ``"cpu"`` backend in PyTorch is timed beside them for scale.
+shapes: G = C/16, K = 7, stride 1) in ONNX, with dynamic batch and size, once per formulation of
+:mod:`involution.ops.lowering` traced by the exporter in ATen operators, and once as
+``torch.onnx.export`` writes the op itself (``"translation"``:
+:mod:`involution.ops.onnx_translation`), to choose the formulation (the op in PyTorch:
+``involution bench op``).
 
 Timing: ``--warmup`` untimed runs, then ``--repeats`` rounds in which every candidate runs once
 (interleaved, so that a machine shared with other processes slows all of them alike); the table
-gives the median and the minimum per candidate. Export time is the wall time of
+gives the median and the minimum per candidate. The sessions' idle threads sleep instead of
+spinning (onnxruntime's ``session.intra_op.allow_spinning=0``), so that one session's pool
+does not steal the cores of the next candidate. Export time is the wall time of
 ``torch.onnx.export``; parity is ``max |onnxruntime - PyTorch| / max |PyTorch|``.
 """
 
@@ -36,6 +40,12 @@ from torch import Tensor, nn
 from involution.bench.model import create_model
 from involution.bench.op import GROUP_CHANNELS, KERNEL_SIZE, SHAPE_SETS
 from involution.ops import involution2d
+from involution.ops.lowering import (
+    DEFAULT_LOWERING,
+    LOWERINGS,
+    involution2d_lowered,
+    use_lowering,
+)
 
 __all__ = ["add_onnx_parsers", "time_interleaved"]
 
@@ -151,7 +161,7 @@ def run_model_benchmark(
                 parity.max_relative_diff,
             )
         )
-        sessions[name] = onnxruntime_session(path, threads)
+        sessions[name] = onnxruntime_session(path, threads, spin=False)
     for batch in batches:
         feed = {INPUT_NAME: torch.randn(batch, 3, size, size).numpy()}
         _progress(f"timing batch {batch} ...")
@@ -187,10 +197,22 @@ def format_model_table(results: Sequence[ModelResult], size: int) -> str:
 # ----------------------------------------------------------------------------- lowerings
 
 
+#: The candidate exported as ``torch.onnx.export`` writes the op (its ONNX translation).
+TRANSLATION = "translation"
+
+
 class Aggregation(nn.Module):
-    """The involution op alone, as a module to export: (input, kernels) -> output."""
+    """The involution op alone, as a module to export: (input, kernels) -> output, through the
+    op (``lowered=False``) or through the active ATen formulation."""
+
+    def __init__(self, lowered: bool) -> None:
+        super().__init__()
+        self.lowered = lowered
 
     def forward(self, input: Tensor, kernels: Tensor) -> Tensor:
+        if self.lowered:
+            padding = (KERNEL_SIZE - 1) // 2
+            return involution2d_lowered(input, kernels, (1, 1), (padding, padding), (1, 1))
         return involution2d(input, kernels)
 
 
@@ -207,9 +229,9 @@ class LoweringResult:
 
 
 def _export_aggregation(path: Path, channels: int, lowering: str) -> float:
-    """Export :class:`Aggregation` for ``channels`` with dynamic batch and size; seconds."""
+    """Export :class:`Aggregation` for ``channels`` with dynamic batch and size through
+    formulation ``lowering`` (or the op's translation); returns the seconds it took."""
     from involution.export.onnx import _quiet_exporter
-    from involution.ops.lowering import use_lowering
 
     groups = channels // GROUP_CHANNELS
     example = (
@@ -219,9 +241,10 @@ def _export_aggregation(path: Path, channels: int, lowering: str) -> float:
     auto = torch.export.Dim.AUTO
     shapes = ({0: auto, 2: auto, 3: auto}, {0: auto, 4: auto, 5: auto})
     start = time.perf_counter()
-    with use_lowering(lowering), _quiet_exporter():
+    traced = lowering != TRANSLATION
+    with use_lowering(lowering if traced else DEFAULT_LOWERING), _quiet_exporter():
         program = torch.onnx.export(
-            Aggregation(),
+            Aggregation(lowered=traced).eval(),
             example,
             dynamo=True,
             dynamic_shapes=shapes,
@@ -242,8 +265,8 @@ def run_lowering_benchmark(
     repeats: int,
     folder: Path,
 ) -> list[LoweringResult]:
-    """Per layer shape: export each formulation, then time all of them (and the C++ op in
-    PyTorch, as ``"pytorch-cpu"``) interleaved per batch size."""
+    """Per layer shape: export each formulation, then time all of them interleaved per batch
+    size."""
     import onnx
 
     from involution.export.onnx import onnxruntime_session, relative_difference
@@ -257,10 +280,9 @@ def run_lowering_benchmark(
             path = folder / f"{lowering}_{channels}.onnx"
             _progress(f"exporting {lowering} for C={channels} ...")
             export_s = _export_aggregation(path, channels, lowering)
-            sessions[lowering] = onnxruntime_session(path, threads)
+            sessions[lowering] = onnxruntime_session(path, threads, spin=False)
             nodes = len(onnx.load(path).graph.node)
             row[lowering] = LoweringResult(lowering, channels, size, export_s, nodes, 0.0)
-        row["pytorch-cpu"] = LoweringResult("pytorch-cpu", channels, size, 0.0, 0, 0.0)
         for batch in batches:
             x = torch.randn(batch, channels, size, size)
             w = torch.randn(batch, channels // GROUP_CHANNELS, KERNEL_SIZE, KERNEL_SIZE, size, size)
@@ -271,13 +293,11 @@ def run_lowering_benchmark(
                 actual = torch.from_numpy(session.run(None, feed)[0])
                 diff = relative_difference(actual, expected)
                 row[lowering].max_relative_diff = max(row[lowering].max_relative_diff, diff)
-            runs: dict[str, Callable[[], Any]] = {
+            runs = {
                 name: lambda s=session, f=feed: s.run(None, f) for name, session in sessions.items()
             }
-            runs["pytorch-cpu"] = lambda x=x, w=w: involution2d(x, w, backend="cpu")
             _progress(f"timing C={channels}, {size} px, batch {batch} ...")
-            with torch.no_grad():
-                times = time_interleaved(runs, warmup, repeats)
+            times = time_interleaved(runs, warmup, repeats)
             for name, seconds in times.items():
                 row[name].timings[batch] = Timing.of(seconds)
         results.extend(row.values())
@@ -306,8 +326,6 @@ def format_lowering_table(results: Sequence[LoweringResult]) -> str:
         "|---|---:|---:|---:|",
     ]
     for name in names:
-        if name == "pytorch-cpu":
-            continue
         rows = [r for r in results if r.lowering == name]
         lines.append(
             f"| {name} | {sum(r.export_s for r in rows):.0f} | {rows[0].nodes} | "
@@ -329,8 +347,6 @@ def _common_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
 
 def add_onnx_parsers(bench_subparsers: Any) -> None:
     """Register ``onnx`` and ``onnx-lowering`` under the ``involution bench`` sub-parsers."""
-    from involution.ops.lowering import LOWERINGS
-
     description = __doc__.split("\n\n", 1)[1]
     models = bench_subparsers.add_parser(
         "onnx",
@@ -354,9 +370,8 @@ def add_onnx_parsers(bench_subparsers: Any) -> None:
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    lowerings.add_argument(
-        "--lowerings", nargs="+", choices=tuple(LOWERINGS), default=list(LOWERINGS)
-    )
+    candidates = (*LOWERINGS, TRANSLATION)
+    lowerings.add_argument("--lowerings", nargs="+", choices=candidates, default=list(candidates))
     lowerings.add_argument("--shapes", choices=tuple(SHAPE_SETS), default="rednet50")
     _common_arguments(lowerings, repeats=15)
     lowerings.set_defaults(func=onnx_lowering_command)

@@ -150,9 +150,6 @@ def add_commands(subparsers: Any) -> None:
         help="size to export at (default: the run's or the model's)",
     )
     export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, 18)")
-    export.add_argument(
-        "--lowering", help="involution's ONNX formulation (default: the library's choice)"
-    )
     export.set_defaults(func=export_command)
 
     show = subparsers.add_parser(
@@ -203,7 +200,6 @@ def export_command(args: argparse.Namespace) -> int:
             (height, width),
             loaded.in_chans,
             opset=args.opset,
-            lowering=args.lowering,
         )
         shapes = [
             (1, loaded.in_chans, height, width),

@@ -1,9 +1,9 @@
 """ONNX export of image models (RedNet or any other) and its parity check through onnxruntime.
 
 The plain ``torch.onnx.export(model, (x,), f, dynamo=True)`` works on every RedNet by itself:
-while the exporter captures the model, the involution op lowers to standard ONNX operators
-(:mod:`involution.ops.lowering`). :func:`export_onnx` adds the usual choices for an image model
-(eval mode, batch, height and width left dynamic, named input and output) and
+the exporter translates the involution op to standard ONNX operators
+(:mod:`involution.ops.onnx_translation`). :func:`export_onnx` adds the usual choices for an image
+model (eval mode, batch, height and width left dynamic, named input and output) and
 :func:`check_onnx` runs the file in onnxruntime against the PyTorch model at several input
 sizes. Needs the ``onnx`` extra (onnx, onnxscript, onnxruntime).
 """
@@ -19,8 +19,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-
-from involution.ops.lowering import use_lowering
 
 __all__ = [
     "INPUT_NAME",
@@ -55,7 +53,6 @@ def export_onnx(
     in_chans: int = 3,
     batch: int = 1,
     opset: int | None = None,
-    lowering: str | None = None,
 ) -> Path:
     """Export ``model`` (in eval mode) to an ONNX file with dynamic batch, height and width.
 
@@ -65,8 +62,6 @@ def export_onnx(
         input_size: (H, W) of the example input the exporter traces with.
         in_chans, batch: channels and batch size of that example input.
         opset: ONNX opset version (default: the exporter's, 18 in torch 2.14).
-        lowering: formulation of the involution op in ONNX operators, a key of
-            :data:`involution.ops.lowering.LOWERINGS` (default: the library's choice).
 
     Returns the path. The graph's input is named ``"input"``, its output ``"output"``.
     """
@@ -74,9 +69,8 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(batch, in_chans, *input_size)
     dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
-    chosen = use_lowering(lowering) if lowering else contextlib.nullcontext()
     model.eval()
-    with chosen, torch.no_grad(), _quiet_exporter():
+    with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             model,
             (example,),
@@ -91,14 +85,21 @@ def export_onnx(
     return path
 
 
-def onnxruntime_session(path: str | PathLike, threads: int | None = None):
-    """An onnxruntime CPU session for ``path``; ``threads`` intra-op threads (default: ORT's)."""
+def onnxruntime_session(path: str | PathLike, threads: int | None = None, spin: bool = True):
+    """An onnxruntime CPU session for ``path``; ``threads`` intra-op threads (default: ORT's).
+
+    ``spin=False`` makes idle worker threads sleep instead of spinning (onnxruntime's default
+    is to spin): for benchmarks that alternate sessions, where a spinning pool would steal the
+    cores of the next session.
+    """
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

@@ -7,16 +7,25 @@
   and autograd, and the eager fast path;
 - :mod:`~involution.ops.modules`: :class:`Involution2d`, kernel generation plus aggregation;
 - :mod:`~involution.ops.backends`: ``reference``, ``cpu`` (C++) and ``triton`` implementations;
+- :mod:`~involution.ops.lowering`: the op in standard PyTorch operators, for ``exportable``
+  layers; :mod:`~involution.ops.onnx_translation`: the op in ONNX operators, registered for
+  ``torch.onnx.export`` when onnxscript is installed;
 - :mod:`~involution.ops.flops`: FLOP formulas for ``torch.utils.flop_counter`` (registered on
   import).
 
 Needs only PyTorch (and Triton for the ``"triton"`` backend): no timm.
 """
 
+import importlib.util
+
 from involution.ops import flops  # noqa: F401  (registers the ops' flop formulas)
 from involution.ops.backends import BACKENDS
 from involution.ops.functional import involution2d, involution2d_fused, involution2d_layer
 from involution.ops.modules import Involution2d, Involution2dAffine
+
+if importlib.util.find_spec("onnxscript") is not None:
+    # torch.onnx.export builds its translation table from onnxscript's registry when it starts
+    from involution.ops import onnx_translation  # noqa: F401  (registers the ONNX translation)
 
 __all__ = [
     "BACKENDS",

@@ -25,7 +25,7 @@ from involution.ops.checks import (
     geometry,
 )
 from involution.ops.layout import generate_kernels
-from involution.ops.lowering import exporting_to_onnx, involution2d_lowered
+from involution.ops.lowering import exporting_to_onnx
 
 __all__ = ["generate_kernels", "involution2d", "involution2d_fused", "involution2d_layer"]
 
@@ -63,10 +63,10 @@ def involution2d(
     Half-precision inputs accumulate in float32. Under autocast both tensors are cast to the
     autocast dtype. Differentiable with respect to ``input`` and ``weight``.
 
-    Outside eager PyTorch: ``torch.compile``/``torch.export`` see the custom op
-    ``torch.ops.involution.involution2d``; TorchScript calls it directly (without these
-    checks, ``backend="auto"`` resolved per call); ``torch.onnx.export`` gets the op in
-    standard operators (:mod:`involution.ops.lowering`).
+    Outside eager PyTorch: ``torch.compile``, ``torch.export`` and ``torch.onnx.export`` see
+    the custom op ``torch.ops.involution.involution2d`` (the latter translates it to ONNX
+    operators, :mod:`involution.ops.onnx_translation`); TorchScript calls it directly (without
+    these checks, ``backend="auto"`` resolved per call).
     """
     if torch.jit.is_scripting():
         return _scripted_involution2d(input, weight, stride, padding, dilation, backend)
@@ -107,8 +107,6 @@ def _checked_involution2d(
     args = (input, weight, geo.stride, geo.padding, geo.dilation, concrete)
     if registration.use_eager_path(input, weight):
         return registration.EagerInvolution2d.apply(*args)
-    if exporting_to_onnx():  # ONNX has no custom op: standard operators
-        return involution2d_lowered(input, weight, geo.stride, geo.padding, geo.dilation)
     return registration.involution2d_op(*args)
 
 
@@ -148,7 +146,8 @@ def involution2d_fused(
     Returns:
         (B, C, H_out, W_out), in the memory format of ``input``.
 
-    TorchScript and ONNX export as for :func:`involution2d`.
+    TorchScript as for :func:`involution2d`; ONNX export computes the kernels, then
+    :func:`involution2d`'s op.
     """
     if torch.jit.is_scripting():
         return _scripted_involution2d_fused(
@@ -218,9 +217,12 @@ def _checked_involution2d_fused(
     input, reduced, span_weight, span_bias = autocast(input, reduced, span_weight, span_bias)
     check_dtypes(input=input, reduced=reduced, span_weight=span_weight, span_bias=span_bias)
 
-    if exporting_to_onnx():
+    backend = resolve_backend(backend, input.device)
+    if exporting_to_onnx():  # the plain op has an ONNX translation
         kernels = generate_kernels(reduced, span_weight, span_bias, kernel_hw, groups)
-        return involution2d_lowered(input, kernels, geo.stride, geo.padding, geo.dilation)
+        return registration.involution2d_op(
+            input, kernels, geo.stride, geo.padding, geo.dilation, backend
+        )
     return registration.involution2d_fused_op(
         input,
         reduced,
@@ -231,7 +233,7 @@ def _checked_involution2d_fused(
         geo.padding,
         geo.dilation,
         groups,
-        resolve_backend(backend, input.device),
+        backend,
     )
 
 

@@ -1,34 +1,36 @@
-"""The involution operator in standard PyTorch operators, for exporters (ONNX) and tracers.
+"""The involution operator in standard PyTorch operators, for tracers and exporters.
 
-The registered op (:mod:`involution.ops.registration`) runs C++ or Triton kernels that no
-exporter can translate. Here is the same computation written with operators every exporter
-knows (pad, index/slice, multiply, sum, convolution), in several formulations; ONNX export
-(:func:`exporting_to_onnx`) and models built with timm's ``exportable`` flag
-(:class:`~involution.ops.Involution2d` with ``exportable=True``) use the active one
-(:data:`DEFAULT_LOWERING`, or the one chosen with :func:`use_lowering`).
+The registered op (:mod:`involution.ops.registration`) runs C++ or Triton kernels. Here is the
+same computation written with operators every tracer and exporter knows (pad, index/slice,
+multiply, sum, convolution), in several formulations, for models that must not contain the
+custom op: :class:`~involution.ops.Involution2d` with ``exportable=True`` (timm's
+``set_layer_config(exportable=True)`` sets it in RedNet) uses the active one
+(:data:`DEFAULT_LOWERING`, or the one chosen with :func:`use_lowering`) in every mode, so that
+``torch.jit.trace`` and ``torch.export`` (for runtimes without this library) see standard
+operators. ``torch.onnx.export`` needs none of this: it translates the op itself
+(:mod:`involution.ops.onnx_translation`, the ``"shifts"`` formulation in ONNX operators).
 
 All take ``input`` (B, C, H, W) and ``weight`` (B, G, Kh, Kw, H_out, W_out) with (height, width)
 pairs ``stride``, ``padding``, ``dilation`` already validated by the front door, and return
-(B, C, H_out, W_out). Output sizes are taken from ``weight`` and the index arithmetic uses only
-the sizes of ``weight``, so exported graphs keep batch, height and width dynamic without
-relating the input's symbolic size to the kernel branch's.
+(B, C, H_out, W_out). None does size arithmetic in Python: slices count their end from the far
+edge and gather indices come from ``weight``'s sizes, so traced graphs keep batch, height and
+width dynamic.
 
-The formulations, each in onnxruntime's operators after export:
+The formulations, and what each becomes in ONNX when traced:
 
 - ``"gather"``: two Gathers with (H_out, Kh) and (W_out, Kw) window indices build the unfolded
-  input (B, C, H_out, Kh, W_out, Kw), one Mul with the kernels, one ReduceSum over the taps;
-  a dozen nodes per layer.
+  input (B, C, H_out, Kh, W_out, Kw), one Mul with the kernels, one ReduceSum over the taps.
 - ``"rows"``: one Gather along the width gives (B, C, H_pad, W_out, Kw); for each of the Kh
-  kernel rows a strided Slice, Mul, ReduceSum over Kw and Add. Never stores more than Kw
-  copies of the input, but 4*Kh nodes.
-- ``"shifts"``: for each of the Kh*Kw taps a strided Slice of the padded input, Mul with the
-  tap's kernel plane and Add: nothing larger than the input is ever stored, but 3*Kh*Kw nodes
-  (147 for K = 7), which makes ``torch.onnx.export`` slow (tens of seconds per layer).
+  kernel rows a strided Slice, Mul, ReduceSum over Kw and Add. Stores Kw copies of the input.
+- ``"shifts"`` (the default): for each of the Kh*Kw taps a strided Slice of the padded input
+  and a multiply-add with the tap's kernel plane. Nothing larger than the input is ever
+  stored, so each step works in cache: the fastest in onnxruntime on RedNet-50's layers. Its
+  Kh*Kw steps are also the slowest to trace (``torch.export`` with dynamic shapes: about 15 s
+  per 7x7 layer on a 2-core CPU), which is why ONNX export emits them directly instead.
 - ``"onehot"``: a grouped Conv with a fixed one-hot (C*Kh*Kw, 1, Kh, Kw) weight gathers the
   taps (Kh*Kw times the multiply-adds of the gather it replaces), then Mul and ReduceSum.
 
-``involution bench onnx-lowering`` times them in onnxruntime on RedNet-50's layer shapes; the
-README has the figures and why :data:`DEFAULT_LOWERING` won.
+``involution bench onnx-lowering`` times them in onnxruntime (the README has the table).
 """
 
 from __future__ import annotations
@@ -104,17 +106,19 @@ def rows(input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: P
 
 
 def shifts(input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
-    """One strided slice, multiply and add per tap (module docstring)."""
+    """One strided slice and one multiply-add per tap (module docstring)."""
     batch, channels = input.shape[:2]
     _, groups, kh, kw, out_h, out_w = weight.shape
     padded = _padded(input, padding).unflatten(1, (groups, channels // groups))
+    # Kh*Kw kernel planes (B, G, 1, H_out, W_out), split in one op (one ONNX Split)
+    kernels = weight.flatten(2, 3).unsqueeze(2).unbind(3)
     output = None
     for u in range(kh):
         row = _taps(padded, 3, u, kh, stride[0], dilation[0])
         for v in range(kw):
             tap = _taps(row, 4, v, kw, stride[1], dilation[1])
-            term = tap * weight[:, :, u, v].unsqueeze(2)
-            output = term if output is None else output + term
+            kernel = kernels[u * kw + v]
+            output = tap * kernel if output is None else torch.addcmul(output, tap, kernel)
     return output.reshape(batch, channels, out_h, out_w)
 
 
@@ -147,7 +151,7 @@ LOWERINGS: dict[str, Lowering] = {
     "onehot": onehot,
 }
 #: The formulation exports use unless :func:`use_lowering` picks another.
-DEFAULT_LOWERING = "gather"
+DEFAULT_LOWERING = "shifts"
 _chosen: list[str] = []
 
 

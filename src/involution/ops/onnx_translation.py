@@ -1,0 +1,100 @@
+"""ONNX translation of ``torch.ops.involution.involution2d`` for ``torch.onnx.export``.
+
+Imported by :mod:`involution.ops` when onnxscript (the ``onnx`` extra, which
+``torch.onnx.export(..., dynamo=True)`` needs anyway) is installed: it registers
+:func:`involution2d_onnx` in onnxscript's default torchlib registry, from which the exporter
+builds its translation table, so the plain ``torch.onnx.export(model, (x,), f, dynamo=True)``
+translates the op with no extra argument.
+
+The exporter thus captures the op as one node (its fake implementation gives the shapes) and
+this function writes it in standard ONNX operators, in the ``"shifts"`` formulation of
+:mod:`involution.ops.lowering` (the fastest in onnxruntime; see ``involution bench
+onnx-lowering``): pad once, then for each of the Kh*Kw taps a strided Slice of the padded input,
+a Mul with the tap's kernel plane and an Add, so nothing larger than the input is ever stored.
+Emitting these nodes directly, instead of tracing the same formulation in ATen operators with
+symbolic shapes, keeps the export of a 7x7 layer to about a second. Batch, height and width
+stay dynamic: slice ends are counted from the far edge, reshapes read the sizes at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from onnxscript import opset18 as op
+from onnxscript.function_libs.torch_lib.registration import torch_op
+
+__all__ = ["involution2d_onnx"]
+
+#: Slice end meaning "to the end of the axis".
+_TO_END = 2**63 - 1
+
+
+class _Constants:
+    """One Constant node per distinct int list in a translated op (slices share their bounds)."""
+
+    def __init__(self) -> None:
+        self._made: dict[tuple[int, ...], object] = {}
+
+    def __call__(self, *values: int):
+        if values not in self._made:
+            self._made[values] = op.Constant(value_ints=list(values))
+        return self._made[values]
+
+
+def _taps(ints: _Constants, tensor, axis: int, tap: int, kernel: int, stride: int, dilation: int):
+    """The positions along ``axis`` that kernel tap ``tap`` reads for every output position."""
+    end = (kernel - 1 - tap) * dilation
+    return op.Slice(
+        tensor, ints(tap * dilation), ints(-end if end else _TO_END), ints(axis), ints(stride)
+    )
+
+
+@torch_op("involution::involution2d", trace_only=True)
+def involution2d_onnx(
+    input,
+    weight,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    backend: str = "auto",
+):
+    """``input`` (B, C, H, W), ``weight`` (B, G, Kh, Kw, H_out, W_out) -> (B, C, H_out, W_out).
+
+    ``backend`` is the PyTorch kernel choice and has no meaning in ONNX.
+    """
+    ints = _Constants()
+    channels = input.shape[1]
+    groups, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
+    pad_h, pad_w = padding
+    padded = op.Pad(input, ints(0, 0, pad_h, pad_w, 0, 0, pad_h, pad_w))
+    # (B, G, C/G, 1, H_pad, W_pad): taps broadcast against (B, G, 1, 1, H_out, W_out) planes
+    grouped = op.Reshape(
+        padded,
+        op.Concat(
+            op.Shape(padded, start=0, end=1),
+            ints(groups, channels // groups, 1),
+            op.Shape(padded, start=2, end=4),
+            axis=0,
+        ),
+    )
+    planes = op.Reshape(
+        weight,
+        op.Concat(
+            op.Shape(weight, start=0, end=2),
+            ints(1, kh * kw),
+            op.Shape(weight, start=4, end=6),
+            axis=0,
+        ),
+    )
+    planes = op.Split(planes, axis=3, num_outputs=kh * kw) if kh * kw > 1 else [planes]
+    output = None
+    for u in range(kh):
+        row = _taps(ints, grouped, 4, u, kh, stride[0], dilation[0])
+        for v in range(kw):
+            tap = _taps(ints, row, 5, v, kw, stride[1], dilation[1])
+            term = op.Mul(tap, planes[u * kw + v])
+            output = term if output is None else op.Add(output, term)
+    return op.Reshape(
+        output,
+        op.Concat(op.Shape(input, start=0, end=2), op.Shape(output, start=4, end=6), axis=0),
+    )
