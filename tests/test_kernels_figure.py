@@ -3,10 +3,12 @@
 The demo model (``rednet_compact``) is trained for a few steps on a Fashion-MNIST subset with
 ``involution train``; ``involution show-kernels`` draws its kernels on a Fashion-MNIST test
 image, and :func:`capture_kernels` is checked against :meth:`Involution2d.generate_kernels`.
+The same run is exported with ``involution export --run``.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,15 @@ def test_show_kernels_writes_the_figure(run: Path, image: Path, tmp_path: Path, 
     assert (width, height) == (round(5 * PANEL_INCHES * DPI), round(16 * PANEL_INCHES * DPI))
     assert pixels_rgb.std() > 20  # not blank
     assert len(np.unique(pixels_rgb.reshape(-1, 3), axis=0)) > 100  # heatmaps, not flat panels
+
+
+def test_export_the_trained_run(run: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo.onnx"
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "rednet_compact" in printed and "1x1x28x28" in printed and "2x1x36x26" in printed
+    assert float(re.search(r"max relative difference: (\S+)", printed).group(1)) < 1e-4
+    assert out.stat().st_size > 100_000
 
 
 def test_plot_kernels_checks_its_arguments() -> None:

@@ -67,12 +67,12 @@ def involution2d_onnx(
     groups, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
     pad_h, pad_w = padding
     padded = op.Pad(input, ints(0, 0, pad_h, pad_w, 0, 0, pad_h, pad_w))
-    # (B, G, C/G, 1, H_pad, W_pad): taps broadcast against (B, G, 1, 1, H_out, W_out) planes
+    # (B, G, C/G, H_pad, W_pad): taps broadcast against the (B, G, 1, H_out, W_out) planes
     grouped = op.Reshape(
         padded,
         op.Concat(
             op.Shape(padded, start=0, end=1),
-            ints(groups, channels // groups, 1),
+            ints(groups, channels // groups),
             op.Shape(padded, start=2, end=4),
             axis=0,
         ),
@@ -81,20 +81,20 @@ def involution2d_onnx(
         weight,
         op.Concat(
             op.Shape(weight, start=0, end=2),
-            ints(1, kh * kw),
+            ints(kh * kw),
             op.Shape(weight, start=4, end=6),
             axis=0,
         ),
     )
-    planes = op.Split(planes, axis=3, num_outputs=kh * kw) if kh * kw > 1 else [planes]
+    planes = op.Split(planes, axis=2, num_outputs=kh * kw) if kh * kw > 1 else [planes]
     output = None
     for u in range(kh):
-        row = _taps(ints, grouped, 4, u, kh, stride[0], dilation[0])
+        row = _taps(ints, grouped, 3, u, kh, stride[0], dilation[0])
         for v in range(kw):
-            tap = _taps(ints, row, 5, v, kw, stride[1], dilation[1])
+            tap = _taps(ints, row, 4, v, kw, stride[1], dilation[1])
             term = op.Mul(tap, planes[u * kw + v])
             output = term if output is None else op.Add(output, term)
     return op.Reshape(
         output,
-        op.Concat(op.Shape(input, start=0, end=2), op.Shape(output, start=4, end=6), axis=0),
+        op.Concat(op.Shape(input, start=0, end=2), op.Shape(output, start=3, end=5), axis=0),
     )

@@ -103,6 +103,8 @@ class DetectionTask(Task):
     key_metric = "bbox_AP"
 
     def build_data(self, config: Config, train: bool = True) -> DataBundle:
+        """The train and val :class:`CocoDetection` sets (val only with ``train=False``),
+        ``data.{train,val}_subset`` applied; classes are the category names in id order."""
         det = config["detection"]
         seed = config["train"]["seed"]
         sources = _sources(config)
