@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from involution.train.data import SampleKey, _read_image, _seeded, sample_seeds
+from involution.datasets.sampling import SampleKey, read_image, sample_seeds, seeded_transform
 
 #: Boxes narrower or lower than this (pixels, after clipping to the image) leave the targets.
 MIN_BOX_SIZE = 1.0
@@ -399,7 +399,7 @@ class CocoDetection(Dataset):
         entry = self.coco.imgs[self.image_ids[index]]
         path = self.images_dir / entry["file_name"]
         try:
-            image = _read_image(str(path))
+            image = read_image(str(path))
         except OSError as err:
             raise OSError(f"{err} (image id {entry['id']} of {self.annotations})") from err
         if image.size != (entry["width"], entry["height"]):
@@ -430,7 +430,7 @@ class CocoDetection(Dataset):
             target["masks"] = tv_tensors.Mask(torch.from_numpy(masks))
         image = tv_tensors.Image(self.read_image(index))
         seed = int(sample_seeds(self.seed, epoch, [index])[0])
-        return _seeded(self.transform, seed, (image, target))
+        return seeded_transform(self.transform, seed, (image, target))
 
 
 def collate_detection(batch: Sequence[Sample]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:

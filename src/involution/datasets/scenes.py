@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.distributed as dist
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -75,6 +76,8 @@ MIN_VISIBLE_FRACTION = 0.5
 #: Scene split -> the Fashion-MNIST split its items come from.
 SOURCE_SPLITS = {"train": "train", "val": "test"}
 PARAMS_FILE = "scenes.json"
+#: Where training builds the scenes when ``data.root`` is unset.
+DEFAULT_SCENES_ROOT = Path("~/.cache/involution/fashion_mnist_scenes")
 
 _MASK_MIN_VALUE = int(MASK_THRESHOLD * 255) + 1  # > 25.5 on uint8
 
@@ -407,6 +410,24 @@ def ensure_scenes(
     if is_complete(root, SceneParams(**params)):
         return root
     return build_scenes(root, fashion_mnist_root=fashion_mnist_root, **params)
+
+
+def prepare_scenes(
+    root: str | Path | None,
+    *,
+    fashion_mnist_root: str | Path | None = None,
+    **params: Any,
+) -> Path:
+    """:func:`ensure_scenes` for training: ``root`` None means :data:`DEFAULT_SCENES_ROOT`, and
+    under torch.distributed rank 0 builds while the other ranks wait, then they reuse it."""
+    root = Path(root or DEFAULT_SCENES_ROOT).expanduser()
+    parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if parallel and dist.get_rank() != 0:
+        dist.barrier()  # rank 0 builds first
+    root = ensure_scenes(root, fashion_mnist_root=fashion_mnist_root, **params)
+    if parallel and dist.get_rank() == 0:
+        dist.barrier()
+    return root
 
 
 def scene_statistics(root: str | Path) -> dict[str, dict[str, Any]]:

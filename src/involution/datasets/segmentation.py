@@ -15,7 +15,7 @@ that are not scored. Layouts differ only in where the two files of a pair live:
 
 Augmentation runs on ``torchvision.transforms.v2`` tv_tensors, so one random draw moves image
 and mask together (masks are always resized with nearest neighbour), and it is a pure function
-of ``(seed, epoch, index)`` (see :func:`involution.train.data.sample_seeds`).
+of ``(seed, epoch, index)`` (see :func:`involution.datasets.sampling.sample_seeds`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,12 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from involution.train.data import IMAGE_EXTENSIONS, SampleKey, _seeded, sample_seeds
+from involution.datasets.sampling import (
+    IMAGE_EXTENSIONS,
+    SampleKey,
+    sample_seeds,
+    seeded_transform,
+)
 
 #: Label value of pixels that are neither trained on nor scored.
 IGNORE_INDEX = 255
@@ -435,11 +440,11 @@ class SegmentationDataset(Dataset):
         image, mask = self.read(index)
         seed = int(sample_seeds(self.seed, epoch, [index])[0])
         if self.train:
-            image, mask = _seeded(
+            image, mask = seeded_transform(
                 self.transform, seed, (tv_tensors.Image(image), tv_tensors.Mask(mask))
             )
         else:
-            image = _seeded(self.transform, seed, tv_tensors.Image(image))
+            image = seeded_transform(self.transform, seed, tv_tensors.Image(image))
         return image.as_subclass(Tensor), mask.as_subclass(Tensor).long()
 
 

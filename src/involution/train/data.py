@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
@@ -26,6 +25,14 @@ from involution.datasets.fashion_mnist import (
     find_fashion_mnist,
     load_fashion_mnist,
 )
+from involution.datasets.sampling import (
+    IMAGE_EXTENSIONS,
+    SampleKey,
+    read_image,
+    sample_seeds,
+    seeded_transform,
+    subset_indices,
+)
 from involution.train.config import Config
 
 _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -33,24 +40,6 @@ _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "synthetic": ((0.5,), (0.5,)),
 }
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-SampleKey = tuple[int, int]
-
-
-def sample_seeds(
-    seed: int, epoch: int | np.ndarray, indices: np.ndarray | Sequence[int]
-) -> np.ndarray:
-    """64-bit seeds, one per sample, mixing (seed, epoch, index) with SplitMix64. Shape (N,);
-    ``epoch`` is a scalar or one value per index."""
-    with np.errstate(over="ignore"):
-        x = np.asarray(indices, dtype=np.uint64)
-        x = x + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-        x = x ^ (np.asarray(epoch, dtype=np.uint64) * np.uint64(0xBF58476D1CE4E5B9))
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
 
 # ----------------------------------------------------------------------------- transforms
 
@@ -87,13 +76,6 @@ def build_transform(config: Config, train: bool, channels: int) -> Callable[[Any
         steps += [v2.Resize(data["eval_resize"] or size, antialias=True), v2.CenterCrop(size)]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(steps)
-
-
-def _seeded(transform: Callable[[Any], Tensor], seed: int, image: Any) -> Tensor:
-    """Apply a random transform with torch's RNG seeded by ``seed``, leaving the RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
-        return transform(image)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -141,7 +123,7 @@ class ArrayDataset(Dataset):
         labels = self.labels[indices]
         if not self.batched:
             images = [
-                _seeded(self.transform, int(s), self.images[i])
+                seeded_transform(self.transform, int(s), self.images[i])
                 for s, i in zip(seeds, indices, strict=True)
             ]
             return torch.stack(images), labels
@@ -169,14 +151,6 @@ class ArrayDataset(Dataset):
         return out
 
 
-def _read_image(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
-
-
 class ImageFileDataset(Dataset):
     """Images on disk, ``samples`` = [(path, class index)], indexed by ``(epoch, index)``."""
 
@@ -198,7 +172,7 @@ class ImageFileDataset(Dataset):
         epoch, index = key
         path, label = self.samples[index]
         seed = int(sample_seeds(self.seed, epoch, [index])[0])
-        return _seeded(self.transform, seed, _read_image(path)), label
+        return seeded_transform(self.transform, seed, read_image(path)), label
 
 
 def scan_image_folder(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
@@ -247,16 +221,6 @@ class DataBundle:
     group_ids: Sequence[int] | None = None
 
 
-def _subset(n: int | None, total: int, seed: int) -> np.ndarray:
-    """A fixed random choice of ``n`` of ``total`` indices, sorted (all when ``n`` is None)."""
-    if n is None or n >= total:
-        return np.arange(total)
-    if n <= 0:
-        raise ValueError(f"subset size must be positive, got {n}")
-    generator = torch.Generator().manual_seed(seed)
-    return np.sort(torch.randperm(total, generator=generator)[:n].numpy())
-
-
 def build_datasets(config: Config, train: bool = True) -> DataBundle:
     """Build the datasets named by ``config["data"]``; with ``train=False`` only ``val`` is real
     (``train`` is then the empty list)."""
@@ -274,7 +238,7 @@ def build_datasets(config: Config, train: bool = True) -> DataBundle:
             if role == "train" and not train:
                 continue
             images, labels = load_fashion_mnist(folder, split_names[name])
-            keep = _subset(data[f"{role}_subset"], len(labels), seed)
+            keep = subset_indices(data[f"{role}_subset"], len(labels), seed)
             splits[role] = ArrayDataset(images[keep], labels[keep], config, role == "train", seed)
         return DataBundle(splits.get("train", []), splits["val"], list(FASHION_MNIST_CLASSES), 1)
     if kind == "synthetic":
@@ -316,7 +280,7 @@ def build_datasets(config: Config, train: bool = True) -> DataBundle:
         )
     datasets: dict[str, Dataset] = {}
     for role, (samples, _) in scanned.items():
-        keep = _subset(data[f"{role}_subset"], len(samples), seed)
+        keep = subset_indices(data[f"{role}_subset"], len(samples), seed)
         datasets[role] = ImageFileDataset([samples[i] for i in keep], config, role == "train", seed)
     return DataBundle(datasets.get("train", []), datasets["val"], scanned["val"][1], 3)
 

@@ -36,7 +36,8 @@ from involution.datasets.coco import (
     detection_transform,
     image_transform,
 )
-from involution.datasets.scenes import ensure_scenes
+from involution.datasets.sampling import read_image, subset_indices
+from involution.datasets.scenes import prepare_scenes
 from involution.metrics.coco import (
     coco_evaluate,
     format_coco_table,
@@ -45,35 +46,19 @@ from involution.metrics.coco import (
 )
 from involution.models.detection import DETECTION_MODELS
 from involution.train.config import Config
-from involution.train.data import DataBundle, _read_image, _subset
+from involution.train.data import DataBundle
 from involution.train.engine import DistInfo
 from involution.train.tasks.base import Task
 from involution.train.tasks.drawing import class_colours, draw_instances, save_png
 
-#: Where ``fashion_mnist_scenes`` is built when ``data.root`` is unset.
-DEFAULT_SCENES_ROOT = Path("~/.cache/involution/fashion_mnist_scenes")
-
 Batch = tuple[list[Tensor], list[dict[str, Any]]]
-
-
-def prepare_scenes(config: Config) -> Path:
-    """Build (or reuse) the Fashion-MNIST scenes of ``config["data"]["scenes"]`` in
-    ``data.root`` and return that folder. Under DDP rank 0 builds while the others wait."""
-    root = Path(config["data"]["root"] or DEFAULT_SCENES_ROOT).expanduser()
-    parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if parallel and dist.get_rank() != 0:
-        dist.barrier()  # rank 0 builds first
-    root = ensure_scenes(root, **config["data"]["scenes"])
-    if parallel and dist.get_rank() == 0:
-        dist.barrier()
-    return root
 
 
 def _sources(config: Config) -> dict[str, tuple[Path, Path]]:
     """``{"train": (image folder, instances JSON), "val": (...)}`` of the configured data."""
     data = config["data"]
     if data["dataset"] == "fashion_mnist_scenes":
-        root = prepare_scenes(config)
+        root = prepare_scenes(data["root"], **data["scenes"])
         return {
             role: (root / "images" / role, root / "annotations" / f"instances_{role}.json")
             for role in ("train", "val")
@@ -125,7 +110,7 @@ class DetectionTask(Task):
             )
             size = config["data"][f"{role}_subset"]
             if size is not None:
-                datasets[role].select(_subset(size, len(datasets[role]), seed).tolist())
+                datasets[role].select(subset_indices(size, len(datasets[role]), seed).tolist())
         val = datasets["val"]
         return DataBundle(
             train=datasets.get("train", []),
@@ -271,7 +256,7 @@ class DetectionTask(Task):
         device = next(model.parameters()).device
         model.eval()
         for path in images:
-            original = torch.from_numpy(np.array(_read_image(str(path)))).permute(2, 0, 1)
+            original = torch.from_numpy(np.array(read_image(str(path)))).permute(2, 0, 1)
             resized = transform(original)
             output = model([resized.as_subclass(Tensor).to(device)])[0]
             found = rescale_detections(
@@ -321,4 +306,4 @@ def _anchor_generator(
 
 TASK = DetectionTask()
 
-__all__ = ["DEFAULT_SCENES_ROOT", "TASK", "DetectionTask", "prepare_scenes"]
+__all__ = ["TASK", "DetectionTask"]

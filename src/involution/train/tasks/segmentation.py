@@ -31,6 +31,8 @@ from torchvision.utils import draw_segmentation_masks
 from tqdm import tqdm
 
 from involution.datasets.fashion_mnist import FASHION_MNIST_CLASSES
+from involution.datasets.sampling import subset_indices
+from involution.datasets.scenes import prepare_scenes
 from involution.datasets.segmentation import (
     ADE20K_CLASSES,
     CITYSCAPES_CLASSES,
@@ -50,12 +52,11 @@ from involution.datasets.segmentation import (
 )
 from involution.metrics.segmentation import confusion_matrix_metric, iou_table, segmentation_scores
 from involution.train.config import Config
-from involution.train.data import DataBundle, _subset
+from involution.train.data import DataBundle
 from involution.train.engine import DistInfo
 from involution.train.tasks.base import Task
 
 # Shared with detection: builds (or reuses) the scenes, rank 0 first under DDP.
-from involution.train.tasks.detection import prepare_scenes
 from involution.train.tasks.drawing import class_colours, save_png
 
 #: Class names of the Fashion-MNIST scenes' label maps (0 background, k = Fashion-MNIST k - 1).
@@ -175,7 +176,7 @@ def dataset_spec(config: Config) -> tuple[list[str], Callable[[str], PairLayout]
     data, seg = config["data"], config["segmentation"]
     kind = data["dataset"]
     if kind == "fashion_mnist_scenes":
-        root = prepare_scenes(config)
+        root = prepare_scenes(data["root"], **data["scenes"])
         return list(SCENES_CLASSES), lambda split: generic_layout(root, split), False
     if data["root"] is None:
         raise ValueError(f"data.root must be set for data.dataset={kind}")
@@ -215,7 +216,7 @@ class SegmentationTask(Task):
         classes, layout, reduce_zero_label = dataset_spec(config)
         mean, std = _normalization(config)
         val_pairs = scan_pairs(layout(data["val_split"]))
-        val_pairs = [val_pairs[i] for i in _subset(data["val_subset"], len(val_pairs), seed)]
+        val_pairs = [val_pairs[i] for i in subset_indices(data["val_subset"], len(val_pairs), seed)]
         val = SegmentationDataset(
             val_pairs,
             classes,
@@ -240,7 +241,7 @@ class SegmentationTask(Task):
                 color_jitter=seg["color_jitter"],
             )
             pairs = scan_pairs(layout(data["train_split"]))
-            pairs = [pairs[i] for i in _subset(data["train_subset"], len(pairs), seed)]
+            pairs = [pairs[i] for i in subset_indices(data["train_subset"], len(pairs), seed)]
             train_set = SegmentationDataset(
                 pairs, classes, train_transform(settings, mean, std), True, seed, reduce_zero_label
             )
