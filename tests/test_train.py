@@ -91,6 +91,13 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path: Path)
     }
 
 
+def test_eval_every_epochs_evaluates_every_nth_and_the_last_epoch(tmp_path: Path) -> None:
+    # 8 steps an epoch; 20 iterations cut the third epoch short: evaluations after 2 and 3.
+    assert _train(tmp_path, "run", "train.eval_every_epochs=2", "train.iterations=20") == 0
+    log = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["epoch"], r["step"]) for r in log if "val_top1" in r] == [(2, 16), (3, 20)]
+
+
 def test_eval_and_predict_use_the_run_weights(tmp_path: Path, capsys) -> None:
     assert _train(tmp_path, "run", "train.ema_decay=0.5") == 0
     run = tmp_path / "run"
@@ -179,6 +186,7 @@ def test_compiled_training_matches_eager(tmp_path: Path) -> None:
         (["data.dataset=imagefolder", "data.root=/no/such/dir"], "does not exist"),
         (["train.lrr=1"], "unknown config key 'train.lrr'"),
         (["train.batch_size=64"], "fewer than one step"),
+        (["train.eval_every_epochs=0"], "'train.eval_every_epochs' must be positive"),
     ],
 )
 def test_bad_input_gives_a_one_line_error(tmp_path: Path, capsys, overrides, match) -> None:

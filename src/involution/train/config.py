@@ -101,6 +101,9 @@ DEFAULTS: Config = {
         # Stop (and checkpoint) after this many optimizer steps in total.
         "max_steps": None,
         "checkpoint_every_steps": None,
+        # Evaluate after every n-th epoch (and always after the last): long iteration budgets
+        # (Cityscapes' 80k steps are ~216 epochs of 2975 images) evaluate every ~8k steps.
+        "eval_every_epochs": 1,
         "device": "auto",
         # CPU threads per process (None: torch's default, one per core).
         "threads": None,
@@ -336,6 +339,7 @@ _POSITIVE: tuple[str, ...] = (
     "train.batch_size",
     "train.accumulation_steps",
     "train.lr",
+    "train.eval_every_epochs",
 )
 
 

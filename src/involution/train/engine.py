@@ -554,23 +554,31 @@ class Trainer:
         }
 
     def _end_epoch(self, show: bool) -> None:
-        """Evaluate (and the EMA), log, advance the epoch, checkpoint."""
-        metrics = self.task.evaluate(
-            self.net, self.val_loader, self.info, self.amp_dtype, self.channels_last, progress=show
-        )
-        record = {f"val_{k}": v for k, v in metrics.items()}
-        if self.ema is not None:
-            ema = self.task.evaluate(
-                self.ema.module, self.val_loader, self.info, self.amp_dtype, self.channels_last
-            )
-            record.update({f"ema_val_{k}": v for k, v in ema.items()})
+        """Evaluate (and the EMA) when ``train.eval_every_epochs`` says so, advance the epoch,
+        checkpoint."""
         self.epoch += 1
         self.step_in_epoch = 0
-        self.last_eval = record
-        self.log({"step": self.step, "epoch": self.epoch, **record})
-        if show:
-            text = ", ".join(f"{k} {v:.4g}" for k, v in record.items())
-            tqdm.write(f"epoch {self.epoch}: {text}")
+        last = self.epoch == self.num_epochs or self.step >= self.total_steps
+        if last or self.epoch % self.config["train"]["eval_every_epochs"] == 0:
+            metrics = self.task.evaluate(
+                self.net,
+                self.val_loader,
+                self.info,
+                self.amp_dtype,
+                self.channels_last,
+                progress=show,
+            )
+            record = {f"val_{k}": v for k, v in metrics.items()}
+            if self.ema is not None:
+                ema = self.task.evaluate(
+                    self.ema.module, self.val_loader, self.info, self.amp_dtype, self.channels_last
+                )
+                record.update({f"ema_val_{k}": v for k, v in ema.items()})
+            self.last_eval = record
+            self.log({"step": self.step, "epoch": self.epoch, **record})
+            if show:
+                text = ", ".join(f"{k} {v:.4g}" for k, v in record.items())
+                tqdm.write(f"epoch {self.epoch}: {text}")
         self.save()
 
 
