@@ -418,7 +418,9 @@ class Trainer:
         if self.ema is not None:
             ckpt.save_weights(self.run_dir / ckpt.EMA_WEIGHTS_NAME, self.ema.module, meta)
         plot_curves(
-            ckpt.read_jsonl(self.run_dir / ckpt.METRICS_NAME), self.run_dir / ckpt.PLOT_NAME
+            ckpt.read_jsonl(self.run_dir / ckpt.METRICS_NAME),
+            self.run_dir / ckpt.PLOT_NAME,
+            self.task.curve_metrics,
         )
 
     def log(self, record: dict[str, Any]) -> None:

@@ -22,14 +22,16 @@ class Task(ABC):
 
     The engine owns the loop, devices and processes (DDP), autocast, gradient accumulation and
     clipping, EMA, the NaN guard, checkpoints, resume, logging and curves. A task owns the data,
-    the model, the loss and the metrics. Subclasses set :attr:`name` and :attr:`key_metric`
-    and implement every method.
+    the model, the loss and the metrics. Subclasses set :attr:`name`, :attr:`key_metric` and
+    :attr:`curve_metrics` and implement every method.
     """
 
     #: The config's ``task`` value.
     name: ClassVar[str]
     #: The metric (a key of :meth:`evaluate`'s result) that summarises a run.
     key_metric: ClassVar[str]
+    #: The metrics drawn in the run's validation curves, :attr:`key_metric` first.
+    curve_metrics: ClassVar[tuple[str, ...]]
 
     @abstractmethod
     def build_data(self, config: Config, train: bool = True) -> DataBundle:

@@ -24,6 +24,7 @@ class ClassificationTask(Task):
 
     name = "classification"
     key_metric = "top1"
+    curve_metrics = ("top1", "top5")
 
     def build_data(self, config: Config, train: bool = True) -> DataBundle:
         return build_datasets(config, train=train)

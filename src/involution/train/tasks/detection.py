@@ -86,6 +86,7 @@ class DetectionTask(Task):
 
     name = "detection"
     key_metric = "bbox_AP"
+    curve_metrics = ("bbox_AP", "bbox_AP50", "segm_AP")
 
     def build_data(self, config: Config, train: bool = True) -> DataBundle:
         """The train and val :class:`CocoDetection` sets (val only with ``train=False``),

@@ -209,6 +209,7 @@ class SegmentationTask(Task):
 
     name = "segmentation"
     key_metric = "mIoU"
+    curve_metrics = ("mIoU", "mAcc", "aAcc")
 
     def build_data(self, config: Config, train: bool = True) -> DataBundle:
         data, seg = config["data"], config["segmentation"]
