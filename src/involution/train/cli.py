@@ -103,7 +103,7 @@ def _describe_run_dir(run_dir: Path) -> str:
         ckpt.CHECKPOINT_NAME: "full training state for --resume",
         ckpt.WEIGHTS_NAME: "final weights (+ config and class names as metadata)",
         ckpt.EMA_WEIGHTS_NAME: "EMA weights",
-        ckpt.PLOT_NAME: "loss and accuracy curves",
+        ckpt.PLOT_NAME: "loss and validation-metric curves",
     }
     lines = [
         f"  {name:<22} {text}" for name, text in descriptions.items() if (run_dir / name).exists()
