@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 
 .PHONY: setup test lint demo demo-segment demo-detect fashion-mnist clean bench-gpu bench-gpu-dry
 
-$(STAMP): pyproject.toml constraints.txt setup.py $(wildcard src/involution/csrc/*.cpp)
+$(STAMP): pyproject.toml constraints.txt setup.py $(wildcard src/involution/csrc/*.cpp src/involution/csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch torchvision setuptools wheel ninja
 	$(PIP) --no-build-isolation -e ".[dev,onnx]"

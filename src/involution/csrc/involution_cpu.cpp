@@ -29,11 +29,12 @@
 
 #include <torch/extension.h>
 
+#include "parallel_chunks.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -540,26 +541,13 @@ at::Tensor padded_input(const at::Tensor& input, const Geometry& geo, at::Scalar
   return padded;
 }
 
-// Runs body(begin, end) over the tasks [0, total) on the intra-op threads. Chunks of at least
-// ~32k multiply-adds are handed out on demand rather than split up front, so a thread that is
-// slowed down (e.g. by other processes on the machine) does not hold the others back, and tiny
-// problems stay on the calling thread.
+// Runs body(begin, end) over the tasks [0, total) on the intra-op threads in chunks of at least
+// ~32k multiply-adds, handed out on demand (parallel_chunks).
 template <typename Body>
 void parallel_tasks(const Geometry& geo, int64_t total, const Body& body) {
   const int64_t chunk =
       std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, geo.task_work()));
-  const int64_t chunks = (total + chunk - 1) / chunk;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
-  if (threads <= 1 || at::in_parallel_region()) {
-    body(0, total);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t start = next.fetch_add(chunk); start < total; start = next.fetch_add(chunk)) {
-      body(start, std::min(total, start + chunk));
-    }
-  });
+  involution_parallel::parallel_chunks(total, chunk, body);
 }
 
 at::Tensor forward(

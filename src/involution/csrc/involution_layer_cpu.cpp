@@ -32,11 +32,12 @@
 
 #include <torch/extension.h>
 
+#include "parallel_chunks.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -452,24 +453,6 @@ inline ColumnRange valid_columns(int64_t offset, int64_t stride, int64_t width, 
   return {lo, std::max(lo, hi)};
 }
 
-// Runs body(begin, end) over the rows [0, total) on the intra-op threads, handing out chunks of
-// about `chunk` rows on demand; small problems stay on the calling thread.
-template <typename Body>
-void parallel_rows(int64_t total, int64_t chunk, const Body& body) {
-  const int64_t chunks = (total + chunk - 1) / chunk;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
-  if (threads <= 1 || at::in_parallel_region()) {
-    body(0, total);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t start = next.fetch_add(chunk); start < total; start = next.fetch_add(chunk)) {
-      body(start, std::min(total, start + chunk));
-    }
-  });
-}
-
 // `src` (n, m) row-major, transposed into `dst` (m, padded_n) with zero columns past n. Plain
 // loops: on the small weights a parallel ATen copy costs more in thread start-up than it saves.
 template <typename T>
@@ -637,9 +620,9 @@ at::Tensor layer_forward(
     prm.scale = geo.has_scale ? scale.const_data_ptr<scalar_t>() : nullptr;
     prm.shift = geo.has_scale ? shift.const_data_ptr<scalar_t>() : nullptr;
     prm.y = y.mutable_data_ptr<scalar_t>();
-    parallel_rows(geo.batch * geo.out_h, chunk, [&](int64_t begin, int64_t end) {
-      layer_rows(geo, prm, begin, end);
-    });
+    involution_parallel::parallel_chunks(
+        geo.batch * geo.out_h, chunk,
+        [&](int64_t begin, int64_t end) { layer_rows(geo, prm, begin, end); });
   });
   return y;
 }
