@@ -34,6 +34,8 @@ Accumulation is float32 (float64 for float64 tensors).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -550,25 +552,34 @@ def _conv_args(stride: Pair, padding: Pair, dilation: Pair) -> tuple[int, ...]:
     return (*stride, *padding, *dilation)
 
 
-def forward(input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
-    """Output (B, C, H_out, W_out), in the memory format of ``input`` (B, C, H, W).
-
-    ``input`` and ``weight`` (B, G, Kh, Kw, H_out, W_out) are read through their strides.
-    """
-    batch, channels, height, width = input.shape
-    groups, kh, kw, out_h, out_w = weight.shape[1:]
+def _launch(
+    kernel: Any,
+    first: Tensor,
+    second: Tensor,
+    result: Tensor,
+    input: Tensor,
+    weight_shape: torch.Size,
+    tiling: tuple[int, int],
+    geometry: tuple[Pair, Pair, Pair],
+    split_groups: bool = True,
+) -> None:
+    """Run one of the three tiled kernels, which share their argument order: two operands and
+    the result (each with its strides), the problem's sizes from ``input`` (B, C, H, W) and
+    ``weight_shape`` (B, G, Kh, Kw, H_out, W_out), and stride, padding, dilation. ``tiling`` is
+    (rows, columns) of the pixel grid the programs cover."""
+    _, channels, height, width = input.shape
+    groups, kh, kw, out_h, out_w = weight_shape[1:]
     cg = channels // groups
-    output = empty_output(input, (out_h, out_w))
-    rows = batch * out_h
+    rows, columns = tiling
 
     def grid(meta: dict) -> tuple[int]:
-        return (_tiles(rows, out_w, meta) * _channel_blocks(groups, cg, meta),)
+        return (_tiles(rows, columns, meta) * _channel_blocks(groups, cg, meta, split_groups),)
 
     with device_guard(input):
-        forward_kernel[grid](
-            input,
-            weight,
-            output,
+        kernel[grid](
+            first,
+            second,
+            result,
             groups,
             cg,
             height,
@@ -576,15 +587,35 @@ def forward(input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation
             out_h,
             out_w,
             rows,
-            *input.stride(),
-            *weight.stride(),
-            *output.stride(),
-            *_conv_args(stride, padding, dilation),
+            *first.stride(),
+            *second.stride(),
+            *result.stride(),
+            *_conv_args(*geometry),
             KH=kh,
             KW=kw,
             CGP=_pow2(cg),
             ACC_DTYPE=accumulator(input.dtype),
         )
+
+
+def forward(input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
+    """Output (B, C, H_out, W_out), in the memory format of ``input`` (B, C, H, W).
+
+    ``input`` and ``weight`` (B, G, Kh, Kw, H_out, W_out) are read through their strides.
+    """
+    out_h, out_w = weight.shape[4:]
+    output = empty_output(input, (out_h, out_w))
+    tiling = (input.shape[0] * out_h, out_w)
+    _launch(
+        forward_kernel,
+        input,
+        weight,
+        output,
+        input,
+        weight.shape,
+        tiling,
+        (stride, padding, dilation),
+    )
     return output
 
 
@@ -592,36 +623,18 @@ def backward_input(
     grad_output: Tensor, input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair
 ) -> Tensor:
     """Gradient (B, C, H, W) with respect to ``input``, in its memory format."""
-    batch, channels, height, width = input.shape
-    groups, kh, kw, out_h, out_w = weight.shape[1:]
-    cg = channels // groups
     grad_input = torch.empty_like(input, memory_format=memory_format_of(input))
-    rows = batch * height
-
-    def grid(meta: dict) -> tuple[int]:
-        return (_tiles(rows, width, meta) * _channel_blocks(groups, cg, meta),)
-
-    with device_guard(input):
-        backward_input_kernel[grid](
-            grad_output,
-            weight,
-            grad_input,
-            groups,
-            cg,
-            height,
-            width,
-            out_h,
-            out_w,
-            rows,
-            *grad_output.stride(),
-            *weight.stride(),
-            *grad_input.stride(),
-            *_conv_args(stride, padding, dilation),
-            KH=kh,
-            KW=kw,
-            CGP=_pow2(cg),
-            ACC_DTYPE=accumulator(input.dtype),
-        )
+    tiling = (input.shape[0] * input.shape[2], input.shape[3])
+    _launch(
+        backward_input_kernel,
+        grad_output,
+        weight,
+        grad_input,
+        input,
+        weight.shape,
+        tiling,
+        (stride, padding, dilation),
+    )
     return grad_input
 
 
@@ -629,36 +642,21 @@ def backward_weight(
     grad_output: Tensor, input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair
 ) -> Tensor:
     """Gradient (B, G, Kh, Kw, H_out, W_out) with respect to ``weight``, contiguous."""
-    batch, channels, height, width = input.shape
-    groups, kh, kw, out_h, out_w = weight.shape[1:]
-    cg = channels // groups
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    rows = batch * out_h
-
-    def grid(meta: dict) -> tuple[int]:
-        return (_tiles(rows, out_w, meta) * _channel_blocks(groups, cg, meta, False),)
-
-    with device_guard(input):
-        backward_weight_kernel[grid](
-            grad_output,
-            input,
-            grad_weight,
-            groups,
-            cg,
-            height,
-            width,
-            out_h,
-            out_w,
-            rows,
-            *grad_output.stride(),
-            *input.stride(),
-            *grad_weight.stride(),
-            *_conv_args(stride, padding, dilation),
-            KH=kh,
-            KW=kw,
-            CGP=_pow2(cg),
-            ACC_DTYPE=accumulator(input.dtype),
-        )
+    out_h, out_w = weight.shape[4:]
+    tiling = (input.shape[0] * out_h, out_w)
+    # Each program reduces whole groups' channels: no split along a group.
+    _launch(
+        backward_weight_kernel,
+        grad_output,
+        input,
+        grad_weight,
+        input,
+        weight.shape,
+        tiling,
+        (stride, padding, dilation),
+        split_groups=False,
+    )
     return grad_weight
 
 
