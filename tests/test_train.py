@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import os
@@ -24,7 +25,7 @@ from involution.train.checkpoint import (
     read_jsonl,
     save_checkpoint,
 )
-from involution.train.engine import lr_factor
+from involution.train.engine import Trainer, lr_factor
 
 # A one-stage compact RedNet on 8x8 grayscale images: a few milliseconds per step.
 TINY = [
@@ -257,6 +258,13 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert "run finished" in stdout and stdout.count("run directory") == 1
     config = json.loads(json.dumps(load_checkpoint(run / "checkpoint.pt")["config"]))
     assert config["data"]["dataset"] == "imagefolder"
+
+
+def test_training_frees_the_trainer_before_returning(tmp_path: Path) -> None:
+    # Under DDP the trainer holds the process group; one left to interpreter shutdown can abort
+    # a rank while Gloo's threads are torn down.
+    assert _train(tmp_path, "freed") == 0
+    assert not any(isinstance(o, Trainer) for o in gc.get_objects())
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:

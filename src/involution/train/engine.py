@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -590,6 +591,7 @@ def run_training(config: Config, run_dir: Path | None = None, resume: bool = Fal
     Without ``run_dir`` (the run to resume) a new one is created before anything is written
     (:func:`new_run_dir`); under DDP rank 0 alone creates it and the others take its path.
     """
+    trainer: Trainer | None = None
     try:
         if run_dir is None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             run_dir = new_run_dir(config)
@@ -608,5 +610,10 @@ def run_training(config: Config, run_dir: Path | None = None, resume: bool = Fal
         trainer = Trainer(config, run_dir, resume=resume)
         return trainer.fit()
     finally:
+        # The trainer sits in reference cycles and its DDP wrapper holds the process group: free
+        # them now, while the interpreter is whole. Left to interpreter shutdown, Gloo's worker
+        # threads could abort the process ("terminate called without an active exception").
+        del trainer
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
