@@ -28,7 +28,7 @@ from timm.models._features import feature_take_indices  # not re-exported by tim
 from torch import Tensor, nn
 
 from involution.ops.modules import OFFICIAL_KEY_PREFIXES as OFFICIAL_INVOLUTION_PREFIXES
-from involution.ops.modules import Involution2d
+from involution.ops.modules import Involution2d, relu_inplace
 from involution.serialization import load_tensor_file
 
 __all__ = ["MODEL_DEPTHS", "Bottleneck", "RedNet", "RedNetStem", "conv3x3"]
@@ -140,7 +140,8 @@ class RedNetStem(nn.Module):
         mixer_layer: factory of the middle layer (RedNet's: an :class:`Involution2d`), called
             as ``mixer_layer(stem_width // 2, stride=1)``.
         stride: of the first conv.
-        norm_layer, act_layer: normalisation and activation factories.
+        norm_layer, act_layer: normalisation and activation factories (BatchNorm2d, in-place
+            ReLU).
 
     Shape:
         (B, in_chans, H, W) -> (B, stem_width, H / 2, W / 2).
@@ -153,7 +154,7 @@ class RedNetStem(nn.Module):
         mixer_layer: MixerFactory,
         stride: int = 2,
         norm_layer: NormFactory = nn.BatchNorm2d,
-        act_layer: ActFactory = nn.ReLU,
+        act_layer: ActFactory = relu_inplace,
     ) -> None:
         super().__init__()
         mid = stem_width // 2
@@ -183,7 +184,8 @@ class Bottleneck(nn.Module):
         mixer_layer: factory of the spatial layer, called as ``mixer_layer(width, stride=s)``:
             an involution (the default, :class:`Involution2d` with its defaults) or
             :func:`conv3x3` for the convolution twin.
-        norm_layer, act_layer: normalisation and activation factories.
+        norm_layer, act_layer: normalisation and activation factories (BatchNorm2d, in-place
+            ReLU).
 
     Shape:
         (B, in_chs, H, W) -> (B, 4 * width, ceil(H / stride), ceil(W / stride)).
@@ -198,7 +200,7 @@ class Bottleneck(nn.Module):
         stride: int = 1,
         mixer_layer: MixerFactory = Involution2d,
         norm_layer: NormFactory = nn.BatchNorm2d,
-        act_layer: ActFactory = nn.ReLU,
+        act_layer: ActFactory = relu_inplace,
     ) -> None:
         super().__init__()
         out_chs = width * self.expansion
@@ -227,7 +229,8 @@ class Bottleneck(nn.Module):
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
         x = self.bn3(self.conv3(x))
-        return self.act3(x + shortcut)
+        x += shortcut  # in place, like the ReLUs: one activation-sized allocation less per block
+        return self.act3(x)
 
 
 class RedNet(nn.Module):
@@ -249,7 +252,8 @@ class RedNet(nn.Module):
         kernel_size, group_channels, reduction_ratio: of the bottleneck involutions.
         drop_rate: dropout before the classifier.
         global_pool: timm pooling type ("avg", "max", "avgmax", "" for none, ...).
-        norm_layer, act_layer: normalisation and activation factories.
+        norm_layer, act_layer: normalisation and activation factories (BatchNorm2d, in-place
+            ReLU).
         zero_init_last: zero-initialise each block's last BN.
         backend: involution backend, see :func:`involution.ops.involution2d`.
         fused: fuse each involution's span conv into the aggregation (opt-in), see
@@ -282,7 +286,7 @@ class RedNet(nn.Module):
         drop_rate: float = 0.0,
         global_pool: str = "avg",
         norm_layer: NormFactory = nn.BatchNorm2d,
-        act_layer: ActFactory = nn.ReLU,
+        act_layer: ActFactory = relu_inplace,
         zero_init_last: bool = True,
         backend: str = "auto",
         fused: bool = False,

@@ -9,6 +9,7 @@ per-channel affine (a folded BatchNorm) and ReLU to that op, for
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +80,11 @@ def convert_official_involution_state_dict(state_dict: dict[str, Tensor]) -> dic
     return converted
 
 
+#: The default activation factory of the involution layers and RedNet: a ReLU that overwrites
+#: its input (one activation-sized allocation less per call).
+relu_inplace: Callable[[], nn.Module] = partial(nn.ReLU, inplace=True)
+
+
 class Involution2d(nn.Module):
     r"""Involution layer (Li et al., CVPR 2021).
 
@@ -102,7 +108,8 @@ class Involution2d(nn.Module):
         dilation: aggregation dilation; padding is ``dilation * (K - 1) // 2``.
         group_channels: channels sharing one kernel; ``G = C // group_channels``.
         reduction_ratio: r, the kernel branch's bottleneck ratio (C -> C // r).
-        norm_layer, act_layer: factories for the kernel branch's normalisation and activation.
+        norm_layer, act_layer: factories for the kernel branch's normalisation and activation
+            (BatchNorm2d, in-place ReLU).
         backend: aggregation backend, see :func:`involution.ops.involution2d`.
         fused: fuse the span conv into the aggregation
             (:func:`involution.ops.involution2d_fused`), so the per-pixel kernels are never
@@ -137,7 +144,7 @@ class Involution2d(nn.Module):
         group_channels: int = 16,
         reduction_ratio: int = 4,
         norm_layer: LayerFactory = nn.BatchNorm2d,
-        act_layer: Callable[[], nn.Module] = nn.ReLU,
+        act_layer: Callable[[], nn.Module] = relu_inplace,
         backend: str = "auto",
         fused: bool = False,
         fuse_inference: bool = True,
