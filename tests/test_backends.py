@@ -25,6 +25,7 @@ from involution.bench import op as op_bench
 from involution.ops import backends, involution2d_fused, registration
 from involution.ops.backends import cpu as cpu_backend
 from involution.ops.checks import output_size
+from involution.ops.layout import is_pixel_major, kernels_like
 
 CPU = torch.device("cpu")
 GPU = torch.device("cuda") if torch.cuda.is_available() else None
@@ -209,7 +210,7 @@ WIDE_ROW_WIDTHS = (1, 3, 7, 8, 9, 15, 16, 17, 23, 33)
 @needs_cpu
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
 @pytest.mark.parametrize(("stride", "dilation"), [(1, 1), (2, 1), (1, 2), (3, 2)])
-@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_cpu_sixteen_channel_rows_match_reference(dtype, stride, dilation, layout):
     kernel, padding = (3, 7), (1, 3 * dilation)
     for out_w in WIDE_ROW_WIDTHS:
@@ -267,14 +268,17 @@ GRADCHECK_CASES = {
 }
 
 
+@pytest.mark.parametrize("weight_layout", ("contiguous", "strided"))
 @pytest.mark.parametrize("case", GRADCHECK_CASES.values(), ids=GRADCHECK_CASES.keys())
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck(backend, case):
+def test_gradcheck(backend, case, weight_layout):
     batch, channels, groups, height, width, kernel, stride, padding, dilation = case
     out_size = output_hw((height, width), kernel, stride, padding, dilation)
-    options = {"dtype": torch.float64, "device": DEVICE_OF[backend], "requires_grad": True}
+    device = DEVICE_OF[backend]
+    options = {"dtype": torch.float64, "device": device, "requires_grad": True}
     input = torch.randn(batch, channels, height, width, **options)
-    weight = torch.randn(batch, groups, *kernel, *out_size, **options)
+    weight_shape = (batch, groups, *kernel, *out_size)
+    weight = make_weight(weight_shape, torch.float64, weight_layout, device)
 
     def function(x, w):
         return involution2d(x, w, stride, padding, dilation, backend=backend)
@@ -282,11 +286,13 @@ def test_gradcheck(backend, case):
     assert torch.autograd.gradcheck(function, (input, weight), fast_mode=interpreted(backend))
 
 
+@pytest.mark.parametrize("weight_layout", ("contiguous", "strided"))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
+def test_opcheck(backend, weight_layout):
+    # Also checks that the fake implementations give the real outputs' strides.
     device = DEVICE_OF[backend]
     input = torch.randn(2, 4, 6, 5, device=device, requires_grad=True)
-    weight = torch.randn(2, 2, 3, 3, 3, 3, device=device, requires_grad=True)
+    weight = make_weight((2, 2, 3, 3, 3, 3), torch.float32, weight_layout, device)
     args = (input, weight, (2, 2), (1, 1), (1, 1), backend)
     torch.library.opcheck(torch.ops.involution.involution2d.default, args)
     grad_output = torch.randn(2, 4, 3, 3, device=device)
@@ -332,6 +338,24 @@ def test_expanded_upstream_gradient(backend, layout):
     ]
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("weight_layout", ("contiguous", "strided"))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_gradient_comes_in_the_kernels_layout(backend, weight_layout):
+    # The span conv's channels_last output viewed as kernels ("strided": pixel-major) gets its
+    # gradient in that layout, so its backward needs no layout copy; other kernels, contiguous.
+    device = DEVICE_OF[backend]
+    input = make_input((2, 32, 6, 5), torch.float32, "channels_last", device)
+    weight = make_weight((2, 2, 3, 3, 6, 5), torch.float32, weight_layout, device)
+    grad_output = torch.randn(2, 32, 6, 5, device=device)
+    args = ((1, 1), (1, 1), (1, 1), backend)
+    for function in (registration.EagerInvolution2d.apply, torch.ops.involution.involution2d):
+        output = function(input, weight, *args)
+        (grad_weight,) = torch.autograd.grad(output, weight, grad_output)
+        assert grad_weight.stride() == weight.stride()
+    assert is_pixel_major(weight) == (weight_layout == "strided")
+    assert kernels_like(weight.detach().contiguous(), weight).stride() == weight.stride()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

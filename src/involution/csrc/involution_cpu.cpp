@@ -100,12 +100,34 @@ struct Geometry {
   // not have to convert them (channels_last, or NCHW contiguous when false).
   bool channels_last_result;
 
-  // Offset of weight[b, g, kh, kw, i, 0] in the contiguous (B, G, Kh, Kw, H_out, W_out) weight.
-  int64_t weight_row(int64_t b, int64_t g, int64_t kh, int64_t kw, int64_t i) const {
-    return ((((b * groups + g) * kernel_h + kh) * kernel_w + kw) * out_h + i) * out_w;
+  // Strides of the (B, G, Kh, Kw, H_out, W_out) weight and grad_weight (set_kernel_layout).
+  int64_t w_b, w_g, w_kh, w_kw, w_i, w_j;
+  bool pixel_major_kernels;
+
+  // Kernels contiguous, or pixel-major: laid out (B, H_out, W_out, G, Kh, Kw), the channels_last
+  // output of the span conv viewed as kernels, read and written in place (no layout copies).
+  void set_kernel_layout(bool pixel_major) {
+    pixel_major_kernels = pixel_major;
+    if (pixel_major) {
+      w_kw = 1;
+      w_kh = kernel_w;
+      w_g = kernel_h * kernel_w;
+      w_j = groups * w_g;
+      w_i = out_w * w_j;
+      w_b = out_h * w_i;
+    } else {
+      w_j = 1;
+      w_i = out_w;
+      w_kw = out_h * out_w;
+      w_kh = kernel_w * w_kw;
+      w_g = kernel_h * w_kh;
+      w_b = groups * w_g;
+    }
   }
-  // Distance between the weight rows of neighbouring taps (kh, kw) and (kh, kw + 1).
-  int64_t tap_stride() const { return out_h * out_w; }
+  // Offset of weight[b, g, kh, kw, i, 0]; column j is w_j further.
+  int64_t weight_row(int64_t b, int64_t g, int64_t kh, int64_t kw, int64_t i) const {
+    return b * w_b + g * w_g + kh * w_kh + kw * w_kw + i * w_i;
+  }
   // Offset of x[b, g * C/G, h, 0] in a channels_last (B, rows, row_width, C) map.
   int64_t pixel_row(int64_t b, int64_t g, int64_t h, int64_t rows, int64_t row_width) const {
     return ((b * rows + h) * row_width) * channels + g * group_channels;
@@ -213,13 +235,13 @@ INVOLUTION_INLINE void forward_block16(
       continue;
     }
     const T* __restrict in_row = x + ih * geo.padded_width * pixel + j0 * step;
-    const T* __restrict w_tap = w + kh * geo.kernel_w * geo.tap_stride() + j0;
+    const T* __restrict w_tap = w + kh * geo.w_kh + j0 * geo.w_j;
     for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
       const T* __restrict in = in_row + kw * geo.dil_w * pixel;
       for (int n = 0; n < NJ; ++n) {
-        acc[n] += w_tap[n] * load16(in + n * step);
+        acc[n] += w_tap[n * geo.w_j] * load16(in + n * step);
       }
-      w_tap += geo.tap_stride();
+      w_tap += geo.w_kw;
     }
   }
   std::memcpy(row + j0 * 16, acc, sizeof(acc));
@@ -237,7 +259,13 @@ INVOLUTION_INLINE void backward_weight_block16(
                   load16(in + (j0 + n) * geo.stride_w * pixel);
   }
   const V16<T> sums = lane_sums<NJ>(products);
-  std::memcpy(gw_row + j0, &sums, NJ * sizeof(T));
+  if (geo.w_j == 1) {
+    std::memcpy(gw_row + j0, &sums, NJ * sizeof(T));
+  } else {
+    for (int n = 0; n < NJ; ++n) {
+      gw_row[(j0 + n) * geo.w_j] = sums[n];
+    }
+  }
 }
 
 // Calls block(nj, j0), nj a std::integral_constant <= MAX, for block sizes 1..MAX.
@@ -317,7 +345,7 @@ INVOLUTION_INLINE void forward_tasks_impl(
       for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
         const T* __restrict w_row = w + geo.weight_row(b, g, kh, kw, i);
         for (int64_t j = 0; j < geo.out_w; ++j) {
-          const T weight = w_row[j];
+          const T weight = w_row[j * geo.w_j];
           const T* __restrict in = in_row + (j * geo.stride_w + kw * geo.dil_w) * pixel;
           T* __restrict acc = acc_row.data() + j * cg;
 #pragma omp simd  // acc and in never overlap
@@ -358,7 +386,7 @@ INVOLUTION_INLINE void backward_input_tasks_impl(
         const ColumnRange cols = geo.columns[kw];
         const T* __restrict w_row = w + geo.weight_row(b, g, kh, kw, i);
         for (int64_t j = cols.lo; j < cols.hi; ++j) {
-          const T weight = w_row[j];
+          const T weight = w_row[j * geo.w_j];
           const T* __restrict gy = gy_row + j * pixel;
           T* __restrict acc = acc_row.data() + (j * geo.stride_w + offset) * cg;
 #pragma omp simd  // acc and gy never overlap
@@ -401,13 +429,16 @@ INVOLUTION_INLINE void backward_weight_tasks_impl(
       const bool row_inside = ih >= 0 && ih < geo.height;
       for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
         T* __restrict gw_row = grad_w + geo.weight_row(b, g, kh, kw, i);
+        const ColumnRange cols = row_inside ? geo.columns[kw] : ColumnRange{0, 0};
+        for (int64_t j = 0; j < cols.lo; ++j) {
+          gw_row[j * geo.w_j] = T(0);
+        }
+        for (int64_t j = cols.hi; j < geo.out_w; ++j) {
+          gw_row[j * geo.w_j] = T(0);
+        }
         if (!row_inside) {
-          std::fill_n(gw_row, geo.out_w, T(0));
           continue;
         }
-        const ColumnRange cols = geo.columns[kw];
-        std::fill_n(gw_row, cols.lo, T(0));
-        std::fill(gw_row + cols.hi, gw_row + geo.out_w, T(0));
         // Input pixel of output column j: in_tap + j * stride_w * pixel.
         const T* __restrict in_tap = x + geo.pixel_row(b, g, ih, geo.height, geo.width) +
                                      (kw * geo.dil_w - geo.pad_w) * pixel;
@@ -421,7 +452,7 @@ INVOLUTION_INLINE void backward_weight_tasks_impl(
         }
 #endif
         for (int64_t j = cols.lo; j < cols.hi; ++j) {
-          gw_row[j] = dot(gy_row + j * pixel, in_tap + j * geo.stride_w * pixel, cg);
+          gw_row[j * geo.w_j] = dot(gy_row + j * pixel, in_tap + j * geo.stride_w * pixel, cg);
         }
       }
     }
@@ -457,6 +488,11 @@ std::vector<int64_t> column_blocks(int64_t columns, int64_t max_size) {
     sizes.push_back(columns / count + (k < columns % count ? 1 : 0));
   }
   return sizes;
+}
+
+// Whether the (B, G, Kh, Kw, H_out, W_out) kernels are laid out (B, H_out, W_out, G, Kh, Kw).
+bool is_pixel_major(const at::Tensor& weight) {
+  return !weight.is_contiguous() && weight.permute({0, 4, 5, 1, 2, 3}).is_contiguous();
 }
 
 // Checks the arguments (the Python front door already validated them; these checks keep direct
@@ -507,6 +543,7 @@ Geometry make_geometry(
   geo.padded_width =
       std::max(geo.pad_w + geo.width, (geo.out_w - 1) * geo.stride_w +
                                           (geo.kernel_w - 1) * geo.dil_w + 1);
+  geo.set_kernel_layout(is_pixel_major(weight));
   geo.blocks8 = column_blocks(geo.out_w, 8);
   for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
     geo.columns.push_back(
@@ -527,6 +564,26 @@ at::MemoryFormat result_format(const Geometry& geo) {
 // `t` as a channels_last tensor of the compute dtype (a no-op when it already is one).
 at::Tensor as_channels_last(const at::Tensor& t, at::ScalarType dtype) {
   return t.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::ChannelsLast);
+}
+
+// The kernels in the compute dtype and the layout make_geometry chose (a no-op for float32 and
+// float64 kernels already in it).
+at::Tensor kernel_operand(const at::Tensor& weight, at::ScalarType dtype, const Geometry& geo) {
+  const at::Tensor w = weight.to(dtype);  // keeps the strides of a dense tensor
+  return geo.pixel_major_kernels
+             ? w.permute({0, 4, 5, 1, 2, 3}).contiguous().permute({0, 3, 4, 5, 1, 2})
+             : w.contiguous();
+}
+
+// Uninitialised (B, G, Kh, Kw, H_out, W_out) kernels in the layout make_geometry chose.
+at::Tensor empty_kernels(const Geometry& geo, const at::TensorOptions& options) {
+  if (geo.pixel_major_kernels) {
+    return at::empty({geo.batch, geo.out_h, geo.out_w, geo.groups, geo.kernel_h, geo.kernel_w},
+                     options)
+        .permute({0, 3, 4, 5, 1, 2});
+  }
+  return at::empty({geo.batch, geo.groups, geo.kernel_h, geo.kernel_w, geo.out_h, geo.out_w},
+                   options);
 }
 
 // The input as a channels_last (B, H, padded_width, C) map of the compute dtype, zero outside
@@ -555,7 +612,7 @@ at::Tensor forward(
   const Geometry geo = make_geometry(input, weight, stride, padding, dilation);
   const at::ScalarType dtype = compute_type(input.scalar_type());
   const at::Tensor x = padded_input(input, geo, dtype);
-  const at::Tensor w = weight.to(dtype).contiguous();
+  const at::Tensor w = kernel_operand(weight, dtype, geo);
   at::Tensor y = at::empty({geo.batch, geo.channels, geo.out_h, geo.out_w},
                            x.options().memory_format(result_format(geo)));
   AT_DISPATCH_FLOATING_TYPES(dtype, "involution_cpu_forward", [&] {
@@ -580,14 +637,15 @@ std::tuple<at::Tensor, at::Tensor> gradients(
               "involution: grad_output ", grad_output.sizes(), " does not match the output");
   const at::ScalarType dtype = compute_type(input.scalar_type());
   const at::Tensor grad_y = as_channels_last(grad_output, dtype);
+  // grad_weight comes in the layout the kernels are read in (make_geometry's choice).
   at::Tensor w, x, grad_x, grad_w;
   if (needs_input) {
-    w = weight.to(dtype).contiguous();
+    w = kernel_operand(weight, dtype, geo);
     grad_x = at::empty(input.sizes(), grad_y.options().memory_format(result_format(geo)));
   }
   if (needs_weight) {
     x = as_channels_last(input, dtype);
-    grad_w = at::empty(weight.sizes(), grad_y.options().memory_format(at::MemoryFormat::Contiguous));
+    grad_w = empty_kernels(geo, grad_y.options());
   }
   const int64_t input_tasks = needs_input ? geo.batch * geo.groups * geo.height : 0;
   const int64_t weight_tasks = needs_weight ? geo.batch * geo.groups * geo.out_h : 0;

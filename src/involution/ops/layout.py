@@ -60,3 +60,20 @@ def generate_kernels(
         span_weight = span_weight[:, :, None, None]
     kernels = F.conv2d(reduced, span_weight, span_bias)
     return kernels.reshape(batch, groups, *pair(kernel_size), out_h, out_w)
+
+
+def is_pixel_major(kernels: Tensor) -> bool:
+    """Whether (B, G, Kh, Kw, H_out, W_out) kernels are laid out (B, H_out, W_out, G, Kh, Kw).
+
+    That is the span conv's channels_last output viewed as kernels; the cpu backend reads the
+    kernels and writes their gradient in that layout in place.
+    """
+    return not kernels.is_contiguous() and kernels.permute(0, 4, 5, 1, 2, 3).is_contiguous()
+
+
+def kernels_like(tensor: Tensor, kernels: Tensor) -> Tensor:
+    """``tensor`` (B, G, Kh, Kw, H_out, W_out) laid out like ``kernels``: pixel-major when they
+    are (:func:`is_pixel_major`), else contiguous. The layout of a kernel gradient."""
+    if is_pixel_major(kernels):
+        return tensor.permute(0, 4, 5, 1, 2, 3).contiguous().permute(0, 3, 4, 5, 1, 2)
+    return tensor.contiguous()

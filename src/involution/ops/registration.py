@@ -39,7 +39,13 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from involution.ops.backends import get_backend, resolve_backend
 from involution.ops.checks import output_size
-from involution.ops.layout import empty_output, generate_kernels, memory_format_of, pair
+from involution.ops.layout import (
+    empty_output,
+    generate_kernels,
+    kernels_like,
+    memory_format_of,
+    pair,
+)
 
 
 def backend_module(name: str, device: torch.device):
@@ -79,16 +85,15 @@ def gradients(
 ) -> tuple[Tensor | None, Tensor | None]:
     """(grad_input, grad_weight) of :func:`aggregate`, each ``None`` where it is not needed.
 
-    grad_input has the input's memory format, grad_weight is contiguous. A backend with a
+    grad_input has the input's memory format, grad_weight the weight's layout (pixel-major or
+    contiguous, :func:`~involution.ops.layout.kernels_like`). A backend with a
     ``backward`` computes both in one call, sharing work between them.
     """
     memory_format = memory_format_of(input)
     if input.numel() == 0:
         return (
             torch.zeros_like(input, memory_format=memory_format) if needs_input else None,
-            torch.zeros_like(weight, memory_format=torch.contiguous_format)
-            if needs_weight
-            else None,
+            kernels_like(torch.zeros_like(weight), weight) if needs_weight else None,
         )
     impl = backend_module(backend, input.device)
     args = (grad_output, input, weight, pair(stride), pair(padding), pair(dilation))
@@ -99,7 +104,7 @@ def gradients(
         grad_weight = impl.backward_weight(*args) if needs_weight else None
     return (
         None if grad_input is None else grad_input.contiguous(memory_format=memory_format),
-        None if grad_weight is None else grad_weight.contiguous(),
+        None if grad_weight is None else kernels_like(grad_weight, weight),
     )
 
 
@@ -158,7 +163,7 @@ def involution2d_backward_weight_op(
 
 @involution2d_backward_weight_op.register_fake
 def _(grad_output, input, weight, stride, padding, dilation, backend):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return kernels_like(torch.empty_like(weight), weight)
 
 
 @torch.library.custom_op("involution::involution2d_backward", mutates_args=())
@@ -181,7 +186,7 @@ def involution2d_backward_op(
 def _(grad_output, input, weight, stride, padding, dilation, backend):
     return (
         torch.empty_like(input, memory_format=memory_format_of(input)),
-        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        kernels_like(torch.empty_like(weight), weight),
     )
 
 

@@ -7,7 +7,9 @@ and bfloat16 are computed in float32. See ``src/involution/csrc/involution_cpu.c
 
 Shapes: ``input`` (B, C, H, W), ``weight`` (B, G, Kh, Kw, H_out, W_out), ``output`` and
 ``grad_output`` (B, C, H_out, W_out). The output and ``grad_input`` come back in the input's
-layout (NCHW or channels_last), ``grad_weight`` contiguous.
+layout (NCHW or channels_last). The kernels are read, and ``grad_weight`` written, in the weight's
+layout when it is pixel-major (the span conv's channels_last output viewed as kernels: no layout
+copies in training), else contiguous.
 
 :func:`layer_forward` is the whole Involution2d layer for inference in one kernel (see
 ``src/involution/csrc/involution_layer_cpu.cpp``): the kernel tensor is never stored.
