@@ -68,12 +68,15 @@ class ConvAct(nn.Module):
         return self._packed[2]
 
     def _fused(self, x: Tensor) -> bool:
+        if torch.compiler.is_compiling():
+            # Checked first: Dynamo cannot trace the availability check (a graph break, and a
+            # recompilation of the rest of forward for every conv shape).
+            return False
         return (
             x.device.type == "cpu"
             and x.dtype == torch.float32
             and torch.backends.mkldnn.is_available()
             and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
         )
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
