@@ -15,9 +15,12 @@
 //   whole). The gradients read the valid column range of each kernel column, computed once per
 //   call: on small maps (RedNet's 7x7) per-tap bounds arithmetic costs more than the work.
 // - With 16 channels per group, the forward keeps blocks of up to 8 output pixels in registers
-//   while it runs over the K*K taps, and grad_weight reduces the 16-channel products of up to 16
-//   neighbouring pixels together (a transposing tree of shuffles and adds), so one tap's row of
-//   kernel gradients costs about one add per value instead of a log2(16)-deep horizontal sum.
+//   while it runs over the K*K taps (grad_input likewise blocks of 8 input pixels, at unit column
+//   stride), and grad_weight reduces the 16-channel products of up to 16 neighbouring pixels
+//   together (a transposing tree of shuffles and adds), so one tap's row of kernel gradients
+//   costs about one add per value instead of a log2(16)-deep horizontal sum.
+// - The kernels may be contiguous or pixel-major ((B, H_out, W_out, G, Kh, Kw) in memory: the span
+//   conv's channels_last output), read in place; grad_weight is written in the same layout.
 // - Both gradients run in one parallel region when both are needed.
 // - The output and grad_input rows are written in the input's layout (NCHW or channels_last), so
 //   they need no conversion afterwards.
@@ -92,6 +95,8 @@ struct Geometry {
   // for the register-blocked forward: a block's pixels are independent chains of multiply-adds,
   // and small blocks would leave the vector units waiting on latency.
   std::vector<int64_t> blocks8;
+  // The same for the input columns: grad_input's register blocks (unit column stride).
+  std::vector<int64_t> input_blocks8;
   // columns[kw]: the output columns whose input column for kernel column kw is inside the image.
   // Like blocks8, computed once per call: integer divisions in the hot loops would cost more
   // than the work of a 7-pixel row.
@@ -124,6 +129,20 @@ struct Geometry {
       w_b = groups * w_g;
     }
   }
+  // The kernels work on items: the (B, G, rows) rows of one group. A parallel task is one item,
+  // a group's rows consecutive (as its kernels are when contiguous); with pixel-major kernels
+  // a task is the G items of one (b, row), so that one thread uses a pixel's G*Kh*Kw kernel
+  // values together (one group's fill a fraction of a few cache lines shared with the
+  // neighbouring groups: split across threads, their writes would contend for those lines).
+  int64_t items_per_task() const { return pixel_major_kernels ? groups : 1; }
+  int64_t tasks(int64_t rows) const { return batch * groups * rows / items_per_task(); }
+  // (b, g, row) of item t.
+  std::array<int64_t, 3> item(int64_t t, int64_t rows) const {
+    if (pixel_major_kernels) {
+      return {t / (rows * groups), t % groups, (t / groups) % rows};
+    }
+    return {t / (rows * groups), (t / rows) % groups, t % rows};
+  }
   // Offset of weight[b, g, kh, kw, i, 0]; column j is w_j further.
   int64_t weight_row(int64_t b, int64_t g, int64_t kh, int64_t kw, int64_t i) const {
     return b * w_b + g * w_g + kh * w_kh + kw * w_kw + i * w_i;
@@ -139,7 +158,9 @@ struct Geometry {
   // The input row read by output row i through kernel row kh (outside [0, height) for padding).
   int64_t input_row(int64_t i, int64_t kh) const { return i * stride_h - pad_h + kh * dil_h; }
   // Work (multiply-adds) of one task, used to size the parallel chunks.
-  int64_t task_work() const { return kernel_h * kernel_w * out_w * group_channels; }
+  int64_t task_work() const {
+    return kernel_h * kernel_w * out_w * group_channels * items_per_task();
+  }
 };
 
 // Writes the (columns, C/G) row `row` of one group g into channels c = g*C/G + cc, row r of the
@@ -268,6 +289,39 @@ INVOLUTION_INLINE void backward_weight_block16(
   }
 }
 
+// grad_x[b, ih, iw0 .. iw0+NJ, g-slice] at unit column stride, accumulated in registers over the
+// taps: input column iw gets output column iw + pad_w - kw * dil_w of each kernel column kw.
+// `gy` points at grad_y[b, 0, 0, g-slice] (channels_last), `w` at weight[b, g, 0, 0, 0, 0].
+// CHECKED: some of the block's output columns fall outside [0, W_out) for some kw.
+template <typename T, int NJ, bool CHECKED>
+INVOLUTION_INLINE void backward_input_block16(
+    const Geometry& geo, const T* __restrict gy, const T* __restrict w, int64_t ih, int64_t iw0,
+    T* __restrict row) {
+  V16<T> acc[NJ] = {};
+  const int64_t pixel = geo.channels;
+  for (int64_t kh = 0; kh < geo.kernel_h; ++kh) {
+    const int64_t shifted = ih + geo.pad_h - kh * geo.dil_h;
+    if (shifted < 0 || shifted % geo.stride_h != 0 || shifted / geo.stride_h >= geo.out_h) {
+      continue;
+    }
+    const int64_t i = shifted / geo.stride_h;
+    const T* __restrict gy_row = gy + i * geo.out_w * pixel;
+    const T* __restrict w_row = w + kh * geo.w_kh + i * geo.w_i;
+    for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
+      const int64_t j0 = iw0 + geo.pad_w - kw * geo.dil_w;  // output column of pixel 0
+      const T* __restrict w_tap = w_row + kw * geo.w_kw;
+      for (int n = 0; n < NJ; ++n) {
+        const int64_t j = j0 + n;
+        if (CHECKED && static_cast<uint64_t>(j) >= static_cast<uint64_t>(geo.out_w)) {
+          continue;
+        }
+        acc[n] += w_tap[j * geo.w_j] * load16(gy_row + j * pixel);
+      }
+    }
+  }
+  std::memcpy(row + iw0 * 16, acc, sizeof(acc));
+}
+
 // Calls block(nj, j0), nj a std::integral_constant <= MAX, for block sizes 1..MAX.
 template <int MAX, int NJ = MAX, typename Block>
 INVOLUTION_INLINE void call_block(int64_t size, int64_t j0, const Block& block) {
@@ -312,7 +366,7 @@ INVOLUTION_INLINE void for_power_of_two_blocks(int64_t lo, int64_t hi, const Blo
 #endif  // INVOLUTION_VECTOR_KERNELS
 
 // y[b, i, j, g-slice] = sum_{kh, kw} w[b, g, kh, kw, i, j] * x[b, ih, iw, g-slice]
-// for the tasks (b, g, i) in [begin, end). `x` is the padded input.
+// for the items (b, g, i) of the tasks [begin, end). `x` is the padded input.
 template <typename T, int64_t CG>
 INVOLUTION_INLINE void forward_tasks_impl(
     const Geometry& geo, const T* __restrict x, const T* __restrict w, T* __restrict y,
@@ -320,10 +374,8 @@ INVOLUTION_INLINE void forward_tasks_impl(
   const int64_t cg = CG > 0 ? CG : geo.group_channels;
   const int64_t pixel = geo.channels;  // channels_last stride between neighbouring pixels
   std::vector<T> acc_row(geo.out_w * cg);  // the task's output row, (W_out, C/G)
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t i = task % geo.out_h;
-    const int64_t g = (task / geo.out_h) % geo.groups;
-    const int64_t b = task / (geo.out_h * geo.groups);
+  for (int64_t item = begin * geo.items_per_task(); item < end * geo.items_per_task(); ++item) {
+    const auto [b, g, i] = geo.item(item, geo.out_h);
 #ifdef INVOLUTION_VECTOR_KERNELS
     if constexpr (CG == 16) {
       const T* x_group = x + geo.padded_row(b, g, 0);
@@ -360,7 +412,7 @@ INVOLUTION_INLINE void forward_tasks_impl(
 }
 
 // grad_x[b, ih, iw, g-slice] = sum over (kh, kw, i, j) that read (ih, iw) of
-// w[b, g, kh, kw, i, j] * grad_y[b, i, j, g-slice], for the tasks (b, g, ih) in [begin, end).
+// w[b, g, kh, kw, i, j] * grad_y[b, i, j, g-slice], for the items (b, g, ih) of the tasks [begin, end).
 template <typename T, int64_t CG>
 INVOLUTION_INLINE void backward_input_tasks_impl(
     const Geometry& geo, const T* __restrict grad_y, const T* __restrict w,
@@ -368,10 +420,32 @@ INVOLUTION_INLINE void backward_input_tasks_impl(
   const int64_t cg = CG > 0 ? CG : geo.group_channels;
   const int64_t pixel = geo.channels;
   std::vector<T> acc_row(geo.width * cg);  // the task's grad_input row, (W, C/G)
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t ih = task % geo.height;
-    const int64_t g = (task / geo.height) % geo.groups;
-    const int64_t b = task / (geo.height * geo.groups);
+  for (int64_t item = begin * geo.items_per_task(); item < end * geo.items_per_task(); ++item) {
+    const auto [b, g, ih] = geo.item(item, geo.height);
+#ifdef INVOLUTION_VECTOR_KERNELS
+    if constexpr (CG == 16) {
+      if (geo.stride_w == 1) {
+        const T* gy_group = grad_y + geo.pixel_row(b, g, 0, geo.out_h, geo.out_w);
+        const T* w_group = w + geo.weight_row(b, g, 0, 0, 0);
+        // Output columns read by pixel 0 of a block run from iw0 + pad_w - (Kw-1) * dil_w up
+        // to iw0 + pad_w, those of its last pixel nj - 1 further.
+        const int64_t reach = (geo.kernel_w - 1) * geo.dil_w;
+        for_column_blocks<8>(geo.input_blocks8, [&](auto nj, int64_t iw0)
+                                                    INVOLUTION_LAMBDA_INLINE {
+          constexpr int NJ = decltype(nj)::value;
+          const int64_t first = iw0 + geo.pad_w - reach;
+          const int64_t last = iw0 + geo.pad_w + NJ - 1;
+          if (first >= 0 && last < geo.out_w) {
+            backward_input_block16<T, NJ, false>(geo, gy_group, w_group, ih, iw0, acc_row.data());
+          } else {
+            backward_input_block16<T, NJ, true>(geo, gy_group, w_group, ih, iw0, acc_row.data());
+          }
+        });
+        store_row(geo, acc_row.data(), grad_x, b, g, ih, geo.height, geo.width, cg);
+        continue;
+      }
+    }
+#endif
     std::fill(acc_row.begin(), acc_row.end(), T(0));
     for (int64_t kh = 0; kh < geo.kernel_h; ++kh) {
       // The output row i that reads input row ih through kernel row kh, if any.
@@ -412,18 +486,17 @@ INVOLUTION_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n)
 }
 
 // grad_w[b, g, kh, kw, i, j] = sum_{c in g} grad_y[b, i, j, c] * x[b, ih, iw, c] (zero where
-// (ih, iw) is padding), for the tasks (b, g, i) in [begin, end). `x` is channels_last.
+// (ih, iw) is padding), for the items (b, g, i) of the tasks [begin, end). `x` is channels_last.
 template <typename T, int64_t CG>
 INVOLUTION_INLINE void backward_weight_tasks_impl(
     const Geometry& geo, const T* __restrict grad_y, const T* __restrict x,
     T* __restrict grad_w, int64_t begin, int64_t end) {
   const int64_t cg = CG > 0 ? CG : geo.group_channels;
   const int64_t pixel = geo.channels;
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t i = task % geo.out_h;
-    const int64_t g = (task / geo.out_h) % geo.groups;
-    const int64_t b = task / (geo.out_h * geo.groups);
+  for (int64_t item = begin * geo.items_per_task(); item < end * geo.items_per_task(); ++item) {
+    const auto [b, g, i] = geo.item(item, geo.out_h);
     const T* __restrict gy_row = grad_y + geo.pixel_row(b, g, i, geo.out_h, geo.out_w);
+    // Zeros where the tap reads padding.
     for (int64_t kh = 0; kh < geo.kernel_h; ++kh) {
       const int64_t ih = geo.input_row(i, kh);
       const bool row_inside = ih >= 0 && ih < geo.height;
@@ -436,26 +509,53 @@ INVOLUTION_INLINE void backward_weight_tasks_impl(
         for (int64_t j = cols.hi; j < geo.out_w; ++j) {
           gw_row[j * geo.w_j] = T(0);
         }
-        if (!row_inside) {
-          continue;
-        }
-        // Input pixel of output column j: in_tap + j * stride_w * pixel.
-        const T* __restrict in_tap = x + geo.pixel_row(b, g, ih, geo.height, geo.width) +
-                                     (kw * geo.dil_w - geo.pad_w) * pixel;
-#ifdef INVOLUTION_VECTOR_KERNELS
-        if constexpr (CG == 16) {
-          for_power_of_two_blocks(cols.lo, cols.hi, [&](auto nj, int64_t j0)
-                                                        INVOLUTION_LAMBDA_INLINE {
-            backward_weight_block16<T, decltype(nj)::value>(geo, gy_row, in_tap, j0, gw_row);
-          });
-          continue;
-        }
-#endif
-        for (int64_t j = cols.lo; j < cols.hi; ++j) {
-          gw_row[j * geo.w_j] = dot(gy_row + j * pixel, in_tap + j * geo.stride_w * pixel, cg);
-        }
       }
     }
+    // Calls tap(kh, kw, lo, hi, gw_row, in_tap) for the columns [lo, hi) of [first, last) that
+    // read inside the image; input pixel of output column j: in_tap + j * stride_w * pixel.
+    const auto for_taps = [&](int64_t first, int64_t last, const auto& tap)
+                              INVOLUTION_LAMBDA_INLINE {
+      for (int64_t kh = 0; kh < geo.kernel_h; ++kh) {
+        const int64_t ih = geo.input_row(i, kh);
+        if (ih < 0 || ih >= geo.height) {
+          continue;
+        }
+        const T* x_row = x + geo.pixel_row(b, g, ih, geo.height, geo.width);
+        for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
+          const ColumnRange cols = geo.columns[kw];
+          const int64_t lo = std::max(first, cols.lo);
+          const int64_t hi = std::min(last, cols.hi);
+          if (lo < hi) {
+            tap(lo, hi, grad_w + geo.weight_row(b, g, kh, kw, i),
+                x_row + (kw * geo.dil_w - geo.pad_w) * pixel);
+          }
+        }
+      }
+    };
+#ifdef INVOLUTION_VECTOR_KERNELS
+    if constexpr (CG == 16) {
+      // Blocks of 16 columns outermost: a block's grad_y pixels, and with pixel-major kernels
+      // its 16 x Kh*Kw gradient values, stay in L1 over the taps.
+      for (int64_t first = 0; first < geo.out_w; first += 16) {
+        for_taps(first, std::min(first + 16, geo.out_w),
+                 [&](int64_t lo, int64_t hi, T* gw_row, const T* in_tap)
+                     INVOLUTION_LAMBDA_INLINE {
+                   for_power_of_two_blocks(lo, hi, [&](auto nj, int64_t j0)
+                                                       INVOLUTION_LAMBDA_INLINE {
+                     backward_weight_block16<T, decltype(nj)::value>(geo, gy_row, in_tap, j0,
+                                                                     gw_row);
+                   });
+                 });
+      }
+      continue;
+    }
+#endif
+    for_taps(0, geo.out_w, [&](int64_t lo, int64_t hi, T* gw_row, const T* in_tap)
+                               INVOLUTION_LAMBDA_INLINE {
+      for (int64_t j = lo; j < hi; ++j) {
+        gw_row[j * geo.w_j] = dot(gy_row + j * pixel, in_tap + j * geo.stride_w * pixel, cg);
+      }
+    });
   }
 }
 
@@ -545,6 +645,7 @@ Geometry make_geometry(
                                           (geo.kernel_w - 1) * geo.dil_w + 1);
   geo.set_kernel_layout(is_pixel_major(weight));
   geo.blocks8 = column_blocks(geo.out_w, 8);
+  geo.input_blocks8 = column_blocks(geo.width, 8);
   for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
     geo.columns.push_back(
         valid_columns(kw * geo.dil_w - geo.pad_w, geo.stride_w, geo.width, geo.out_w));
@@ -619,7 +720,7 @@ at::Tensor forward(
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
     scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
-    parallel_tasks(geo, geo.batch * geo.groups * geo.out_h, [&](int64_t begin, int64_t end) {
+    parallel_tasks(geo, geo.tasks(geo.out_h), [&](int64_t begin, int64_t end) {
       forward_tasks(geo, x_ptr, w_ptr, y_ptr, begin, end);
     });
   });
@@ -647,8 +748,8 @@ std::tuple<at::Tensor, at::Tensor> gradients(
     x = as_channels_last(input, dtype);
     grad_w = empty_kernels(geo, grad_y.options());
   }
-  const int64_t input_tasks = needs_input ? geo.batch * geo.groups * geo.height : 0;
-  const int64_t weight_tasks = needs_weight ? geo.batch * geo.groups * geo.out_h : 0;
+  const int64_t input_tasks = needs_input ? geo.tasks(geo.height) : 0;
+  const int64_t weight_tasks = needs_weight ? geo.tasks(geo.out_h) : 0;
   AT_DISPATCH_FLOATING_TYPES(dtype, "involution_cpu_backward", [&] {
     const scalar_t* gy_ptr = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* w_ptr = needs_input ? w.const_data_ptr<scalar_t>() : nullptr;
