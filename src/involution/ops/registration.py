@@ -156,14 +156,16 @@ def involution2d_backward_weight_op(
     dilation: Sequence[int],
     backend: str,
 ) -> Tensor:
-    """Gradient of :func:`involution2d_op` with respect to ``weight``."""
+    """Gradient of :func:`involution2d_op` with respect to ``weight``, contiguous."""
     conv_args = (stride, padding, dilation, backend)
-    return gradients(grad_output, input, weight, *conv_args, False, True)[1]
+    return gradients(grad_output, input, weight, *conv_args, False, True)[1].contiguous()
 
 
+# The ops' kernel gradients are contiguous whatever the kernels' layout: under torch.compile the
+# kernels given to the op at run time may be laid out otherwise than the traced (fake) ones.
 @involution2d_backward_weight_op.register_fake
 def _(grad_output, input, weight, stride, padding, dilation, backend):
-    return kernels_like(torch.empty_like(weight), weight)
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("involution::involution2d_backward", mutates_args=())
@@ -176,17 +178,17 @@ def involution2d_backward_op(
     dilation: Sequence[int],
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Both gradients of :func:`involution2d_op`: (grad_input, grad_weight)."""
+    """Both gradients of :func:`involution2d_op`: (grad_input, grad_weight contiguous)."""
     conv_args = (stride, padding, dilation, backend)
     grad_input, grad_weight = gradients(grad_output, input, weight, *conv_args, True, True)
-    return grad_input, grad_weight
+    return grad_input, grad_weight.contiguous()
 
 
 @involution2d_backward_op.register_fake
 def _(grad_output, input, weight, stride, padding, dilation, backend):
     return (
         torch.empty_like(input, memory_format=memory_format_of(input)),
-        kernels_like(torch.empty_like(weight), weight),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
     )
 
 

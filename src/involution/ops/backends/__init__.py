@@ -48,10 +48,19 @@ BACKENDS: tuple[str, ...] = ("auto", *_BACKEND_MODULES)
 
 def get_backend(name: str) -> ModuleType:
     """The module implementing backend ``name`` (not ``"auto"``)."""
+    module = _LOADED.get(name)
+    if module is not None:
+        return module
     try:
-        return importlib.import_module(_BACKEND_MODULES[name])
+        path = _BACKEND_MODULES[name]
     except KeyError:
         raise ValueError(f"unknown involution backend {name!r}; choose one of {BACKENDS}") from None
+    # Kept: the ops look their backend up on every call (import_module costs microseconds).
+    module = _LOADED[name] = importlib.import_module(path)
+    return module
+
+
+_LOADED: dict[str, ModuleType] = {}
 
 
 # Evaluated once at trace time under torch.compile: the choice depends only on constants.
