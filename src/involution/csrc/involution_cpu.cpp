@@ -157,6 +157,14 @@ struct Geometry {
   }
   // The input row read by output row i through kernel row kh (outside [0, height) for padding).
   int64_t input_row(int64_t i, int64_t kh) const { return i * stride_h - pad_h + kh * dil_h; }
+  // The output row that reads input row ih through kernel row kh, or -1 when none does.
+  int64_t output_row(int64_t ih, int64_t kh) const {
+    const int64_t shifted = ih + pad_h - kh * dil_h;
+    if (shifted < 0 || shifted % stride_h != 0 || shifted / stride_h >= out_h) {
+      return -1;
+    }
+    return shifted / stride_h;
+  }
   // Work (multiply-adds) of one task, used to size the parallel chunks.
   int64_t task_work() const {
     return kernel_h * kernel_w * out_w * group_channels * items_per_task();
@@ -300,11 +308,10 @@ INVOLUTION_INLINE void backward_input_block16(
   V16<T> acc[NJ] = {};
   const int64_t pixel = geo.channels;
   for (int64_t kh = 0; kh < geo.kernel_h; ++kh) {
-    const int64_t shifted = ih + geo.pad_h - kh * geo.dil_h;
-    if (shifted < 0 || shifted % geo.stride_h != 0 || shifted / geo.stride_h >= geo.out_h) {
+    const int64_t i = geo.output_row(ih, kh);
+    if (i < 0) {
       continue;
     }
-    const int64_t i = shifted / geo.stride_h;
     const T* __restrict gy_row = gy + i * geo.out_w * pixel;
     const T* __restrict w_row = w + kh * geo.w_kh + i * geo.w_i;
     for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
@@ -448,12 +455,10 @@ INVOLUTION_INLINE void backward_input_tasks_impl(
 #endif
     std::fill(acc_row.begin(), acc_row.end(), T(0));
     for (int64_t kh = 0; kh < geo.kernel_h; ++kh) {
-      // The output row i that reads input row ih through kernel row kh, if any.
-      const int64_t shifted = ih + geo.pad_h - kh * geo.dil_h;
-      if (shifted < 0 || shifted % geo.stride_h != 0 || shifted / geo.stride_h >= geo.out_h) {
+      const int64_t i = geo.output_row(ih, kh);
+      if (i < 0) {
         continue;
       }
-      const int64_t i = shifted / geo.stride_h;
       const T* __restrict gy_row = grad_y + geo.pixel_row(b, g, i, geo.out_h, geo.out_w);
       for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
         const int64_t offset = kw * geo.dil_w - geo.pad_w;
