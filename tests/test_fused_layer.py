@@ -201,6 +201,49 @@ def test_layer_op_refuses_gradients_and_bad_arguments():
         involution2d_layer(x, *weights, 3, 1, out_scale=torch.ones(16), out_shift=torch.ones(3))
     with pytest.raises(ValueError, match="scale"):
         Involution2dAffine(Involution2d(16, 3), torch.ones(8), torch.zeros(16))
+    with pytest.raises(ValueError, match="need proj_weight"):
+        involution2d_layer(x, *weights, 3, 1, residual=torch.ones(1, 16, 5, 5))
+    with pytest.raises(ValueError, match="proj_weight"):
+        involution2d_layer(x, *weights, 3, 1, proj_weight=torch.ones(32, 8))
+    with pytest.raises(ValueError, match="residual must have shape"):
+        involution2d_layer(
+            x, *weights, 3, 1, proj_weight=torch.ones(32, 16), residual=torch.ones(1, 16, 5, 5)
+        )
+    affine = Involution2dAffine(Involution2d(16, 3), torch.ones(16), torch.zeros(16))
+    with pytest.raises(ValueError, match="plain 1x1 conv"):
+        affine.forward_projected(x, nn.Conv2d(16, 32, 1, stride=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("out_channels", "residual"), [(48, True), (32, False), (20, True)])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4]])
+def test_projection_epilogue_matches_unfused_reference(
+    case, out_channels, residual, channels_last, dtype
+):
+    # A bottleneck's tail after its spatial layer: 1x1 conv (BN folded), + shortcut, ReLU. 20
+    # output channels (not a multiple of 16) take the composed steps on the cpu backend too.
+    channels, group_channels, kernel, stride, dilation, height, width = case
+    inv = Involution2d(channels, kernel, stride, dilation, group_channels=group_channels)
+    affine = randomize(
+        Involution2dAffine(inv, torch.rand(channels) + 0.5, torch.randn(channels), nn.ReLU()),
+        dtype,
+    )
+    projection = randomize(nn.Conv2d(channels, out_channels, 1), dtype)
+    x = make_input((2, channels, height, width), dtype, channels_last)
+    out_size = (-(-height // stride), -(-width // stride))
+    shortcut = make_input((2, out_channels, *out_size), dtype, channels_last) if residual else None
+    with torch.no_grad():
+        inv.backend = "cpu"
+        fused = affine.forward_projected(x, projection, shortcut, True)
+        inv.backend = "reference"
+        reference = affine.forward_projected(x, projection, shortcut, True)
+        unfused = projection(affine(x)) + (0 if shortcut is None else shortcut)
+    assert fused.shape == (2, out_channels, *out_size)
+    assert fused.is_contiguous(memory_format=torch.channels_last) == channels_last
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(fused, reference, rtol=rtol, atol=atol)
+    torch.testing.assert_close(reference, torch.relu(unfused), rtol=rtol, atol=atol)
 
 
 def test_layer_op_passes_opcheck_and_compiles_without_graph_breaks():
@@ -210,8 +253,10 @@ def test_layer_op_passes_opcheck_and_compiles_without_graph_breaks():
     reduce_weight, reduce_bias = module.folded_reduce()
     args = (x, reduce_weight.detach(), reduce_bias.detach(), module.span.weight.detach())
     args += (module.span.bias.detach(), [7, 7], [2, 2], [3, 3], [1, 1], 2)
-    args += (affine.scale, affine.shift, True, "cpu")
-    torch.library.opcheck(registration.involution2d_layer_op, args)
+    args += (affine.scale, affine.shift, True)
+    projection = (torch.randn(48, 32, 1, 1), torch.randn(48), torch.randn(2, 48, 5, 5), True)
+    for extra in ((None, None, None, False), projection):
+        torch.library.opcheck(registration.involution2d_layer_op, (*args, *extra, "cpu"))
     with torch.no_grad():
         eager = affine(x)
         compiled = torch.compile(affine, fullgraph=True, backend="aot_eager")(x)

@@ -5,6 +5,8 @@
 //   h   = W1 · r + b1                         W1: (G*Kh*Kw, M), the span conv
 //   y   = sum_{kh, kw} h[g(c), kh, kw] * x[c, i*s + kh*d - p, j*s + kw*d - p]   (involution)
 //   out = [ReLU](scale * y + shift)           optional epilogue: the following BN (+ ReLU)
+//   out = [ReLU](W3 · out + b3 + residual)    optional projection: a bottleneck's last 1x1 conv
+//                                             (BN folded in), its shortcut and ReLU
 //
 // computed per block of up to 8 output pixels of one row, so the (B, G*Kh*Kw, H_out, W_out)
 // kernel tensor h (about 3x the activation in RedNet), the reduced features r and the pooled
@@ -92,6 +94,10 @@ struct LayerGeometry {
   std::vector<ColumnRange> columns;  // per kernel column kw
   bool channels_last_result;
   bool has_scale, out_relu;
+  // The optional projection epilogue: a 1x1 conv C -> out_channels (a multiple of kLanes) on
+  // the layer's output, + residual, [ReLU]. Without it out_channels = C.
+  int64_t out_channels;
+  bool has_projection, has_residual, projection_relu;
 
   int64_t input_row(int64_t i, int64_t kh) const { return i * stride_h - pad_h + kh * dil_h; }
   int64_t input_column(int64_t j, int64_t kw) const { return j * stride_w - pad_w + kw * dil_w; }
@@ -107,7 +113,10 @@ struct LayerParams {
   const T* b1;       // (kernels_padded)
   const T* scale;    // (C) or nullptr
   const T* shift;    // (C) or nullptr
-  T* y;              // (B, C, H_out, W_out) in the result layout
+  const T* w3t;      // (C, out_channels): projection weight, transposed; or nullptr
+  const T* b3;       // (out_channels) or nullptr
+  const T* residual;  // (B, out_channels, H_out, W_out) in the result layout, or nullptr
+  T* y;              // (B, out_channels, H_out, W_out) in the result layout
 };
 
 #ifdef LAYER_VECTOR_KERNELS
@@ -192,7 +201,7 @@ LAYER_INLINE void matmul_block(
 template <typename T, int NP, int KW>
 LAYER_INLINE void aggregate_block16(
     const LayerGeometry& geo, const LayerParams<T>& prm, const T* __restrict h, int64_t b,
-    int64_t i, int64_t j0, int64_t g) {
+    int64_t i, int64_t j0, int64_t g, T* __restrict z) {
   V16<T> acc[NP] = {};
   const int64_t pixel = geo.channels;
   const T* __restrict x_batch = prm.x + b * geo.height * geo.width * pixel + g * kLanes;
@@ -252,6 +261,12 @@ LAYER_INLINE void aggregate_block16(
       acc[p] = relu16(acc[p]);
     }
   }
+  if (z != nullptr) {  // the projection's input: (NP, C) scratch
+    for (int p = 0; p < NP; ++p) {
+      store16(z + p * pixel + c0, acc[p]);
+    }
+    return;
+  }
   if (geo.channels_last_result) {
     T* __restrict out = prm.y + ((b * geo.out_h + i) * geo.out_w + j0) * pixel + c0;
     for (int p = 0; p < NP; ++p) {
@@ -297,7 +312,7 @@ void matmul_block_scalar(
 template <typename T>
 void aggregate_block_scalar(
     const LayerGeometry& geo, const LayerParams<T>& prm, const T* __restrict h, int64_t b,
-    int64_t i, int64_t j0, int64_t np, int64_t g, T* __restrict acc) {
+    int64_t i, int64_t j0, int64_t np, int64_t g, T* __restrict acc, T* __restrict z) {
   const int64_t cg = geo.group_channels;
   const int64_t pixel = geo.channels;
   const int64_t c0 = g * cg;
@@ -334,11 +349,42 @@ void aggregate_block_scalar(
         value = value < T(0) ? T(0) : value;
       }
       const int64_t j = j0 + p;
-      if (geo.channels_last_result) {
+      if (z != nullptr) {
+        z[p * pixel + c0 + c] = value;
+      } else if (geo.channels_last_result) {
         prm.y[((b * geo.out_h + i) * geo.out_w + j) * pixel + c0 + c] = value;
       } else {
         prm.y[(b * geo.channels + c0 + c) * plane + i * geo.out_w + j] = value;
       }
+    }
+  }
+}
+
+// The projection epilogue's last step for the np pixels j0.. of output row i: o (np,
+// out_channels) is the 1x1 conv with its bias; adds the residual, applies the ReLU and writes.
+template <typename T>
+void store_projected(
+    const LayerGeometry& geo, const LayerParams<T>& prm, const T* __restrict o, int64_t b,
+    int64_t i, int64_t j0, int64_t np) {
+  const int64_t n_out = geo.out_channels;
+  const int64_t plane = geo.out_h * geo.out_w;
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t pixel_index = (b * geo.out_h + i) * geo.out_w + j0 + p;  // channels_last
+    const int64_t plane_index = b * n_out * plane + i * geo.out_w + j0 + p;  // NCHW, channel 0
+    const T* __restrict row = o + p * n_out;
+    if (geo.channels_last_result) {
+      T* __restrict out = prm.y + pixel_index * n_out;
+      const T* __restrict res = geo.has_residual ? prm.residual + pixel_index * n_out : nullptr;
+#pragma omp simd
+      for (int64_t n = 0; n < n_out; ++n) {
+        T value = row[n] + (res != nullptr ? res[n] : T(0));
+        out[n] = geo.projection_relu && value < T(0) ? T(0) : value;
+      }
+      continue;
+    }
+    for (int64_t n = 0; n < n_out; ++n) {
+      T value = row[n] + (geo.has_residual ? prm.residual[plane_index + n * plane] : T(0));
+      prm.y[plane_index + n * plane] = geo.projection_relu && value < T(0) ? T(0) : value;
     }
   }
 }
@@ -394,6 +440,10 @@ LAYER_INLINE void layer_rows_impl(
   std::vector<T> reduced(kBlock * geo.reduced_padded);
   std::vector<T> kernels(kBlock * geo.kernels_padded);
   std::vector<T> acc(kBlock * geo.group_channels);
+  // With the projection: the layer's output (np, C) and the projection's (np, out_channels).
+  std::vector<T> z(geo.has_projection ? kBlock * geo.channels : 0);
+  std::vector<T> o(geo.has_projection ? kBlock * geo.out_channels : 0);
+  T* const z_ptr = geo.has_projection ? z.data() : nullptr;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t i = task % geo.out_h;
     const int64_t b = task / geo.out_h;
@@ -415,12 +465,17 @@ LAYER_INLINE void layer_rows_impl(
         const bool unit_columns = geo.stride_w == 1 && geo.dil_w == 1;
         for (int64_t g = 0; g < geo.groups; ++g) {
           if (geo.group_channels == kLanes && unit_columns && geo.kernel_w == 7) {
-            aggregate_block16<T, NP, 7>(geo, prm, kernels.data(), b, i, j0, g);
+            aggregate_block16<T, NP, 7>(geo, prm, kernels.data(), b, i, j0, g, z_ptr);
           } else if (geo.group_channels == kLanes) {
-            aggregate_block16<T, NP, 0>(geo, prm, kernels.data(), b, i, j0, g);
+            aggregate_block16<T, NP, 0>(geo, prm, kernels.data(), b, i, j0, g, z_ptr);
           } else {
-            aggregate_block_scalar(geo, prm, kernels.data(), b, i, j0, NP, g, acc.data());
+            aggregate_block_scalar(geo, prm, kernels.data(), b, i, j0, NP, g, acc.data(), z_ptr);
           }
+        }
+        if (geo.has_projection) {
+          matmul_block<T, NP>(z_ptr, geo.channels, prm.w3t, geo.out_channels, geo.channels,
+                              prm.b3, false, o.data());
+          store_projected(geo, prm, o.data(), b, i, j0, NP);
         }
       });
 #else
@@ -429,7 +484,12 @@ LAYER_INLINE void layer_rows_impl(
       matmul_block_scalar(reduced.data(), geo.reduced_padded, prm.w1t, geo.kernels_padded,
                           geo.reduced, prm.b1, false, kernels.data(), np);
       for (int64_t g = 0; g < geo.groups; ++g) {
-        aggregate_block_scalar(geo, prm, kernels.data(), b, i, j0, np, g, acc.data());
+        aggregate_block_scalar(geo, prm, kernels.data(), b, i, j0, np, g, acc.data(), z_ptr);
+      }
+      if (geo.has_projection) {
+        matmul_block_scalar(z_ptr, geo.channels, prm.w3t, geo.out_channels, geo.channels, prm.b3,
+                            false, o.data(), np);
+        store_projected(geo, prm, o.data(), b, i, j0, np);
       }
 #endif
       j0 += np;
@@ -470,11 +530,13 @@ void transpose_padded(const T* __restrict src, int64_t n, int64_t m, int64_t pad
 // The 1x1 convs' parameters in the layout of the kernels: (w0t, b0, w1t, b1) with w0t (C,
 // M_padded) the transposed reduce weight, b0 (M_padded), w1t (M, N_padded) the transposed span
 // weight, b1 (N_padded); padded entries are zero, a missing bias is zeros. M = reduce_weight
-// rows, N = span_weight rows, both padded to a multiple of 16 lanes. Pack once per set of
-// weights (the Python backend caches the result) and pass to layer_forward.
+// rows, N = span_weight rows, both padded to a multiple of 16 lanes. With a projection weight
+// (P, C[, 1, 1]), P a multiple of 16, also w3t (C, P) and b3 (P). Pack once per set of weights
+// (the Python backend caches the result) and pass to layer_forward.
 std::vector<at::Tensor> layer_pack(
     const at::Tensor& reduce_weight, const std::optional<at::Tensor>& reduce_bias,
-    const at::Tensor& span_weight, const std::optional<at::Tensor>& span_bias) {
+    const at::Tensor& span_weight, const std::optional<at::Tensor>& span_bias,
+    const std::optional<at::Tensor>& proj_weight, const std::optional<at::Tensor>& proj_bias) {
   const at::ScalarType dtype = reduce_weight.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "involution layer: float32 or float64 weights expected, got ", dtype);
@@ -510,21 +572,41 @@ std::vector<at::Tensor> layer_pack(
   });
   bias(reduce_bias, reduced, b0);
   bias(span_bias, kernels, b1);
-  return {w0t, b0, w1t, b1};
+  if (!proj_weight.has_value() || !proj_weight->defined()) {
+    TORCH_CHECK(!proj_bias.has_value() || !proj_bias->defined(),
+                "involution layer: a projection bias without a projection weight");
+    return {w0t, b0, w1t, b1};
+  }
+  const at::Tensor w3 = proj_weight->reshape({proj_weight->size(0), -1}).to(dtype).contiguous();
+  const int64_t projected = w3.size(0);
+  TORCH_CHECK(w3.size(1) == channels && projected % kLanes == 0,
+              "involution layer: projection weight ", proj_weight->sizes(), " must take the ",
+              channels, " channels to a multiple of ", kLanes);
+  at::Tensor w3t = at::empty({channels, projected}, options);
+  at::Tensor b3 = at::empty({projected}, options);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "involution_layer_pack_projection", [&] {
+    transpose_padded(w3.const_data_ptr<scalar_t>(), projected, channels, projected,
+                     w3t.mutable_data_ptr<scalar_t>());
+  });
+  bias(proj_bias, projected, b3);
+  return {w0t, b0, w1t, b1, w3t, b3};
 }
 
 // Whole involution layer, inference only. Shapes: input (B, C, H, W); `packed` from layer_pack;
 // out_scale, out_shift (C) or None (both or neither). Returns (B, C, H_out, W_out) in the
-// input's layout.
+// input's layout; with a packed projection (P, C) relu?(projection(out) + residual), (B, P,
+// H_out, W_out), residual (B, P, H_out, W_out) or None.
 at::Tensor layer_forward(
     const at::Tensor& input, const std::vector<at::Tensor>& packed, Pair kernel_size, Pair stride,
     Pair padding, Pair dilation, int64_t groups, const std::optional<at::Tensor>& out_scale,
-    const std::optional<at::Tensor>& out_shift, bool out_relu) {
+    const std::optional<at::Tensor>& out_shift, bool out_relu,
+    const std::optional<at::Tensor>& residual, bool proj_relu) {
   TORCH_CHECK(input.device().is_cpu(), "involution layer: input must be on the CPU, got ",
               input.device());
   TORCH_CHECK(input.dim() == 4, "involution layer: input must be (B, C, H, W), got ",
               input.sizes());
-  TORCH_CHECK(packed.size() == 4, "involution layer: packed parameters from layer_pack expected");
+  TORCH_CHECK(packed.size() == 4 || packed.size() == 6,
+              "involution layer: packed parameters from layer_pack expected");
   const at::Tensor &w0t = packed[0], &b0 = packed[1], &w1t = packed[2], &b1 = packed[3];
   const at::ScalarType dtype = input.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
@@ -579,6 +661,14 @@ at::Tensor layer_forward(
   TORCH_CHECK(geo.has_scale == (out_shift.has_value() && out_shift->defined()),
               "involution layer: out_scale and out_shift go together");
   geo.out_relu = out_relu;
+  geo.has_projection = packed.size() == 6;
+  geo.out_channels = geo.has_projection ? packed[4].size(1) : geo.channels;
+  TORCH_CHECK(!geo.has_projection || packed[4].size(0) == geo.channels,
+              "involution layer: the packed projection does not take ", geo.channels, " channels");
+  geo.has_residual = residual.has_value() && residual->defined();
+  TORCH_CHECK(!geo.has_residual || geo.has_projection,
+              "involution layer: a residual goes with a projection");
+  geo.projection_relu = proj_relu;
   const int64_t count = (geo.out_w + kBlock - 1) / kBlock;
   for (int64_t k = 0; k < count; ++k) {
     geo.blocks.push_back(geo.out_w / count + (k < geo.out_w % count ? 1 : 0));
@@ -598,17 +688,25 @@ at::Tensor layer_forward(
                 "involution layer: out_scale and out_shift must have ", geo.channels,
                 " values");
   }
-  at::Tensor y = at::empty(
-      {geo.batch, geo.channels, geo.out_h, geo.out_w},
-      input.options().memory_format(geo.channels_last_result ? at::MemoryFormat::ChannelsLast
-                                                             : at::MemoryFormat::Contiguous));
+  const at::MemoryFormat result_format =
+      geo.channels_last_result ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor res;
+  if (geo.has_residual) {
+    TORCH_CHECK(residual->sizes() ==
+                    at::IntArrayRef({geo.batch, geo.out_channels, geo.out_h, geo.out_w}),
+                "involution layer: residual ", residual->sizes(), " does not match the output");
+    res = residual->to(dtype).contiguous(result_format);
+  }
+  at::Tensor y = at::empty({geo.batch, geo.out_channels, geo.out_h, geo.out_w},
+                           input.options().memory_format(result_format));
   if (y.numel() == 0) {
     return y;
   }
   // About 64k multiply-adds per chunk of rows.
   const int64_t row_work =
       geo.out_w * (geo.channels * geo.reduced + geo.reduced * groups * geo.taps +
-                   geo.channels * geo.taps);
+                   geo.channels * geo.taps +
+                   (geo.has_projection ? geo.channels * geo.out_channels : 0));
   const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, row_work));
   AT_DISPATCH_FLOATING_TYPES(dtype, "involution_layer_forward", [&] {
     LayerParams<scalar_t> prm{};
@@ -619,6 +717,9 @@ at::Tensor layer_forward(
     prm.b1 = b1.const_data_ptr<scalar_t>();
     prm.scale = geo.has_scale ? scale.const_data_ptr<scalar_t>() : nullptr;
     prm.shift = geo.has_scale ? shift.const_data_ptr<scalar_t>() : nullptr;
+    prm.w3t = geo.has_projection ? packed[4].const_data_ptr<scalar_t>() : nullptr;
+    prm.b3 = geo.has_projection ? packed[5].const_data_ptr<scalar_t>() : nullptr;
+    prm.residual = geo.has_residual ? res.const_data_ptr<scalar_t>() : nullptr;
     prm.y = y.mutable_data_ptr<scalar_t>();
     involution_parallel::parallel_chunks(
         geo.batch * geo.out_h, chunk,
@@ -634,11 +735,14 @@ void register_layer_kernels(pybind11::module& m) {
   m.def("layer_pack", &involution_layer_cpu::layer_pack,
         "The 1x1 convs' parameters in the fused layer kernel's layout -> [w0t, b0, w1t, b1]",
         py::arg("reduce_weight"), py::arg("reduce_bias"), py::arg("span_weight"),
-        py::arg("span_bias"));
+        py::arg("span_bias"), py::arg("proj_weight") = py::none(),
+        py::arg("proj_bias") = py::none());
   m.def("layer_forward", &involution_layer_cpu::layer_forward,
-        "Whole involution layer, inference: pool, reduce (+bias) + ReLU, span, aggregation and "
-        "an optional per-channel affine (+ ReLU) epilogue -> (B, C, H_out, W_out)",
+        "Whole involution layer, inference: pool, reduce (+bias) + ReLU, span, aggregation, an "
+        "optional per-channel affine (+ ReLU) epilogue and an optional 1x1 projection (+ residual, "
+        "+ ReLU) -> (B, C or P, H_out, W_out)",
         py::arg("input"), py::arg("packed"), py::arg("kernel_size"), py::arg("stride"),
         py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("out_scale"),
-        py::arg("out_shift"), py::arg("out_relu"));
+        py::arg("out_shift"), py::arg("out_relu"), py::arg("residual") = py::none(),
+        py::arg("proj_relu") = false);
 }

@@ -114,8 +114,18 @@ class ConvAct(nn.Module):
         return f"relu={self.relu}"
 
 
+#: The largest last conv (weight elements) of a bottleneck that the fused involution layer
+#: computes itself, on each block of 8 pixels while it is in registers (its output then never
+#: reaches memory). Measured on RedNet-50 at batch 8: layer1's and layer2's (64 x 256,
+#: 128 x 512) gain, layer3's and layer4's (256 x 1024, 512 x 2048) lose, their weights read
+#: again for every block; oneDNN computes those.
+PROJECT_MAX_WEIGHTS = 128 * 512
+
+
 class _InferenceBottleneck(nn.Module):
-    """A folded :class:`Bottleneck` whose ReLUs and residual add run inside its convs."""
+    """A folded :class:`Bottleneck` whose ReLUs and residual add run inside its convs, and whose
+    last conv runs inside the fused involution layer where it is small
+    (:data:`PROJECT_MAX_WEIGHTS`)."""
 
     def __init__(self, block: Bottleneck) -> None:
         super().__init__()
@@ -125,9 +135,15 @@ class _InferenceBottleneck(nn.Module):
         self.conv2 = ConvAct(mixer, relu=True) if isinstance(mixer, nn.Conv2d) else mixer
         self.conv3 = ConvAct(block.conv3, relu=True)  # + shortcut, then ReLU
         self.downsample = None if block.downsample is None else ConvAct(block.downsample[0], False)
+        self.project = (
+            isinstance(self.conv2, Involution2dAffine)
+            and self.conv3.conv.weight.numel() <= PROJECT_MAX_WEIGHTS
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
+        if self.project:
+            return self.conv2.forward_projected(self.conv1(x), self.conv3.conv, shortcut, True)
         return self.conv3(self.conv2(self.conv1(x)), residual=shortcut)
 
 

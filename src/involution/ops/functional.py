@@ -332,6 +332,10 @@ def involution2d_layer(
     out_shift: Tensor | None = None,
     out_relu: bool = False,
     backend: str = "auto",
+    proj_weight: Tensor | None = None,
+    proj_bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    proj_relu: bool = False,
 ) -> Tensor:
     r"""The whole :class:`~involution.ops.Involution2d` layer, for inference (no autograd).
 
@@ -339,7 +343,8 @@ def involution2d_layer(
         r = \mathrm{ReLU}(W_0\,\mathrm{pool}_s(x) + b_0),\quad
         W = W_1 r + b_1,\quad
         y = \mathrm{involution2d}(x, W),\quad
-        \mathrm{out} = [\mathrm{ReLU}](\mathrm{scale}\cdot y + \mathrm{shift})
+        \mathrm{out} = [\mathrm{ReLU}](\mathrm{scale}\cdot y + \mathrm{shift}),\quad
+        [\,[\mathrm{ReLU}](W_3\,\mathrm{out} + b_3 + \mathrm{residual})\,]
 
     where :math:`\mathrm{pool}_s` is ``avg_pool2d(kernel=stride, stride, ceil_mode=True)`` (the
     identity for stride 1) and the padding is ``dilation * (K - 1) // 2``. The layer's kernel
@@ -358,11 +363,16 @@ def involution2d_layer(
         groups: G, dividing C.
         stride, dilation: int or pair.
         out_scale, out_shift: (C,) each, both or neither.
-        out_relu: apply ReLU last.
+        out_relu: apply ReLU to the layer's output.
         backend: as in :func:`involution2d`.
+        proj_weight: (P, C) or (P, C, 1, 1): a 1x1 conv applied to the layer's output (a
+            bottleneck's last conv, its BatchNorm folded in), computed on each block of pixels
+            while it is in registers on the ``"cpu"`` backend; proj_bias: (P,) or ``None``.
+        residual: (B, P, H_out, W_out) added after the projection, or ``None``.
+        proj_relu: apply ReLU last (after the projection and the residual).
 
     Returns:
-        (B, C, ceil(H / s_h), ceil(W / s_w)).
+        (B, C, ceil(H / s_h), ceil(W / s_w)); (B, P, ...) with ``proj_weight``.
 
     Raises ``RuntimeError`` when gradients are enabled and a tensor requires them: use the
     layer's differentiable path (:class:`~involution.ops.Involution2d` in training mode or
@@ -376,6 +386,9 @@ def involution2d_layer(
         span_bias=span_bias,
         out_scale=out_scale,
         out_shift=out_shift,
+        proj_weight=proj_weight,
+        proj_bias=proj_bias,
+        residual=residual,
     )
     check_tensors(**named)
     check_backend(backend)
@@ -400,6 +413,15 @@ def involution2d_layer(
     _check_vector("out_shift", out_shift, channels)
     if (out_scale is None) != (out_shift is None):
         raise ValueError("out_scale and out_shift must be given together")
+    if proj_weight is None:
+        if proj_bias is not None or residual is not None or proj_relu:
+            raise ValueError("proj_bias, residual and proj_relu need proj_weight")
+    else:
+        projected = _as_matrix("proj_weight", proj_weight, None, channels).shape[0]
+        _check_vector("proj_bias", proj_bias, projected)
+        expected = (input.shape[0], projected, *geo.out_size)
+        if residual is not None and tuple(residual.shape) != expected:
+            raise ValueError(f"residual must have shape {expected}, got {tuple(residual.shape)}")
     # The tensors themselves (not the flattened views): the cpu backend recognises a model's
     # parameters across calls.
     tensors = autocast(*named.values())
@@ -411,8 +433,10 @@ def involution2d_layer(
         geo.padding,
         geo.dilation,
         groups,
-        *tensors[5:],
+        *tensors[5:7],
         out_relu,
+        *tensors[7:],
+        proj_relu,
         resolve_backend(backend, input.device),
     )
     # The weights are often Parameters (a Tensor subclass that eager mode treats as a tensor):

@@ -233,10 +233,15 @@ class Involution2d(nn.Module):
         out_scale: Tensor | None = None,
         out_shift: Tensor | None = None,
         out_relu: bool = False,
+        projection: nn.Conv2d | None = None,
+        residual: Tensor | None = None,
+        proj_relu: bool = False,
     ) -> Tensor:
-        """The whole layer as one inference op, with an optional per-channel affine + ReLU after.
+        """The whole layer as one inference op, with an optional per-channel affine + ReLU after,
+        then optionally a 1x1 ``projection`` conv, + ``residual``, ReLU (``proj_relu``).
 
-        Requires :meth:`layer_inference_applies`; (B, C, H, W) -> (B, C, H_out, W_out).
+        Requires :meth:`layer_inference_applies`; (B, C, H, W) -> (B, C, H_out, W_out), or
+        (B, P, H_out, W_out) with a projection to P channels.
         """
         reduce_weight, reduce_bias = self.folded_reduce()
         return involution2d_layer(
@@ -253,6 +258,10 @@ class Involution2d(nn.Module):
             out_shift=out_shift,
             out_relu=out_relu,
             backend=backend,
+            proj_weight=None if projection is None else projection.weight,
+            proj_bias=None if projection is None else projection.bias,
+            residual=residual,
+            proj_relu=proj_relu,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -339,11 +348,35 @@ class Involution2dAffine(nn.Module):
         return cls(involution, scale, shift, act)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_projected(x)
+
+    def forward_projected(
+        self,
+        x: Tensor,
+        projection: nn.Conv2d | None = None,
+        residual: Tensor | None = None,
+        proj_relu: bool = False,
+    ) -> Tensor:
+        """``relu?(projection(self(x)) + residual)`` (the rest of a bottleneck after its
+        spatial layer: its last 1x1 conv with the BatchNorm folded in, the shortcut, the ReLU),
+        in the fused op when it applies; ``self(x)`` without ``projection``."""
+        if projection is not None and not (
+            projection.kernel_size == (1, 1)
+            and projection.stride == (1, 1)
+            and projection.padding in ((0, 0), "valid")
+            and projection.groups == 1
+        ):
+            raise ValueError(f"projection must be a plain 1x1 conv, got {projection}")
         relu = type(self.act) is nn.ReLU
         backend = resolve_backend(self.involution.backend, x.device)
         if (relu or type(self.act) is nn.Identity) and self.involution.layer_inference_applies(
             x, backend
         ):
-            return self.involution.forward_layer(x, backend, self.scale, self.shift, relu)
-        y = self.involution(x)
-        return self.act(y * self.scale[:, None, None] + self.shift[:, None, None])
+            return self.involution.forward_layer(
+                x, backend, self.scale, self.shift, relu, projection, residual, proj_relu
+            )
+        y = self.act(self.involution(x) * self.scale[:, None, None] + self.shift[:, None, None])
+        if projection is None:
+            return y
+        y = projection(y) if residual is None else projection(y) + residual
+        return torch.relu(y) if proj_relu else y

@@ -364,9 +364,14 @@ def compose_layer(
     out_scale: Tensor | None,
     out_shift: Tensor | None,
     out_relu: bool,
+    proj_weight: Tensor | None,
+    proj_bias: Tensor | None,
+    residual: Tensor | None,
+    proj_relu: bool,
     backend: str,
 ) -> Tensor:
-    """The layer op step by step: pool, reduce conv + ReLU, span conv, aggregation, epilogue."""
+    """The layer op step by step: pool, reduce conv + ReLU, span conv, aggregation, epilogue,
+    projection."""
     stride = pair(stride)
     branch = input
     if stride != (1, 1):  # Involution2d's kernel branch: AvgPool2d(stride, ceil_mode=True)
@@ -379,7 +384,13 @@ def compose_layer(
     output = aggregate(input, kernels, stride, padding, dilation, backend)
     if out_scale is not None:
         output = output * out_scale[:, None, None] + out_shift[:, None, None]
-    return F.relu(output) if out_relu else output
+    output = F.relu(output) if out_relu else output
+    if proj_weight is None:
+        return output
+    output = F.conv2d(output, proj_weight.reshape(*proj_weight.shape[:2], 1, 1), proj_bias)
+    if residual is not None:
+        output = output + residual
+    return F.relu(output) if proj_relu else output
 
 
 def layer_inference(
@@ -396,6 +407,10 @@ def layer_inference(
     out_scale: Tensor | None,
     out_shift: Tensor | None,
     out_relu: bool,
+    proj_weight: Tensor | None,
+    proj_bias: Tensor | None,
+    residual: Tensor | None,
+    proj_relu: bool,
     backend: str,
 ) -> Tensor:
     """The layer op: the backend's ``layer_forward`` when it has one for the call, else
@@ -414,6 +429,10 @@ def layer_inference(
         out_scale,
         out_shift,
         out_relu,
+        proj_weight,
+        proj_bias,
+        residual,
+        proj_relu,
     )
     # Named in torch.profiler traces (eager calls reach here without a dispatcher op); only
     # while profiling, since a record_function costs about 20 us.
@@ -449,6 +468,10 @@ def involution2d_layer_op(
     out_scale: Tensor | None,
     out_shift: Tensor | None,
     out_relu: bool,
+    proj_weight: Tensor | None,
+    proj_bias: Tensor | None,
+    residual: Tensor | None,
+    proj_relu: bool,
     backend: str,
 ) -> Tensor:
     """The whole Involution2d layer for inference (:func:`layer_inference`) as a custom op."""
@@ -466,6 +489,10 @@ def involution2d_layer_op(
         out_scale,
         out_shift,
         out_relu,
+        proj_weight,
+        proj_bias,
+        residual,
+        proj_relu,
         backend,
     )
 
@@ -481,10 +508,18 @@ def _(
     stride,
     padding,
     dilation,
+    groups,
+    out_scale,
+    out_shift,
+    out_relu,
+    proj_weight,
     *args,
 ):
     out_size = [
         output_size(input.shape[2 + d], kernel_size[d], stride[d], padding[d], dilation[d])
         for d in range(2)
     ]
-    return empty_output(input, out_size)
+    channels = input.shape[1] if proj_weight is None else proj_weight.shape[0]
+    return input.new_empty((input.shape[0], channels, *out_size)).contiguous(
+        memory_format=memory_format_of(input)
+    )

@@ -74,14 +74,13 @@ def backward(
 _PACKED = WeakIdKeyDictionary()
 
 
-def _packed(
-    reduce_weight: Tensor, reduce_bias: Tensor | None, span_weight: Tensor, span_bias: Tensor | None
-) -> list[Tensor]:
-    """The fused kernel's layout of the 1x1 convs' parameters (``_C.layer_pack``), reused while
-    the same four tensors are unchanged (same storage and version counter): a model's
-    parameters are packed once, not on every call. Inference tensors (no version counter, e.g.
-    a BatchNorm folded on the fly under ``inference_mode``) are packed on every call."""
-    tensors = (reduce_weight, reduce_bias, span_weight, span_bias)
+def _packed(*tensors: Tensor | None) -> list[Tensor]:
+    """The fused kernel's layout of the 1x1 convs' parameters (``_C.layer_pack`` of reduce
+    weight and bias, span weight and bias, projection weight and bias), reused while the same
+    tensors are unchanged (same storage and version counter): a model's parameters are packed
+    once, not on every call. Inference tensors (no version counter, e.g. a BatchNorm folded on
+    the fly under ``inference_mode``) are packed on every call."""
+    reduce_weight = tensors[0]
     if any(t is not None and t.is_inference() for t in tensors):
         return _C.layer_pack(*tensors)
     key = tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)
@@ -106,19 +105,27 @@ def layer_forward(
     out_scale: Tensor | None,
     out_shift: Tensor | None,
     out_relu: bool,
+    proj_weight: Tensor | None,
+    proj_bias: Tensor | None,
+    residual: Tensor | None,
+    proj_relu: bool,
 ) -> Tensor | None:
     """The whole layer, inference only: (B, C, H, W) -> (B, C, H_out, W_out), input's layout.
 
     ``reduce_weight`` (M, C[, 1, 1]) and ``reduce_bias`` (M,) are the reduce conv with its norm
     folded in (followed by ReLU), ``span_weight`` (G*Kh*Kw, M[, 1, 1]) and ``span_bias`` the span
-    conv; the output is ``relu?(out_scale * y + out_shift)`` when ``out_scale`` is given. float32
-    and float64 only: ``None`` for other dtypes (the caller falls back to the unfused layer).
+    conv; the output is ``relu?(out_scale * y + out_shift)`` when ``out_scale`` is given. With
+    ``proj_weight`` (P, C[, 1, 1]) that output goes through the 1x1 conv, plus ``residual``
+    (B, P, H_out, W_out), then ReLU when ``proj_relu``: (B, P, H_out, W_out). float32 and float64
+    only, P a multiple of 16: ``None`` otherwise (the caller composes the steps instead).
     """
     if input.dtype not in (torch.float32, torch.float64):
         return None
+    if proj_weight is not None and proj_weight.shape[0] % 16 != 0:
+        return None
     return _C.layer_forward(
         input,
-        _packed(reduce_weight, reduce_bias, span_weight, span_bias),
+        _packed(reduce_weight, reduce_bias, span_weight, span_bias, proj_weight, proj_bias),
         kernel_size,
         stride,
         padding,
@@ -127,4 +134,6 @@ def layer_forward(
         out_scale,
         out_shift,
         out_relu,
+        residual,
+        proj_relu,
     )
