@@ -33,10 +33,11 @@ def memory_format_of(tensor: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def empty_output(input: Tensor, out_size: Sequence[int]) -> Tensor:
-    """Uninitialised (B, C, H_out, W_out) output in the dtype, device and layout of ``input``."""
+def empty_output(input: Tensor, out_size: Sequence[int], channels: int | None = None) -> Tensor:
+    """Uninitialised (B, C, H_out, W_out) output in the dtype, device and layout of ``input``
+    (``channels`` instead of C when given)."""
     return torch.empty(
-        (*input.shape[:2], *out_size),
+        (input.shape[0], input.shape[1] if channels is None else channels, *out_size),
         dtype=input.dtype,
         device=input.device,
         memory_format=memory_format_of(input),

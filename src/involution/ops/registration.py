@@ -85,15 +85,16 @@ def gradients(
 ) -> tuple[Tensor | None, Tensor | None]:
     """(grad_input, grad_weight) of :func:`aggregate`, each ``None`` where it is not needed.
 
-    grad_input has the input's memory format, grad_weight the weight's layout (pixel-major or
-    contiguous, :func:`~involution.ops.layout.kernels_like`). A backend with a
+    grad_input has the input's memory format, grad_weight the backend's layout (the cpu
+    backend's: the weight's when pixel-major): the ops make it contiguous, the eager path the
+    weight's layout (:func:`~involution.ops.layout.kernels_like`). A backend with a
     ``backward`` computes both in one call, sharing work between them.
     """
     memory_format = memory_format_of(input)
     if input.numel() == 0:
         return (
             torch.zeros_like(input, memory_format=memory_format) if needs_input else None,
-            kernels_like(torch.zeros_like(weight), weight) if needs_weight else None,
+            torch.zeros_like(weight) if needs_weight else None,
         )
     impl = backend_module(backend, input.device)
     args = (grad_output, input, weight, pair(stride), pair(padding), pair(dilation))
@@ -104,7 +105,7 @@ def gradients(
         grad_weight = impl.backward_weight(*args) if needs_weight else None
     return (
         None if grad_input is None else grad_input.contiguous(memory_format=memory_format),
-        None if grad_weight is None else kernels_like(grad_weight, weight),
+        grad_weight,
     )
 
 
@@ -250,8 +251,9 @@ def use_eager_path(input: Tensor, weight: Tensor) -> bool:
 class EagerInvolution2d(torch.autograd.Function):
     """The involution op for eager calls, without ``torch.library``'s dispatch overhead.
 
-    Same arguments, results and gradients as ``torch.ops.involution.involution2d``: both call
-    :func:`aggregate` and :func:`gradients`.
+    Same arguments, results and gradient values as ``torch.ops.involution.involution2d``: both
+    call :func:`aggregate` and :func:`gradients`. The kernel gradient comes in the kernels' layout
+    (the op's is contiguous).
     """
 
     @staticmethod
@@ -267,6 +269,9 @@ class EagerInvolution2d(torch.autograd.Function):
         grad_input, grad_weight = gradients(
             grad_output, input, weight, *ctx.conv_args, *ctx.needs_input_grad[:2]
         )
+        # In the kernels' layout: the span conv's backward then reads it without a copy.
+        if grad_weight is not None:
+            grad_weight = kernels_like(grad_weight, weight)
         return grad_input, grad_weight, None, None, None, None
 
 
@@ -519,7 +524,4 @@ def _(
         output_size(input.shape[2 + d], kernel_size[d], stride[d], padding[d], dilation[d])
         for d in range(2)
     ]
-    channels = input.shape[1] if proj_weight is None else proj_weight.shape[0]
-    return input.new_empty((input.shape[0], channels, *out_size)).contiguous(
-        memory_format=memory_format_of(input)
-    )
+    return empty_output(input, out_size, None if proj_weight is None else proj_weight.shape[0])
