@@ -129,27 +129,54 @@ def test_conv_act_matches_conv_add_relu(relu, residual):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-def test_conv_act_reorders_its_weight_once_per_input_shape_and_still_copies():
+def test_conv_act_reorders_its_weight_once_per_input_shape_and_thread_count_and_still_copies():
     conv = nn.Conv2d(8, 8, 1).eval()
     module = ConvAct(conv, relu=True)
     shapes = [(1, 8, 5, 5), (2, 8, 9, 7), (1, 8, 3, 3), (1, 8, 4, 4), (1, 8, 6, 6)]
     x, other = (torch.randn(shape) for shape in shapes[:2])
+    threads = torch.get_num_threads()
+
+    def keys(*shapes: tuple[int, ...]) -> list:
+        return [(tuple(shape), threads) for shape in shapes]
+
     with torch.no_grad():
         module(x)
-        first = module._packed[x.shape]
+        first = module._packed[keys(x.shape)[0]]
         module(other)
         module(x)
-        assert module._packed[x.shape] is first and other.shape in module._packed
+        assert module._packed[keys(x.shape)[0]] is first and keys(other.shape)[0] in module._packed
         for shape in shapes[2:]:  # one shape too many: the least recently used goes
             module(torch.randn(shape))
-        assert list(module._packed) == [x.shape, *shapes[2:]]
+        assert list(module._packed) == keys(x.shape, *shapes[2:])
         conv.weight.mul_(-1.0)  # a changed weight is reordered again
         torch.testing.assert_close(module(x), torch.relu(conv(x)), rtol=1e-5, atol=1e-5)
-        assert list(module._packed) == [x.shape]
+        assert list(module._packed) == keys(x.shape)
+        # oneDNN's layout depends on the thread count too (a layer3 block of ResNet-50 ran 10x
+        # slower on 1 thread with the layout of 2)
+        torch.set_num_threads(threads + 1)
+        try:
+            torch.testing.assert_close(module(x), torch.relu(conv(x)), rtol=1e-5, atol=1e-5)
+        finally:
+            torch.set_num_threads(threads)
+        assert list(module._packed) == [*keys(x.shape), (tuple(x.shape), threads + 1)]
     copied = copy.deepcopy(module)
     assert copied._packed == {}
     with torch.no_grad():
         torch.testing.assert_close(copied(x), module(x))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_conv_act_takes_inference_tensor_weights():
+    # Made under inference_mode, the weight has no version counter: reordered on every call
+    # (it used to raise "Inference tensors do not track version counter").
+    with torch.inference_mode():
+        conv = nn.Conv2d(8, 8, 3, padding=1).eval()
+        module = ConvAct(conv, relu=False)
+        x = torch.randn(1, 8, 6, 6)
+        torch.testing.assert_close(module(x), conv(x), rtol=1e-5, atol=1e-5)
+        conv.weight.mul_(2.0)
+        torch.testing.assert_close(module(x), conv(x), rtol=1e-5, atol=1e-5)
+    assert module._packed == {}
 
 
 def test_folded_rednet_compiles_without_graph_breaks():

@@ -11,12 +11,19 @@ memory layouts, with and without the BatchNorm + ReLU epilogue.
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
 from torch import nn
 
-from involution.ops import Involution2d, Involution2dAffine, involution2d_layer, registration
+from involution.ops import (
+    Involution2d,
+    Involution2dAffine,
+    functional,
+    involution2d_layer,
+    registration,
+)
 from involution.ops.backends import cpu as cpu_backend
 
 pytestmark = pytest.mark.skipif(
@@ -171,18 +178,20 @@ def test_training_mode_and_enabled_gradients_keep_the_differentiable_path():
 
 
 def test_eval_path_takes_the_layer_op(monkeypatch):
-    calls = []
-    original = registration.layer_inference
+    preparations, runs = [], []
+    original = registration.prepare_layer_inference
 
     def counting(*args):
-        calls.append(args)
-        return original(*args)
+        preparations.append(args)
+        run = original(*args)
+        return lambda *inputs: runs.append(inputs) or run(*inputs)
 
-    monkeypatch.setattr(registration, "layer_inference", counting)
+    monkeypatch.setattr(registration, "prepare_layer_inference", counting)
     module = randomize(Involution2d(16, 3, backend="cpu"), torch.float32)
     with torch.inference_mode():
         module(torch.randn(1, 16, 5, 5))
-    assert len(calls) == 1
+        module(torch.randn(1, 16, 5, 5))
+    assert (len(preparations), len(runs)) == (1, 2)
 
 
 def test_layer_op_refuses_gradients_and_bad_arguments():
@@ -293,3 +302,86 @@ def test_packed_weights_are_reused_until_the_weights_change(monkeypatch):
     fused, reference = fused_and_reference(module, x)
     assert len(packs) == 2
     torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_module_checks_and_prepares_the_layer_op_once_per_input_shape(monkeypatch):
+    checks = []
+    original = functional._checked_layer_arguments
+
+    def counting(*args):
+        checks.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(functional, "_checked_layer_arguments", counting)
+    # With its BatchNorm (not folded): the preparation folds it, once.
+    module = randomize(Involution2d(32, 7, stride=2), torch.float64)
+    x = torch.randn(2, 32, 9, 9, dtype=torch.float64)
+    with torch.inference_mode():
+        first = module(x)
+        again = module(x)
+        assert len(checks) == 1
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        module(x[:1, :, :7])
+        assert len(checks) == 2
+    # Parameters and buffers changed in place, or replaced, are seen: each output is checked
+    # against the reference backend.
+    changes = {
+        "span weight": lambda: module.span.weight.mul_(2.0),
+        "norm statistics": lambda: module.norm.running_var.add_(1.0),
+        "reduce weight": lambda: module.reduce.weight.neg_(),
+        "replaced span": lambda: setattr(
+            module, "span", randomize(nn.Conv2d(8, 2 * 49, 1), torch.float64)
+        ),
+    }
+    for name, change in changes.items():
+        with torch.no_grad():
+            change()
+        fused, reference = fused_and_reference(module, x)
+        torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_prepared_layer_op_is_neither_copied_nor_pickled():
+    module = randomize(Involution2d(16, 3), torch.float32)
+    x = torch.randn(1, 16, 6, 6)
+    with torch.inference_mode():
+        expected = module(x)
+    assert module._prepared_layer is not None
+    assert copy.deepcopy(module)._prepared_layer is None
+    restored = pickle.loads(pickle.dumps(module))
+    assert restored._prepared_layer is None
+    with torch.inference_mode():
+        torch.testing.assert_close(restored(x), expected, rtol=0, atol=0)
+
+
+def test_prepared_layer_op_matches_the_front_door():
+    torch.manual_seed(2)
+    c, m, g, k, p = 32, 8, 2, 5, 48
+    x = torch.randn(2, c, 9, 11, dtype=torch.float64)
+    weights = (torch.randn(m, c), torch.randn(m), torch.randn(g * k * k, m), None)
+    kwargs = dict(
+        stride=2,
+        out_scale=torch.rand(c, dtype=torch.float64),
+        out_shift=torch.randn(c, dtype=torch.float64),
+        out_relu=True,
+        proj_weight=torch.randn(p, c, 1, 1, dtype=torch.float64),
+        proj_bias=torch.randn(p, dtype=torch.float64),
+        residual=torch.randn(2, p, 5, 6, dtype=torch.float64),
+        proj_relu=True,
+    )
+    weights = tuple(None if w is None else w.double() for w in weights)
+    with torch.inference_mode():
+        run = functional.prepare_involution2d_layer(x, *weights, k, g, backend="cpu", **kwargs)
+        expected = involution2d_layer(x, *weights, k, g, backend="reference", **kwargs)
+        torch.testing.assert_close(run(x, kwargs["residual"]), expected, rtol=1e-12, atol=1e-12)
+        other = torch.randn_like(x)
+        torch.testing.assert_close(
+            run(other, kwargs["residual"]),
+            involution2d_layer(other, *weights, k, g, backend="reference", **kwargs),
+            rtol=1e-12,
+            atol=1e-12,
+        )
+        with pytest.raises(ValueError, match="odd"):
+            functional.prepare_involution2d_layer(x, *weights, 4, g, **kwargs)
+        # Under autocast the input would be cast on each call: no prepared op.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert functional.prepare_involution2d_layer(x, *weights, k, g, **kwargs) is None

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import fuse_conv_bn_eval
 
 from involution.models.rednet import Bottleneck, RedNetStem
+from involution.ops.layout import tensor_states
 from involution.ops.modules import Involution2d, Involution2dAffine
 
 __all__ = ["ConvAct", "fold_batchnorm"]
@@ -35,15 +36,20 @@ class ConvAct(nn.Module):
     emits), on the weight reordered once into oneDNN's blocked layout (kept while the weight is
     unchanged: reordering on every call would cost more than the conv on small maps);
     otherwise the conv, the add and the ReLU one after another. The blocked layout oneDNN picks
-    depends on the input shape, and a weight in another shape's layout is reordered inside
-    every call (RedNet-50 and ResNet-50 ran 3x slower at 224 px after a call at 32 px): one
-    reordered weight is kept per input shape, for the last :attr:`PACKED_SHAPES` shapes.
+    depends on the input shape and the number of threads, and a weight in another one's layout
+    is reordered inside every call (RedNet-50 and ResNet-50 ran 3x slower at 224 px after a
+    call at 32 px; a ResNet-50 layer3 block 10x slower on 1 thread after a call on 2): one
+    reordered weight is kept per input shape and thread count, for the last
+    :attr:`PACKED_SHAPES` of them. A weight that is an inference tensor (made under
+    ``torch.inference_mode``) has no version counter to tell when it changes: it is reordered
+    on every call.
 
     Shape:
         (B, C_in, H, W) [, residual (B, C_out, H_out, W_out)] -> (B, C_out, H_out, W_out).
     """
 
-    #: Input shapes whose oneDNN-layout weight a ConvAct keeps (least recently used dropped).
+    #: (input shape, threads) whose oneDNN-layout weight a ConvAct keeps (least recently used
+    #: dropped).
     PACKED_SHAPES = 4
 
     def __init__(self, conv: nn.Conv2d, relu: bool) -> None:
@@ -52,11 +58,11 @@ class ConvAct(nn.Module):
             raise ValueError(f"ConvAct needs explicit zero padding, got {conv}")
         self.conv = conv
         self.relu = relu
-        # Input shape -> oneDNN-layout weight, for the weight (storage, version) in
+        # (input shape, threads) -> oneDNN-layout weight, for the weight state in
         # _packed_for: not buffers, so that they are neither saved nor converted with the
         # module; rebuilt when the weight changes.
-        self._packed: dict[tuple[int, ...], Tensor] = {}
-        self._packed_for: tuple[int, int] | None = None
+        self._packed: dict[tuple[tuple[int, ...], int], Tensor] = {}
+        self._packed_for: tuple | None = None
 
     def __getstate__(self) -> dict:
         # The oneDNN-layout weights are a cache (and cannot be copied or pickled): drop them.
@@ -65,20 +71,26 @@ class ConvAct(nn.Module):
         return state
 
     def _packed_weight(self, x: Tensor) -> Tensor:
-        weight = self.conv.weight
-        version = (weight.data_ptr(), weight._version)
+        conv = self.conv
+        weight = conv.weight
+
+        def reorder() -> Tensor:
+            return torch.ops.mkldnn._reorder_convolution_weight(
+                weight, conv.padding, conv.stride, conv.dilation, conv.groups, list(x.shape)
+            )
+
+        version = tensor_states(weight)
+        if version is None:  # an inference tensor: no version counter tells when it changes
+            return reorder()
         if self._packed_for != version:
             self._packed, self._packed_for = {}, version
-        shape = tuple(x.shape)
-        packed = self._packed.pop(shape, None)  # re-inserted last: the most recently used
+        key = (tuple(x.shape), torch.get_num_threads())
+        packed = self._packed.pop(key, None)  # re-inserted last: the most recently used
         if packed is None:
-            conv = self.conv
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight, conv.padding, conv.stride, conv.dilation, conv.groups, list(shape)
-            )
+            packed = reorder()
             if len(self._packed) >= self.PACKED_SHAPES:
                 del self._packed[next(iter(self._packed))]
-        self._packed[shape] = packed
+        self._packed[key] = packed
         return packed
 
     def _fused(self, x: Tensor) -> bool:

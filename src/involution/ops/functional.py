@@ -1,5 +1,6 @@
 """The front doors of the involution operator: :func:`involution2d`, :func:`involution2d_fused`
-and, for inference, the whole layer :func:`involution2d_layer`.
+and, for inference, the whole layer :func:`involution2d_layer` (checked and prepared once for
+repeated eager calls: :func:`prepare_involution2d_layer`).
 
 Both check their arguments (:mod:`involution.ops.checks`), apply autocast, resolve the backend
 and call the registered ops (:mod:`involution.ops.registration`).
@@ -7,6 +8,8 @@ and call the registered ops (:mod:`involution.ops.registration`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -27,7 +30,13 @@ from involution.ops.checks import (
 from involution.ops.layout import generate_kernels
 from involution.ops.lowering import exporting_to_onnx
 
-__all__ = ["generate_kernels", "involution2d", "involution2d_fused", "involution2d_layer"]
+__all__ = [
+    "generate_kernels",
+    "involution2d",
+    "involution2d_fused",
+    "involution2d_layer",
+    "prepare_involution2d_layer",
+]
 
 
 def involution2d(
@@ -378,6 +387,106 @@ def involution2d_layer(
     layer's differentiable path (:class:`~involution.ops.Involution2d` in training mode or
     with gradients enabled) for training.
     """
+    args = _checked_layer_arguments(
+        input,
+        reduce_weight,
+        reduce_bias,
+        span_weight,
+        span_bias,
+        kernel_size,
+        groups,
+        stride,
+        dilation,
+        out_scale,
+        out_shift,
+        out_relu,
+        backend,
+        proj_weight,
+        proj_bias,
+        residual,
+        proj_relu,
+    )
+    # The weights are often Parameters (a Tensor subclass that eager mode treats as a tensor):
+    # the input alone decides.
+    if registration.use_eager_path(input, input):
+        return registration.layer_inference(*args)
+    return registration.involution2d_layer_op(*args)
+
+
+def prepare_involution2d_layer(
+    input: Tensor,
+    reduce_weight: Tensor,
+    reduce_bias: Tensor | None,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    kernel_size: IntOrPair,
+    groups: int,
+    stride: IntOrPair = 1,
+    dilation: IntOrPair = 1,
+    out_scale: Tensor | None = None,
+    out_shift: Tensor | None = None,
+    out_relu: bool = False,
+    backend: str = "auto",
+    proj_weight: Tensor | None = None,
+    proj_bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    proj_relu: bool = False,
+) -> Callable[[Tensor, Tensor | None], Tensor] | None:
+    """:func:`involution2d_layer` checked and prepared once, for many calls in eager mode.
+
+    Same arguments and checks as :func:`involution2d_layer`, with ``input`` and ``residual`` as
+    examples: returns ``run(input, residual)``, which computes ``involution2d_layer(input, ...,
+    residual=residual, ...)`` without checking again, for inputs (and residuals) of the examples'
+    shapes, dtype and device, with the parameter tensors unchanged (the ``"cpu"`` backend packs
+    them once, here). ``None`` where the call would not run eagerly (under ``torch.compile``, a
+    dispatch mode, tensor subclasses) or autocast casts the input: call
+    :func:`involution2d_layer` there.
+    """
+    args = _checked_layer_arguments(
+        input,
+        reduce_weight,
+        reduce_bias,
+        span_weight,
+        span_bias,
+        kernel_size,
+        groups,
+        stride,
+        dilation,
+        out_scale,
+        out_shift,
+        out_relu,
+        backend,
+        proj_weight,
+        proj_bias,
+        residual,
+        proj_relu,
+    )
+    if args[0] is not input or not registration.use_eager_path(input, input):
+        return None  # autocast cast the input, or not in plain eager mode
+    # The op's arguments without input and residual.
+    return registration.prepare_layer_inference(*args[1:15], *args[16:])
+
+
+def _checked_layer_arguments(
+    input: Tensor,
+    reduce_weight: Tensor,
+    reduce_bias: Tensor | None,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    kernel_size: IntOrPair,
+    groups: int,
+    stride: IntOrPair,
+    dilation: IntOrPair,
+    out_scale: Tensor | None,
+    out_shift: Tensor | None,
+    out_relu: bool,
+    backend: str,
+    proj_weight: Tensor | None,
+    proj_bias: Tensor | None,
+    residual: Tensor | None,
+    proj_relu: bool,
+) -> tuple:
+    """:func:`involution2d_layer`'s checks and autocast: the layer op's arguments."""
     named = dict(
         input=input,
         reduce_weight=reduce_weight,
@@ -426,7 +535,7 @@ def involution2d_layer(
     # parameters across calls.
     tensors = autocast(*named.values())
     check_dtypes(**dict(zip(named, tensors, strict=True)))
-    args = (
+    return (
         *tensors[:5],
         kernel_hw,
         geo.stride,
@@ -439,8 +548,3 @@ def involution2d_layer(
         proj_relu,
         resolve_backend(backend, input.device),
     )
-    # The weights are often Parameters (a Tensor subclass that eager mode treats as a tensor):
-    # the input alone decides.
-    if registration.use_eager_path(input, input):
-        return registration.layer_inference(*args)
-    return registration.involution2d_layer_op(*args)

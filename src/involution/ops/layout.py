@@ -1,8 +1,8 @@
 """Tensor layouts shared by the op's registration and its backends.
 
 Backends import from here (never from the registration or the front doors above them): the
-memory format an output follows, an empty output in it, and the (B, G, Kh, Kw, H_out, W_out)
-kernel layout of the span conv's output.
+memory format an output follows, an empty output in it, the (B, G, Kh, Kw, H_out, W_out)
+kernel layout of the span conv's output, and what tells that tensors are unchanged.
 """
 
 from __future__ import annotations
@@ -42,6 +42,16 @@ def empty_output(input: Tensor, out_size: Sequence[int], channels: int | None = 
         device=input.device,
         memory_format=memory_format_of(input),
     )
+
+
+def tensor_states(*tensors: Tensor | None) -> tuple | None:
+    """What tells whether these tensors still hold the values they held, without reading them:
+    (id, data pointer, version counter) each (``None`` for ``None``). ``None`` when one is an
+    inference tensor, which has no version counter."""
+    try:
+        return tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
 
 
 def generate_kernels(

@@ -18,9 +18,10 @@ span conv, then its aggregation. Either way autograd saves only the op's inputs 
 recomputes the kernels, materialising them (and their gradient) only while it runs.
 
 ``involution::involution2d_layer`` is the whole :class:`~involution.ops.Involution2d` layer
-for inference (kernel branch, span conv, aggregation and an optional per-channel affine + ReLU
-epilogue): a backend with a ``layer_forward`` (``"cpu"``) computes it without storing the
-kernels; every other call composes the steps (:func:`compose_layer`). It has no autograd.
+for inference (kernel branch, span conv, aggregation, an optional per-channel affine + ReLU
+epilogue and 1x1 projection): a backend with a ``layer_prepare`` (``"cpu"``) computes it without
+storing the kernels; every other call composes the steps (:func:`compose_layer`). It has no
+autograd. Eager callers can bind its parameters once (:func:`prepare_layer_inference`).
 
 The ops take already-validated arguments: call the front doors in
 :mod:`involution.ops.functional`. Outputs follow the input's memory format (channels_last in,
@@ -29,7 +30,7 @@ channels_last out).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -398,6 +399,74 @@ def compose_layer(
     return F.relu(output) if proj_relu else output
 
 
+def prepare_layer_inference(
+    reduce_weight: Tensor,
+    reduce_bias: Tensor | None,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    out_scale: Tensor | None,
+    out_shift: Tensor | None,
+    out_relu: bool,
+    proj_weight: Tensor | None,
+    proj_bias: Tensor | None,
+    proj_relu: bool,
+    backend: str,
+) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """The layer op with its parameters bound, as ``run(input, residual)``: the backend's
+    ``layer_prepare`` (its parameters prepared once for every call of ``run``) where it has one
+    for them, else :func:`compose_layer`. Output in the memory format of ``input``."""
+    settings = (pair(kernel_size), pair(stride), pair(padding), pair(dilation), groups)
+    parameters = (reduce_weight, reduce_bias, span_weight, span_bias)
+    impl = get_backend(backend)
+    prepare = getattr(impl, "layer_prepare", None)
+    fused = None
+    if prepare is not None:
+        fused = prepare(
+            *parameters,
+            *settings,
+            out_scale,
+            out_shift,
+            out_relu,
+            proj_weight,
+            proj_bias,
+            proj_relu,
+        )
+
+    def output(input: Tensor, residual: Tensor | None) -> Tensor:
+        if fused is not None and input.numel() > 0:
+            return fused(input, residual)
+        return compose_layer(
+            input,
+            *parameters,
+            *settings,
+            out_scale,
+            out_shift,
+            out_relu,
+            proj_weight,
+            proj_bias,
+            residual,
+            proj_relu,
+            backend,
+        )
+
+    def run(input: Tensor, residual: Tensor | None) -> Tensor:
+        # Named in torch.profiler traces (eager calls reach here without a dispatcher op); only
+        # while profiling, since a record_function costs about 20 us.
+        if torch._C._autograd._profiler_enabled():
+            with torch.profiler.record_function("involution::layer_inference"):
+                result = output(input, residual)
+        else:
+            result = output(input, residual)
+        return result.contiguous(memory_format=memory_format_of(input))
+
+    return run
+
+
 def layer_inference(
     input: Tensor,
     reduce_weight: Tensor,
@@ -418,44 +487,26 @@ def layer_inference(
     proj_relu: bool,
     backend: str,
 ) -> Tensor:
-    """The layer op: the backend's ``layer_forward`` when it has one for the call, else
-    :func:`compose_layer`. Output in the memory format of ``input``."""
-    args = (
-        input,
+    """The layer op (:func:`prepare_layer_inference`, run once)."""
+    run = prepare_layer_inference(
         reduce_weight,
         reduce_bias,
         span_weight,
         span_bias,
-        pair(kernel_size),
-        pair(stride),
-        pair(padding),
-        pair(dilation),
+        kernel_size,
+        stride,
+        padding,
+        dilation,
         groups,
         out_scale,
         out_shift,
         out_relu,
         proj_weight,
         proj_bias,
-        residual,
         proj_relu,
+        backend,
     )
-    # Named in torch.profiler traces (eager calls reach here without a dispatcher op); only
-    # while profiling, since a record_function costs about 20 us.
-    if torch._C._autograd._profiler_enabled():
-        with torch.profiler.record_function("involution::layer_inference"):
-            output = _layer_output(args, backend)
-    else:
-        output = _layer_output(args, backend)
-    return output.contiguous(memory_format=memory_format_of(input))
-
-
-def _layer_output(args: tuple, backend: str) -> Tensor:
-    """The backend's ``layer_forward`` where it has one for the call, else the composed steps."""
-    impl = get_backend(backend)
-    output = None
-    if args[0].numel() > 0 and hasattr(impl, "layer_forward"):
-        output = impl.layer_forward(*args)
-    return compose_layer(*args, backend) if output is None else output
+    return run(input, residual)
 
 
 @torch.library.custom_op("involution::involution2d_layer", mutates_args=())

@@ -11,17 +11,19 @@ layout (NCHW or channels_last). The kernels are read, and ``grad_weight`` writte
 layout when it is pixel-major (the span conv's channels_last output viewed as kernels: no layout
 copies in training), else contiguous.
 
-:func:`layer_forward` is the whole Involution2d layer for inference in one kernel (see
+:func:`layer_prepare` gives the whole Involution2d layer for inference in one kernel (see
 ``src/involution/csrc/involution_layer_cpu.cpp``): the kernel tensor is never stored.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from involution.ops.layout import Pair
+from involution.ops.layout import Pair, tensor_states
 
 try:
     from involution import _C
@@ -70,7 +72,7 @@ def backward(
     return _C.backward(grad_output, input, weight, stride, padding, dilation)
 
 
-#: reduce_weight -> (key, packed 1x1-conv parameters) for :func:`layer_forward`.
+#: reduce_weight -> (key, packed 1x1-conv parameters) for :func:`layer_prepare`.
 _PACKED = WeakIdKeyDictionary()
 
 
@@ -81,9 +83,9 @@ def _packed(*tensors: Tensor | None) -> list[Tensor]:
     once, not on every call. Inference tensors (no version counter, e.g. a BatchNorm folded on
     the fly under ``inference_mode``) are packed on every call."""
     reduce_weight = tensors[0]
-    if any(t is not None and t.is_inference() for t in tensors):
+    key = tensor_states(*tensors)
+    if key is None:
         return _C.layer_pack(*tensors)
-    key = tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)
     cached = _PACKED.get(reduce_weight)
     if cached is None or cached[0] != key:
         cached = (key, _C.layer_pack(*tensors))
@@ -91,8 +93,7 @@ def _packed(*tensors: Tensor | None) -> list[Tensor]:
     return cached[1]
 
 
-def layer_forward(
-    input: Tensor,
+def layer_prepare(
     reduce_weight: Tensor,
     reduce_bias: Tensor | None,
     span_weight: Tensor,
@@ -107,33 +108,28 @@ def layer_forward(
     out_relu: bool,
     proj_weight: Tensor | None,
     proj_bias: Tensor | None,
-    residual: Tensor | None,
     proj_relu: bool,
-) -> Tensor | None:
-    """The whole layer, inference only: (B, C, H, W) -> (B, C, H_out, W_out), input's layout.
+) -> Callable[[Tensor, Tensor | None], Tensor] | None:
+    """The whole layer for inference with these parameters, as ``run(input, residual)``:
+    (B, C, H, W) -> (B, C, H_out, W_out) in the input's layout; the parameters are packed here,
+    once for all the calls of ``run``.
 
     ``reduce_weight`` (M, C[, 1, 1]) and ``reduce_bias`` (M,) are the reduce conv with its norm
     folded in (followed by ReLU), ``span_weight`` (G*Kh*Kw, M[, 1, 1]) and ``span_bias`` the span
     conv; the output is ``relu?(out_scale * y + out_shift)`` when ``out_scale`` is given. With
     ``proj_weight`` (P, C[, 1, 1]) that output goes through the 1x1 conv, plus ``residual``
-    (B, P, H_out, W_out), then ReLU when ``proj_relu``: (B, P, H_out, W_out). float32 and float64
-    only, P a multiple of 16: ``None`` otherwise (the caller composes the steps instead).
+    (B, P, H_out, W_out) or ``None``, then ReLU when ``proj_relu``: (B, P, H_out, W_out).
+    float32 and float64 only (the parameters' dtype, the input's too), P a multiple of 16:
+    ``None`` otherwise (the caller composes the steps instead).
     """
-    if input.dtype not in (torch.float32, torch.float64):
+    if reduce_weight.dtype not in (torch.float32, torch.float64):
         return None
     if proj_weight is not None and proj_weight.shape[0] % 16 != 0:
         return None
-    return _C.layer_forward(
-        input,
-        _packed(reduce_weight, reduce_bias, span_weight, span_bias, proj_weight, proj_bias),
-        kernel_size,
-        stride,
-        padding,
-        dilation,
-        groups,
-        out_scale,
-        out_shift,
-        out_relu,
-        residual,
-        proj_relu,
-    )
+    packed = _packed(reduce_weight, reduce_bias, span_weight, span_bias, proj_weight, proj_bias)
+    settings = (kernel_size, stride, padding, dilation, groups, out_scale, out_shift, out_relu)
+
+    def run(input: Tensor, residual: Tensor | None) -> Tensor:
+        return _C.layer_forward(input, packed, *settings, residual, proj_relu)
+
+    return run
