@@ -436,14 +436,23 @@ template <typename T>
 LAYER_INLINE void layer_rows_impl(
     const LayerGeometry& geo, const LayerParams<T>& prm, int64_t begin, int64_t end) {
   const bool pooled = geo.stride_h > 1 || geo.stride_w > 1;
-  std::vector<T> pool_scratch(pooled ? kBlock * geo.channels : 0);
-  std::vector<T> reduced(kBlock * geo.reduced_padded);
-  std::vector<T> kernels(kBlock * geo.kernels_padded);
-  std::vector<T> acc(kBlock * geo.group_channels);
+  // Each thread's buffers, kept across calls (only grown): allocating and zeroing them for every
+  // chunk of rows cost more than the work of a chunk on small maps. Every step writes its
+  // buffer before reading it.
+  thread_local std::vector<T> buffers[6];
+  const auto scratch = [](std::vector<T>& buffer, int64_t size) {
+    if (static_cast<int64_t>(buffer.size()) < size) {
+      buffer.resize(size);
+    }
+    return buffer.data();
+  };
+  T* const pool_scratch = scratch(buffers[0], pooled ? kBlock * geo.channels : 0);
+  T* const reduced = scratch(buffers[1], kBlock * geo.reduced_padded);
+  T* const kernels = scratch(buffers[2], kBlock * geo.kernels_padded);
+  T* const acc = scratch(buffers[3], kBlock * geo.group_channels);
   // With the projection: the layer's output (np, C) and the projection's (np, out_channels).
-  std::vector<T> z(geo.has_projection ? kBlock * geo.channels : 0);
-  std::vector<T> o(geo.has_projection ? kBlock * geo.out_channels : 0);
-  T* const z_ptr = geo.has_projection ? z.data() : nullptr;
+  T* const z_ptr = geo.has_projection ? scratch(buffers[4], kBlock * geo.channels) : nullptr;
+  T* const o = scratch(buffers[5], geo.has_projection ? kBlock * geo.out_channels : 0);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t i = task % geo.out_h;
     const int64_t b = task / geo.out_h;
@@ -452,44 +461,44 @@ LAYER_INLINE void layer_rows_impl(
       // The kernel branch's input rows: the block's own pixels of x (stride 1) or their pools.
       const T* branch = prm.x + ((b * geo.height + i) * geo.width + j0) * geo.channels;
       if (pooled) {
-        pool_block(geo, prm.x, b, i, j0, np, pool_scratch.data());
-        branch = pool_scratch.data();
+        pool_block(geo, prm.x, b, i, j0, np, pool_scratch);
+        branch = pool_scratch;
       }
 #ifdef LAYER_VECTOR_KERNELS
       with_block_size(np, [&](auto size) LAYER_LAMBDA_INLINE {
         constexpr int NP = decltype(size)::value;
         matmul_block<T, NP>(branch, geo.channels, prm.w0t, geo.reduced_padded, geo.channels,
-                            prm.b0, true, reduced.data());
-        matmul_block<T, NP>(reduced.data(), geo.reduced_padded, prm.w1t, geo.kernels_padded,
-                            geo.reduced, prm.b1, false, kernels.data());
+                            prm.b0, true, reduced);
+        matmul_block<T, NP>(reduced, geo.reduced_padded, prm.w1t, geo.kernels_padded,
+                            geo.reduced, prm.b1, false, kernels);
         const bool unit_columns = geo.stride_w == 1 && geo.dil_w == 1;
         for (int64_t g = 0; g < geo.groups; ++g) {
           if (geo.group_channels == kLanes && unit_columns && geo.kernel_w == 7) {
-            aggregate_block16<T, NP, 7>(geo, prm, kernels.data(), b, i, j0, g, z_ptr);
+            aggregate_block16<T, NP, 7>(geo, prm, kernels, b, i, j0, g, z_ptr);
           } else if (geo.group_channels == kLanes) {
-            aggregate_block16<T, NP, 0>(geo, prm, kernels.data(), b, i, j0, g, z_ptr);
+            aggregate_block16<T, NP, 0>(geo, prm, kernels, b, i, j0, g, z_ptr);
           } else {
-            aggregate_block_scalar(geo, prm, kernels.data(), b, i, j0, NP, g, acc.data(), z_ptr);
+            aggregate_block_scalar(geo, prm, kernels, b, i, j0, NP, g, acc, z_ptr);
           }
         }
         if (geo.has_projection) {
           matmul_block<T, NP>(z_ptr, geo.channels, prm.w3t, geo.out_channels, geo.channels,
-                              prm.b3, false, o.data());
-          store_projected(geo, prm, o.data(), b, i, j0, NP);
+                              prm.b3, false, o);
+          store_projected(geo, prm, o, b, i, j0, NP);
         }
       });
 #else
       matmul_block_scalar(branch, geo.channels, prm.w0t, geo.reduced_padded, geo.channels,
-                          prm.b0, true, reduced.data(), np);
-      matmul_block_scalar(reduced.data(), geo.reduced_padded, prm.w1t, geo.kernels_padded,
-                          geo.reduced, prm.b1, false, kernels.data(), np);
+                          prm.b0, true, reduced, np);
+      matmul_block_scalar(reduced, geo.reduced_padded, prm.w1t, geo.kernels_padded,
+                          geo.reduced, prm.b1, false, kernels, np);
       for (int64_t g = 0; g < geo.groups; ++g) {
-        aggregate_block_scalar(geo, prm, kernels.data(), b, i, j0, np, g, acc.data(), z_ptr);
+        aggregate_block_scalar(geo, prm, kernels, b, i, j0, np, g, acc, z_ptr);
       }
       if (geo.has_projection) {
         matmul_block_scalar(z_ptr, geo.channels, prm.w3t, geo.out_channels, geo.channels, prm.b3,
-                            false, o.data(), np);
-        store_projected(geo, prm, o.data(), b, i, j0, np);
+                            false, o, np);
+        store_projected(geo, prm, o, b, i, j0, np);
       }
 #endif
       j0 += np;
