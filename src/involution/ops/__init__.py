@@ -1,7 +1,8 @@
 """The involution operator: front doors, ``torch.library`` registration, module and backends.
 
 - :mod:`~involution.ops.functional`: :func:`involution2d`, :func:`involution2d_fused` and the
-  inference-only whole layer :func:`involution2d_layer`, the front doors that check arguments
+  inference-only whole layer :func:`involution2d_layer` (checked once for repeated calls:
+  ``prepare_involution2d_layer``), the front doors that check arguments
   (:mod:`~involution.ops.checks`) and pick a backend;
 - :mod:`~involution.ops.registration`: the ``torch.ops.involution.*`` custom ops, their fakes
   and autograd, and the eager fast path;
