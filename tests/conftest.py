@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels are tested in Triton's CPU interpreter. ``triton.jit``
@@ -17,3 +19,32 @@ if not torch.cuda.is_available():
 # One fixed tiling per Triton kernel on a GPU: autotuning every random test shape over all
 # candidate tilings would take minutes; the benchmarks exercise the autotuner.
 os.environ.setdefault("INVOLUTION_TRITON_AUTOTUNE", "0")
+
+
+# Skip reasons grouped under one name each in the end-of-run line (first pattern found in the
+# reason, case-insensitive, wins); any other reason is named as it is.
+SKIP_GROUPS: tuple[tuple[str, str], ...] = (
+    ("conformance data not found", "official conformance data not found (../shared/conformance/)"),
+    ("fashion-mnist", "Fashion-MNIST not available"),
+    ("cuda gpu", "needs a CUDA GPU"),
+)
+
+
+def skip_group(reason: str) -> str:
+    """The end-of-run name of a skip ``reason`` (pytest's "Skipped: " prefix removed)."""
+    reason = reason.removeprefix("Skipped: ")
+    return next((name for pattern, name in SKIP_GROUPS if pattern in reason.lower()), reason)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """End the run with one line naming what was skipped and why, grouped by reason.
+
+    Under xdist the workers' reports come back to the controller, each skip with
+    ``longrepr = (path, line, reason)``.
+    """
+    reports = terminalreporter.stats.get("skipped", [])
+    reasons = [r.longrepr[2] for r in reports if isinstance(r.longrepr, tuple)]
+    if reasons:
+        counts = Counter(skip_group(reason) for reason in reasons)
+        groups = "; ".join(f"{name} ({n})" for name, n in counts.most_common())
+        terminalreporter.write_line(f"skipped {len(reasons)}: {groups}")
