@@ -4,15 +4,20 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+# pip's own lines (what it collects, download bars, the build) show that set-up is moving.
+PIP := $(PY) -m pip install --disable-pip-version-check -c constraints.txt
 
-.PHONY: setup test lint demo demo-segment demo-detect fashion-mnist clean bench-gpu bench-gpu-dry
+.PHONY: setup test lint docs demo demo-segment demo-detect fashion-mnist clean bench-gpu bench-gpu-dry
 
 $(STAMP): pyproject.toml constraints.txt setup.py $(wildcard src/involution/csrc/*.cpp src/involution/csrc/*.h)
+	@echo "[1/3] virtual environment in $(VENV)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "[2/3] torch + torchvision (the largest download, several GB: most of a first set-up)"
 	$(PIP) torch torchvision setuptools wheel ninja
+	@echo "[3/3] involution[dev,onnx]: timm, onnxruntime, pytest, ... and the C++ extension build (a few minutes on 2 cores)"
 	$(PIP) --no-build-isolation -e ".[dev,onnx]"
 	touch $(STAMP)
+	@echo "set-up done: $(VENV) is ready"
 
 setup: $(STAMP)
 
@@ -23,6 +28,19 @@ test: setup fashion-mnist
 lint: setup
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
+
+# The `docs` extra's requirements (read from the installed package's metadata, so the package
+# and its C++ extension are not rebuilt), then the site with warnings as errors.
+DOCS_STAMP := $(VENV)/.docs-installed
+DOCS_REQUIREMENTS := $(PY) -c 'from importlib.metadata import requires; \
+	print(" ".join(r.split(";")[0] for r in requires("involution") if "extra == \"docs\"" in r))'
+
+$(DOCS_STAMP): $(STAMP)
+	$(PIP) $$($(DOCS_REQUIREMENTS))
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 # Fashion-MNIST for `make demo`: Debian's package when possible (as root, or with password-less
 # sudo); otherwise `involution train` downloads it with torchvision when online.
@@ -65,4 +83,4 @@ bench-gpu-dry: setup
 	TRITON_INTERPRET=1 $(PY) -m involution.bench.gpu --dry-run --out $(BENCH_OUT)-dry
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/involution/*.so
+	rm -rf $(VENV) build site src/*.egg-info src/involution/*.so
