@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from involution.datasets.classification import ArrayDataset, build_datasets
 from involution.datasets.fashion_mnist import SYSTEM_FASHION_MNIST, find_fashion_mnist, read_idx
 from involution.train.config import load_config
-from involution.train.data import ArrayDataset, EpochBatchSampler, ShardSampler, build_datasets
+from involution.train.data import EpochBatchSampler, ShardSampler
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:

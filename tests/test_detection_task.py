@@ -25,7 +25,7 @@ from involution.datasets.scenes import build_scenes
 from involution.train.checkpoint import read_jsonl
 from involution.train.config import load_config, shipped_configs
 from involution.train.data import ShardSampler, build_loader
-from involution.train.engine import DistInfo
+from involution.train.distributed import DistInfo
 from involution.train.tasks import get_task
 
 #: Validation images (of rank 1's shard: odd indices) on which the DDP test's detector misses.

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from involution.cli import main
+from involution.datasets.classification import build_transform
 from involution.datasets.fashion_mnist import find_fashion_mnist, load_fashion_mnist
 from involution.export.kernels import (
     DPI,
@@ -28,7 +29,6 @@ from involution.export.kernels import (
 )
 from involution.train import checkpoint as ckpt
 from involution.train.cli import load_trained_model
-from involution.train.data import build_transform
 
 
 @pytest.fixture(autouse=True)

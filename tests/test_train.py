@@ -25,7 +25,8 @@ from involution.train.checkpoint import (
     read_jsonl,
     save_checkpoint,
 )
-from involution.train.engine import Trainer, lr_factor
+from involution.train.config import load_config
+from involution.train.engine import Trainer, lr_factor, model_label
 
 # A one-stage compact RedNet on 8x8 grayscale images: a few milliseconds per step.
 TINY = [
@@ -265,6 +266,29 @@ def test_training_frees_the_trainer_before_returning(tmp_path: Path) -> None:
     # a rank while Gloo's threads are torn down.
     assert _train(tmp_path, "freed") == 0
     assert not any(isinstance(o, Trainer) for o in gc.get_objects())
+
+
+def test_progress_off_a_terminal_is_a_few_plain_lines(tmp_path: Path, capfd) -> None:
+    # 100 steps an epoch: a tqdm bar would redraw itself with "\r" at every one of them.
+    assert _train(tmp_path, "log", "train.progress=true", "data.synthetic_train_size=400") == 0
+    out, err = capfd.readouterr()
+    assert "\r" not in out + err
+    lines = [line for line in err.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 * 10 and lines[-1].startswith("epoch 2/2: 100/100, loss ")
+    assert len(out + err) < 4000
+    assert "epoch 2: val_loss" in out
+
+
+def test_unnamed_runs_are_named_after_the_model_built(tmp_path: Path, capsys) -> None:
+    # TINY's model.kwargs reshape rednet_compact: the folder says which config and how big.
+    assert main(["train", "--set", *TINY, f"output.dir={tmp_path}"]) == 0
+    (run,) = tmp_path.iterdir()
+    params = int(re.search(r"parameters: ([\d,]+)", capsys.readouterr().out)[1].replace(",", ""))
+    assert re.fullmatch(r"fashion_mnist-(\d+\.\d)k-synthetic-\d{8}-\d{6}", run.name)
+    assert run.name.split("-")[1] == f"{params / 1e3:.1f}k"
+    demo = load_config("scenes_det")
+    assert model_label(demo, 4_812_345, "scenes_det") == "scenes_det-4.8M"
+    assert model_label(load_config("fashion_mnist"), 1, "fashion_mnist") == "rednet_compact"
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:

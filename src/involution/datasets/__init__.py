@@ -1,8 +1,9 @@
 """Datasets: Fashion-MNIST's IDX files (:mod:`~involution.datasets.fashion_mnist`), the
-"Fashion-MNIST scenes" built from them for the detection and segmentation demos
-(:mod:`~involution.datasets.scenes`: COCO boxes, RLE masks, semantic labels), COCO-format
-detection data (:mod:`~involution.datasets.coco`) and segmentation image/label layouts
-(:mod:`~involution.datasets.segmentation`).
+classification sets read from them, from ImageFolder trees or made up
+(:mod:`~involution.datasets.classification`), the "Fashion-MNIST scenes" built for the
+detection and segmentation demos (:mod:`~involution.datasets.scenes`: COCO boxes, RLE masks,
+semantic labels), COCO-format detection data (:mod:`~involution.datasets.coco`) and
+segmentation image/label layouts (:mod:`~involution.datasets.segmentation`).
 
 Only the torch-free generators are imported here; the torch datasets are imported from their
 modules.

@@ -42,7 +42,7 @@ class LoadedModel:
 def _from_run(run: Path) -> LoadedModel:
     from involution.train import checkpoint as ckpt
     from involution.train.cli import load_trained_model
-    from involution.train.data import build_transform
+    from involution.datasets.classification import build_transform
 
     model, config, _, in_chans = load_trained_model(run / ckpt.WEIGHTS_NAME, None, [])
     if config["task"] != "classification":

@@ -125,7 +125,8 @@ def train_command(args: argparse.Namespace) -> int:
             summary = run_training(config, run_dir, resume=True)
         else:
             config = load_config(args.config or DEFAULT_CONFIG_NAME, args.overrides)
-            summary = run_training(config)
+            config_name = Path(args.config or DEFAULT_CONFIG_NAME).stem
+            summary = run_training(config, config_name=config_name)
     except NonFiniteLossError as err:
         print(f"involution: training stopped: {err}", file=sys.stderr)
         return 1
@@ -202,7 +203,7 @@ def _weights_path(args: argparse.Namespace) -> Path:
 
 def eval_command(args: argparse.Namespace) -> int:
     from involution.train.data import ShardSampler, build_loader
-    from involution.train.engine import DistInfo, resolve_device
+    from involution.train.distributed import DistInfo, resolve_device
 
     files = [_weights_path(args)]
     if args.run and (Path(args.run) / ckpt.EMA_WEIGHTS_NAME).is_file():

@@ -13,95 +13,34 @@ import gc
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from involution.train import checkpoint as ckpt
 from involution.train.config import Config, dump_config
 from involution.train.data import DataBundle, EpochBatchSampler, ShardSampler, build_loader
+from involution.train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    broadcast_from_main,
+    init_distributed,
+    seed_everything,
+)
 from involution.train.plots import plot_curves
+from involution.train.progress import progress_bar, write_line
 from involution.train.tasks import Task, get_task
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-@dataclass
-class DistInfo:
-    """This process's place in the job (a single process has rank 0 of world size 1)."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> this rank's CUDA device when available, else the CPU."""
-    if name == "auto":
-        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available")
-    return device
-
-
-def init_distributed(device_name: str) -> DistInfo:
-    """Join the process group described by torchrun's environment (if any).
-
-    Uses NCCL on CUDA and Gloo on the CPU, ``env://`` rendezvous.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
-    if world_size == 1:
-        return DistInfo(0, 1, device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), device)
-
-
-def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
-    """Element-wise sum of ``values`` over all ranks (float64)."""
-    if not info.distributed:
-        return values
-    backend_device = info.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.float64, device=backend_device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- model pieces
@@ -203,16 +142,37 @@ def weights_metadata(config: Config, classes: list[str], in_chans: int) -> dict[
     }
 
 
-# ----------------------------------------------------------------------------- trainer
+# ----------------------------------------------------------------------------- run directories
 
 
-def new_run_dir(config: Config) -> Path:
+def model_label(config: Config, num_params: int, config_name: str | None = None) -> str:
+    """What an unnamed run's directory calls the model it trains.
+
+    ``model.name`` for a model built as registered. ``model.kwargs`` may reshape it (the
+    detection demo trains a 4.8M-parameter RedNet through ``fasterrcnn_rednet26_fpn_inv_neck``),
+    so with kwargs the label names where the architecture was written and its size instead:
+    ``<config file stem>-<parameters>`` (``custom-<parameters>`` without a file), e.g.
+    ``scenes_det-4.8M``.
+    """
+    if not config["model"]["kwargs"]:
+        return config["model"]["name"]
+    if num_params >= 1_000_000:
+        size = f"{num_params / 1e6:.1f}M"
+    elif num_params >= 1_000:
+        size = f"{num_params / 1e3:.1f}k"
+    else:
+        size = str(num_params)
+    return f"{config_name or 'custom'}-{size}"
+
+
+def new_run_dir(config: Config, label: str | None = None) -> Path:
     """Create and return a new, empty run directory that no other process also got.
 
     ``output.dir/output.name``, refused (``ValueError`` naming ``--resume``) if it exists;
-    without a name ``output.dir/<model>-<dataset>-<UTC time>``, then ``-2``, ``-3``, ... for
-    the runs started in the same second. ``mkdir`` without ``exist_ok`` is atomic: of the
-    processes racing for one name, exactly one creates it.
+    without a name ``output.dir/<label>-<dataset>-<UTC time>`` (``label``: :func:`model_label`,
+    default ``model.name``), then ``-2``, ``-3``, ... for the runs started in the same second.
+    ``mkdir`` without ``exist_ok`` is atomic: of the processes racing for one name, exactly
+    one creates it.
     """
     root = Path(config["output"]["dir"]).expanduser()
     name = config["output"]["name"]
@@ -233,7 +193,7 @@ def new_run_dir(config: Config) -> Path:
             ) from None
         return path
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    base = f"{config['model']['name']}-{config['data']['dataset']}-{stamp}"
+    base = f"{label or config['model']['name']}-{config['data']['dataset']}-{stamp}"
     root.mkdir(parents=True, exist_ok=True)
     path, suffix = root / base, 1
     while True:
@@ -245,18 +205,46 @@ def new_run_dir(config: Config) -> Path:
             path = root / f"{base}-{suffix}"
 
 
+# ----------------------------------------------------------------------------- trainer
+
+
 class Trainer:
     """Train ``config`` in ``run_dir``; with ``resume`` continue from its checkpoint.
 
-    Call :meth:`fit`. Only rank 0 writes files and prints.
+    Without ``run_dir`` rank 0 creates a new one once the model is built (:func:`new_run_dir`,
+    named after the model with :func:`model_label` and ``config_name``, the config file's
+    stem) and every rank takes its path. Call :meth:`fit`. Only rank 0 writes files and prints.
     """
 
-    def __init__(self, config: Config, run_dir: Path, resume: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        run_dir: Path | None = None,
+        resume: bool = False,
+        config_name: str | None = None,
+    ) -> None:
         self.config = config
+        self.info = self._set_up_runtime()
+        self._build_model()
+        self._build_loaders()
+        self._build_optimization()
+        self.net = self._wrap_model()
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.stopped_early = False
+        self.last_eval: dict[str, float] = {}
+        if run_dir is None:
+            run_dir = self._create_run_dir(config_name)
         self.run_dir = run_dir
-        train = config["train"]
-        self.info = init_distributed(train["device"])
-        info = self.info
+        self._start(resume)
+
+    # ---------------------------------------------------------------- set-up steps
+
+    def _set_up_runtime(self) -> DistInfo:
+        """Join the job's processes; CPU threads, determinism and precision from ``train``."""
+        train = self.config["train"]
+        info = init_distributed(train["device"])
         if train["threads"] is not None:
             if train["threads"] < 1:
                 raise ValueError(f"train.threads must be positive, got {train['threads']}")
@@ -267,23 +255,30 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         elif info.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.amp_dtype = autocast_dtype(config, info.device)
-        self.channels_last = train["channels_last"]
+        self.amp_dtype = autocast_dtype(self.config, info.device)
+        self.channels_last: bool = train["channels_last"]
+        return info
 
+    def _build_model(self) -> None:
+        """The task, its data and the model on this rank's device."""
+        train = self.config["train"]
         # Same initial weights on every rank, then per-rank randomness (dropout).
         seed_everything(train["seed"])
-        self.task: Task = get_task(config["task"])
-        self.data: DataBundle = self.task.build_data(config)
-        model = self.task.build_model(config, self.data.classes, self.data.in_chans)
-        if train["sync_bn"] and info.distributed:
+        self.task: Task = get_task(self.config["task"])
+        self.data: DataBundle = self.task.build_data(self.config)
+        model = self.task.build_model(self.config, self.data.classes, self.data.in_chans)
+        if train["sync_bn"] and self.info.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = model.to(info.device)
+        model = model.to(self.info.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.num_params = sum(p.numel() for p in model.parameters())
-        seed_everything(train["seed"] + info.rank)
+        seed_everything(train["seed"] + self.info.rank)
 
+    def _build_loaders(self) -> None:
+        """This rank's training batches and evaluation shard; the run's length in steps."""
+        train, info = self.config["train"], self.info
         self.batch_size = train["batch_size"]
         self.accumulation = train["accumulation_steps"]
         self.global_batch = self.batch_size * self.accumulation * info.world_size
@@ -301,7 +296,7 @@ class Trainer:
                 "fewer than one step's batch_size * accumulation_steps = "
                 f"{self.batch_size * self.accumulation}"
             )
-        workers = config["data"]["workers"]
+        workers = self.config["data"]["workers"]
         collate_fn = self.data.collate_fn
         self.train_loader = build_loader(self.data.train, self.sampler, None, workers, collate_fn)
         val_sampler = ShardSampler(len(self.data.val), info.rank, info.world_size)
@@ -316,9 +311,12 @@ class Trainer:
             self.total_steps = train["iterations"]
             self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
 
+    def _build_optimization(self) -> None:
+        """Optimizer, lr schedule (per optimizer step), gradient scaler and EMA."""
+        train = self.config["train"]
         base_batch = train["lr_base_batch"]
         self.peak_lr = train["lr"] * (self.global_batch / base_batch if base_batch else 1.0)
-        self.optimizer = build_optimizer(model, config, self.peak_lr)
+        self.optimizer = build_optimizer(self.model, self.config, self.peak_lr)
         warmup = train["warmup_steps"]
         if warmup is None:
             warmup = round(train["warmup_epochs"] * self.steps_per_epoch)
@@ -338,28 +336,42 @@ class Trainer:
             ),
         )
         fp16 = self.amp_dtype == torch.float16
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=fp16)
-        self.ema = ModelEma(model, train["ema_decay"]) if train["ema_decay"] else None
+        self.scaler = torch.amp.GradScaler(self.info.device.type, enabled=fp16)
+        self.ema = ModelEma(self.model, train["ema_decay"]) if train["ema_decay"] else None
 
-        net: nn.Module = model
-        if info.distributed:
-            ids = [info.device.index] if info.device.type == "cuda" else None
-            net = DistributedDataParallel(model, device_ids=ids)
-        if train["compile"]:
+    def _wrap_model(self) -> nn.Module:
+        """The module the training steps call: the model under DDP and/or ``torch.compile``."""
+        net: nn.Module = self.model
+        if self.info.distributed:
+            ids = [self.info.device.index] if self.info.device.type == "cuda" else None
+            net = DistributedDataParallel(self.model, device_ids=ids)
+        if self.config["train"]["compile"]:
             net = torch.compile(net)
-        self.net = net
+        return net
 
-        self.step = 0
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.stopped_early = False
-        self.last_eval: dict[str, float] = {}
+    def _create_run_dir(self, config_name: str | None) -> Path:
+        """A new run directory, created by rank 0 (its error raised on every rank)."""
+        created: tuple[str | None, str | None] = (None, None)  # the path, or the error
+        if self.info.is_main:
+            label = model_label(self.config, self.num_params, config_name)
+            try:
+                created = (str(new_run_dir(self.config, label)), None)
+            except (ValueError, OSError) as err:
+                created = (None, str(err))
+        path, error = broadcast_from_main(created, self.info)
+        if error is not None:
+            raise ValueError(error)
+        return Path(path)
+
+    def _start(self, resume: bool) -> None:
+        """Continue from the run directory's checkpoint, or record the config of a new run."""
         if resume:
             self._load(self.run_dir / ckpt.CHECKPOINT_NAME)
-        elif info.is_main:
+        elif self.info.is_main:
             # run_dir is new and empty (new_run_dir): no earlier run's files to clear.
             ckpt.atomic_write(
-                self.run_dir / ckpt.CONFIG_NAME, lambda f: f.write(dump_config(config).encode())
+                self.run_dir / ckpt.CONFIG_NAME,
+                lambda f: f.write(dump_config(self.config).encode()),
             )
 
     # ---------------------------------------------------------------- state
@@ -488,13 +500,11 @@ class Trainer:
             self.sampler.set_epoch(self.epoch, skip=skip)
             self.model.train()
             batches = self._batches()
-            bar = tqdm(
-                total=self.steps_per_epoch,
+            bar = progress_bar(
+                self.steps_per_epoch,
+                f"epoch {self.epoch + 1}/{self.num_epochs}",
+                show,
                 initial=self.step_in_epoch,
-                desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
-                unit="step",
-                disable=not show,
-                dynamic_ncols=True,
             )
             window_loss, window_steps, window_seconds = 0.0, 0, 0.0
             while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
@@ -581,33 +591,24 @@ class Trainer:
             self.log({"step": self.step, "epoch": self.epoch, **record})
             if show:
                 text = ", ".join(f"{k} {v:.4g}" for k, v in record.items())
-                tqdm.write(f"epoch {self.epoch}: {text}")
+                write_line(f"epoch {self.epoch}: {text}")
         self.save()
 
 
-def run_training(config: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
+def run_training(
+    config: Config,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    config_name: str | None = None,
+) -> dict:
     """Train ``config`` and tear down the process group.
 
     Without ``run_dir`` (the run to resume) a new one is created before anything is written
-    (:func:`new_run_dir`); under DDP rank 0 alone creates it and the others take its path.
+    (see :class:`Trainer`; ``config_name``, the config file's stem, names a reshaped model).
     """
     trainer: Trainer | None = None
     try:
-        if run_dir is None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            run_dir = new_run_dir(config)
-        elif run_dir is None:
-            info = init_distributed(config["train"]["device"])
-            created: list[str | None] = [None, None]  # rank 0's path, or its error
-            if info.is_main:
-                try:
-                    created[0] = str(new_run_dir(config))
-                except (ValueError, OSError) as err:
-                    created[1] = str(err)
-            dist.broadcast_object_list(created, src=0)
-            if created[1] is not None:
-                raise ValueError(created[1])
-            run_dir = Path(created[0])
-        trainer = Trainer(config, run_dir, resume=resume)
+        trainer = Trainer(config, run_dir, resume=resume, config_name=config_name)
         return trainer.fit()
     finally:
         # The trainer sits in reference cycles and its DDP wrapper holds the process group: free

@@ -1,20 +1,50 @@
-"""The interface between the training engine and a task."""
+"""The interface between the training engine and a task.
+
+A task's :meth:`Task.evaluate` and :meth:`Task.predict` are written once here; a task supplies
+an :class:`Evaluation` (what it accumulates over an evaluation set) and a :class:`Predictor`
+(what it reports and draws for one image file).
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from involution.train.config import Config
 from involution.train.data import DataBundle
+from involution.train.distributed import DistInfo
+from involution.train.progress import progress_iter
+from involution.train.tasks.drawing import save_png
 
-if TYPE_CHECKING:
-    from involution.train.engine import DistInfo
+
+class Evaluation(ABC):
+    """One pass over an evaluation set: a forward per batch, then its tally, then the metrics."""
+
+    @abstractmethod
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        """The model's outputs on an on-device batch (run in eval mode, no grad, autocast)."""
+
+    @abstractmethod
+    def update(self, batch: Any, outputs: Any) -> None:
+        """Add a batch and its outputs to the tally (outside autocast)."""
+
+    @abstractmethod
+    def compute(self) -> dict[str, float]:
+        """The metrics of everything added, reduced over every rank; the same on each."""
+
+
+class Predictor(ABC):
+    """A trained model's prediction for image files, one at a time."""
+
+    @abstractmethod
+    def __call__(self, path: Path, topk: int, draw: bool) -> tuple[str, Tensor | None]:
+        """The printed report on image ``path`` (its first line names it) and, with ``draw``,
+        a uint8 (3, H, W) picture of the prediction (``None`` where the task draws nothing)."""
 
 
 class Task(ABC):
@@ -23,7 +53,7 @@ class Task(ABC):
     The engine owns the loop, devices and processes (DDP), autocast, gradient accumulation and
     clipping, EMA, the NaN guard, checkpoints, resume, logging and curves. A task owns the data,
     the model, the loss and the metrics. Subclasses set :attr:`name`, :attr:`key_metric` and
-    :attr:`curve_metrics` and implement every method.
+    :attr:`curve_metrics` and implement every abstract method.
     """
 
     #: The config's ``task`` value.
@@ -32,6 +62,8 @@ class Task(ABC):
     key_metric: ClassVar[str]
     #: The metrics drawn in the run's validation curves, :attr:`key_metric` first.
     curve_metrics: ClassVar[tuple[str, ...]]
+    #: ``predict --out DIR`` writes ``DIR/<image stem><picture_suffix>.png``.
+    picture_suffix: ClassVar[str] = ""
 
     @abstractmethod
     def build_data(self, config: Config, train: bool = True) -> DataBundle:
@@ -54,6 +86,20 @@ class Task(ABC):
         engine's autocast)."""
 
     @abstractmethod
+    def start_evaluation(self, loader: Iterable[Any], info: DistInfo) -> Evaluation:
+        """An empty tally for one pass over ``loader`` (this rank's shard)."""
+
+    @abstractmethod
+    def format_metrics(self, metrics: dict[str, float]) -> str:
+        """``metrics`` for people: one line or a table."""
+
+    @abstractmethod
+    def predictor(
+        self, model: nn.Module, config: Config, classes: list[str], in_chans: int
+    ) -> Predictor:
+        """Predictions of ``model`` (in eval mode, on its device) trained with ``config``."""
+
+    @torch.no_grad()
     def evaluate(
         self,
         model: nn.Module,
@@ -63,13 +109,20 @@ class Task(ABC):
         channels_last: bool = False,
         progress: bool = False,
     ) -> dict[str, float]:
-        """Metrics over the whole evaluation set (reduced over every rank of ``info``)."""
+        """Metrics over the whole evaluation set (reduced over every rank of ``info``); the
+        model is evaluated in eval mode and left in the mode it had."""
+        evaluation = self.start_evaluation(loader, info)
+        was_training = model.training
+        model.eval()
+        for batch in progress_iter(loader, "eval", progress):
+            batch = self.to_device(batch, info.device, channels_last)
+            with torch.autocast(info.device.type, amp_dtype, enabled=amp_dtype is not None):
+                outputs = evaluation.forward(model, batch)
+            evaluation.update(batch, outputs)
+        model.train(was_training)
+        return evaluation.compute()
 
-    @abstractmethod
-    def format_metrics(self, metrics: dict[str, float]) -> str:
-        """``metrics`` for people: one line or a table."""
-
-    @abstractmethod
+    @torch.no_grad()
     def predict(
         self,
         model: nn.Module,
@@ -80,4 +133,19 @@ class Task(ABC):
         out_dir: Path | None,
         topk: int,
     ) -> None:
-        """Run ``model`` on image files: print results and/or write pictures into ``out_dir``."""
+        """Run ``model`` on image files: print each one's report and, with ``out_dir``, write
+        the pictures the task draws there."""
+        stems = [path.stem for path in images]
+        repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+        if out_dir is not None and repeated:
+            raise ValueError(
+                f"several input images are named {repeated}: their outputs would clash"
+            )
+        predictor = self.predictor(model.eval(), config, classes, in_chans)
+        for path in images:
+            report, picture = predictor(path, topk, draw=out_dir is not None)
+            print(report)
+            if out_dir is not None and picture is not None:
+                target = out_dir / f"{path.stem}{self.picture_suffix}.png"
+                save_png(picture, target)
+                print(f"  -> {target}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +10,13 @@ import timm
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from tqdm import tqdm
 
 import involution  # noqa: F401  (registers the RedNet models with timm)
+from involution.datasets.classification import build_datasets, build_transform
 from involution.train.config import Config
-from involution.train.data import DataBundle, build_datasets, build_transform
-from involution.train.engine import DistInfo, all_reduce_sum
-from involution.train.tasks.base import Task
+from involution.train.data import DataBundle
+from involution.train.distributed import DistInfo, all_reduce_sum
+from involution.train.tasks.base import Evaluation, Predictor, Task
 
 
 class ClassificationTask(Task):
@@ -27,7 +27,7 @@ class ClassificationTask(Task):
     curve_metrics = ("top1", "top5")
 
     def build_data(self, config: Config, train: bool = True) -> DataBundle:
-        return build_datasets(config, train=train)
+        return DataBundle(*build_datasets(config, train=train))
 
     def build_model(self, config: Config, classes: list[str], in_chans: int) -> nn.Module:
         """``timm.create_model(model.name, num_classes, in_chans, **model.kwargs)``."""
@@ -53,36 +53,8 @@ class ClassificationTask(Task):
             net(images).float(), labels, label_smoothing=config["train"]["label_smoothing"]
         )
 
-    @torch.no_grad()
-    def evaluate(
-        self,
-        model: nn.Module,
-        loader: Iterable[Any],
-        info: DistInfo,
-        amp_dtype: torch.dtype | None = None,
-        channels_last: bool = False,
-        progress: bool = False,
-    ) -> dict[str, float]:
-        """Loss, top-1 and top-5 accuracy (%) over ``loader``, summed over ranks."""
-        was_training = model.training
-        model.eval()
-        totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, samples
-        for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
-            images, labels = self.to_device(batch, info.device, channels_last)
-            with torch.autocast(info.device.type, amp_dtype, enabled=amp_dtype is not None):
-                logits = model(images)
-            logits = logits.float()
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top == labels[:, None]
-            totals[0] += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            totals[1] += hits[:, :1].sum().item()
-            totals[2] += hits.sum().item()
-            totals[3] += len(labels)
-        model.train(was_training)
-        loss, top1, top5, count = all_reduce_sum(totals, info)
-        if count == 0:
-            raise ValueError("the evaluation set is empty")
-        return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count}
+    def start_evaluation(self, loader: Iterable[Any], info: DistInfo) -> Evaluation:
+        return _Accuracy(info)
 
     def format_metrics(self, metrics: dict[str, float]) -> str:
         return (
@@ -90,32 +62,67 @@ class ClassificationTask(Task):
             f"loss {metrics['loss']:.4f}"
         )
 
-    @torch.no_grad()
-    def predict(
+    def predictor(
+        self, model: nn.Module, config: Config, classes: list[str], in_chans: int
+    ) -> Predictor:
+        transform = build_transform(config, train=False, channels=in_chans)
+        return _TopClasses(model, transform, classes, "L" if in_chans == 1 else "RGB")
+
+
+class _Accuracy(Evaluation):
+    """Loss, top-1 and top-5 accuracy (%), summed over ranks."""
+
+    def __init__(self, info: DistInfo) -> None:
+        self.info = info
+        self.totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, samples
+
+    def forward(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return model(batch[0])
+
+    def update(self, batch: tuple[Tensor, Tensor], outputs: Tensor) -> None:
+        labels = batch[1]
+        logits = outputs.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels[:, None]
+        self.totals[0] += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        self.totals[1] += hits[:, :1].sum().item()
+        self.totals[2] += hits.sum().item()
+        self.totals[3] += len(labels)
+
+    def compute(self) -> dict[str, float]:
+        loss, top1, top5, count = all_reduce_sum(self.totals, self.info)
+        if count == 0:
+            raise ValueError("the evaluation set is empty")
+        return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count}
+
+
+class _TopClasses(Predictor):
+    """An image's most probable classes with their probabilities."""
+
+    def __init__(
         self,
         model: nn.Module,
-        config: Config,
+        transform: Callable[[Image.Image], Tensor],
         classes: list[str],
-        in_chans: int,
-        images: list[Path],
-        out_dir: Path | None,
-        topk: int,
+        mode: str,
     ) -> None:
-        """Print the ``topk`` classes of each image with their probabilities."""
-        transform = build_transform(config, train=False, channels=in_chans)
-        batch = []
-        for path in images:
-            try:
-                with Image.open(path) as image:
-                    batch.append(transform(image.convert("L" if in_chans == 1 else "RGB")))
-            except OSError as err:
-                raise OSError(f"cannot read image {path}: {err}") from err
-        probs = model(torch.stack(batch)).softmax(dim=1)
-        top = probs.topk(min(topk, probs.shape[1]), dim=1)
-        for path, values, indices in zip(images, top.values, top.indices, strict=True):
-            print(path)
-            for p, i in zip(values.tolist(), indices.tolist(), strict=True):
-                print(f"  {100 * p:6.2f}%  {classes[i]}")
+        self.model = model
+        self.transform = transform
+        self.classes = classes
+        self.mode = mode  # the PIL mode of the model's input channels ("L" or "RGB")
+
+    def __call__(self, path: Path, topk: int, draw: bool) -> tuple[str, None]:
+        try:
+            with Image.open(path) as image:
+                batch = self.transform(image.convert(self.mode))[None]
+        except OSError as err:
+            raise OSError(f"cannot read image {path}: {err}") from err
+        probs = self.model(batch).softmax(dim=1)[0]
+        top = probs.topk(min(topk, probs.shape[0]))
+        lines = [str(path)]
+        for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            lines.append(f"  {100 * p:6.2f}%  {self.classes[i]}")
+        return "\n".join(lines), None
 
 
 TASK = ClassificationTask()

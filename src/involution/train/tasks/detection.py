@@ -18,7 +18,6 @@ and the COCO protocol.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from tqdm import tqdm
 
 from involution.datasets.coco import (
     CocoDetection,
@@ -47,9 +45,9 @@ from involution.metrics.coco import (
 from involution.models.detection import DETECTION_MODELS
 from involution.train.config import Config
 from involution.train.data import DataBundle
-from involution.train.engine import DistInfo
-from involution.train.tasks.base import Task
-from involution.train.tasks.drawing import class_colours, draw_instances, save_png
+from involution.train.distributed import DistInfo, broadcast_from_main
+from involution.train.tasks.base import Evaluation, Predictor, Task
+from involution.train.tasks.drawing import class_colours, draw_instances
 
 Batch = tuple[list[Tensor], list[dict[str, Any]]]
 
@@ -167,52 +165,59 @@ class DetectionTask(Task):
         losses = net(images, targets)
         return sum(value.float() for value in losses.values())
 
-    @torch.no_grad()
-    def evaluate(
-        self,
-        model: nn.Module,
-        loader: Iterable[Any],
-        info: DistInfo,
-        amp_dtype: torch.dtype | None = None,
-        channels_last: bool = False,
-        progress: bool = False,
-    ) -> dict[str, float]:
-        """COCO box (and, for models that predict masks, mask) AP/AR over the loader's dataset.
-
-        Every rank detects on its shard; the results are gathered and scored on rank 0 and the
-        metrics broadcast, so every rank returns the same dict.
-        """
+    def start_evaluation(self, loader: Iterable[Any], info: DistInfo) -> Evaluation:
+        """COCO box (and, for models that predict masks, mask) AP/AR over the loader's
+        dataset (a :class:`CocoDetection`)."""
         dataset = getattr(loader, "dataset", None)
         if not isinstance(dataset, CocoDetection):
             raise TypeError(f"evaluate needs a loader over a CocoDetection, got {type(dataset)}")
-        was_training = model.training
-        model.eval()
-        results: dict[str, list[dict[str, Any]]] = {"bbox": [], "segm": []}
-        image_ids: list[int] = []
-        masks = False
-        for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
-            images, targets = self.to_device(batch, info.device, channels_last)
-            with torch.autocast(info.device.type, amp_dtype, enabled=amp_dtype is not None):
-                outputs = model(images)
-            for image, target, output in zip(images, targets, outputs, strict=True):
-                found = to_coco_results(
-                    output,
-                    target["image_id"],
-                    tuple(image.shape[-2:]),
-                    target["orig_size"],
-                    dataset.categories.ids,
-                )
-                for iou_type, entries in found.items():
-                    results[iou_type] += entries
-                image_ids.append(target["image_id"])
-                masks = masks or "masks" in output
-        model.train(was_training)
-        shards = [(results, image_ids, masks)]
-        if info.distributed:
-            shards = [None] * info.world_size
-            dist.all_gather_object(shards, (results, image_ids, masks))
+        return _CocoEvaluation(dataset, info)
+
+    def format_metrics(self, metrics: dict[str, float]) -> str:
+        return "COCO metrics\n" + format_coco_table(metrics)
+
+    def predictor(
+        self, model: nn.Module, config: Config, classes: list[str], in_chans: int
+    ) -> Predictor:
+        return _Detector(model, config["detection"], classes)
+
+
+class _CocoEvaluation(Evaluation):
+    """Every rank detects on its shard; the results are gathered and scored on rank 0 and the
+    metrics broadcast, so every rank returns the same dict."""
+
+    def __init__(self, dataset: CocoDetection, info: DistInfo) -> None:
+        self.dataset = dataset
+        self.info = info
+        self.results: dict[str, list[dict[str, Any]]] = {"bbox": [], "segm": []}
+        self.image_ids: list[int] = []
+        self.masks = False
+
+    def forward(self, model: nn.Module, batch: Batch) -> list[dict[str, Tensor]]:
+        return model(batch[0])
+
+    def update(self, batch: Batch, outputs: list[dict[str, Tensor]]) -> None:
+        images, targets = batch
+        for image, target, output in zip(images, targets, outputs, strict=True):
+            found = to_coco_results(
+                output,
+                target["image_id"],
+                tuple(image.shape[-2:]),
+                target["orig_size"],
+                self.dataset.categories.ids,
+            )
+            for iou_type, entries in found.items():
+                self.results[iou_type] += entries
+            self.image_ids.append(target["image_id"])
+            self.masks = self.masks or "masks" in output
+
+    def compute(self) -> dict[str, float]:
+        shards = [(self.results, self.image_ids, self.masks)]
+        if self.info.distributed:
+            shards = [None] * self.info.world_size
+            dist.all_gather_object(shards, (self.results, self.image_ids, self.masks))
         metrics: dict[str, float] = {}
-        if info.is_main:
+        if self.info.is_main:
             merged: dict[str, list[dict[str, Any]]] = {"bbox": [], "segm": []}
             for shard_results, _, _ in shards:
                 for iou_type, entries in shard_results.items():
@@ -221,69 +226,48 @@ class DetectionTask(Task):
             if not all_ids:
                 raise ValueError("the evaluation set is empty")
             iou_types = ("bbox", "segm") if any(m for _, _, m in shards) else ("bbox",)
-            metrics = coco_evaluate(dataset.coco, merged, all_ids, iou_types)
-        if info.distributed:
-            box = [metrics]
-            dist.broadcast_object_list(box, src=0)
-            metrics = box[0]
-        return metrics
+            metrics = coco_evaluate(self.dataset.coco, merged, all_ids, iou_types)
+        return broadcast_from_main(metrics, self.info)
 
-    def format_metrics(self, metrics: dict[str, float]) -> str:
-        return "COCO metrics\n" + format_coco_table(metrics)
 
-    @torch.no_grad()
-    def predict(
-        self,
-        model: nn.Module,
-        config: Config,
-        classes: list[str],
-        in_chans: int,
-        images: list[Path],
-        out_dir: Path | None,
-        topk: int,
-    ) -> None:
-        """Print each image's detections scoring at least ``detection.score_threshold`` (at
-        most ``topk``, best first) and, with ``out_dir``, write ``out_dir/<image stem>.png``
-        with their boxes, class names, scores and masks drawn on the original image."""
-        det = config["detection"]
-        stems = [path.stem for path in images]
-        repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
-        if out_dir is not None and repeated:
-            raise ValueError(
-                f"several input images are named {repeated}: their outputs would clash"
-            )
-        transform = image_transform(det["min_size"], det["max_size"])
-        colours = class_colours(len(classes))
-        device = next(model.parameters()).device
-        model.eval()
-        for path in images:
-            original = torch.from_numpy(np.array(read_image(str(path)))).permute(2, 0, 1)
-            resized = transform(original)
-            output = model([resized.as_subclass(Tensor).to(device)])[0]
-            found = rescale_detections(
-                output, tuple(resized.shape[-2:]), tuple(original.shape[-2:])
-            )
-            keep = (found["scores"] >= det["score_threshold"]).nonzero().flatten()[:topk]
-            names = [classes[label - 1] for label in found["labels"][keep].tolist()]
-            scores = found["scores"][keep].tolist()
-            boxes = found["boxes"][keep]
-            print(f"{path}: {len(keep)} detections (score >= {det['score_threshold']:g})")
-            for name, score, box in zip(names, scores, boxes.tolist(), strict=True):
-                corners = ", ".join(f"{v:.0f}" for v in box)
-                print(f"  {score:5.3f}  {name:<14} [{corners}]")
-            if out_dir is None:
-                continue
-            masks = found["masks"][keep, 0] >= 0.5 if "masks" in found else None
-            drawn = draw_instances(
-                original,
-                boxes,
-                [f"{name} {score:.2f}" for name, score in zip(names, scores, strict=True)],
-                [colours[label - 1] for label in found["labels"][keep].tolist()],
-                masks,
-            )
-            save_png(drawn, out_dir / f"{path.stem}.png")
-        if out_dir is not None:
-            print(f"wrote {len(images)} images to {out_dir}{os.sep}")
+class _Detector(Predictor):
+    """An image's detections scoring at least ``detection.score_threshold`` (at most ``topk``,
+    best first) and, to draw, their boxes, class names, scores and masks on the original
+    image."""
+
+    def __init__(self, model: nn.Module, det: dict[str, Any], classes: list[str]) -> None:
+        self.model = model
+        self.threshold = det["score_threshold"]
+        self.transform = image_transform(det["min_size"], det["max_size"])
+        self.classes = classes
+        self.colours = class_colours(len(classes))
+        self.device = next(model.parameters()).device
+
+    def __call__(self, path: Path, topk: int, draw: bool) -> tuple[str, Tensor | None]:
+        original = torch.from_numpy(np.array(read_image(str(path)))).permute(2, 0, 1)
+        resized = self.transform(original)
+        output = self.model([resized.as_subclass(Tensor).to(self.device)])[0]
+        found = rescale_detections(output, tuple(resized.shape[-2:]), tuple(original.shape[-2:]))
+        keep = (found["scores"] >= self.threshold).nonzero().flatten()[:topk]
+        labels = found["labels"][keep].tolist()
+        names = [self.classes[label - 1] for label in labels]
+        scores = found["scores"][keep].tolist()
+        boxes = found["boxes"][keep]
+        lines = [f"{path}: {len(keep)} detections (score >= {self.threshold:g})"]
+        for name, score, box in zip(names, scores, boxes.tolist(), strict=True):
+            corners = ", ".join(f"{v:.0f}" for v in box)
+            lines.append(f"  {score:5.3f}  {name:<14} [{corners}]")
+        if not draw:
+            return "\n".join(lines), None
+        masks = found["masks"][keep, 0] >= 0.5 if "masks" in found else None
+        drawn = draw_instances(
+            original,
+            boxes,
+            [f"{name} {score:.2f}" for name, score in zip(names, scores, strict=True)],
+            [self.colours[label - 1] for label in labels],
+            masks,
+        )
+        return "\n".join(lines), drawn
 
 
 def _anchor_generator(

@@ -28,7 +28,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torchvision import tv_tensors
 from torchvision.utils import draw_segmentation_masks
-from tqdm import tqdm
 
 from involution.datasets.fashion_mnist import FASHION_MNIST_CLASSES
 from involution.datasets.sampling import subset_indices
@@ -53,11 +52,9 @@ from involution.datasets.segmentation import (
 from involution.metrics.segmentation import confusion_matrix_metric, iou_table, segmentation_scores
 from involution.train.config import Config
 from involution.train.data import DataBundle
-from involution.train.engine import DistInfo
-from involution.train.tasks.base import Task
-
-# Shared with detection: builds (or reuses) the scenes, rank 0 first under DDP.
-from involution.train.tasks.drawing import class_colours, save_png
+from involution.train.distributed import DistInfo
+from involution.train.tasks.base import Evaluation, Predictor, Task
+from involution.train.tasks.drawing import class_colours
 
 #: Class names of the Fashion-MNIST scenes' label maps (0 background, k = Fashion-MNIST k - 1).
 SCENES_CLASSES: tuple[str, ...] = ("background", *FASHION_MNIST_CLASSES)
@@ -210,6 +207,7 @@ class SegmentationTask(Task):
     name = "segmentation"
     key_metric = "mIoU"
     curve_metrics = ("mIoU", "mAcc", "aAcc")
+    picture_suffix = "_segmentation"
 
     def build_data(self, config: Config, train: bool = True) -> DataBundle:
         data, seg = config["data"], config["segmentation"]
@@ -279,85 +277,88 @@ class SegmentationTask(Task):
             loss = loss + config["segmentation"]["aux_weight"] * aux
         return loss
 
-    @torch.no_grad()
-    def evaluate(
-        self,
-        model: nn.Module,
-        loader: Iterable[Any],
-        info: DistInfo,
-        amp_dtype: torch.dtype | None = None,
-        channels_last: bool = False,
-        progress: bool = False,
-    ) -> dict[str, float]:
+    def start_evaluation(self, loader: Iterable[Any], info: DistInfo) -> Evaluation:
         """Scores of one confusion matrix over ``loader`` and every rank (module docstring)."""
-        dataset = loader.dataset
-        classes: list[str] = dataset.classes
-        inference: Inference = getattr(dataset, "inference", Inference())
-        was_training = model.training
-        model.eval()
-        metric = confusion_matrix_metric(len(classes)).to(info.device)
-        for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
-            batch = self.to_device(batch, info.device, channels_last)
-            with torch.autocast(info.device.type, amp_dtype, enabled=amp_dtype is not None):
-                logits = inference(model, batch.images)
-            logits = logits.float()
-            # Per sample: drop the batch padding, bring the logits to the label's size.
-            sizes = zip(batch.image_sizes.tolist(), batch.mask_sizes.tolist(), strict=True)
-            for i, ((h, w), (mask_h, mask_w)) in enumerate(sizes):
-                valid = _resize_logits(logits[i : i + 1, :, :h, :w], (mask_h, mask_w))
-                metric.update(valid.argmax(dim=1), batch.masks[i : i + 1, :mask_h, :mask_w])
-        model.train(was_training)
-        # compute() sums the matrices of all ranks (torchmetrics' dist sync).
-        confmat = metric.compute()
-        if confmat.sum() == 0:
-            raise ValueError("the evaluation set has no labelled pixel")
-        return segmentation_scores(confmat, classes)
+        return _ConfusionEvaluation(loader.dataset, info)
 
     def format_metrics(self, metrics: dict[str, float]) -> str:
         return "\n" + iou_table(metrics)
 
-    @torch.no_grad()
-    def predict(
-        self,
-        model: nn.Module,
-        config: Config,
-        classes: list[str],
-        in_chans: int,
-        images: list[Path],
-        out_dir: Path | None,
-        topk: int,
-    ) -> None:
-        """Print each image's ``topk`` classes by pixel share; with ``out_dir`` write
-        ``<stem>_segmentation.png``: the image with the predicted classes overlaid (alpha 0.5,
-        one fixed colour per class, a class named "background" left undrawn)."""
+    def predictor(
+        self, model: nn.Module, config: Config, classes: list[str], in_chans: int
+    ) -> Predictor:
         mean, std = _normalization(config)
         transform = eval_transform(mean, std, _pair(config, "eval_scale"))
-        inference = Inference.from_config(config)
-        device = next(model.parameters()).device
-        palette = class_colours(len(classes))
-        for path in images:
-            image = read_image(path)
-            batch = transform(tv_tensors.Image(image)).as_subclass(Tensor)[None].to(device)
-            logits = _resize_logits(inference(model, batch).float(), image.shape[-2:])
-            prediction = logits.argmax(dim=1)[0].cpu()
-            shares = (
-                torch.bincount(prediction.flatten(), minlength=len(classes)) / prediction.numel()
-            )
-            top = shares.topk(min(topk, len(classes)))
-            print(path)
-            for share, k in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-                if share > 0:
-                    print(f"  {100 * share:6.2f}%  {classes[k]}")
-            if out_dir is None:
-                continue
-            drawn = [k for k in range(len(classes)) if classes[k] != BACKGROUND]
-            masks = prediction[None] == torch.tensor(drawn)[:, None, None]
-            overlay = draw_segmentation_masks(
-                image, masks, alpha=0.5, colors=[palette[k] for k in drawn]
-            )
-            target = out_dir / f"{path.stem}_segmentation.png"
-            save_png(overlay, target)
-            print(f"  -> {target}")
+        return _Segmenter(model, transform, Inference.from_config(config), classes)
+
+
+class _ConfusionEvaluation(Evaluation):
+    """One confusion matrix over the evaluation set, inferred as the dataset's ``inference``
+    says, logits resized to each label's size before the argmax."""
+
+    def __init__(self, dataset: SegmentationDataset, info: DistInfo) -> None:
+        self.classes: list[str] = dataset.classes
+        self.inference: Inference = getattr(dataset, "inference", Inference())
+        self.metric = confusion_matrix_metric(len(self.classes)).to(info.device)
+
+    def forward(self, model: nn.Module, batch: SegmentationBatch) -> Tensor:
+        return self.inference(model, batch.images)
+
+    def update(self, batch: SegmentationBatch, outputs: Tensor) -> None:
+        logits = outputs.float()
+        # Per sample: drop the batch padding, bring the logits to the label's size.
+        sizes = zip(batch.image_sizes.tolist(), batch.mask_sizes.tolist(), strict=True)
+        for i, ((h, w), (mask_h, mask_w)) in enumerate(sizes):
+            valid = _resize_logits(logits[i : i + 1, :, :h, :w], (mask_h, mask_w))
+            self.metric.update(valid.argmax(dim=1), batch.masks[i : i + 1, :mask_h, :mask_w])
+
+    def compute(self) -> dict[str, float]:
+        # compute() sums the matrices of all ranks (torchmetrics' dist sync).
+        confmat = self.metric.compute()
+        if confmat.sum() == 0:
+            raise ValueError("the evaluation set has no labelled pixel")
+        return segmentation_scores(confmat, self.classes)
+
+
+class _Segmenter(Predictor):
+    """An image's ``topk`` classes by pixel share and, to draw, the image with the predicted
+    classes overlaid (alpha 0.5, one fixed colour per class, a class named "background" left
+    undrawn)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        transform: Callable[[Any], Any],
+        inference: Inference,
+        classes: list[str],
+    ) -> None:
+        self.model = model
+        self.transform = transform
+        self.inference = inference
+        self.classes = classes
+        self.palette = class_colours(len(classes))
+        self.device = next(model.parameters()).device
+
+    def __call__(self, path: Path, topk: int, draw: bool) -> tuple[str, Tensor | None]:
+        classes = self.classes
+        image = read_image(path)
+        batch = self.transform(tv_tensors.Image(image)).as_subclass(Tensor)[None].to(self.device)
+        logits = _resize_logits(self.inference(self.model, batch).float(), image.shape[-2:])
+        prediction = logits.argmax(dim=1)[0].cpu()
+        shares = torch.bincount(prediction.flatten(), minlength=len(classes)) / prediction.numel()
+        top = shares.topk(min(topk, len(classes)))
+        lines = [str(path)]
+        for share, k in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            if share > 0:
+                lines.append(f"  {100 * share:6.2f}%  {classes[k]}")
+        if not draw:
+            return "\n".join(lines), None
+        drawn = [k for k in range(len(classes)) if classes[k] != BACKGROUND]
+        masks = prediction[None] == torch.tensor(drawn)[:, None, None]
+        overlay = draw_segmentation_masks(
+            image, masks, alpha=0.5, colors=[self.palette[k] for k in drawn]
+        )
+        return "\n".join(lines), overlay
 
 
 def pixel_cross_entropy(logits: Tensor, masks: Tensor) -> Tensor:
