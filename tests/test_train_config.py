@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
+import yaml
 
 from involution.train.config import (
     DEFAULT_CONFIG_NAME,
+    dump_config,
     load_config,
     parse_override,
     shipped_configs,
@@ -106,3 +111,97 @@ def test_base_inheritance_and_file_errors(tmp_path) -> None:
     typo.write_text("train:\n  epoch: 3\n")
     with pytest.raises(KeyError, match=r"train\.epoch"):
         load_config(typo)
+
+
+def test_unknown_key_error_is_one_line_naming_the_key(tmp_path) -> None:
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("data:\n  scenes:\n    itemz: [2, 3]\n")
+    with pytest.raises(KeyError) as info:
+        load_config(typo)
+    message = info.value.args[0]
+    assert "\n" not in message
+    assert message.startswith("unknown config key 'data.scenes.itemz' in section 'data.scenes'")
+    assert "known keys: items, max_overlap" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=three", "config key 'train.epochs' expects int, got 'three' (str)"),
+        # OmegaConf alone would read 1 as True and 5 as "5": the schema's types are kept strict.
+        ("train.nesterov=1", "config key 'train.nesterov' expects bool, got 1 (int)"),
+        ("output.name=5", "config key 'output.name' expects str | None, got 5 (int)"),
+        ("train.epochs=null", "config key 'train.epochs' expects int, got None (NoneType)"),
+        ("data.mean=[a]", "config key 'data.mean' expects list[float] | None, got ['a'] (list)"),
+        ("data.scenes.items=[2, 3.5]", "'data.scenes.items' expects list[int], got [2, 3.5]"),
+        ("train.lr={a: 1}", "config key 'train.lr' expects float, got {'a': 1} (dict)"),
+        ("model.kwargs=null", "config key 'model.kwargs' must be a mapping, got None"),
+    ],
+)
+def test_wrong_type_error_names_key_type_and_value(override: str, message: str) -> None:
+    with pytest.raises(TypeError) as info:
+        load_config(None, [override])
+    assert message in info.value.args[0] and "\n" not in info.value.args[0]
+
+
+def test_values_are_promoted_only_to_float() -> None:
+    config = load_config(None, ["train.grad_clip=5", "train.milestones=[2, 4.5]"])
+    assert config["train"]["grad_clip"] == 5.0 and isinstance(config["train"]["grad_clip"], float)
+    # Milestones keep ints as ints (int | float).
+    assert [type(m) for m in config["train"]["milestones"]] == [int, float]
+
+
+def test_base_chain_merges_deeply_and_reports_cycles(tmp_path) -> None:
+    (tmp_path / "a.yaml").write_text(
+        "model:\n  kwargs:\n    inner: {x: 1, y: 2}\ntrain:\n  lr: 0.5\n"
+    )
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text(
+        "base: ../a.yaml\nmodel:\n  kwargs:\n    inner: {y: 3}\n"
+    )
+    (tmp_path / "c.yaml").write_text("base: sub/b.yaml\ntrain:\n  epochs: 4\n")
+    config = load_config(tmp_path / "c.yaml", ["model.kwargs.inner.z=4"])
+    assert config["model"]["kwargs"] == {"inner": {"x": 1, "y": 3, "z": 4}}
+    assert (config["train"]["lr"], config["train"]["epochs"]) == (0.5, 4)
+
+    (tmp_path / "d.yaml").write_text("base: e.yaml\n")
+    (tmp_path / "e.yaml").write_text("base: d.yaml\n")
+    with pytest.raises(ValueError, match=r"inheritance cycle: .*d\.yaml -> .*e\.yaml -> .*d\.yaml"):
+        load_config(tmp_path / "d.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("train.lr=1e-4", ("train.lr", 1e-4)),  # YAML 1.1 reads 1e-4 as a string
+        ("train.lr=0.5", ("train.lr", 0.5)),
+        (" data.root = /data/a=b", ("data.root", "/data/a=b")),
+        ("train.nesterov=no", ("train.nesterov", False)),
+        ("output.name=", ("output.name", None)),
+        ("output.name=null", ("output.name", None)),
+        ("output.name=nan", ("output.name", "nan")),
+        ("segmentation.crop_size=[64, 96]", ("segmentation.crop_size", [64, 96])),
+        ("model.kwargs.x={a: 1}", ("model.kwargs.x", {"a": 1})),
+    ],
+)
+def test_parse_override(text: str, parsed: tuple[str, object]) -> None:
+    assert parse_override(text) == parsed
+
+
+def test_an_older_runs_config_dump_still_loads(tmp_path) -> None:
+    """A run's config.yaml written before keys were added loads with their defaults, from the
+    file (``train --resume``) and from weights metadata (``eval``, ``predict``)."""
+    current = load_config("scenes_seg", ["output.name=old"])
+    older = yaml.safe_load(dump_config(current))
+    del older["segmentation"]["aux_weight"], older["train"]["sync_bn"], older["detection"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older, sort_keys=False))
+    assert load_config(tmp_path / "config.yaml") == current
+    assert load_config(None, base=older) == current
+    resumed = load_config(tmp_path / "config.yaml", ["train.max_steps=null", "train.epochs=9"])
+    assert resumed["train"]["epochs"] == 9
+    assert dump_config(load_config(tmp_path / "config.yaml")) == dump_config(current)
+
+
+def test_importing_the_cli_does_not_import_omegaconf() -> None:
+    code = "import sys, involution.train.cli; assert 'omegaconf' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,164 +1,197 @@
-"""Training configuration: a nested dict of known keys, YAML files and dotted overrides.
+"""Training configuration: a typed schema (OmegaConf structured configs), YAML files and dotted
+overrides.
 
-A config file may name a parent with ``base: other.yaml`` (a path relative to the file, or the
-name of a shipped config); its keys are merged over the parent's. Every key must exist in
-:data:`DEFAULTS` except below ``model.kwargs``, which is passed verbatim to
-``timm.create_model``.
+:class:`ConfigSchema` and its sections hold every configurable key with its type and default;
+``model.kwargs`` is a free-form mapping passed verbatim to ``timm.create_model``. A config file
+may name a parent with ``base: other.yaml`` (a path relative to the file, or the name of a
+shipped config); its keys are merged over the parent's. :func:`load_config` returns the result
+as plain nested dicts (:data:`Config`), which is what the rest of the package indexes.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterable, Mapping
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from functools import reduce
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
 Config = dict[str, Any]
 
-#: Every configurable key with its default. ``None`` means "unset" (any type accepted).
-DEFAULTS: Config = {
-    # classification | detection | segmentation (see involution.train.tasks)
-    "task": "classification",
-    "model": {
-        "name": "rednet_compact",
-        "kwargs": {},
-    },
-    "data": {
-        # fashion_mnist | imagefolder | synthetic (random images, for benchmarks and tests)
-        "dataset": "fashion_mnist",
-        "root": None,
-        "train_split": "train",
-        "val_split": "val",
-        "image_size": 28,
-        # Eval: resize the short side to this, then center-crop image_size (None: no resize).
-        "eval_resize": None,
-        # none | crop_flip (pad + random crop + flip) | random_resized_crop (+ flip)
-        "augment": "crop_flip",
-        "crop_padding": 2,
-        "mean": None,
-        "std": None,
-        # Use a fixed random subset of this many training / evaluation images.
-        "train_subset": None,
-        "val_subset": None,
-        "workers": 0,
-        "synthetic_train_size": 64,
-        "synthetic_val_size": 32,
-        "synthetic_classes": 10,
-        "synthetic_channels": 3,
-        # data.dataset=fashion_mnist_scenes: generation parameters (involution.datasets.scenes;
-        # built into data.root, default ~/.cache/involution/fashion_mnist_scenes).
-        "scenes": {
-            "train_scenes": 4000,
-            "val_scenes": 500,
-            "min_size": 128,
-            "max_size": 160,
-            "items": [2, 5],
-            "scales": [1.0, 2.5],
-            "max_overlap": 0.15,
-            "seed": 0,
-        },
-    },
-    "train": {
-        "epochs": 3,
-        # Per process; the global batch is batch_size * world_size * accumulation_steps.
-        "batch_size": 128,
-        "accumulation_steps": 1,
-        "optimizer": "sgd",
-        "lr": 0.1,
-        # When set, the lr is scaled linearly: lr * global_batch / lr_base_batch.
-        "lr_base_batch": None,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5e-5,
-        # Train for this many optimizer steps instead of `epochs` (the last epoch is cut short).
-        "iterations": None,
-        "warmup_epochs": 0.0,
-        # Warm-up length in optimizer steps; overrides warmup_epochs when set.
-        "warmup_steps": None,
-        # Warm-up starts at this fraction of the lr (None: at 1/warmup_steps) and rises linearly.
-        "warmup_factor": None,
-        # cosine (to min_lr_ratio) | step (x gamma at each of milestones, in epochs) |
-        # poly ((1 - t/T)^poly_power, floored at min_lr_ratio)
-        "schedule": "cosine",
-        "milestones": [],
-        "gamma": 0.1,
-        "poly_power": 0.9,
-        "min_lr_ratio": 0.0,
-        "label_smoothing": 0.0,
-        "grad_clip": None,
-        "ema_decay": None,
-        # none | bf16 | fp16 (fp16 only on CUDA)
-        "amp": "none",
-        "channels_last": False,
-        # Under DDP, synchronise BatchNorm statistics across processes (segmentation's SyncBN).
-        "sync_bn": False,
-        "compile": False,
-        "seed": 0,
-        "deterministic": False,
-        # Stop (and checkpoint) after this many optimizer steps in total.
-        "max_steps": None,
-        "checkpoint_every_steps": None,
-        # Evaluate after every n-th epoch (and always after the last): long iteration budgets
-        # (Cityscapes' 80k steps are ~216 epochs of 2975 images) evaluate every ~8k steps.
-        "eval_every_epochs": 1,
-        "device": "auto",
-        # CPU threads per process (None: torch's default, one per core).
-        "threads": None,
-        "progress": True,
-    },
-    "detection": {
-        # data.dataset=coco: image folders and instances JSONs, relative to data.root.
-        "train_images": "train2017",
-        "train_annotations": "annotations/instances_train2017.json",
-        "val_images": "val2017",
-        "val_annotations": "annotations/instances_val2017.json",
-        # Resize the shorter image side to min_size, the longer one to at most max_size
-        # (the official 1333x800); the detector's own resize is set to the same sizes.
-        "min_size": 800,
-        "max_size": 1333,
-        # Probability of a horizontal flip of a training image.
-        "hflip": 0.5,
-        # `involution predict`: draw the detections scoring at least this.
-        "score_threshold": 0.5,
-    },
-    # task: segmentation (see involution.train.tasks.segmentation)
-    "segmentation": {
-        # data.dataset=folder: class names, label value i = classes[i] (other datasets know theirs).
-        "classes": None,
-        # data.dataset=folder: label 0 -> ignore (255), k -> k - 1 (always on for ade20k).
-        "reduce_zero_label": False,
-        # Training crops [h, w]; smaller images are padded (labels with the ignore index 255).
-        "crop_size": [512, 1024],
-        # Random rescale before cropping: fit scale * r, r uniform in ratio_range (null: none).
-        "scale": None,
-        "ratio_range": [0.5, 2.0],
-        # Redraw a crop (up to 10 times) while one class covers this fraction of it (1: never).
-        "cat_max_ratio": 1.0,
-        "flip": True,
-        "color_jitter": False,
-        # Evaluation and prediction: keep-ratio resize to fit [h, w] (null: as is); scores are
-        # computed at the labels' own size.
-        "eval_scale": None,
-        # whole (one forward per image) | slide (slide_crop windows every slide_stride, averaged)
-        "inference": "whole",
-        "slide_crop": None,
-        "slide_stride": None,
-        # Weight of the auxiliary head's loss (UPerNet's FCN head on C4).
-        "aux_weight": 0.4,
-    },
-    "output": {
-        "dir": "runs",
-        "name": None,
-    },
-}
-
-#: Keys whose value is a free-form mapping (not checked against DEFAULTS).
-FREE_FORM_KEYS: frozenset[str] = frozenset({"model.kwargs"})
-
 DEFAULT_CONFIG_NAME = "fashion_mnist.yaml"
+
+# OmegaConf takes 40+ ms to import: it is imported where configs are built, not with the module,
+# so that ``involution --help`` stays fast.
+
+
+@dataclass
+class ModelConfig:
+    name: str = "rednet_compact"
+    #: Free-form: passed verbatim to ``timm.create_model``.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScenesConfig:
+    """data.dataset=fashion_mnist_scenes: generation parameters (involution.datasets.scenes;
+    built into data.root, default ~/.cache/involution/fashion_mnist_scenes)."""
+
+    train_scenes: int = 4000
+    val_scenes: int = 500
+    min_size: int = 128
+    max_size: int = 160
+    items: list[int] = field(default_factory=lambda: [2, 5])
+    scales: list[float] = field(default_factory=lambda: [1.0, 2.5])
+    max_overlap: float = 0.15
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    #: fashion_mnist | imagefolder | synthetic (random images, for benchmarks and tests)
+    dataset: str = "fashion_mnist"
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = 28
+    #: Eval: resize the short side to this, then center-crop image_size (None: no resize).
+    eval_resize: int | None = None
+    #: none | crop_flip (pad + random crop + flip) | random_resized_crop (+ flip)
+    augment: str = "crop_flip"
+    crop_padding: int = 2
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    #: Use a fixed random subset of this many training / evaluation images.
+    train_subset: int | None = None
+    val_subset: int | None = None
+    workers: int = 0
+    synthetic_train_size: int = 64
+    synthetic_val_size: int = 32
+    synthetic_classes: int = 10
+    synthetic_channels: int = 3
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    #: Per process; the global batch is batch_size * world_size * accumulation_steps.
+    batch_size: int = 128
+    accumulation_steps: int = 1
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    #: When set, the lr is scaled linearly: lr * global_batch / lr_base_batch.
+    lr_base_batch: int | None = None
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-5
+    #: Train for this many optimizer steps instead of `epochs` (the last epoch is cut short).
+    iterations: int | None = None
+    warmup_epochs: float = 0.0
+    #: Warm-up length in optimizer steps; overrides warmup_epochs when set.
+    warmup_steps: int | None = None
+    #: Warm-up starts at this fraction of the lr (None: at 1/warmup_steps) and rises linearly.
+    warmup_factor: float | None = None
+    #: cosine (to min_lr_ratio) | step (x gamma at each of milestones, in epochs) |
+    #: poly ((1 - t/T)^poly_power, floored at min_lr_ratio)
+    schedule: str = "cosine"
+    milestones: list[int | float] = field(default_factory=list)
+    gamma: float = 0.1
+    poly_power: float = 0.9
+    min_lr_ratio: float = 0.0
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    ema_decay: float | None = None
+    #: none | bf16 | fp16 (fp16 only on CUDA)
+    amp: str = "none"
+    channels_last: bool = False
+    #: Under DDP, synchronise BatchNorm statistics across processes (segmentation's SyncBN).
+    sync_bn: bool = False
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    #: Stop (and checkpoint) after this many optimizer steps in total.
+    max_steps: int | None = None
+    checkpoint_every_steps: int | None = None
+    #: Evaluate after every n-th epoch (and always after the last): long iteration budgets
+    #: (Cityscapes' 80k steps are ~216 epochs of 2975 images) evaluate every ~8k steps.
+    eval_every_epochs: int = 1
+    device: str = "auto"
+    #: CPU threads per process (None: torch's default, one per core).
+    threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class DetectionConfig:
+    #: data.dataset=coco: image folders and instances JSONs, relative to data.root.
+    train_images: str = "train2017"
+    train_annotations: str = "annotations/instances_train2017.json"
+    val_images: str = "val2017"
+    val_annotations: str = "annotations/instances_val2017.json"
+    #: Resize the shorter image side to min_size, the longer one to at most max_size
+    #: (the official 1333x800); the detector's own resize is set to the same sizes.
+    min_size: int = 800
+    max_size: int = 1333
+    #: Probability of a horizontal flip of a training image.
+    hflip: float = 0.5
+    #: `involution predict`: draw the detections scoring at least this.
+    score_threshold: float = 0.5
+
+
+@dataclass
+class SegmentationConfig:
+    """task: segmentation (see involution.train.tasks.segmentation)."""
+
+    #: data.dataset=folder: class names, label value i = classes[i] (other datasets know theirs).
+    classes: list[str] | None = None
+    #: data.dataset=folder: label 0 -> ignore (255), k -> k - 1 (always on for ade20k).
+    reduce_zero_label: bool = False
+    #: Training crops [h, w]; smaller images are padded (labels with the ignore index 255).
+    crop_size: list[int] = field(default_factory=lambda: [512, 1024])
+    #: Random rescale before cropping: fit scale * r, r uniform in ratio_range (null: none).
+    scale: list[int] | None = None
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    #: Redraw a crop (up to 10 times) while one class covers this fraction of it (1: never).
+    cat_max_ratio: float = 1.0
+    flip: bool = True
+    color_jitter: bool = False
+    #: Evaluation and prediction: keep-ratio resize to fit [h, w] (null: as is); scores are
+    #: computed at the labels' own size.
+    eval_scale: list[int] | None = None
+    #: whole (one forward per image) | slide (slide_crop windows every slide_stride, averaged)
+    inference: str = "whole"
+    slide_crop: list[int] | None = None
+    slide_stride: list[int] | None = None
+    #: Weight of the auxiliary head's loss (UPerNet's FCN head on C4).
+    aux_weight: float = 0.4
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    name: str | None = None
+
+
+@dataclass
+class ConfigSchema:
+    """Every configurable key, its type and its default."""
+
+    #: classification | detection | segmentation (see involution.train.tasks)
+    task: str = "classification"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
 
 
 def shipped_configs() -> list[str]:
@@ -186,63 +219,9 @@ def _resolve_config_path(name: str | Path, relative_to: Path | None = None) -> P
     )
 
 
-def _merge(base: Config, update: Mapping[str, Any], prefix: str = "") -> Config:
-    """Recursively merge ``update`` into a copy of ``base``, checking keys against DEFAULTS."""
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        dotted = f"{prefix}{key}"
-        if dotted in FREE_FORM_KEYS:
-            if not isinstance(value, Mapping):
-                raise TypeError(f"config key {dotted!r} must be a mapping, got {value!r}")
-            merged[key] = {**merged.get(key, {}), **copy.deepcopy(dict(value))}
-            continue
-        default = _lookup(DEFAULTS, dotted)
-        if isinstance(default, dict):
-            if not isinstance(value, Mapping):
-                raise TypeError(f"config key {dotted!r} must be a mapping, got {value!r}")
-            merged[key] = _merge(merged[key], value, prefix=f"{dotted}.")
-        else:
-            merged[key] = _check_type(dotted, default, value)
-    return merged
-
-
-def _lookup(config: Config, dotted: str) -> Any:
-    node: Any = config
-    parts = dotted.split(".")
-    for depth, part in enumerate(parts):
-        if not isinstance(node, dict) or part not in node:
-            section = ".".join(parts[:depth])
-            known = sorted(node) if isinstance(node, dict) else []
-            where = f" in section {section!r}" if section else ""
-            raise KeyError(f"unknown config key {dotted!r}{where}; known keys: {', '.join(known)}")
-        node = node[part]
-    return node
-
-
-def _check_type(dotted: str, default: Any, value: Any) -> Any:
-    """Accept ``value`` if it has the default's type (ints for floats, anything for None)."""
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, float):
-        value = _as_number(value)
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise TypeError(
-            f"config key {dotted!r} expects {type(default).__name__}, got {value!r} "
-            f"({type(value).__name__})"
-        )
-    return value
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Config:
-    """The mapping in YAML file ``path`` merged over its ``base`` chain (raw, unvalidated)."""
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[Config]:
+    """The mappings of YAML file ``path`` and of its ``base`` chain, the farthest parent first
+    (raw: checked when merged)."""
     path = path.resolve()
     if path in seen:
         raise ValueError(f"config inheritance cycle: {' -> '.join(map(str, (*seen, path)))}")
@@ -254,19 +233,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Config:
         raise ValueError(f"config {path} must hold a mapping at top level, got {type(data)}")
     base_name = data.pop("base", None)
     if base_name is None:
-        return data
-    parent = _read_yaml(_resolve_config_path(base_name, path.parent), (*seen, path))
-    return _deep_update(parent, data)
-
-
-def _deep_update(base: Config, update: Mapping[str, Any]) -> Config:
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_update(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
+        return [data]
+    return [*_read_yaml(_resolve_config_path(base_name, path.parent), (*seen, path)), data]
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -291,11 +259,62 @@ def _as_number(value: Any) -> Any:
     return value
 
 
-def _nest(dotted: str, value: Any) -> Config:
-    nested: Any = value
-    for part in reversed(dotted.split(".")):
-        nested = {part: nested}
-    return nested
+def _merge(node: DictConfig, update: Mapping[str, Any], prefix: str = "") -> None:
+    """Merge ``update`` into ``node`` in place, one key at a time so that an error names its
+    dotted key in one line: ``KeyError`` for an unknown key, ``TypeError`` for a bad value."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        current = node.get(key)
+        if isinstance(value, Mapping) and isinstance(current, DictConfig):
+            _merge(current, value, f"{dotted}.")
+            continue
+        try:
+            node.merge_with({key: value})
+        except (ConfigKeyError, ConfigAttributeError):
+            section = f" in section {prefix[:-1]!r}" if prefix else ""
+            raise KeyError(
+                f"unknown config key {dotted!r}{section}; known keys: {', '.join(sorted(node))}"
+            ) from None
+        except OmegaConfBaseException as err:
+            if isinstance(current, DictConfig):
+                raise TypeError(f"config key {dotted!r} must be a mapping, got {value!r}") from None
+            raise TypeError(_type_message(node, key, dotted, value, err)) from None
+        if not OmegaConf.is_interpolation(node, key) and _converted(value, node[key]):
+            raise TypeError(_type_message(node, key, dotted, value))
+
+
+def _type_message(
+    node: DictConfig, key: str, dotted: str, value: Any, err: Exception | None = None
+) -> str:
+    """One line naming the dotted key, the schema's type and the offending value."""
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.get_type(node)
+    declared = {f.name: f.type for f in fields(schema)} if is_dataclass(schema) else {}
+    if key in declared:
+        expected = f"expects {declared[key]}"
+    else:  # below a free-form mapping: what OmegaConf refused
+        expected = f"is invalid ({str(err).splitlines()[0]})" if err else "is invalid"
+    return f"config key {dotted!r} {expected}, got {value!r} ({type(value).__name__})"
+
+
+def _converted(given: Any, stored: Any) -> bool:
+    """Whether OmegaConf changed ``given``'s kind on storing it. It reads 1 and "yes" as True and
+    5 as "5"; only the YAML promotions to float (ints, and strings such as ``1e-4``) are kept."""
+    if isinstance(given, Mapping):  # a new key of a free-form mapping: stored as given
+        return False
+    if isinstance(given, list):
+        return (
+            not isinstance(stored, Sequence)
+            or len(stored) != len(given)
+            or any(map(_converted, given, stored))
+        )
+    if isinstance(stored, float) and isinstance(given, int | str) and not isinstance(given, bool):
+        return False
+    return type(given) is not type(stored)
 
 
 def load_config(
@@ -303,19 +322,32 @@ def load_config(
     overrides: Iterable[str] = (),
     base: Config | None = None,
 ) -> Config:
-    """Resolve a full config: DEFAULTS <- ``base`` <- file ``path`` <- dotted ``overrides``.
+    """Resolve a full config: the schema's defaults <- ``base`` <- file ``path`` (after its
+    ``base`` chain) <- dotted ``overrides``, as plain nested dicts.
 
-    Raises ``KeyError`` for unknown keys, ``TypeError`` for values of the wrong type,
-    ``FileNotFoundError`` for a missing file and ``ValueError`` for malformed input.
+    ``base`` may be a complete config dump, such as a run's ``config.yaml``: keys added to the
+    schema since it was written take their defaults. Raises ``KeyError`` for unknown keys,
+    ``TypeError`` for values of the wrong type, ``FileNotFoundError`` for a missing file and
+    ``ValueError`` for malformed input.
     """
-    config = _merge(DEFAULTS, base or {})
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    config = OmegaConf.structured(ConfigSchema)
+    layers = [base or {}]
     if path is not None:
-        config = _merge(config, _read_yaml(_resolve_config_path(path)))
+        layers += _read_yaml(_resolve_config_path(path))
     for text in overrides:
         key, value = parse_override(text)
-        config = _merge(config, _nest(key, value))
-    validate(config)
-    return config
+        layers.append(reduce(lambda nested, part: {part: nested}, reversed(key.split(".")), value))
+    for layer in layers:
+        _merge(config, layer)
+    try:
+        resolved = OmegaConf.to_container(config, resolve=True)
+    except OmegaConfBaseException as err:  # a ${...} interpolation that does not resolve
+        raise ValueError(f"config: {str(err).splitlines()[0]}") from None
+    validate(resolved)
+    return resolved
 
 
 #: The tasks of :mod:`involution.train.tasks` and the datasets each can read.
@@ -344,13 +376,17 @@ _POSITIVE: tuple[str, ...] = (
 
 
 def validate(config: Config) -> None:
-    """Check values beyond their types (choices, positivity); raise ``ValueError``."""
+    """Check values beyond their types (choices, ranges); raise ``ValueError``."""
+
+    def lookup(dotted: str) -> Any:
+        return reduce(operator.getitem, dotted.split("."), config)
+
     for dotted, choices in _CHOICES.items():
-        value = _lookup(config, dotted)
+        value = lookup(dotted)
         if value not in choices:
             raise ValueError(f"config key {dotted!r} must be one of {choices}, got {value!r}")
     for dotted in _POSITIVE:
-        value = _lookup(config, dotted)
+        value = lookup(dotted)
         if value <= 0:
             raise ValueError(f"config key {dotted!r} must be positive, got {value!r}")
     datasets = TASK_DATASETS[config["task"]]
@@ -359,19 +395,13 @@ def validate(config: Config) -> None:
             f"data.dataset={config['data']['dataset']!r} is not a {config['task']} dataset; "
             f"choose one of {datasets}"
         )
-    if any(not isinstance(m, int | float) or m < 0 for m in config["train"]["milestones"]):
+    if any(m < 0 for m in config["train"]["milestones"]):
         raise ValueError(
             f"train.milestones must be epochs >= 0, got {config['train']['milestones']}"
         )
     ema = config["train"]["ema_decay"]
     if ema is not None and not 0.0 < ema < 1.0:
         raise ValueError(f"train.ema_decay must be in (0, 1), got {ema!r}")
-    for dotted in ("data.mean", "data.std"):
-        value = _lookup(config, dotted)
-        if value is not None and not (
-            isinstance(value, list) and all(isinstance(v, int | float) for v in value)
-        ):
-            raise ValueError(f"config key {dotted!r} must be a list of numbers, got {value!r}")
 
 
 def dump_config(config: Config) -> str:
