@@ -305,7 +305,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from involution.ops.backends.triton import tiled
+from involution.ops.backends.triton import tiled_kernels
 
 # Strides equal to 1 on channels_last features and pixel-major kernels (Triton specialises them).
 UNIT = {
@@ -318,7 +318,7 @@ FEATURE_STRIDES = ("sx_", "so_", "sg_", "si_", "sr_")
 FUSED = {"R_PAD": 128, "HAS_BIAS": True, "IEEE_DOT": False, "DOT_IN_FP32": False}
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 for name, units in UNIT.items():
-    kernel = getattr(tiled, name)
+    kernel = getattr(tiled_kernels, name)
     function, config = kernel.fn, kernel.configs[0]
     extra = FUSED if name.startswith("fused") else {"ACC_DTYPE": tl.float32}
     constexprs = {"KH": 7, "KW": 7, "CGP": 16, **extra, **config.kwargs, **dict.fromkeys(units, 1)}

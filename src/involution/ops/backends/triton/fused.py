@@ -1,36 +1,35 @@
-"""Triton kernel of the fused involution forward: kernel generation inside the aggregation.
+"""The ``"gather"`` variant's fused forward kernel: kernel generation inside the aggregation.
 
 For a block of output pixels of one (batch, group) the program computes the group's Kh*Kw
 kernel values per pixel as a small matrix product of the span (1x1 conv) weight and the reduced
 features, rounds them to the tensor dtype (exactly what the unfused span conv would store), and
 aggregates the group's channels with them. The (B, G*Kh*Kw, H_out, W_out) kernel tensor is
-never written to memory.
+never written to memory. The launcher is :func:`.gather.fused_forward`.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton import knobs
 
-from involution.ops.backends.triton import autotune_enabled
+from involution.ops.backends.triton.kernels import pixel_block
+from involution.ops.backends.triton.launch import autotune_configs
+from involution.ops.backends.triton.taps import tap
 
-if knobs.runtime.interpret:
-    CONFIGS = [triton.Config({"BLOCK_P": 16, "BLOCK_R": 16}, num_warps=1)]
-elif not autotune_enabled():
-    CONFIGS = [triton.Config({"BLOCK_P": 64, "BLOCK_R": 32}, num_warps=4, num_stages=2)]
-else:
-    CONFIGS = [
-        triton.Config({"BLOCK_P": block_p, "BLOCK_R": block_r}, num_warps=warps, num_stages=stages)
-        for block_p, block_r, warps, stages in (
-            (32, 32, 4, 2),
-            (64, 32, 4, 2),
-            (64, 64, 4, 3),
-            (128, 32, 8, 2),
-            (32, 64, 2, 3),
-            (128, 16, 4, 2),
-        )
-    ]
+#: (block of pixels, block of the reduced width, warps, stages).
+CONFIGS = autotune_configs(
+    ("BLOCK_P", "BLOCK_R"),
+    interpreted=[(16, 16, 1, 3)],
+    fixed=[(64, 32, 4, 2)],
+    tuned=[
+        (32, 32, 4, 2),
+        (64, 32, 4, 2),
+        (64, 64, 4, 3),
+        (128, 32, 8, 2),
+        (32, 64, 2, 3),
+        (128, 16, 4, 2),
+    ],
+)
 
 
 @triton.autotune(configs=CONFIGS, key=["C", "CG", "R", "H", "W", "OH", "OW", "KH", "KW"])
@@ -82,16 +81,7 @@ def fused_forward_kernel(
     ``span_w`` is contiguous (G*Kh*Kw, R); ``reduced`` (B, R, H_out, W_out) is strided.
     """
     pid = tl.program_id(0)
-    num_p = tl.cdiv(OH * OW, BLOCK_P)
-    pid_p = pid % num_p
-    pid_bg = pid // num_p
-    b = (pid_bg // G).to(tl.int64)
-    g = pid_bg % G
-
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < OH * OW
-    oh = offs_p // OW
-    ow = offs_p % OW
+    b, g, _, _, _, oh, ow, mask_p = pixel_block(pid, OH, OW, 1, G, BLOCK_P)
     offs_k = tl.arange(0, KK_PAD)
     mask_k = offs_k < KH * KW
     rows = g * (KH * KW) + offs_k
@@ -124,9 +114,9 @@ def fused_forward_kernel(
 
     kh = offs_k // KW
     kw = offs_k % KW
-    ih = (oh * stride_h - pad_h)[None, :] + (kh * dil_h)[:, None]
-    iw = (ow * stride_w - pad_w)[None, :] + (kw * dil_w)[:, None]
-    ok = mask_k[:, None] & mask_p[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    ih, inside_h = tap(oh[None, :], stride_h, pad_h, kh[:, None], dil_h, H)
+    iw, inside_w = tap(ow[None, :], stride_w, pad_w, kw[:, None], dil_w, W)
+    ok = mask_k[:, None] & mask_p[None, :] & inside_h & inside_w
     x_taps = x_ptr + b * sx_b + ih * sx_h + iw * sx_w
     out_pixels = out_ptr + b * so_b + oh * so_h + ow * so_w
     for ci in range(CG):

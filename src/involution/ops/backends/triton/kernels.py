@@ -1,4 +1,4 @@
-"""Triton kernels of the involution aggregation: forward, gradient of the input, of the weight.
+"""The ``"gather"`` variant's aggregation kernels: forward, gradient of the input, of the weight.
 
 Layouts: ``input``, ``output``, ``grad_output`` and ``grad_input`` are addressed through their
 strides, so NCHW and channels_last tensors are read and written in place without a copy (the
@@ -9,40 +9,75 @@ Every program owns a disjoint block of the tensor it writes and accumulates in r
 (float32, or float64 for float64 tensors), so there are no atomics and results are bitwise
 reproducible. Programs are laid out on a 1-D grid with the pixel block varying fastest, so
 neighbouring programs share their input halo in L2, and no grid dimension can overflow.
+The launchers are in :mod:`~.gather`.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton import knobs
 
-from involution.ops.backends.triton import autotune_enabled
+from involution.ops.backends.triton.launch import autotune_configs
+from involution.ops.backends.triton.taps import adjoint_tap, tap
 
-#: Autotune search space on a GPU (block of pixels, block of channels, warps). The interpreter
-#: cannot benchmark, so it gets one small config that still exercises the masking of partial
-#: blocks in the tiny test shapes; with autotuning off a GPU gets one mid-sized config.
-if knobs.runtime.interpret:
-    CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 4}, num_warps=1)]
-elif not autotune_enabled():
-    CONFIGS = [triton.Config({"BLOCK_P": 64, "BLOCK_C": 16}, num_warps=4)]
-else:
-    CONFIGS = [
-        triton.Config({"BLOCK_P": block_p, "BLOCK_C": block_c}, num_warps=warps)
-        for block_p, block_c, warps in (
-            (32, 16, 2),
-            (64, 8, 4),
-            (64, 16, 4),
-            (128, 8, 4),
-            (128, 16, 8),
-            (256, 4, 4),
-            (256, 8, 8),
-            (32, 32, 4),
-        )
-    ]
+#: Autotune search space on a GPU: (block of pixels, block of channels, warps, stages).
+CONFIGS = autotune_configs(
+    ("BLOCK_P", "BLOCK_C"),
+    interpreted=[(32, 4, 1, 3)],
+    fixed=[(64, 16, 4, 3)],
+    tuned=[
+        (32, 16, 2, 3),
+        (64, 8, 4, 3),
+        (64, 16, 4, 3),
+        (128, 8, 4, 3),
+        (128, 16, 8, 3),
+        (256, 4, 4, 3),
+        (256, 8, 8, 3),
+        (32, 32, 4, 3),
+    ],
+)
 
 #: Autotune key: the shape and convolution parameters that change the best tiling.
 KEY = ["C", "CG", "H", "W", "OH", "OW", "stride_h", "stride_w", "KH", "KW"]
+
+
+@triton.jit
+def pixel_block(pid, ROWS, COLS, CHANNEL_BLOCKS, G, BLOCK_P: tl.constexpr):
+    """Program ``pid``'s b, g, b*G + g, channel block, and its pixels (BLOCK_P,): flat
+    offsets, rows, columns and in-range mask.
+
+    Programs run over blocks of the ROWS x COLS pixels fastest, then ``CHANNEL_BLOCKS``
+    channel blocks, then (batch, group).
+    """
+    num_p = tl.cdiv(ROWS * COLS, BLOCK_P)
+    pid_bg = pid // (num_p * CHANNEL_BLOCKS)
+    pid_c = (pid // num_p) % CHANNEL_BLOCKS
+    offs_p = (pid % num_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b = (pid_bg // G).to(tl.int64)
+    return b, pid_bg % G, pid_bg, pid_c, offs_p, offs_p // COLS, offs_p % COLS, offs_p < ROWS * COLS
+
+
+@triton.jit
+def channel_block(pid_c, g, CG, BLOCK_C: tl.constexpr):
+    """Channels (BLOCK_C,) of block ``pid_c`` of group ``g``, and their in-range mask."""
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return g * CG + offs_c, offs_c < CG
+
+
+@triton.jit
+def store_block(ptr, chan_offsets, pixel_offsets, acc, mask_c, mask_p):
+    """Store ``acc`` (BLOCK_C, BLOCK_P) at ``ptr + chan_offsets[:, None] + pixel_offsets[None,
+    :]`` in the tensor's dtype, where both masks hold."""
+    ptrs = ptr + chan_offsets[:, None] + pixel_offsets[None, :]
+    tl.store(ptrs, acc.to(ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
+
+
+@triton.jit
+def accumulate_tap(acc, rows, pixels, mask_c, ok, kernel, ACC_DTYPE: tl.constexpr):
+    """``acc`` (BLOCK_C, BLOCK_P) plus the (channel, pixel) tile at ``rows[:, None] +
+    pixels[None, :]`` (zero where ``mask_c`` or ``ok`` is false) times ``kernel`` (BLOCK_P,)."""
+    values = tl.load(rows + pixels[None, :], mask=mask_c[:, None] & ok[None, :], other=0.0)
+    return acc + values.to(ACC_DTYPE) * kernel.to(ACC_DTYPE)[None, :]
 
 
 @triton.autotune(configs=CONFIGS, key=KEY)
@@ -80,41 +115,25 @@ def forward_kernel(
 ):
     """out[b, c, p] = sum_{kh,kw} w[b, g, kh, kw, p] * x[b, c, ih, iw] for a (C, P) block."""
     pid = tl.program_id(0)
-    num_p = tl.cdiv(OH * OW, BLOCK_P)
-    num_c = tl.cdiv(CG, BLOCK_C)
-    pid_p = pid % num_p
-    pid_c = (pid // num_p) % num_c
-    pid_bg = pid // (num_p * num_c)
-    b = (pid_bg // G).to(tl.int64)
-    g = pid_bg % G
-
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < OH * OW
-    oh = offs_p // OW
-    ow = offs_p % OW
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CG
-    chan = g * CG + offs_c
+    b, g, pid_bg, pid_c, offs_p, oh, ow, mask_p = pixel_block(
+        pid, OH, OW, tl.cdiv(CG, BLOCK_C), G, BLOCK_P
+    )
+    chan, mask_c = channel_block(pid_c, g, CG, BLOCK_C)
 
     x_rows = x_ptr + b * sx_b + chan[:, None] * sx_c
     w_base = w_ptr + pid_bg.to(tl.int64) * (KH * KW * OH * OW) + offs_p
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC_DTYPE)
     for kh in range(KH):
-        ih = oh * stride_h - pad_h + kh * dil_h
-        ok_h = mask_p & (ih >= 0) & (ih < H)
+        ih, inside_h = tap(oh, stride_h, pad_h, kh, dil_h, H)
+        ok_h = mask_p & inside_h
         for kw in tl.static_range(KW):
-            iw = ow * stride_w - pad_w + kw * dil_w
-            ok = ok_h & (iw >= 0) & (iw < W)
+            iw, inside_w = tap(ow, stride_w, pad_w, kw, dil_w, W)
             kernel = tl.load(w_base + (kh * KW + kw) * OH * OW, mask=mask_p, other=0.0)
-            x = tl.load(
-                x_rows + (ih * sx_h + iw * sx_w)[None, :],
-                mask=mask_c[:, None] & ok[None, :],
-                other=0.0,
-            )
-            acc += x.to(ACC_DTYPE) * kernel.to(ACC_DTYPE)[None, :]
+            pixels = ih * sx_h + iw * sx_w
+            acc = accumulate_tap(acc, x_rows, pixels, mask_c, ok_h & inside_w, kernel, ACC_DTYPE)
 
-    out = out_ptr + b * so_b + chan[:, None] * so_c + (oh * so_h + ow * so_w)[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
+    out_pixels = oh * so_h + ow * so_w
+    store_block(out_ptr + b * so_b, chan * so_c, out_pixels, acc, mask_c, mask_p)
 
 
 @triton.autotune(configs=CONFIGS, key=KEY)
@@ -156,44 +175,26 @@ def backward_input_kernel(
     when that division is exact and ``0 <= oh < OH`` (likewise for columns).
     """
     pid = tl.program_id(0)
-    num_p = tl.cdiv(H * W, BLOCK_P)
-    num_c = tl.cdiv(CG, BLOCK_C)
-    pid_p = pid % num_p
-    pid_c = (pid // num_p) % num_c
-    pid_bg = pid // (num_p * num_c)
-    b = (pid_bg // G).to(tl.int64)
-    g = pid_bg % G
-
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < H * W
-    ih = offs_p // W
-    iw = offs_p % W
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CG
-    chan = g * CG + offs_c
+    b, g, pid_bg, pid_c, _, ih, iw, mask_p = pixel_block(
+        pid, H, W, tl.cdiv(CG, BLOCK_C), G, BLOCK_P
+    )
+    chan, mask_c = channel_block(pid_c, g, CG, BLOCK_C)
 
     go_rows = go_ptr + b * sg_b + chan[:, None] * sg_c
     w_base = w_ptr + pid_bg.to(tl.int64) * (KH * KW * OH * OW)
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC_DTYPE)
     for kh in range(KH):
-        th = ih + pad_h - kh * dil_h
-        oh = th // stride_h
-        # th >= 0 first: the rounding of // and % on negatives does not matter then.
-        ok_h = mask_p & (th >= 0) & (th % stride_h == 0) & (oh < OH)
+        oh, reads_h = adjoint_tap(ih, stride_h, pad_h, kh, dil_h, OH)
+        ok_h = mask_p & reads_h
         for kw in tl.static_range(KW):
-            tw = iw + pad_w - kw * dil_w
-            ow = tw // stride_w
-            ok = ok_h & (tw >= 0) & (tw % stride_w == 0) & (ow < OW)
+            ow, reads_w = adjoint_tap(iw, stride_w, pad_w, kw, dil_w, OW)
+            ok = ok_h & reads_w
             kernel = tl.load(w_base + (kh * KW + kw) * OH * OW + oh * OW + ow, mask=ok, other=0.0)
-            grad = tl.load(
-                go_rows + (oh * sg_h + ow * sg_w)[None, :],
-                mask=mask_c[:, None] & ok[None, :],
-                other=0.0,
-            )
-            acc += grad.to(ACC_DTYPE) * kernel.to(ACC_DTYPE)[None, :]
+            pixels = oh * sg_h + ow * sg_w
+            acc = accumulate_tap(acc, go_rows, pixels, mask_c, ok, kernel, ACC_DTYPE)
 
-    gi = gi_ptr + b * si_b + chan[:, None] * si_c + (ih * si_h + iw * si_w)[None, :]
-    tl.store(gi, acc.to(gi_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
+    in_pixels = ih * si_h + iw * si_w
+    store_block(gi_ptr + b * si_b, chan * si_c, in_pixels, acc, mask_c, mask_p)
 
 
 @triton.autotune(configs=CONFIGS, key=KEY)
@@ -235,25 +236,16 @@ def backward_weight_kernel(
     a fixed order.
     """
     pid = tl.program_id(0)
-    num_p = tl.cdiv(OH * OW, BLOCK_P)
-    pid_p = pid % num_p
-    pid_bg = pid // num_p
-    b = (pid_bg // G).to(tl.int64)
-    g = pid_bg % G
-
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < OH * OW
-    oh = offs_p // OW
-    ow = offs_p % OW
+    b, g, pid_bg, _, offs_p, oh, ow, mask_p = pixel_block(pid, OH, OW, 1, G, BLOCK_P)
     go_pixels = go_ptr + b * sg_b + (oh * sg_h + ow * sg_w)[None, :]
     x_batch = x_ptr + b * sx_b
     gw_base = gw_ptr + pid_bg.to(tl.int64) * (KH * KW * OH * OW) + offs_p
     for kh in range(KH):
-        ih = oh * stride_h - pad_h + kh * dil_h
-        ok_h = mask_p & (ih >= 0) & (ih < H)
+        ih, inside_h = tap(oh, stride_h, pad_h, kh, dil_h, H)
+        ok_h = mask_p & inside_h
         for kw in tl.static_range(KW):
-            iw = ow * stride_w - pad_w + kw * dil_w
-            ok = ok_h & (iw >= 0) & (iw < W)
+            iw, inside_w = tap(ow, stride_w, pad_w, kw, dil_w, W)
+            ok = ok_h & inside_w
             acc = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
             for c0 in range(0, CG, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)

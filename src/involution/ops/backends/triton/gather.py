@@ -1,0 +1,123 @@
+"""The ``"gather"`` Triton variant's launchers: one (batch, group) per program.
+
+The kernels are in :mod:`~.kernels` (aggregation) and :mod:`~.fused` (aggregation with the
+kernels generated on the fly); the set-up every launcher shares (sizes, result allocation, the
+launch itself) in :mod:`~.launch`. Programs cover (batch, group, block of pixels[, block of
+channels]). The features are made contiguous in their own memory format and the kernel tensor
+contiguous (B, G, Kh, Kw, H_out, W_out), the layouts these kernels index.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from involution.ops.backends.triton import fused, kernels
+from involution.ops.backends.triton.launch import (
+    FusedProblem,
+    Geometry,
+    Sizes,
+    accumulator,
+    cdiv,
+    launch,
+    operands,
+    pow2,
+)
+from involution.ops.layout import Pair, memory_format_of
+
+#: The kernel of each aggregation pass.
+KERNELS = {
+    "forward": kernels.forward_kernel,
+    "backward_input": kernels.backward_input_kernel,
+    "backward_weight": kernels.backward_weight_kernel,
+}
+
+
+def _dense(tensor: Tensor) -> Tensor:
+    """``tensor`` (B, C, H, W) contiguous in its own memory format."""
+    return tensor.contiguous(memory_format=memory_format_of(tensor))
+
+
+def _programs(sizes: Sizes, pixels: int, channel_blocks: bool, meta: dict) -> int:
+    """(batch, group) pairs times blocks of ``pixels`` pixels, times blocks of the group's
+    channels when ``channel_blocks``."""
+    programs = sizes.batch * sizes.groups * cdiv(pixels, meta["BLOCK_P"])
+    return programs * (cdiv(sizes.group_channels, meta["BLOCK_C"]) if channel_blocks else 1)
+
+
+def _aggregate(
+    pass_name: str, grad_output: Tensor | None, input: Tensor, weight: Tensor, geometry: Geometry
+) -> Tensor:
+    """Run the kernel of aggregation pass ``pass_name``; returns the tensor it wrote."""
+    pointers = operands(pass_name, input, weight, grad_output)
+    sizes = Sizes.of(input.shape, weight.shape)
+    rows, columns = sizes.pixels(pass_name)
+    # A grad_weight program reduces all its group's channels.
+    channel_blocks = pass_name != "backward_weight"
+    dims = (sizes.channels, sizes.groups, sizes.group_channels, sizes.height, sizes.width)
+    launch(
+        KERNELS[pass_name],
+        lambda meta: _programs(sizes, rows * columns, channel_blocks, meta),
+        pointers,
+        (*dims, sizes.out_h, sizes.out_w),
+        # The features' strides: the kernel tensor is contiguous, indexed without them.
+        tuple(tensor for tensor in pointers if tensor.dim() == 4),
+        geometry,
+        KH=sizes.kernel_h,
+        KW=sizes.kernel_w,
+        ACC_DTYPE=accumulator(input.dtype),
+    )
+    return pointers[-1]
+
+
+def forward(input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
+    """Output (B, C, H_out, W_out) in the memory format of ``input`` (B, C, H, W)."""
+    geometry = (stride, padding, dilation)
+    return _aggregate("forward", None, _dense(input), weight.contiguous(), geometry)
+
+
+def backward_input(
+    grad_output: Tensor, input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair
+) -> Tensor:
+    """Gradient (B, C, H, W) with respect to ``input``, in its memory format."""
+    geometry = (stride, padding, dilation)
+    return _aggregate("backward_input", grad_output, input, weight.contiguous(), geometry)
+
+
+def backward_weight(
+    grad_output: Tensor, input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair
+) -> Tensor:
+    """Gradient (B, G, Kh, Kw, H_out, W_out) with respect to ``weight``."""
+    geometry = (stride, padding, dilation)
+    return _aggregate("backward_weight", grad_output, _dense(input), weight, geometry)
+
+
+def fused_supported(dtype: torch.dtype, channels: int, groups: int, reduced: int) -> bool:
+    """Whether :func:`fused_forward` handles this problem: every dtype but float64, which has
+    no fast matrix-product path in Triton (the caller then materialises the kernels)."""
+    return dtype != torch.float64
+
+
+def fused_forward(problem: FusedProblem) -> Tensor:
+    """Involution output (B, C, H_out, W_out), the kernels generated on the fly.
+
+    The caller checks :func:`fused_supported` first.
+    """
+    pointers, flags = problem.operands(_dense(problem.input))
+    sizes = problem.sizes
+    reduced_channels = problem.reduced.shape[1]
+    dims = (sizes.channels, sizes.groups, sizes.group_channels, reduced_channels, sizes.height)
+    launch(
+        fused.fused_forward_kernel,
+        lambda meta: _programs(sizes, sizes.out_h * sizes.out_w, False, meta),
+        pointers,
+        (*dims, sizes.width, sizes.out_h, sizes.out_w),
+        (pointers[0], pointers[1], pointers[-1]),
+        problem.geometry,
+        KH=sizes.kernel_h,
+        KW=sizes.kernel_w,
+        # tl.dot needs every tile dimension to be at least 16.
+        KK_PAD=max(16, pow2(sizes.kernel_h * sizes.kernel_w)),
+        **flags,
+    )
+    return pointers[-1]
