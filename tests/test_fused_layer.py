@@ -179,14 +179,14 @@ def test_training_mode_and_enabled_gradients_keep_the_differentiable_path():
 
 def test_eval_path_takes_the_layer_op(monkeypatch):
     preparations, runs = [], []
-    original = registration.prepare_layer_inference
+    original = registration.prepare_layer
 
     def counting(*args):
         preparations.append(args)
         run = original(*args)
         return lambda *inputs: runs.append(inputs) or run(*inputs)
 
-    monkeypatch.setattr(registration, "prepare_layer_inference", counting)
+    monkeypatch.setattr(registration, "prepare_layer", counting)
     module = randomize(Involution2d(16, 3, backend="cpu"), torch.float32)
     with torch.inference_mode():
         module(torch.randn(1, 16, 5, 5))
@@ -306,13 +306,13 @@ def test_packed_weights_are_reused_until_the_weights_change(monkeypatch):
 
 def test_module_checks_and_prepares_the_layer_op_once_per_input_shape(monkeypatch):
     checks = []
-    original = functional._checked_layer_arguments
+    original = functional.layer_spec
 
     def counting(*args):
         checks.append(args)
         return original(*args)
 
-    monkeypatch.setattr(functional, "_checked_layer_arguments", counting)
+    monkeypatch.setattr(functional, "layer_spec", counting)
     # With its BatchNorm (not folded): the preparation folds it, once.
     module = randomize(Involution2d(32, 7, stride=2), torch.float64)
     x = torch.randn(2, 32, 9, 9, dtype=torch.float64)

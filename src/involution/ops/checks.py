@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from involution.ops.backends import BACKENDS
-from involution.ops.layout import Pair
+from involution.ops.layout import IntOrPair, Pair
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -30,9 +30,6 @@ __all__ = [
     "geometry",
     "output_size",
 ]
-
-#: An int for both spatial dimensions, or (height, width).
-IntOrPair = int | tuple[int, int]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 

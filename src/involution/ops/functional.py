@@ -2,14 +2,15 @@
 and, for inference, the whole layer :func:`involution2d_layer` (checked and prepared once for
 repeated eager calls: :func:`prepare_involution2d_layer`).
 
-Both check their arguments (:mod:`involution.ops.checks`), apply autocast, resolve the backend
-and call the registered ops (:mod:`involution.ops.registration`).
+Each checks its arguments (:mod:`involution.ops.checks`), applies autocast, resolves the backend
+once and calls the registered ops (:mod:`involution.ops.registration`); the layer op's checks
+give one :class:`~involution.ops.layer.Involution2dLayerSpec` (:func:`layer_spec`).
 :func:`generate_kernels` is the span conv that turns reduced features into per-pixel kernels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,7 +28,8 @@ from involution.ops.checks import (
     check_tensors,
     geometry,
 )
-from involution.ops.layout import generate_kernels
+from involution.ops.layer import Involution2dLayerSpec, LayerArguments, LayerRun
+from involution.ops.layout import Pair, generate_kernels
 from involution.ops.lowering import exporting_to_onnx
 
 __all__ = [
@@ -327,25 +329,7 @@ def _check_vector(name: str, vector: Tensor | None, length: int) -> None:
         raise ValueError(f"{name} must have shape ({length},), got {tuple(vector.shape)}")
 
 
-def involution2d_layer(
-    input: Tensor,
-    reduce_weight: Tensor,
-    reduce_bias: Tensor | None,
-    span_weight: Tensor,
-    span_bias: Tensor | None,
-    kernel_size: IntOrPair,
-    groups: int,
-    stride: IntOrPair = 1,
-    dilation: IntOrPair = 1,
-    out_scale: Tensor | None = None,
-    out_shift: Tensor | None = None,
-    out_relu: bool = False,
-    backend: str = "auto",
-    proj_weight: Tensor | None = None,
-    proj_bias: Tensor | None = None,
-    residual: Tensor | None = None,
-    proj_relu: bool = False,
-) -> Tensor:
+def involution2d_layer(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     r"""The whole :class:`~involution.ops.Involution2d` layer, for inference (no autograd).
 
     .. math::
@@ -364,16 +348,17 @@ def involution2d_layer(
     output pixels, so neither the (B, G*K*K, H_out, W_out) kernels nor the reduced features
     are stored; otherwise the steps run one after another (identical results within rounding).
 
-    Args:
+    Args (after ``input``, positional or by keyword, in this order: those of
+    :class:`~involution.ops.layer.LayerArguments`):
         input: (B, C, H, W), NCHW or channels_last (the output follows).
         reduce_weight: (M, C) or (M, C, 1, 1); reduce_bias: (M,) or ``None``.
         span_weight: (G*K*K, M) or (G*K*K, M, 1, 1); span_bias: (G*K*K,) or ``None``.
         kernel_size: K, odd (int or pair).
         groups: G, dividing C.
-        stride, dilation: int or pair.
-        out_scale, out_shift: (C,) each, both or neither.
-        out_relu: apply ReLU to the layer's output.
-        backend: as in :func:`involution2d`.
+        stride, dilation: int or pair (default 1).
+        out_scale, out_shift: (C,) each, both or neither (default ``None``).
+        out_relu: apply ReLU to the layer's output (default ``False``).
+        backend: as in :func:`involution2d` (default ``"auto"``).
         proj_weight: (P, C) or (P, C, 1, 1): a 1x1 conv applied to the layer's output (a
             bottleneck's last conv, its BatchNorm folded in), computed on each block of pixels
             while it is in registers on the ``"cpu"`` backend; proj_bias: (P,) or ``None``.
@@ -387,164 +372,121 @@ def involution2d_layer(
     layer's differentiable path (:class:`~involution.ops.Involution2d` in training mode or
     with gradients enabled) for training.
     """
-    args = _checked_layer_arguments(
-        input,
-        reduce_weight,
-        reduce_bias,
-        span_weight,
-        span_bias,
-        kernel_size,
-        groups,
-        stride,
-        dilation,
-        out_scale,
-        out_shift,
-        out_relu,
-        backend,
-        proj_weight,
-        proj_bias,
-        residual,
-        proj_relu,
-    )
-    # The weights are often Parameters (a Tensor subclass that eager mode treats as a tensor):
-    # the input alone decides.
-    if registration.use_eager_path(input, input):
-        return registration.layer_inference(*args)
-    return registration.involution2d_layer_op(*args)
+    return layer_forward(input, LayerArguments(*args, **kwargs))
 
 
-def prepare_involution2d_layer(
-    input: Tensor,
-    reduce_weight: Tensor,
-    reduce_bias: Tensor | None,
-    span_weight: Tensor,
-    span_bias: Tensor | None,
-    kernel_size: IntOrPair,
-    groups: int,
-    stride: IntOrPair = 1,
-    dilation: IntOrPair = 1,
-    out_scale: Tensor | None = None,
-    out_shift: Tensor | None = None,
-    out_relu: bool = False,
-    backend: str = "auto",
-    proj_weight: Tensor | None = None,
-    proj_bias: Tensor | None = None,
-    residual: Tensor | None = None,
-    proj_relu: bool = False,
-) -> Callable[[Tensor, Tensor | None], Tensor] | None:
+def prepare_involution2d_layer(input: Tensor, *args: Any, **kwargs: Any) -> LayerRun | None:
     """:func:`involution2d_layer` checked and prepared once, for many calls in eager mode.
 
     Same arguments and checks as :func:`involution2d_layer`, with ``input`` and ``residual`` as
     examples: returns ``run(input, residual)``, which computes ``involution2d_layer(input, ...,
-    residual=residual, ...)`` without checking again, for inputs (and residuals) of the examples'
-    shapes, dtype and device, with the parameter tensors unchanged (the ``"cpu"`` backend packs
-    them once, here). ``None`` where the call would not run eagerly (under ``torch.compile``, a
-    dispatch mode, tensor subclasses) or autocast casts the input: call
-    :func:`involution2d_layer` there.
+    residual=residual, ...)`` without checking again, for inputs (B, C, H, W) and residuals
+    (B, P, H_out, W_out) of the examples' shapes, dtype and device, with the parameter tensors
+    unchanged (the ``"cpu"`` backend packs them once, here). ``None`` where the call would not
+    run eagerly (under ``torch.compile``, a dispatch mode, tensor subclasses) or autocast casts
+    the input: call :func:`involution2d_layer` there.
     """
-    args = _checked_layer_arguments(
-        input,
-        reduce_weight,
-        reduce_bias,
-        span_weight,
-        span_bias,
-        kernel_size,
-        groups,
-        stride,
-        dilation,
-        out_scale,
-        out_shift,
-        out_relu,
-        backend,
-        proj_weight,
-        proj_bias,
-        residual,
-        proj_relu,
-    )
-    if args[0] is not input or not registration.use_eager_path(input, input):
+    return prepare_layer(input, LayerArguments(*args, **kwargs))
+
+
+def layer_forward(input: Tensor, arguments: LayerArguments) -> Tensor:
+    """:func:`involution2d_layer` with its arguments after ``input`` gathered: checked into a
+    spec (:func:`layer_spec`), then run (the custom op where a tracer needs one)."""
+    spec, input, residual = layer_spec(input, arguments)
+    return registration.run_layer(spec, input, residual)
+
+
+def prepare_layer(input: Tensor, arguments: LayerArguments) -> LayerRun | None:
+    """:func:`prepare_involution2d_layer` with its arguments after ``input`` gathered."""
+    spec, checked, _ = layer_spec(input, arguments)
+    if checked is not input or not registration.use_eager_path(input, input):
         return None  # autocast cast the input, or not in plain eager mode
-    # The op's arguments without input and residual.
-    return registration.prepare_layer_inference(*args[1:15], *args[16:])
+    return registration.prepare_layer(spec)
 
 
-def _checked_layer_arguments(
-    input: Tensor,
-    reduce_weight: Tensor,
-    reduce_bias: Tensor | None,
-    span_weight: Tensor,
-    span_bias: Tensor | None,
-    kernel_size: IntOrPair,
-    groups: int,
-    stride: IntOrPair,
-    dilation: IntOrPair,
-    out_scale: Tensor | None,
-    out_shift: Tensor | None,
-    out_relu: bool,
-    backend: str,
-    proj_weight: Tensor | None,
-    proj_bias: Tensor | None,
-    residual: Tensor | None,
-    proj_relu: bool,
-) -> tuple:
-    """:func:`involution2d_layer`'s checks and autocast: the layer op's arguments."""
-    named = dict(
-        input=input,
-        reduce_weight=reduce_weight,
-        reduce_bias=reduce_bias,
-        span_weight=span_weight,
-        span_bias=span_bias,
-        out_scale=out_scale,
-        out_shift=out_shift,
-        proj_weight=proj_weight,
-        proj_bias=proj_bias,
-        residual=residual,
-    )
+#: The parameter tensors of the layer op, in the order of its checks and of its schema.
+_LAYER_PARAMETERS = (
+    "reduce_weight",
+    "reduce_bias",
+    "span_weight",
+    "span_bias",
+    "out_scale",
+    "out_shift",
+    "proj_weight",
+    "proj_bias",
+)
+
+
+def layer_spec(
+    input: Tensor, arguments: LayerArguments
+) -> tuple[Involution2dLayerSpec, Tensor, Tensor | None]:
+    """:func:`involution2d_layer`'s checks and autocast, and its backend resolved, once:
+    (spec, input, residual), the tensors cast where autocast is on.
+
+    ``input`` (B, C, H, W) and ``arguments.residual`` (B, P, H_out, W_out) or ``None`` are
+    the call's (or, for a prepared op, examples of its calls'): the spec holds for inputs of
+    the same shape, dtype and device.
+    """
+    named = {
+        "input": input,
+        **{name: getattr(arguments, name) for name in _LAYER_PARAMETERS},
+        "residual": arguments.residual,
+    }
     check_tensors(**named)
-    check_backend(backend)
+    check_backend(arguments.backend)
     check_rank("input", input, ("B", "C", "H", "W"))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in named.values()):
         raise RuntimeError(
             "involution2d_layer is inference-only (no autograd); call it under torch.no_grad() "
             "or torch.inference_mode()"
         )
-    kernel_hw = as_pair("kernel_size", kernel_size)
+    kernel_hw = as_pair("kernel_size", arguments.kernel_size)
     if kernel_hw[0] % 2 == 0 or kernel_hw[1] % 2 == 0:
         raise ValueError(f"kernel_size must be odd for involution2d_layer, got {kernel_hw}")
     _, channels, height, width = input.shape
-    geo = geometry((height, width), kernel_hw, stride, None, dilation)
-    check_groups(groups, channels, f"input {tuple(input.shape)}")
-    reduced = _as_matrix("reduce_weight", reduce_weight, None, channels).shape[0]
-    kernels = groups * kernel_hw[0] * kernel_hw[1]
-    _as_matrix("span_weight", span_weight, kernels, reduced)
-    _check_vector("reduce_bias", reduce_bias, reduced)
-    _check_vector("span_bias", span_bias, kernels)
-    _check_vector("out_scale", out_scale, channels)
-    _check_vector("out_shift", out_shift, channels)
-    if (out_scale is None) != (out_shift is None):
-        raise ValueError("out_scale and out_shift must be given together")
-    if proj_weight is None:
-        if proj_bias is not None or residual is not None or proj_relu:
-            raise ValueError("proj_bias, residual and proj_relu need proj_weight")
-    else:
-        projected = _as_matrix("proj_weight", proj_weight, None, channels).shape[0]
-        _check_vector("proj_bias", proj_bias, projected)
-        expected = (input.shape[0], projected, *geo.out_size)
-        if residual is not None and tuple(residual.shape) != expected:
-            raise ValueError(f"residual must have shape {expected}, got {tuple(residual.shape)}")
+    geo = geometry((height, width), kernel_hw, arguments.stride, None, arguments.dilation)
+    check_groups(arguments.groups, channels, f"input {tuple(input.shape)}")
+    kernels = arguments.groups * kernel_hw[0] * kernel_hw[1]
+    _check_layer_shapes(arguments, input, kernels, geo.out_size)
     # The tensors themselves (not the flattened views): the cpu backend recognises a model's
     # parameters across calls.
-    tensors = autocast(*named.values())
-    check_dtypes(**dict(zip(named, tensors, strict=True)))
-    return (
-        *tensors[:5],
-        kernel_hw,
-        geo.stride,
-        geo.padding,
-        geo.dilation,
-        groups,
-        *tensors[5:7],
-        out_relu,
-        *tensors[7:],
-        proj_relu,
-        resolve_backend(backend, input.device),
+    cast = dict(zip(named, autocast(*named.values()), strict=True))
+    check_dtypes(**cast)
+    spec = Involution2dLayerSpec(
+        kernel_size=kernel_hw,
+        stride=geo.stride,
+        padding=geo.padding,
+        dilation=geo.dilation,
+        groups=arguments.groups,
+        backend=resolve_backend(arguments.backend, input.device),
+        out_relu=arguments.out_relu,
+        proj_relu=arguments.proj_relu,
+        **{name: cast[name] for name in _LAYER_PARAMETERS},
     )
+    return spec, cast["input"], cast["residual"]
+
+
+def _check_layer_shapes(
+    arguments: LayerArguments, input: Tensor, kernels: int, out_size: Pair
+) -> None:
+    """The shapes of the layer op's parameters and residual, for ``input`` (B, C, H, W),
+    G*Kh*Kw = ``kernels`` kernel channels and an output of ``out_size`` (H_out, W_out)."""
+    channels = input.shape[1]
+    reduced = _as_matrix("reduce_weight", arguments.reduce_weight, None, channels).shape[0]
+    _as_matrix("span_weight", arguments.span_weight, kernels, reduced)
+    _check_vector("reduce_bias", arguments.reduce_bias, reduced)
+    _check_vector("span_bias", arguments.span_bias, kernels)
+    _check_vector("out_scale", arguments.out_scale, channels)
+    _check_vector("out_shift", arguments.out_shift, channels)
+    if (arguments.out_scale is None) != (arguments.out_shift is None):
+        raise ValueError("out_scale and out_shift must be given together")
+    if arguments.proj_weight is None:
+        if arguments.proj_bias is not None or arguments.residual is not None or arguments.proj_relu:
+            raise ValueError("proj_bias, residual and proj_relu need proj_weight")
+        return
+    projected = _as_matrix("proj_weight", arguments.proj_weight, None, channels).shape[0]
+    _check_vector("proj_bias", arguments.proj_bias, projected)
+    expected = (input.shape[0], projected, *out_size)
+    residual = arguments.residual
+    if residual is not None and tuple(residual.shape) != expected:
+        raise ValueError(f"residual must have shape {expected}, got {tuple(residual.shape)}")

@@ -16,6 +16,9 @@ from torch import Tensor
 #: A validated (height, width) pair: stride, padding, dilation or kernel size.
 Pair = tuple[int, int]
 
+#: An int for both spatial dimensions, or (height, width): what the front doors take.
+IntOrPair = int | tuple[int, int]
+
 
 def pair(values: Sequence[int]) -> Pair:
     """``(int(values[0]), int(values[1]))``: the op schemas pass pairs as lists of ints."""

@@ -18,9 +18,10 @@ from involution.ops.backends import resolve_backend
 from involution.ops.functional import (
     involution2d,
     involution2d_fused,
-    involution2d_layer,
-    prepare_involution2d_layer,
+    layer_forward,
+    prepare_layer,
 )
+from involution.ops.layer import LayerArguments, LayerRun
 from involution.ops.layout import tensor_states
 from involution.ops.lowering import exporting_to_onnx, involution2d_lowered
 
@@ -194,7 +195,7 @@ class Involution2d(nn.Module):
         self.act = act_layer()
         self.span = nn.Conv2d(reduced, kernel_size * kernel_size * self.groups, 1)
         # (key, run) of the fused inference op prepared for the last call (see forward_layer).
-        self._prepared_layer: tuple[tuple, Callable[[Tensor, Tensor | None], Tensor]] | None = None
+        self._prepared_layer: tuple[tuple, LayerRun] | None = None
 
     def reduce_features(self, x: Tensor) -> Tensor:
         """The kernel branch before the span conv: (B, C, H, W) -> (B, C/r, H_out, W_out)."""
@@ -219,6 +220,14 @@ class Involution2d(nn.Module):
             and _is_foldable_norm(self.norm)
             and not exporting_to_onnx()  # ONNX has no custom op: the lowered layer
         )
+
+    def layer_inference_backend(self, x: Tensor) -> str | None:
+        """The concrete backend when :meth:`forward` runs the fused inference op on ``x``, else
+        ``None``. The backend is resolved only in eval mode without gradients: once per call."""
+        if self.training or torch.is_grad_enabled() or not self.fuse_inference:
+            return None
+        backend = resolve_backend(self.backend, x.device)
+        return backend if self.layer_inference_applies(x, backend) else None
 
     def folded_reduce(self) -> tuple[Tensor, Tensor | None]:
         """The reduce conv with the eval-mode ``norm`` folded in: weight (C/r, C, 1, 1), bias
@@ -246,7 +255,7 @@ class Involution2d(nn.Module):
 
         Requires :meth:`layer_inference_applies`; (B, C, H, W) -> (B, C, H_out, W_out), or
         (B, P, H_out, W_out) with a projection to P channels. In eager mode the op is checked
-        and prepared (:func:`~involution.ops.functional.prepare_involution2d_layer`) once per
+        and prepared (:func:`~involution.ops.functional.prepare_layer`) once per
         input shape, dtype and device, and again when a parameter or buffer involved changes:
         the checks took ~30 µs per call, as long as the op itself on 7x7 maps at batch 1.
         """
@@ -288,9 +297,13 @@ class Involution2d(nn.Module):
                 if prepared is not None and prepared[0] == key:
                     return prepared[1](x, residual)
         reduce_weight, reduce_bias = self.folded_reduce()
-        args = (x, reduce_weight, reduce_bias, self.span.weight, self.span.bias, self.kernel_size)
-        options = dict(
-            groups=self.groups,
+        arguments = LayerArguments(
+            reduce_weight,
+            reduce_bias,
+            self.span.weight,
+            self.span.bias,
+            self.kernel_size,
+            self.groups,
             stride=self.stride,
             dilation=self.dilation,
             out_scale=out_scale,
@@ -302,9 +315,9 @@ class Involution2d(nn.Module):
             residual=residual,
             proj_relu=proj_relu,
         )
-        run = None if key is None else prepare_involution2d_layer(*args, **options)
-        if run is None:
-            return involution2d_layer(*args, **options)
+        run = None if key is None else prepare_layer(x, arguments)
+        if run is None:  # not in plain eager mode, or parameters without version counters
+            return layer_forward(x, arguments)
         self._prepared_layer = (key, run)
         return run(x, residual)
 
@@ -329,8 +342,8 @@ class Involution2d(nn.Module):
         # TorchScript skips a block only on a bare is_scripting() test.
         if not torch.jit.is_scripting():  # noqa: SIM102
             if not isinstance(x, torch.fx.Proxy):
-                backend = resolve_backend(self.backend, x.device)
-                if self.layer_inference_applies(x, backend):
+                backend = self.layer_inference_backend(x)
+                if backend is not None:
                     return self.forward_layer(x, backend)
         if not self.fused:
             return involution2d(
@@ -418,10 +431,8 @@ class Involution2dAffine(nn.Module):
         ):
             raise ValueError(f"projection must be a plain 1x1 conv, got {projection}")
         relu = type(self.act) is nn.ReLU
-        backend = resolve_backend(self.involution.backend, x.device)
-        if (relu or type(self.act) is nn.Identity) and self.involution.layer_inference_applies(
-            x, backend
-        ):
+        backend = self.involution.layer_inference_backend(x)
+        if (relu or type(self.act) is nn.Identity) and backend is not None:
             return self.involution.forward_layer(
                 x, backend, self.scale, self.shift, relu, projection, residual, proj_relu
             )

@@ -19,9 +19,11 @@ recomputes the kernels, materialising them (and their gradient) only while it ru
 
 ``involution::involution2d_layer`` is the whole :class:`~involution.ops.Involution2d` layer
 for inference (kernel branch, span conv, aggregation, an optional per-channel affine + ReLU
-epilogue and 1x1 projection): a backend with a ``layer_prepare`` (``"cpu"``) computes it without
+epilogue and 1x1 projection), an :class:`~involution.ops.layer.Involution2dLayerSpec` flattened
+into tensors and scalars: a backend with a ``layer_prepare`` (``"cpu"``) computes it without
 storing the kernels; every other call composes the steps (:func:`compose_layer`). It has no
-autograd. Eager callers can bind its parameters once (:func:`prepare_layer_inference`).
+autograd. Eager callers run the spec without the op (:func:`run_layer`), or prepare it once for
+many calls (:func:`prepare_layer`).
 
 The ops take already-validated arguments: call the front doors in
 :mod:`involution.ops.functional`. Outputs follow the input's memory format (channels_last in,
@@ -30,7 +32,7 @@ channels_last out).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from involution.ops.backends import get_backend, resolve_backend
 from involution.ops.checks import output_size
+from involution.ops.layer import Involution2dLayerSpec, LayerRun
 from involution.ops.layout import (
     empty_output,
     generate_kernels,
@@ -356,103 +359,41 @@ torch.library.register_autograd(
 )
 
 
-def compose_layer(
-    input: Tensor,
-    reduce_weight: Tensor,
-    reduce_bias: Tensor | None,
-    span_weight: Tensor,
-    span_bias: Tensor | None,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    out_scale: Tensor | None,
-    out_shift: Tensor | None,
-    out_relu: bool,
-    proj_weight: Tensor | None,
-    proj_bias: Tensor | None,
-    residual: Tensor | None,
-    proj_relu: bool,
-    backend: str,
-) -> Tensor:
+def compose_layer(spec: Involution2dLayerSpec, input: Tensor, residual: Tensor | None) -> Tensor:
     """The layer op step by step: pool, reduce conv + ReLU, span conv, aggregation, epilogue,
-    projection."""
-    stride = pair(stride)
+    projection. input (B, C, H, W), residual (B, P, H_out, W_out) or ``None`` -> (B, C or P,
+    H_out, W_out)."""
     branch = input
-    if stride != (1, 1):  # Involution2d's kernel branch: AvgPool2d(stride, ceil_mode=True)
-        branch = F.avg_pool2d(input, stride, stride, ceil_mode=True)
-    reduce_weight = reduce_weight.reshape(reduce_weight.shape[0], -1, 1, 1)
-    reduced = F.relu(F.conv2d(branch, reduce_weight, reduce_bias))
-    kernels = generate_kernels(
-        reduced, span_weight.reshape(span_weight.shape[0], -1), span_bias, kernel_size, groups
-    )
-    output = aggregate(input, kernels, stride, padding, dilation, backend)
-    if out_scale is not None:
-        output = output * out_scale[:, None, None] + out_shift[:, None, None]
-    output = F.relu(output) if out_relu else output
-    if proj_weight is None:
+    if spec.stride != (1, 1):  # Involution2d's kernel branch: AvgPool2d(stride, ceil_mode=True)
+        branch = F.avg_pool2d(input, spec.stride, spec.stride, ceil_mode=True)
+    reduce_weight = spec.reduce_weight.reshape(spec.reduce_weight.shape[0], -1, 1, 1)
+    reduced = F.relu(F.conv2d(branch, reduce_weight, spec.reduce_bias))
+    span_weight = spec.span_weight.reshape(spec.span_weight.shape[0], -1)
+    kernels = generate_kernels(reduced, span_weight, spec.span_bias, spec.kernel_size, spec.groups)
+    output = aggregate(input, kernels, spec.stride, spec.padding, spec.dilation, spec.backend)
+    if spec.out_scale is not None:
+        output = output * spec.out_scale[:, None, None] + spec.out_shift[:, None, None]
+    output = F.relu(output) if spec.out_relu else output
+    if spec.proj_weight is None:
         return output
-    output = F.conv2d(output, proj_weight.reshape(*proj_weight.shape[:2], 1, 1), proj_bias)
+    proj_weight = spec.proj_weight.reshape(*spec.proj_weight.shape[:2], 1, 1)
+    output = F.conv2d(output, proj_weight, spec.proj_bias)
     if residual is not None:
         output = output + residual
-    return F.relu(output) if proj_relu else output
+    return F.relu(output) if spec.proj_relu else output
 
 
-def prepare_layer_inference(
-    reduce_weight: Tensor,
-    reduce_bias: Tensor | None,
-    span_weight: Tensor,
-    span_bias: Tensor | None,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    out_scale: Tensor | None,
-    out_shift: Tensor | None,
-    out_relu: bool,
-    proj_weight: Tensor | None,
-    proj_bias: Tensor | None,
-    proj_relu: bool,
-    backend: str,
-) -> Callable[[Tensor, Tensor | None], Tensor]:
-    """The layer op with its parameters bound, as ``run(input, residual)``: the backend's
-    ``layer_prepare`` (its parameters prepared once for every call of ``run``) where it has one
-    for them, else :func:`compose_layer`. Output in the memory format of ``input``."""
-    settings = (pair(kernel_size), pair(stride), pair(padding), pair(dilation), groups)
-    parameters = (reduce_weight, reduce_bias, span_weight, span_bias)
-    impl = get_backend(backend)
-    prepare = getattr(impl, "layer_prepare", None)
-    fused = None
-    if prepare is not None:
-        fused = prepare(
-            *parameters,
-            *settings,
-            out_scale,
-            out_shift,
-            out_relu,
-            proj_weight,
-            proj_bias,
-            proj_relu,
-        )
+def prepare_layer(spec: Involution2dLayerSpec) -> LayerRun:
+    """The layer op of ``spec`` as ``run(input, residual)``: the backend's ``layer_prepare``
+    (its parameters prepared once for every call of ``run``) where it has one for them, else
+    :func:`compose_layer`. Output in the memory format of ``input``."""
+    prepare = getattr(get_backend(spec.backend), "layer_prepare", None)
+    fused = None if prepare is None else prepare(spec)
 
     def output(input: Tensor, residual: Tensor | None) -> Tensor:
         if fused is not None and input.numel() > 0:
             return fused(input, residual)
-        return compose_layer(
-            input,
-            *parameters,
-            *settings,
-            out_scale,
-            out_shift,
-            out_relu,
-            proj_weight,
-            proj_bias,
-            residual,
-            proj_relu,
-            backend,
-        )
+        return compose_layer(spec, input, residual)
 
     def run(input: Tensor, residual: Tensor | None) -> Tensor:
         # Named in torch.profiler traces (eager calls reach here without a dispatcher op); only
@@ -467,46 +408,33 @@ def prepare_layer_inference(
     return run
 
 
-def layer_inference(
-    input: Tensor,
-    reduce_weight: Tensor,
-    reduce_bias: Tensor | None,
-    span_weight: Tensor,
-    span_bias: Tensor | None,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    out_scale: Tensor | None,
-    out_shift: Tensor | None,
-    out_relu: bool,
-    proj_weight: Tensor | None,
-    proj_bias: Tensor | None,
-    residual: Tensor | None,
-    proj_relu: bool,
-    backend: str,
-) -> Tensor:
-    """The layer op (:func:`prepare_layer_inference`, run once)."""
-    run = prepare_layer_inference(
-        reduce_weight,
-        reduce_bias,
-        span_weight,
-        span_bias,
-        kernel_size,
-        stride,
-        padding,
-        dilation,
-        groups,
-        out_scale,
-        out_shift,
-        out_relu,
-        proj_weight,
-        proj_bias,
-        proj_relu,
-        backend,
+def run_layer(spec: Involution2dLayerSpec, input: Tensor, residual: Tensor | None) -> Tensor:
+    """The layer op of ``spec`` once: prepared and run in plain eager mode, else (tracers,
+    dispatch modes, tensor subclasses) the custom op, ``spec`` flattened into its arguments."""
+    # The weights are often Parameters (a Tensor subclass that eager mode treats as a tensor):
+    # the input alone decides.
+    if use_eager_path(input, input):
+        return prepare_layer(spec)(input, residual)
+    return involution2d_layer_op(
+        input,
+        spec.reduce_weight,
+        spec.reduce_bias,
+        spec.span_weight,
+        spec.span_bias,
+        spec.kernel_size,
+        spec.stride,
+        spec.padding,
+        spec.dilation,
+        spec.groups,
+        spec.out_scale,
+        spec.out_shift,
+        spec.out_relu,
+        spec.proj_weight,
+        spec.proj_bias,
+        residual,
+        spec.proj_relu,
+        spec.backend,
     )
-    return run(input, residual)
 
 
 @torch.library.custom_op("involution::involution2d_layer", mutates_args=())
@@ -530,27 +458,27 @@ def involution2d_layer_op(
     proj_relu: bool,
     backend: str,
 ) -> Tensor:
-    """The whole Involution2d layer for inference (:func:`layer_inference`) as a custom op."""
-    return layer_inference(
-        input,
-        reduce_weight,
-        reduce_bias,
-        span_weight,
-        span_bias,
-        kernel_size,
-        stride,
-        padding,
-        dilation,
-        groups,
-        out_scale,
-        out_shift,
-        out_relu,
-        proj_weight,
-        proj_bias,
-        residual,
-        proj_relu,
-        backend,
+    """The whole Involution2d layer for inference as a custom op: the flattened
+    :class:`~involution.ops.layer.Involution2dLayerSpec`, gathered again and run once."""
+    spec = Involution2dLayerSpec(
+        kernel_size=pair(kernel_size),
+        stride=pair(stride),
+        padding=pair(padding),
+        dilation=pair(dilation),
+        groups=groups,
+        backend=backend,
+        out_relu=out_relu,
+        proj_relu=proj_relu,
+        reduce_weight=reduce_weight,
+        reduce_bias=reduce_bias,
+        span_weight=span_weight,
+        span_bias=span_bias,
+        out_scale=out_scale,
+        out_shift=out_shift,
+        proj_weight=proj_weight,
+        proj_bias=proj_bias,
     )
+    return prepare_layer(spec)(input, residual)
 
 
 @involution2d_layer_op.register_fake

@@ -14,18 +14,19 @@ already-validated arguments (see the front doors in :mod:`involution.ops.functio
   dilation) -> output``, for a backend that generates the kernels inside the aggregation
   (``reduced`` (B, R, H_out, W_out), ``span_weight`` (G*Kh*Kw, R), ``span_bias`` (G*Kh*Kw,) or
   ``None``); without it the fused op runs the span conv, then ``forward``.
-- optional ``layer_prepare(reduce_weight, reduce_bias, span_weight, span_bias, kernel_size,
-  stride, padding, dilation, groups, out_scale, out_shift, out_relu, proj_weight, proj_bias,
-  proj_relu) -> run or None``: the whole Involution2d layer for inference (pooled kernel branch,
-  reduce conv + ReLU, span conv, aggregation, optional per-channel affine + ReLU, optional 1x1
-  projection + residual + ReLU) in one pass, as ``run(input, residual) -> output`` with the
-  parameters prepared once for all its calls; ``None`` where it does not handle them (e.g. the
-  dtype), and the layer op composes the steps instead.
+- optional ``layer_prepare(spec) -> run or None``: the whole Involution2d layer for inference
+  (pooled kernel branch, reduce conv + ReLU, span conv, aggregation, optional per-channel
+  affine + ReLU, optional 1x1 projection + residual + ReLU) in one pass, for an
+  :class:`~involution.ops.layer.Involution2dLayerSpec` (configuration and parameters, checked),
+  as ``run(input, residual) -> output`` with the parameters prepared once for all its calls;
+  ``None`` where it does not handle them (e.g. the dtype), and the layer op composes the steps
+  instead.
 
 Shapes: ``input`` (B, C, H, W), ``weight`` (B, G, Kh, Kw, H_out, W_out), ``output`` and
 ``grad_output`` (B, C, H_out, W_out), any strides; ``stride``, ``padding``, ``dilation`` are pairs.
 Backends may return any memory layout: the custom op normalises it. Backends import only
-downward (:mod:`involution.ops.layout`), never the registration or the front doors.
+downward (:mod:`involution.ops.layout`, :mod:`involution.ops.layer`), never the registration or
+the front doors.
 
 ``"reference"`` is the ground truth every other backend is tested against.
 """

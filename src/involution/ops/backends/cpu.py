@@ -17,12 +17,11 @@ copies in training), else contiguous.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from involution.ops.layer import Involution2dLayerSpec, LayerRun
 from involution.ops.layout import Pair, tensor_states
 
 try:
@@ -93,41 +92,31 @@ def _packed(*tensors: Tensor | None) -> list[Tensor]:
     return cached[1]
 
 
-def layer_prepare(
-    reduce_weight: Tensor,
-    reduce_bias: Tensor | None,
-    span_weight: Tensor,
-    span_bias: Tensor | None,
-    kernel_size: Pair,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    groups: int,
-    out_scale: Tensor | None,
-    out_shift: Tensor | None,
-    out_relu: bool,
-    proj_weight: Tensor | None,
-    proj_bias: Tensor | None,
-    proj_relu: bool,
-) -> Callable[[Tensor, Tensor | None], Tensor] | None:
-    """The whole layer for inference with these parameters, as ``run(input, residual)``:
-    (B, C, H, W) -> (B, C, H_out, W_out) in the input's layout; the parameters are packed here,
-    once for all the calls of ``run``.
+def layer_prepare(spec: Involution2dLayerSpec) -> LayerRun | None:
+    """The whole layer of ``spec`` for inference as ``run(input, residual)``: (B, C, H, W) ->
+    (B, C, H_out, W_out) in the input's layout, or (B, P, H_out, W_out) with a projection (plus
+    ``residual`` (B, P, H_out, W_out) or ``None``); the parameters are packed here, once for all
+    the calls of ``run``.
 
-    ``reduce_weight`` (M, C[, 1, 1]) and ``reduce_bias`` (M,) are the reduce conv with its norm
-    folded in (followed by ReLU), ``span_weight`` (G*Kh*Kw, M[, 1, 1]) and ``span_bias`` the span
-    conv; the output is ``relu?(out_scale * y + out_shift)`` when ``out_scale`` is given. With
-    ``proj_weight`` (P, C[, 1, 1]) that output goes through the 1x1 conv, plus ``residual``
-    (B, P, H_out, W_out) or ``None``, then ReLU when ``proj_relu``: (B, P, H_out, W_out).
     float32 and float64 only (the parameters' dtype, the input's too), P a multiple of 16:
     ``None`` otherwise (the caller composes the steps instead).
     """
-    if reduce_weight.dtype not in (torch.float32, torch.float64):
+    if spec.reduce_weight.dtype not in (torch.float32, torch.float64):
         return None
-    if proj_weight is not None and proj_weight.shape[0] % 16 != 0:
+    if spec.proj_weight is not None and spec.proj_weight.shape[0] % 16 != 0:
         return None
-    packed = _packed(reduce_weight, reduce_bias, span_weight, span_bias, proj_weight, proj_bias)
-    settings = (kernel_size, stride, padding, dilation, groups, out_scale, out_shift, out_relu)
+    packed = _packed(
+        spec.reduce_weight,
+        spec.reduce_bias,
+        spec.span_weight,
+        spec.span_bias,
+        spec.proj_weight,
+        spec.proj_bias,
+    )
+    # The kernel's arguments bound once: run is called for every forward of a prepared layer.
+    geometry = (spec.kernel_size, spec.stride, spec.padding, spec.dilation, spec.groups)
+    settings = (*geometry, spec.out_scale, spec.out_shift, spec.out_relu)
+    proj_relu = spec.proj_relu
 
     def run(input: Tensor, residual: Tensor | None) -> Tensor:
         return _C.layer_forward(input, packed, *settings, residual, proj_relu)
