@@ -34,8 +34,8 @@ DEFAULT_CONFIG_NAME = "fashion_mnist.yaml"
 @dataclass
 class ModelConfig:
     name: str = "rednet_compact"
-    #: Free-form: passed verbatim to ``timm.create_model``.
     kwargs: dict[str, Any] = field(default_factory=dict)
+    """Free-form: passed verbatim to ``timm.create_model``."""
 
 
 @dataclass
@@ -55,22 +55,23 @@ class ScenesConfig:
 
 @dataclass
 class DataConfig:
-    #: fashion_mnist | imagefolder | synthetic (random images, for benchmarks and tests)
     dataset: str = "fashion_mnist"
+    """fashion_mnist | imagefolder | synthetic (random images, for benchmarks and tests)"""
     root: str | None = None
     train_split: str = "train"
     val_split: str = "val"
     image_size: int = 28
-    #: Eval: resize the short side to this, then center-crop image_size (None: no resize).
     eval_resize: int | None = None
-    #: none | crop_flip (pad + random crop + flip) | random_resized_crop (+ flip)
+    """Eval: resize the short side to this, then center-crop image_size (None: no resize)."""
     augment: str = "crop_flip"
+    """none | crop_flip (pad + random crop + flip) | random_resized_crop (+ flip)"""
     crop_padding: int = 2
     mean: list[float] | None = None
     std: list[float] | None = None
-    #: Use a fixed random subset of this many training / evaluation images.
     train_subset: int | None = None
+    """Use a fixed random subset of this many training images."""
     val_subset: int | None = None
+    """Use a fixed random subset of this many evaluation images."""
     workers: int = 0
     synthetic_train_size: int = 64
     synthetic_val_size: int = 32
@@ -82,26 +83,26 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 3
-    #: Per process; the global batch is batch_size * world_size * accumulation_steps.
     batch_size: int = 128
+    """Per process; the global batch is batch_size * world_size * accumulation_steps."""
     accumulation_steps: int = 1
     optimizer: str = "sgd"
     lr: float = 0.1
-    #: When set, the lr is scaled linearly: lr * global_batch / lr_base_batch.
     lr_base_batch: int | None = None
+    """When set, the lr is scaled linearly: lr * global_batch / lr_base_batch."""
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-5
-    #: Train for this many optimizer steps instead of `epochs` (the last epoch is cut short).
     iterations: int | None = None
+    """Train for this many optimizer steps instead of `epochs` (the last epoch is cut short)."""
     warmup_epochs: float = 0.0
-    #: Warm-up length in optimizer steps; overrides warmup_epochs when set.
     warmup_steps: int | None = None
-    #: Warm-up starts at this fraction of the lr (None: at 1/warmup_steps) and rises linearly.
+    """Warm-up length in optimizer steps; overrides warmup_epochs when set."""
     warmup_factor: float | None = None
-    #: cosine (to min_lr_ratio) | step (x gamma at each of milestones, in epochs) |
-    #: poly ((1 - t/T)^poly_power, floored at min_lr_ratio)
+    """Warm-up starts at this fraction of the lr (None: at 1/warmup_steps) and rises linearly."""
     schedule: str = "cosine"
+    """cosine (to min_lr_ratio) | step (x gamma at each of milestones, in epochs) |
+    poly ((1 - t/T)^poly_power, floored at min_lr_ratio)"""
     milestones: list[int | float] = field(default_factory=list)
     gamma: float = 0.1
     poly_power: float = 0.9
@@ -109,69 +110,72 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     ema_decay: float | None = None
-    #: none | bf16 | fp16 (fp16 only on CUDA)
     amp: str = "none"
+    """none | bf16 | fp16 (fp16 only on CUDA)"""
     channels_last: bool = False
-    #: Under DDP, synchronise BatchNorm statistics across processes (segmentation's SyncBN).
     sync_bn: bool = False
+    """Under DDP, synchronise BatchNorm statistics across processes (segmentation's SyncBN)."""
     compile: bool = False
     seed: int = 0
     deterministic: bool = False
-    #: Stop (and checkpoint) after this many optimizer steps in total.
     max_steps: int | None = None
+    """Stop (and checkpoint) after this many optimizer steps in total."""
     checkpoint_every_steps: int | None = None
-    #: Evaluate after every n-th epoch (and always after the last): long iteration budgets
-    #: (Cityscapes' 80k steps are ~216 epochs of 2975 images) evaluate every ~8k steps.
     eval_every_epochs: int = 1
+    """Evaluate after every n-th epoch (and always after the last): long iteration budgets
+    (Cityscapes' 80k steps are ~216 epochs of 2975 images) evaluate every ~8k steps."""
     device: str = "auto"
-    #: CPU threads per process (None: torch's default, one per core).
     threads: int | None = None
+    """CPU threads per process (None: torch's default, one per core)."""
     progress: bool = True
 
 
 @dataclass
 class DetectionConfig:
-    #: data.dataset=coco: image folders and instances JSONs, relative to data.root.
+    """task: detection. data.dataset=coco: image folders and instances JSONs are relative to
+    data.root."""
+
     train_images: str = "train2017"
     train_annotations: str = "annotations/instances_train2017.json"
     val_images: str = "val2017"
     val_annotations: str = "annotations/instances_val2017.json"
-    #: Resize the shorter image side to min_size, the longer one to at most max_size
-    #: (the official 1333x800); the detector's own resize is set to the same sizes.
     min_size: int = 800
+    """Resize the shorter image side to min_size, the longer one to at most max_size
+    (the official 1333x800); the detector's own resize is set to the same sizes."""
     max_size: int = 1333
-    #: Probability of a horizontal flip of a training image.
+    """The longer image side's bound (see min_size)."""
     hflip: float = 0.5
-    #: `involution predict`: draw the detections scoring at least this.
+    """Probability of a horizontal flip of a training image."""
     score_threshold: float = 0.5
+    """`involution predict`: draw the detections scoring at least this."""
 
 
 @dataclass
 class SegmentationConfig:
     """task: segmentation (see involution.train.tasks.segmentation)."""
 
-    #: data.dataset=folder: class names, label value i = classes[i] (other datasets know theirs).
     classes: list[str] | None = None
-    #: data.dataset=folder: label 0 -> ignore (255), k -> k - 1 (always on for ade20k).
+    """data.dataset=folder: class names, label value i = classes[i] (other datasets know theirs)."""
     reduce_zero_label: bool = False
-    #: Training crops [h, w]; smaller images are padded (labels with the ignore index 255).
+    """data.dataset=folder: label 0 -> ignore (255), k -> k - 1 (always on for ade20k)."""
     crop_size: list[int] = field(default_factory=lambda: [512, 1024])
-    #: Random rescale before cropping: fit scale * r, r uniform in ratio_range (null: none).
+    """Training crops [h, w]; smaller images are padded (labels with the ignore index 255)."""
     scale: list[int] | None = None
+    """Random rescale before cropping: fit scale * r, r uniform in ratio_range (null: none)."""
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    #: Redraw a crop (up to 10 times) while one class covers this fraction of it (1: never).
     cat_max_ratio: float = 1.0
+    """Redraw a crop (up to 10 times) while one class covers this fraction of it (1: never)."""
     flip: bool = True
     color_jitter: bool = False
-    #: Evaluation and prediction: keep-ratio resize to fit [h, w] (null: as is); scores are
-    #: computed at the labels' own size.
     eval_scale: list[int] | None = None
-    #: whole (one forward per image) | slide (slide_crop windows every slide_stride, averaged)
+    """Evaluation and prediction: keep-ratio resize to fit [h, w] (null: as is); scores are
+    computed at the labels' own size."""
     inference: str = "whole"
+    """whole (one forward per image) | slide (slide_crop windows every slide_stride, averaged)"""
     slide_crop: list[int] | None = None
     slide_stride: list[int] | None = None
-    #: Weight of the auxiliary head's loss (UPerNet's FCN head on C4).
     aux_weight: float = 0.4
+    """Weight of the auxiliary head's loss (UPerNet's FCN head on C4)."""
 
 
 @dataclass
@@ -184,8 +188,8 @@ class OutputConfig:
 class ConfigSchema:
     """Every configurable key, its type and its default."""
 
-    #: classification | detection | segmentation (see involution.train.tasks)
     task: str = "classification"
+    """classification | detection | segmentation (see involution.train.tasks)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
