@@ -19,7 +19,10 @@ from PIL import Image
 from involution.cli import main
 from involution.datasets.classification import build_transform
 from involution.datasets.fashion_mnist import find_fashion_mnist, load_fashion_mnist
-from involution.export.kernels import (
+from involution.train import checkpoint as ckpt
+from involution.train.loading import load_trained_model
+from involution.visualize.kernels import (
+    COLOUR_BAR_INCHES,
     DPI,
     PANEL_INCHES,
     capture_kernels,
@@ -27,8 +30,6 @@ from involution.export.kernels import (
     kernel_heatmaps,
     plot_kernels,
 )
-from involution.train import checkpoint as ckpt
-from involution.train.cli import load_trained_model
 
 
 @pytest.fixture(autouse=True)
@@ -114,8 +115,10 @@ def test_show_kernels_writes_the_figure(run: Path, image: Path, tmp_path: Path, 
     with Image.open(out) as png:
         width, height = png.size
         pixels_rgb = np.asarray(png.convert("RGB"))
-    # 4 layers x (1 heatmap row + 3 pixel rows); 1 image column + 4 groups (layer3: 64 / 16)
-    assert (width, height) == (round(5 * PANEL_INCHES * DPI), round(16 * PANEL_INCHES * DPI))
+    # the input row, then 4 layers x (1 heatmap row + 3 pixel rows); 1 label column + 4 groups
+    # (layer3: 64 / 16) + the colour bars
+    expected_width = round((5 * PANEL_INCHES + COLOUR_BAR_INCHES) * DPI)
+    assert (width, height) == (expected_width, round(17 * PANEL_INCHES * DPI))
     assert pixels_rgb.std() > 20  # not blank
     assert len(np.unique(pixels_rgb.reshape(-1, 3), axis=0)) > 100  # heatmaps, not flat panels
 

@@ -1,18 +1,78 @@
 """Involution (Li et al., CVPR 2021) and RedNet backbones.
 
 The operator (:mod:`involution.ops`) needs only PyTorch. The RedNet models
-(:mod:`involution.models`) need timm and are imported, and registered with timm's model
-registry (``timm.create_model("rednet50")``), only when timm is installed.
+(:mod:`involution.models`) need timm and are registered with timm's model registry
+(``timm.create_model("rednet50")``) when this package is imported and timm is installed.
+
+Both are imported on first use: ``import involution`` (and the ``involution`` command line,
+whose ``--help`` runs in about the time ``import torch`` takes) costs next to nothing until
+an attribute is read. The registration with timm happens at once if timm is already
+imported, else when timm is imported (a hook on Python's import system that removes itself).
 """
 
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
+import sys
+from types import ModuleType
+from typing import Any
 
-from involution.ops import Involution2d, functional, involution2d
-
-__all__ = ["Involution2d", "functional", "involution2d"]
+__all__ = ["Involution2d", "functional", "involution2d", "models"]
 __version__ = "0.1.0"
 
-if importlib.util.find_spec("timm") is not None:
-    from involution import models  # registers the RedNets with timm
+#: Public names -> the module that defines them (imported when first read).
+_LAZY = {
+    "Involution2d": "involution.ops",
+    "involution2d": "involution.ops",
+    "functional": "involution.ops.functional",
+    "models": "involution.models",
+}
 
-    __all__ += ["models"]
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'involution' has no attribute {name!r}")
+    loaded = importlib.import_module(module)
+    value = loaded if module.endswith(f".{name}") else getattr(loaded, name)
+    globals()[name] = value
+    return value
+
+
+class _RegisterWithTimm(importlib.abc.MetaPathFinder):
+    """Imports :mod:`involution.models` (which registers the RedNets) right after timm."""
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "timm":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("timm")
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenRegister(spec.loader)
+        return spec
+
+
+class _ThenRegister(importlib.abc.Loader):
+    """timm's own loader, then :mod:`involution.models`; timm keeps its loader afterwards."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        importlib.import_module("involution.models")
+
+
+if "timm" in sys.modules:
+    importlib.import_module("involution.models")
+elif importlib.util.find_spec("timm") is not None:
+    sys.meta_path.insert(0, _RegisterWithTimm())

@@ -1,4 +1,10 @@
-"""The ``involution`` command line: one sub-command per task, each defined beside its code."""
+"""The ``involution`` command line: one sub-command per task, each defined beside its code.
+
+Each ``cli.py`` imports its heavy dependencies (timm, torchvision's detection models,
+matplotlib, onnx, the training engine) inside its command functions, so that building the
+parser, and ``involution --help``, costs little more than importing torch. Their shared
+helpers (one-line errors, model arguments) are in :mod:`involution.cli_utils`.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "involution.bench.cli",
     "involution.datasets.cli",
     "involution.export.cli",
+    "involution.visualize.cli",
 )
 
 

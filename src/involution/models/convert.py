@@ -28,6 +28,7 @@ from involution.models.rednet import MODEL_DEPTHS, RedNet, official_key_to_ours
 from involution.serialization import read_state_dict
 
 __all__ = [
+    "CONVERTED_KEY",
     "CheckpointMismatchError",
     "check_state_dict",
     "convert_checkpoint",
@@ -40,6 +41,8 @@ __all__ = [
     "rednet_from_checkpoint",
 ]
 
+#: Metadata key of a converted safetensors file: the RedNet constructor arguments (JSON).
+CONVERTED_KEY = "rednet_kwargs"
 #: Listed keys per category in error messages (the rest is counted).
 _MAX_LISTED = 20
 _STAGE_BLOCK = re.compile(r"layer(\d+)\.(\d+)\.")
@@ -249,5 +252,5 @@ def convert_checkpoint(src: str | PathLike, dst: str | PathLike) -> dict[str, An
         expected = RedNet(**kwargs).state_dict()
     check_state_dict(state_dict, expected)
     tensors = {key: value.contiguous() for key, value in state_dict.items()}
-    save_file(tensors, Path(dst), metadata={"rednet_kwargs": json.dumps(kwargs)})
+    save_file(tensors, Path(dst), metadata={CONVERTED_KEY: json.dumps(kwargs)})
     return kwargs

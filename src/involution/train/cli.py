@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
+from involution.cli_utils import USER_ERRORS, user_error
 from involution.train import checkpoint as ckpt
-from involution.train.config import DEFAULT_CONFIG_NAME, Config, load_config, shipped_configs
-from involution.train.tasks import get_task
+from involution.train.config import DEFAULT_CONFIG_NAME, load_config, shipped_configs
 
-#: Errors caused by the user's input: reported in one line, exit code 2.
-USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, OSError)
-
-
-def _error(message: object) -> int:
-    text = message.args[0] if isinstance(message, KeyError) and message.args else message
-    print(f"involution: error: {text}", file=sys.stderr)
-    return 2
+if TYPE_CHECKING:
+    from involution.models.loading import LoadedModel
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +29,14 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_trained_weights(parser: argparse.ArgumentParser) -> None:
+    """``--run RUN_DIR`` or ``--weights FILE``, and ``--config``."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", metavar="RUN_DIR", help="a training run directory")
+    source.add_argument("--weights", metavar="FILE", help="a .safetensors weights file")
+    parser.add_argument("--config", help="config (default: the one stored with the weights)")
+
+
 def add_commands(subparsers: Any) -> None:
     """Register ``train``, ``eval`` and ``predict``."""
     shipped = ", ".join(shipped_configs())
@@ -48,6 +48,12 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("config", nargs="?", help=f"config file (default: {DEFAULT_CONFIG_NAME})")
     _add_overrides(train)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    train.add_argument(
+        "--resume-if-exists",
+        action="store_true",
+        help="continue the run in output.dir/output.name if it holds a checkpoint, else start "
+        "it (for schedulers that requeue the same command; automatic under torchrun restarts)",
+    )
     train.set_defaults(func=train_command)
 
     evaluate = subparsers.add_parser(
@@ -55,10 +61,7 @@ def add_commands(subparsers: Any) -> None:
         help="metrics of trained weights on a dataset's evaluation split (top-1/top-5, COCO AP, "
         "mIoU: by task)",
     )
-    source = evaluate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", metavar="RUN_DIR", help="a training run directory")
-    source.add_argument("--weights", metavar="FILE", help="a .safetensors weights file")
-    evaluate.add_argument("--config", help="config (default: the one stored with the weights)")
+    _add_trained_weights(evaluate)
     _add_overrides(evaluate)
     evaluate.set_defaults(func=eval_command)
 
@@ -66,10 +69,7 @@ def add_commands(subparsers: Any) -> None:
         "predict", help="classes (top-k), detections or segmentation masks of image files"
     )
     predict.add_argument("images", nargs="+", metavar="IMAGE")
-    source = predict.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", metavar="RUN_DIR", help="a training run directory")
-    source.add_argument("--weights", metavar="FILE", help="a .safetensors weights file")
-    predict.add_argument("--config", help="config (default: the one stored with the weights)")
+    _add_trained_weights(predict)
     predict.add_argument("--topk", type=int, default=5, help="classes to show per image")
     predict.add_argument(
         "--out", metavar="DIR", help="write drawn predictions here (detection, segmentation)"
@@ -113,31 +113,39 @@ def _describe_run_dir(run_dir: Path) -> str:
 
 def train_command(args: argparse.Namespace) -> int:
     from involution.train.engine import NonFiniteLossError, run_training
+    from involution.train.signals import TrainingInterrupted
 
     try:
         if args.resume:
             if args.config:
-                return _error("give either a config or --resume RUN_DIR (it has its own config)")
+                return user_error(
+                    "give either a config or --resume RUN_DIR (it has its own config)"
+                )
             run_dir = Path(args.resume)
             if not (run_dir / ckpt.CHECKPOINT_NAME).is_file():
-                return _error(f"{run_dir} holds no {ckpt.CHECKPOINT_NAME} to resume from")
+                return user_error(f"{run_dir} holds no {ckpt.CHECKPOINT_NAME} to resume from")
             config = load_config(run_dir / ckpt.CONFIG_NAME, args.overrides)
             summary = run_training(config, run_dir, resume=True)
         else:
             config = load_config(args.config or DEFAULT_CONFIG_NAME, args.overrides)
             config_name = Path(args.config or DEFAULT_CONFIG_NAME).stem
-            summary = run_training(config, config_name=config_name)
+            summary = run_training(config, None, False, config_name, args.resume_if_exists)
+    except TrainingInterrupted as err:
+        print(f"involution: training {err}", file=sys.stderr)
+        return err.exit_code
     except NonFiniteLossError as err:
         print(f"involution: training stopped: {err}", file=sys.stderr)
         return 1
     except USER_ERRORS as err:
-        return _error(err)
+        return user_error(err)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(summary)
     return 0
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
+    from involution.train.tasks import get_task
+
     run_dir = Path(summary["run_dir"])
     state = "finished"
     if not summary["finished"]:
@@ -160,7 +168,7 @@ def upgrade_command(args: argparse.Namespace) -> int:
     try:
         ckpt.upgrade_checkpoint(Path(args.old), Path(args.new))
     except USER_ERRORS as err:
-        return _error(err)
+        return user_error(err)
     print(f"wrote {args.new}: tensors and plain data only (loads with weights_only=True)")
     return 0
 
@@ -168,50 +176,20 @@ def upgrade_command(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- eval / predict
 
 
-def load_trained_model(
-    weights: Path, config_path: str | None, overrides: list[str]
-) -> tuple[nn.Module, Config, list[str] | None, int]:
-    """Model with ``weights`` loaded (eval mode), its config, and (from the file's metadata when
-    present) the class names and input channels."""
-    tensors, metadata = ckpt.load_weights(weights)
-    if config_path is not None:
-        config = load_config(config_path, overrides)
-    elif "config" in metadata:
-        import yaml
-
-        config = load_config(None, overrides, base=yaml.safe_load(metadata["config"]))
-    else:
-        raise ValueError(f"{weights} carries no training config: pass --config")
-    classes = json.loads(metadata["classes"]) if "classes" in metadata else None
-    in_chans = int(metadata.get("in_chans", 3))
-    task = get_task(config["task"])
-    if classes is None:
-        classes = task.build_data(config, train=False).classes
-    model = task.build_model(config, classes, in_chans)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{weights} does not fit model {config['model']['name']!r}: missing keys "
-            f"{missing[:5]}, unexpected keys {unexpected[:5]}"
-        )
-    return model.eval(), config, classes, in_chans
-
-
-def _weights_path(args: argparse.Namespace) -> Path:
-    return Path(args.weights) if args.weights else Path(args.run) / ckpt.WEIGHTS_NAME
-
-
 def eval_command(args: argparse.Namespace) -> int:
     from involution.train.data import ShardSampler, build_loader
     from involution.train.distributed import DistInfo, resolve_device
+    from involution.train.loading import load_model
+    from involution.train.tasks import get_task
 
-    files = [_weights_path(args)]
+    files = [Path(args.weights) if args.weights else Path(args.run) / ckpt.WEIGHTS_NAME]
     if args.run and (Path(args.run) / ckpt.EMA_WEIGHTS_NAME).is_file():
         files.append(Path(args.run) / ckpt.EMA_WEIGHTS_NAME)
     try:
         results = {}
         for path in files:
-            model, config, classes, _ = load_trained_model(path, args.config, args.overrides)
+            loaded = load_model(weights=path, config=args.config, overrides=args.overrides)
+            model, config, classes = loaded.model, _trained_config(loaded, path), loaded.classes
             task = get_task(config["task"])
             data = task.build_data(config, train=False)
             if classes != data.classes:
@@ -227,22 +205,32 @@ def eval_command(args: argparse.Namespace) -> int:
             metrics = task.evaluate(model.to(info.device), loader, info, progress=True)
             results[path.name] = task.format_metrics(metrics)
     except USER_ERRORS as err:
-        return _error(err)
+        return user_error(err)
     for name, text in results.items():
         print(f"{name}: {text}")
     return 0
 
 
+def _trained_config(loaded: LoadedModel, source: object) -> Mapping[str, Any]:
+    """The training config of ``loaded`` (eval and predict take a run's weights only)."""
+    if loaded.config is None:
+        raise ValueError(f"{source} carries no training config: pass --config")
+    return loaded.config
+
+
 def predict_command(args: argparse.Namespace) -> int:
+    from involution.train.loading import load_model
+    from involution.train.tasks import get_task
+
     if args.topk < 1:
-        return _error(f"--topk must be positive, got {args.topk}")
+        return user_error(f"--topk must be positive, got {args.topk}")
     try:
-        model, config, classes, in_chans = load_trained_model(_weights_path(args), args.config, [])
+        loaded = load_model(run=args.run, weights=args.weights, config=args.config)
         out_dir = Path(args.out) if args.out else None
         images = [Path(name) for name in args.images]
-        get_task(config["task"]).predict(
-            model, config, classes, in_chans, images, out_dir, args.topk
+        get_task(_trained_config(loaded, args.weights or args.run)["task"]).predict(
+            loaded.model, loaded.config, loaded.classes, loaded.in_chans, images, out_dir, args.topk
         )
     except USER_ERRORS as err:
-        return _error(err)
+        return user_error(err)
     return 0

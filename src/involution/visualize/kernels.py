@@ -6,10 +6,11 @@
 so it works whichever path the layer ran: plain, span-fused or the fused inference op). The
 model is not modified; the hooks are removed afterwards.
 
-:func:`plot_kernels` draws them as in the paper's visualisation: for each chosen layer and
-each group, a heatmap over the image of the sum of each pixel's K x K kernel (its response to
-a constant input: where the group amplifies or suppresses its channels), and, for a few chosen
-pixels, the K x K kernels themselves, one per group.
+:func:`plot_kernels` draws them as in the paper's visualisation (``involution show-kernels``):
+the input once, then for each chosen layer and each group a heatmap over the image of the sum
+of each pixel's K x K kernel (its response to a constant input: where the group amplifies or
+suppresses its channels), and, for a few chosen pixels, the K x K kernels themselves, one per
+group, with a colour bar per layer for each.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
@@ -36,8 +39,9 @@ __all__ = [
     "plot_kernels",
 ]
 
-#: Inches per panel and dots per inch of :func:`plot_kernels`' figure.
+#: Inches per panel, per colour-bar column, and dots per inch of :func:`plot_kernels`' figure.
 PANEL_INCHES = 1.6
+COLOUR_BAR_INCHES = 0.8
 DPI = 100
 #: Marker colours of the chosen pixels, in order.
 PIXEL_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#a65628")
@@ -132,33 +136,14 @@ class KernelFigure:
     groups: tuple[int, ...]
 
 
-def plot_kernels(
-    image: Tensor,
-    kernels: dict[str, Tensor],
-    pixels: Sequence[tuple[int, int]] | None = None,
-    max_groups: int = 8,
-    path: str | PathLike | None = None,
-) -> KernelFigure:
-    """Draw the kernels of one image, one block of rows per layer.
-
-    In each block the first row shows the image with the chosen pixels marked, then per group
-    the heatmap of :func:`kernel_heatmaps` upsampled (bilinear) over the image; each following
-    row is one chosen pixel: the image with that pixel marked, then its K x K kernel per group
-    (one colour scale per layer, centred on zero).
-
-    Args:
-        image: (C, H, W) model input (normalised; it is rescaled to [0, 1] for display).
-        kernels: ``{layer: (G, K, K, h, w)}`` for this image (e.g. ``capture_kernels(...)[n][0]``).
-        pixels: image pixels (y, x) whose kernels are drawn; default :func:`default_pixels`.
-        max_groups: groups drawn per layer (the first ones).
-        path: PNG file to write, if given.
-    """
+def _check_plot_arguments(
+    image: Tensor, kernels: dict[str, Tensor], pixels: Sequence[tuple[int, int]]
+) -> None:
     if image.dim() != 3:
         raise ValueError(f"image must be (C, H, W), got shape {tuple(image.shape)}")
     if not kernels:
         raise ValueError("no kernels to draw")
     height, width = image.shape[1:]
-    pixels = default_pixels(height, width) if pixels is None else list(pixels)
     for y, x in pixels:
         if not (0 <= y < height and 0 <= x < width):
             raise ValueError(f"pixel (y={y}, x={x}) is outside the {height}x{width} image")
@@ -169,26 +154,88 @@ def plot_kernels(
             raise ValueError(
                 f"kernels[{name!r}] must be (G, K, K, h, w), got {tuple(tensor.shape)}"
             )
+
+
+def _label(ax: Axes, text: str, colour: str | None = None) -> None:
+    """A row's label in its first column, after a marker of the pixel's colour if any."""
+    if colour is not None:
+        ax.plot(0.08, 0.5, "o", ms=8, mec="black", mew=0.6, color=colour)
+    ax.text(0.18 if colour else 0.0, 0.5, text, fontsize=8, va="center", ha="left")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+
+
+def _colour_bar(figure: Figure, drawn: Any, ax: Axes, label: str) -> None:
+    """A colour bar of ``drawn`` (an image) in ``ax``, drawn at a third of its width."""
+    box = ax.get_position()
+    ax.set_position((box.x0, box.y0, box.width / 3, box.height))
+    bar = figure.colorbar(drawn, cax=ax)
+    bar.set_label(label, fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+
+
+def plot_kernels(
+    image: Tensor,
+    kernels: dict[str, Tensor],
+    pixels: Sequence[tuple[int, int]] | None = None,
+    max_groups: int = 8,
+    path: str | PathLike | None = None,
+) -> KernelFigure:
+    """Draw the kernels of one image: the input once, then one block of rows per layer.
+
+    The top row shows the input with the chosen pixels marked. In each layer's block the first
+    row is, per group, the heatmap of :func:`kernel_heatmaps` upsampled (bilinear) over the
+    input; each following row is one chosen pixel (its marker colour in the first column) and
+    its K x K kernel per group. The heatmaps of a layer share one colour scale, its kernels
+    another (both centred on zero), each with its colour bar at the end of the rows.
+
+    Args:
+        image: (C, H, W) model input (normalised; it is rescaled to [0, 1] for display).
+        kernels: ``{layer: (G, K, K, h, w)}`` for this image (e.g. ``capture_kernels(...)[n][0]``).
+        pixels: image pixels (y, x) whose kernels are drawn; default :func:`default_pixels`.
+        max_groups: groups drawn per layer (the first ones).
+        path: PNG file to write, if given.
+    """
+    pixels = default_pixels(*image.shape[1:]) if pixels is None else list(pixels)
+    _check_plot_arguments(image, kernels, pixels)
+    height, width = image.shape[1:]
     groups = {name: min(t.shape[0], max_groups) for name, t in kernels.items()}
-    columns = 1 + max(groups.values())
-    rows = len(kernels) * (1 + len(pixels))
-    figure = Figure(figsize=(columns * PANEL_INCHES, rows * PANEL_INCHES), dpi=DPI)
-    axes = figure.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    columns = 1 + max(groups.values())  # the row labels, then one column per group
+    rows = 1 + len(kernels) * (1 + len(pixels))
+    size = (columns * PANEL_INCHES + COLOUR_BAR_INCHES, rows * PANEL_INCHES)
+    figure = Figure(figsize=size, dpi=DPI)
+    grid = figure.add_gridspec(
+        rows,
+        columns + 1,
+        width_ratios=[*([PANEL_INCHES] * columns), COLOUR_BAR_INCHES],
+        left=0.01,
+        right=0.99,
+        bottom=0.2 / size[1],
+        top=1 - 0.25 / size[1],
+        wspace=0.15,
+        hspace=0.3,
+    )
     shown = _display_image(image.detach().float().cpu()).numpy()
     image_kwargs = {"cmap": "gray"} if shown.ndim == 2 else {}
 
-    def draw_image(ax, marked: Sequence[int], title: str) -> None:
-        ax.imshow(shown, **image_kwargs)
-        for index in marked:
-            y, x = pixels[index]
-            ax.plot(x, y, "o", ms=5, mec="white", mew=0.8, color=PIXEL_COLOURS[index])
+    def panel(row: int, column: int, title: str = "") -> Axes:
+        ax = figure.add_subplot(grid[row, column])
+        ax.set_axis_off()
         ax.set_title(title, fontsize=7)
+        return ax
 
+    ax = panel(0, 0, f"input {height}x{width}")
+    ax.imshow(shown, **image_kwargs)
+    for (y, x), colour in zip(pixels, PIXEL_COLOURS, strict=False):
+        ax.plot(x, y, "o", ms=5, mec="white", mew=0.8, color=colour)
+    _label(
+        panel(0, 1),
+        "Per layer: the sum of each pixel's K x K kernel, per group\n(its response to a "
+        "constant input), over the input;\nthen the kernels at the marked pixels.",
+    )
     for block, (name, tensor) in enumerate(kernels.items()):
         tensor = tensor.detach().float().cpu()
-        top = block * (1 + len(pixels))
+        top = 1 + block * (1 + len(pixels))
         count, k = groups[name], tensor.shape[1]
         heat = F.interpolate(
             kernel_heatmaps(tensor[None, :count])[0][None],
@@ -196,29 +243,34 @@ def plot_kernels(
             mode="bilinear",
             align_corners=False,
         )[0]
-        draw_image(axes[top, 0], range(len(pixels)), f"{name}\nK={k}, G={tensor.shape[0]}")
+        heat_scale = heat.abs().amax().clamp_min(1e-12).item()
+        _label(panel(top, 0), f"{name}\nK={k}, G={tensor.shape[0]}\nkernel sums")
         for g in range(count):
-            ax = axes[top, 1 + g]
+            ax = panel(top, 1 + g, f"group {g}")
             ax.imshow(shown, **image_kwargs)
-            ax.imshow(heat[g].numpy(), cmap="jet", alpha=0.55)
-            ax.set_title(f"group {g}: kernel sum", fontsize=7)
+            drawn = ax.imshow(
+                heat[g].numpy(), cmap="coolwarm", vmin=-heat_scale, vmax=heat_scale, alpha=0.6
+            )
+        _colour_bar(figure, drawn, figure.add_subplot(grid[top, columns]), "kernel sum")
         scale = tensor[:count].abs().amax().clamp_min(1e-12).item()
         for row, pixel in enumerate(pixels, start=1):
             i, j = _feature_pixel(pixel, (height, width), tuple(tensor.shape[-2:]))
-            draw_image(axes[top + row, 0], [row - 1], f"pixel (y={pixel[0]}, x={pixel[1]})")
+            text = f"pixel (y={pixel[0]}, x={pixel[1]})"
+            _label(panel(top + row, 0), text, PIXEL_COLOURS[row - 1])
             for g in range(count):
-                ax = axes[top + row, 1 + g]
                 kernel = tensor[g, :, :, i, j].numpy()
-                ax.imshow(kernel, cmap="coolwarm", vmin=-scale, vmax=scale)
-                ax.set_title(f"group {g}", fontsize=7)
-    figure.tight_layout()
+                drawn = panel(top + row, 1 + g).imshow(
+                    kernel, cmap="coolwarm", vmin=-scale, vmax=scale
+                )
+        bar = figure.add_subplot(grid[top + 1 : top + 1 + len(pixels), columns])
+        _colour_bar(figure, drawn, bar, "kernel weight")
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, format="png", dpi=DPI)
     return KernelFigure(
         figure,
-        round(columns * PANEL_INCHES * DPI),
-        round(rows * PANEL_INCHES * DPI),
+        round(size[0] * DPI),
+        round(size[1] * DPI),
         tuple(kernels),
         tuple(tuple(p) for p in pixels),
         tuple(groups.values()),

@@ -1,0 +1,89 @@
+"""What the sub-commands of the ``involution`` command line share.
+
+A mistake in the user's input (a missing file, a bad value) is reported as one line on stderr,
+``involution: error: ...``, with exit code 2 (argparse's own code for bad arguments), instead of
+a traceback (:func:`user_error`). Commands that take a model take it the same way
+(:func:`add_model_arguments`, :func:`load_classifier_from_args`). This module imports nothing from
+the package at import time, so that every package's ``cli.py`` can use it without a loop
+through :mod:`involution.cli`, and ``involution --help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from involution.models.loading import LoadedModel
+
+__all__ = [
+    "USER_ERRORS",
+    "add_documented_parser",
+    "add_model_arguments",
+    "csv_list",
+    "load_classifier_from_args",
+    "user_error",
+]
+
+#: Errors caused by the user's input (FileNotFoundError is an OSError): one line, exit code 2.
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError, OSError)
+
+
+def user_error(error: object) -> int:
+    """Print ``involution: error: <error>`` on stderr and return the exit code 2.
+
+    A ``KeyError`` is shown by its message, not by its quoted ``repr``.
+    """
+    text = error.args[0] if isinstance(error, KeyError) and error.args else error
+    print(f"involution: error: {text}", file=sys.stderr)
+    return 2
+
+
+def csv_list(text: str) -> list[str]:
+    """An argparse ``type``: ``"a, b,,c"`` -> ``["a", "b", "c"]``."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def add_documented_parser(
+    subparsers: Any, name: str, help: str, doc: str
+) -> argparse.ArgumentParser:
+    """A sub-command parser whose description is ``doc`` less its first paragraph (a module's
+    docstring, whose first paragraph is its one-line title), line breaks kept."""
+    return subparsers.add_parser(
+        name,
+        help=help,
+        description=doc.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--run RUN_DIR`` or ``--model NAME [--weights FILE]``: read by
+    :func:`load_classifier_from_args`."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", metavar="RUN_DIR", help="a training run directory")
+    source.add_argument("--model", metavar="NAME", help="a timm model name (rednet50, ...)")
+    parser.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="weights for --model: official .pth, converted or our .safetensors",
+    )
+
+
+def load_classifier_from_args(args: argparse.Namespace) -> LoadedModel:
+    """The image classifier :func:`add_model_arguments`' options name, in eval mode (through
+    :func:`involution.train.loading.load_model`), with its input size and transform."""
+    from involution.train.loading import load_model
+
+    if args.run is not None:
+        if args.weights is not None:
+            raise ValueError("--weights goes with --model; a run brings its own weights")
+        loaded = load_model(run=args.run)
+    else:
+        loaded = load_model(name=args.model, weights=args.weights)
+    if loaded.input_size is None or loaded.transform is None:
+        raise ValueError(
+            f"{args.run or args.model} is not an image classifier: this command takes one"
+        )
+    return loaded
