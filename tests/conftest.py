@@ -24,7 +24,7 @@ os.environ.setdefault("INVOLUTION_TRITON_AUTOTUNE", "0")
 # Skip reasons grouped under one name each in the end-of-run line (first pattern found in the
 # reason, case-insensitive, wins); any other reason is named as it is.
 SKIP_GROUPS: tuple[tuple[str, str], ...] = (
-    ("conformance data not found", "official conformance data not found (../shared/conformance/)"),
+    ("conformance data not found", "official conformance data not found at ../shared/conformance/"),
     ("fashion-mnist", "Fashion-MNIST not available"),
     ("cuda gpu", "needs a CUDA GPU"),
 )
@@ -46,5 +46,5 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     reasons = [r.longrepr[2] for r in reports if isinstance(r.longrepr, tuple)]
     if reasons:
         counts = Counter(skip_group(reason) for reason in reasons)
-        groups = "; ".join(f"{name} ({n})" for name, n in counts.most_common())
-        terminalreporter.write_line(f"skipped {len(reasons)}: {groups}")
+        groups = "; ".join(f"{n}: {name}" for name, n in counts.most_common())
+        terminalreporter.write_line(f"skipped {len(reasons)} -- {groups}")
