@@ -12,9 +12,9 @@ PIP := $(PY) -m pip install --disable-pip-version-check -c constraints.txt
 $(STAMP): pyproject.toml constraints.txt setup.py $(wildcard src/involution/csrc/*.cpp src/involution/csrc/*.h)
 	@echo "[1/3] virtual environment in $(VENV)"
 	$(PYTHON) -m venv $(VENV)
-	@echo "[2/3] torch + torchvision (the largest download, several GB: most of a first set-up)"
+	@echo "[2/3] torch + torchvision: several GB of wheels (about 7 min on a first run, seconds from pip's cache)"
 	$(PIP) torch torchvision setuptools wheel ninja
-	@echo "[3/3] involution[dev,onnx]: timm, onnxruntime, pytest, ... and the C++ extension build (a few minutes on 2 cores)"
+	@echo "[3/3] involution[dev,onnx]: timm, onnxruntime, pytest, ... and the C++ extension build (about 5 min on 2 cores)"
 	$(PIP) --no-build-isolation -e ".[dev,onnx]"
 	touch $(STAMP)
 	@echo "set-up done: $(VENV) is ready"
