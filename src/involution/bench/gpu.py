@@ -93,41 +93,31 @@ class RunPlan:
     dtype: torch.dtype = torch.bfloat16
 
 
+#: (setting, GPU run, dry run): RedNet-50's layer shapes at batch 128 and 224 px, every test,
+#: ResNet-50 and compiled models on a GPU; on CPU RedNet-26's first layer shape at 8 px and
+#: batch 1, a few tests, RedNet-26 against ResNet-18 at 32 px and batch 2, eager only.
+PLANS: tuple[tuple[str, Any, Any], ...] = (
+    ("batch", 128, 1),
+    ("layer_model", "rednet50", "rednet26"),
+    ("layer_image_size", 224, 8),
+    ("max_shapes", None, 1),
+    ("test_selection", None, "odd_sizes and fp32 and nchw or winner_table or missing_table"),
+    ("rednet", "rednet50", "rednet26"),
+    ("resnet", "torchvision.resnet50", "torchvision.resnet18"),
+    ("model_batch", 128, 2),
+    ("model_image_size", 224, 32),
+    ("model_warmup", 3, 1),
+    ("model_iters", 10, 1),
+    ("compile_models", True, False),
+)
+
+
 def plan(dry_run: bool, budget_s: float, batch: int | None) -> RunPlan:
-    """The GPU plan (RedNet-50 shapes, batch 128, 224 px) or the CPU dry-run plan."""
-    if dry_run:
-        return RunPlan(
-            device=torch.device("cpu"),
-            budget_s=budget_s,
-            batch=batch or 1,
-            layer_model="rednet26",
-            layer_image_size=8,
-            max_shapes=1,
-            test_selection="odd_sizes and fp32 and nchw or winner_table or missing_table",
-            rednet="rednet26",
-            resnet="torchvision.resnet18",
-            model_batch=2,
-            model_image_size=32,
-            model_warmup=1,
-            model_iters=1,
-            compile_models=False,
-        )
-    return RunPlan(
-        device=torch.device("cuda"),
-        budget_s=budget_s,
-        batch=batch or 128,
-        layer_model="rednet50",
-        layer_image_size=224,
-        max_shapes=None,
-        test_selection=None,
-        rednet="rednet50",
-        resnet="torchvision.resnet50",
-        model_batch=128,
-        model_image_size=224,
-        model_warmup=3,
-        model_iters=10,
-        compile_models=True,
-    )
+    """The GPU plan or the CPU dry-run plan (:data:`PLANS`); ``batch`` overrides the op batch."""
+    settings = {name: dry if dry_run else gpu for name, gpu, dry in PLANS}
+    settings["batch"] = batch or settings["batch"]
+    device = torch.device("cpu" if dry_run else "cuda")
+    return RunPlan(device=device, budget_s=budget_s, **settings)
 
 
 class Budget:

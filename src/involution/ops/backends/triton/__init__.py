@@ -154,6 +154,13 @@ def forward(
     return variant_module(variant).forward(input, weight, *geometry)
 
 
+def _gradient(pass_name: str, args: tuple, variant: str | None) -> Tensor:
+    """Gradient ``pass_name`` of ``args`` (grad_output, input, weight, stride, padding,
+    dilation) by ``variant``, else by the backward pass's choice."""
+    variant = variant or choose_variant("backward", args[1], args[2].shape, *args[3:])
+    return getattr(variant_module(variant), pass_name)(*args)
+
+
 def backward_input(
     grad_output: Tensor,
     input: Tensor,
@@ -165,8 +172,7 @@ def backward_input(
 ) -> Tensor:
     """Gradient (B, C, H, W) with respect to ``input``, in its memory format."""
     args = (grad_output, input, weight, stride, padding, dilation)
-    variant = variant or choose_variant("backward", input, weight.shape, *args[3:])
-    return variant_module(variant).backward_input(*args)
+    return _gradient("backward_input", args, variant)
 
 
 def backward_weight(
@@ -180,8 +186,7 @@ def backward_weight(
 ) -> Tensor:
     """Gradient (B, G, Kh, Kw, H_out, W_out) with respect to ``weight``."""
     args = (grad_output, input, weight, stride, padding, dilation)
-    variant = variant or choose_variant("backward", input, weight.shape, *args[3:])
-    return variant_module(variant).backward_weight(*args)
+    return _gradient("backward_weight", args, variant)
 
 
 def backward(

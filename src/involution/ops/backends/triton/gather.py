@@ -12,17 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from involution.ops.backends.triton import fused, kernels
-from involution.ops.backends.triton.launch import (
-    FusedProblem,
-    Geometry,
-    Sizes,
-    accumulator,
-    cdiv,
-    launch,
-    operands,
-    pow2,
-)
+from involution.ops.backends.triton import fused, kernels, launch
+from involution.ops.backends.triton.launch import FusedProblem, Geometry, Sizes
 from involution.ops.layout import Pair, memory_format_of
 
 #: The kernel of each aggregation pass.
@@ -41,21 +32,21 @@ def _dense(tensor: Tensor) -> Tensor:
 def _programs(sizes: Sizes, pixels: int, channel_blocks: bool, meta: dict) -> int:
     """(batch, group) pairs times blocks of ``pixels`` pixels, times blocks of the group's
     channels when ``channel_blocks``."""
-    programs = sizes.batch * sizes.groups * cdiv(pixels, meta["BLOCK_P"])
-    return programs * (cdiv(sizes.group_channels, meta["BLOCK_C"]) if channel_blocks else 1)
+    programs = sizes.batch * sizes.groups * launch.cdiv(pixels, meta["BLOCK_P"])
+    return programs * (launch.cdiv(sizes.group_channels, meta["BLOCK_C"]) if channel_blocks else 1)
 
 
 def _aggregate(
     pass_name: str, grad_output: Tensor | None, input: Tensor, weight: Tensor, geometry: Geometry
 ) -> Tensor:
     """Run the kernel of aggregation pass ``pass_name``; returns the tensor it wrote."""
-    pointers = operands(pass_name, input, weight, grad_output)
+    pointers = launch.operands(pass_name, input, weight, grad_output)
     sizes = Sizes.of(input.shape, weight.shape)
     rows, columns = sizes.pixels(pass_name)
     # A grad_weight program reduces all its group's channels.
     channel_blocks = pass_name != "backward_weight"
     dims = (sizes.channels, sizes.groups, sizes.group_channels, sizes.height, sizes.width)
-    launch(
+    launch.run_kernel(
         KERNELS[pass_name],
         lambda meta: _programs(sizes, rows * columns, channel_blocks, meta),
         pointers,
@@ -65,7 +56,7 @@ def _aggregate(
         geometry,
         KH=sizes.kernel_h,
         KW=sizes.kernel_w,
-        ACC_DTYPE=accumulator(input.dtype),
+        ACC_DTYPE=launch.accumulator(input.dtype),
     )
     return pointers[-1]
 
@@ -107,7 +98,7 @@ def fused_forward(problem: FusedProblem) -> Tensor:
     sizes = problem.sizes
     reduced_channels = problem.reduced.shape[1]
     dims = (sizes.channels, sizes.groups, sizes.group_channels, reduced_channels, sizes.height)
-    launch(
+    launch.run_kernel(
         fused.fused_forward_kernel,
         lambda meta: _programs(sizes, sizes.out_h * sizes.out_w, False, meta),
         pointers,
@@ -117,7 +108,7 @@ def fused_forward(problem: FusedProblem) -> Tensor:
         KH=sizes.kernel_h,
         KW=sizes.kernel_w,
         # tl.dot needs every tile dimension to be at least 16.
-        KK_PAD=max(16, pow2(sizes.kernel_h * sizes.kernel_w)),
+        KK_PAD=max(16, launch.pow2(sizes.kernel_h * sizes.kernel_w)),
         **flags,
     )
     return pointers[-1]

@@ -25,8 +25,6 @@ from involution.ops.layout import Pair, empty_output, memory_format_of
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 #: (stride, padding, dilation), each an (h, w) pair.
 Geometry = tuple[Pair, Pair, Pair]
-#: The aggregation passes a variant implements, named as the backend protocol names them.
-AGGREGATION_PASSES = ("forward", "backward_input", "backward_weight")
 
 
 def interpreter_enabled() -> bool:
@@ -89,6 +87,7 @@ def pow2(n: int) -> int:
 
 
 def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints: how many blocks of ``b`` cover ``a``."""
     return -(-a // b)
 
 
@@ -108,12 +107,14 @@ class Sizes:
 
     @classmethod
     def of(cls, input_shape: Sequence[int], weight_shape: Sequence[int]) -> Sizes:
+        """From ``input_shape`` (B, C, H, W) and ``weight_shape`` (B, G, Kh, Kw, H_out, W_out)."""
         batch, channels, height, width = input_shape
         groups, kernel_h, kernel_w, out_h, out_w = weight_shape[1:]
         return cls(batch, channels, height, width, groups, kernel_h, kernel_w, out_h, out_w)
 
     @property
     def group_channels(self) -> int:
+        """C/G, the channels of one group."""
         return self.channels // self.groups
 
     @property
@@ -201,7 +202,7 @@ def device_guard(tensor: Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def launch(
+def run_kernel(
     kernel: Any,
     programs: Callable[[dict[str, Any]], int],
     pointers: tuple[Tensor, ...],

@@ -12,17 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from involution.ops.backends.triton import tiled_kernels
-from involution.ops.backends.triton.launch import (
-    FusedProblem,
-    Geometry,
-    Sizes,
-    accumulator,
-    cdiv,
-    launch,
-    operands,
-    pow2,
-)
+from involution.ops.backends.triton import launch, tiled_kernels
+from involution.ops.backends.triton.launch import FusedProblem, Geometry, Sizes
 from involution.ops.layout import Pair
 
 #: The kernel of each aggregation pass.
@@ -38,24 +29,24 @@ FUSED_MAX_REDUCED = 256
 def _programs(rows: int, columns: int, sizes: Sizes, split_groups: bool, meta: dict) -> int:
     """Tiles of the (rows, columns) pixel grid times channel blocks: blocks of GB groups, each
     group split into CC-wide chunks when ``split_groups``."""
-    tiles = cdiv(rows, meta["TILE_H"]) * cdiv(columns, meta["TILE_W"])
-    cc = min(pow2(sizes.group_channels), meta["BLOCK_C"])
-    blocks = cdiv(sizes.groups, meta["BLOCK_C"] // cc)
-    return tiles * blocks * (cdiv(sizes.group_channels, cc) if split_groups else 1)
+    tiles = launch.cdiv(rows, meta["TILE_H"]) * launch.cdiv(columns, meta["TILE_W"])
+    cc = min(launch.pow2(sizes.group_channels), meta["BLOCK_C"])
+    blocks = launch.cdiv(sizes.groups, meta["BLOCK_C"] // cc)
+    return tiles * blocks * (launch.cdiv(sizes.group_channels, cc) if split_groups else 1)
 
 
 def _aggregate(
     pass_name: str, grad_output: Tensor | None, input: Tensor, weight: Tensor, geometry: Geometry
 ) -> Tensor:
     """Run the kernel of aggregation pass ``pass_name``; returns the tensor it wrote."""
-    pointers = operands(pass_name, input, weight, grad_output)
+    pointers = launch.operands(pass_name, input, weight, grad_output)
     sizes = Sizes.of(input.shape, weight.shape)
     rows, columns = sizes.pixels(pass_name)
     rows *= sizes.batch
     # A grad_weight program reduces whole groups' channels: no split along a group.
     split = pass_name != "backward_weight"
     dims = (sizes.groups, sizes.group_channels, sizes.height, sizes.width, sizes.out_h)
-    launch(
+    launch.run_kernel(
         KERNELS[pass_name],
         lambda meta: _programs(rows, columns, sizes, split, meta),
         pointers,
@@ -64,8 +55,8 @@ def _aggregate(
         geometry,
         KH=sizes.kernel_h,
         KW=sizes.kernel_w,
-        CGP=pow2(sizes.group_channels),
-        ACC_DTYPE=accumulator(input.dtype),
+        CGP=launch.pow2(sizes.group_channels),
+        ACC_DTYPE=launch.accumulator(input.dtype),
     )
     return pointers[-1]
 
@@ -98,7 +89,7 @@ def fused_supported(dtype: torch.dtype, channels: int, groups: int, reduced: int
     It needs a dtype with a matrix-product path (not float64), the reduced width within
     :data:`FUSED_MAX_REDUCED`, and a tiling that holds whole groups (at most 16 per program).
     """
-    cgp = pow2(channels // groups)
+    cgp = launch.pow2(channels // groups)
     return (
         dtype != torch.float64
         and reduced <= FUSED_MAX_REDUCED
@@ -120,7 +111,7 @@ def fused_forward(problem: FusedProblem) -> Tensor:
     rows, reduced_channels = sizes.batch * sizes.out_h, problem.reduced.shape[1]
     dims = (sizes.groups, sizes.group_channels, reduced_channels, sizes.height, sizes.width)
     # The pruned tilings hold whole groups: a program covers BLOCK_C / CGP of them.
-    launch(
+    launch.run_kernel(
         tiled_kernels.fused_forward_kernel,
         lambda meta: _programs(rows, sizes.out_w, sizes, False, meta),
         pointers,
@@ -129,8 +120,8 @@ def fused_forward(problem: FusedProblem) -> Tensor:
         problem.geometry,
         KH=sizes.kernel_h,
         KW=sizes.kernel_w,
-        CGP=pow2(sizes.group_channels),
-        R_PAD=max(16, pow2(reduced_channels)),
+        CGP=launch.pow2(sizes.group_channels),
+        R_PAD=max(16, launch.pow2(reduced_channels)),
         **flags,
     )
     return pointers[-1]
