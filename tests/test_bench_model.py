@@ -10,8 +10,9 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from involution import cli
-from involution.bench.model import create_model, fold_model, is_known_model
+from involution.bench.model import create_model, is_known_model
 from involution.models.fold import ConvAct
+from involution.models.fold_resnet import fold_model
 
 
 def test_model_names_from_timm_and_torchvision():

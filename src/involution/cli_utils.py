@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, overload
 
 if TYPE_CHECKING:
     from involution.models.loading import LoadedModel
 
 __all__ = [
     "USER_ERRORS",
+    "LazyChoices",
     "add_documented_parser",
     "add_model_arguments",
     "csv_list",
@@ -43,6 +45,35 @@ def user_error(error: object) -> int:
 def csv_list(text: str) -> list[str]:
     """An argparse ``type``: ``"a, b,,c"`` -> ``["a", "b", "c"]``."""
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+class LazyChoices(Sequence[str]):
+    """An argparse ``choices`` that ``load()`` gives on first use (parsing the option, or
+    printing its help), so that building the parser does not import what ``load`` imports."""
+
+    def __init__(self, load: Callable[[], Sequence[str]]) -> None:
+        self.load = load
+
+    def _choices(self) -> Sequence[str]:
+        return self.load()
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        return self._choices()[index]
+
+    def __len__(self) -> int:
+        return len(self._choices())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._choices())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._choices()
 
 
 def add_documented_parser(

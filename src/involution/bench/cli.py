@@ -15,8 +15,5 @@ def add_commands(subparsers: Any) -> None:
         description="Benchmarks. Each prints a markdown table; see `involution bench NAME -h`.",
     )
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    op.add_op_parser(benchmarks)
-    model.add_model_parser(benchmarks)
-    gpu.add_gpu_parser(benchmarks)
-    onnx.add_onnx_parsers(benchmarks)
-    detect.add_detect_parser(benchmarks)
+    for module in (op, model, gpu, onnx, detect):
+        module.add_commands(benchmarks)

@@ -43,9 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from involution.bench.op import _environment, times_ms
-from involution.models.detection import DETECTION_MODELS
-from involution.models.detection.complexity import DetectorComplexityView
+from involution.bench.op import environment_info, times_ms
+from involution.cli_utils import add_documented_parser, csv_list, user_error
 
 DETECTORS = ("retinanet", "fasterrcnn", "maskrcnn")
 #: RedNet-50 variants benchmarked against each detector's ResNet-50 baseline.
@@ -77,6 +76,8 @@ class DetectResult:
 
 def default_models(detectors: Sequence[str]) -> list[str]:
     """For each detector: the ResNet-50 baseline, then the RedNet-50 variants of the table."""
+    from involution.models.detection import DETECTION_MODELS
+
     names = []
     for detector in detectors:
         names.append(f"{detector}_resnet50_fpn")
@@ -98,9 +99,12 @@ def build_detector(name: str, height: int, width: int, device: torch.device) -> 
     """A random-weight detector (seed 0) whose transform keeps H x W images at their size and
     whose post-processing keeps no detection (score threshold 1), so that no model's latency
     depends on how many boxes its random weights happen to score high."""
+    from involution.models.loading import create_model
+
     torch.manual_seed(0)
     threshold = "score_thresh" if name.startswith("retinanet") else "box_score_thresh"
-    model = DETECTION_MODELS[name](
+    model = create_model(
+        name,
         num_classes=NUM_CLASSES,
         min_size=min(height, width),
         max_size=max(height, width),
@@ -137,6 +141,8 @@ def inference_call(
     model: nn.Module, mode: str, height: int, width: int, device: torch.device
 ) -> Callable[[], None]:
     """One ``infer`` or ``network`` call of ``model`` on a random H x W image."""
+    from involution.models.detection.complexity import DetectorComplexityView
+
     model.eval()
     if mode == "network":
         padded = [math.ceil(side / SIZE_DIVISIBLE) * SIZE_DIVISIBLE for side in (height, width)]
@@ -322,39 +328,35 @@ def _size(text: str) -> tuple[int, int]:
     return height, width
 
 
-def _csv(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def add_detect_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
+def add_commands(bench_subparsers: Any) -> None:
     """Register ``detect`` under the ``involution bench`` sub-parsers."""
-    parser = bench_subparsers.add_parser(
+    parser = add_documented_parser(
+        bench_subparsers,
         "detect",
-        help="RedNet-50-FPN vs ResNet-50-FPN detectors: latency, training speed and memory",
-        description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "RedNet-50-FPN vs ResNet-50-FPN detectors: latency, training speed and memory",
+        __doc__,
     )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu"
     )
     parser.add_argument(
         "--models",
-        type=_csv,
+        type=csv_list,
         help="comma-separated DETECTION_MODELS names (default: for each of --detectors, the "
         "ResNet-50 baseline and the RedNet-50 conv / involution-neck / neck+head variants)",
     )
     parser.add_argument(
-        "--detectors", type=_csv, default=list(DETECTORS), help="retinanet,fasterrcnn,maskrcnn"
+        "--detectors", type=csv_list, default=list(DETECTORS), help="retinanet,fasterrcnn,maskrcnn"
     )
     parser.add_argument(
         "--sizes",
-        type=lambda text: [_size(item) for item in _csv(text)],
+        type=lambda text: [_size(item) for item in csv_list(text)],
         default=list(DEFAULT_SIZES),
         help="comma-separated HxW image sizes (default: 512x512,800x1333)",
     )
     parser.add_argument(
         "--modes",
-        type=_csv,
+        type=csv_list,
         help="infer, network, train (default: infer,network on CPU; all three on CUDA)",
     )
     parser.add_argument(
@@ -365,11 +367,12 @@ def add_detect_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, help="timed calls (default: 3 CPU, 20 CUDA)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
     parser.set_defaults(func=detect_command)
-    return parser
 
 
 def detect_command(args: argparse.Namespace) -> int:
     """Run ``involution bench detect``; prints the tables to stdout, progress to stderr."""
+    from involution.models.detection import DETECTION_MODELS
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     models = args.models or default_models(args.detectors)
@@ -385,8 +388,7 @@ def detect_command(args: argparse.Namespace) -> int:
     if repeats < 1 or args.warmup < 0 or args.train_batch_size < 1:
         problems.append("--repeats and --train-batch-size must be positive, --warmup >= 0")
     if problems:
-        print(f"involution: error: {'; '.join(problems)}", file=sys.stderr)
-        return 2
+        return user_error("; ".join(problems))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = cuda
@@ -404,7 +406,7 @@ def detect_command(args: argparse.Namespace) -> int:
                 results.append(result)
                 outcome = result.error or f"{result.images_per_second:.2f} images/s"
                 print(f"{name} train {size[0]}x{size[1]}: {outcome}", file=sys.stderr)
-    environment = _environment(device, torch.float32)
+    environment = environment_info(device, torch.float32)
     print(f"# {json.dumps(environment)}, warm-up {args.warmup}, {repeats} timed calls")
     print(format_table(results))
     if args.json is not None:

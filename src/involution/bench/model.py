@@ -26,7 +26,6 @@ oneDNN post-ops of the convs, :class:`~involution.models.fold.ConvAct`), other m
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import statistics
@@ -37,24 +36,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-import torch.fx.experimental.optimization as fx_optimization
 import torch.nn.functional as F
-import torchvision
-from torch import Tensor, nn
-from torch.nn.utils import fuse_conv_bn_eval
+from torch import nn
 
-from involution.models import fold_batchnorm
-from involution.models.fold import ConvAct
-from involution.ops import BACKENDS, Involution2d
+from involution.bench.op import backend_names
+from involution.cli_utils import LazyChoices, add_documented_parser, csv_list, user_error
 
 REDNETS = ("rednet26", "rednet50", "rednet101")
 RESNETS = ("resnet26", "resnet50", "resnet101")
 MODES = ("train", "infer")
 FUSED_CHOICES = ("both", "on", "off", "auto")
 COMPILE_CHOICES = ("off", "on", "both")
-TORCHVISION_PREFIX = "torchvision."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -142,10 +135,10 @@ def variants(model_name: str, fused: str) -> list[tuple[str, bool | None]]:
 
 def is_known_model(model_name: str) -> bool:
     """A timm model name or ``torchvision.NAME`` of a torchvision classification model."""
-    if model_name.startswith(TORCHVISION_PREFIX):
-        name = model_name.removeprefix(TORCHVISION_PREFIX)
-        return name in torchvision.models.list_models(module=torchvision.models)
-    return timm.is_model(model_name)
+    from involution.models.loading import is_known_model as is_registered
+    from involution.models.loading import task_models
+
+    return is_registered(model_name) and model_name not in task_models()
 
 
 def create_model(
@@ -155,14 +148,15 @@ def create_model(
     num_classes: int = 1000,
     fuse_inference: bool = True,
 ) -> nn.Module:
-    """A randomly initialised model (timm, or ``torchvision.NAME``) with every Involution2d's
-    ``fused``, ``backend`` and ``fuse_inference`` set."""
+    """A randomly initialised model (timm, or ``torchvision.NAME``; built by
+    :func:`involution.models.loading.create_model`) with every Involution2d's ``fused``,
+    ``backend`` and ``fuse_inference`` set."""
+    from involution.models.loading import create_model as build
+    from involution.ops import Involution2d
+
     if not is_known_model(model_name):
         raise ValueError(f"unknown model {model_name!r} (not a timm or torchvision model)")
-    if model_name.startswith(TORCHVISION_PREFIX):
-        name = model_name.removeprefix(TORCHVISION_PREFIX)
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+    model = build(model_name, num_classes=num_classes)
     for module in model.modules():
         if isinstance(module, Involution2d):
             if fused is not None:  # None: the module's default
@@ -170,88 +164,6 @@ def create_model(
             module.backend = backend
             module.fuse_inference = fuse_inference
     return model
-
-
-class _InferenceResNetBottleneck(nn.Module):
-    """A torchvision or timm ResNet bottleneck prepared as ``fold_batchnorm`` prepares RedNet's:
-    BatchNorms folded, ReLUs and the residual add inside the convs (:class:`ConvAct`)."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.conv1 = ConvAct(fuse_conv_bn_eval(block.conv1, block.bn1), relu=True)
-        self.conv2 = ConvAct(fuse_conv_bn_eval(block.conv2, block.bn2), relu=True)
-        self.conv3 = ConvAct(fuse_conv_bn_eval(block.conv3, block.bn3), relu=True)
-        downsample = block.downsample
-        self.downsample = (
-            None
-            if downsample is None
-            else ConvAct(fuse_conv_bn_eval(downsample[0], downsample[1]), relu=False)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.conv3(self.conv2(self.conv1(x)), residual=shortcut)
-
-
-def _is_resnet_bottleneck(block: nn.Module) -> bool:
-    """A plain bottleneck of torchvision's or timm's ResNet (ReLUs, no SE/anti-aliasing/drops)."""
-    convs = [getattr(block, f"conv{i}", None) for i in (1, 2, 3)]
-    norms = [getattr(block, f"bn{i}", None) for i in (1, 2, 3)]
-    downsample = getattr(block, "downsample", "missing")
-    acts = [getattr(block, name, None) for name in ("relu", "act1", "act2", "act3")]
-    extras = [getattr(block, name, None) for name in ("drop_block", "aa", "se", "drop_path")]
-    return (
-        all(type(c) is nn.Conv2d and isinstance(c.padding, tuple) for c in convs)
-        and all(type(n) is nn.BatchNorm2d for n in norms)
-        and (
-            downsample is None
-            or (
-                isinstance(downsample, nn.Sequential)
-                and len(downsample) == 2
-                and type(downsample[0]) is nn.Conv2d
-                and type(downsample[1]) is nn.BatchNorm2d
-            )
-        )
-        and all(a is None or type(a) is nn.ReLU for a in acts)
-        and any(a is not None for a in acts)
-        and all(e is None or type(e) is nn.Identity for e in extras)
-    )
-
-
-def _fold_resnet(model: nn.Module) -> nn.Module | None:
-    """A bottleneck ResNet (torchvision's or timm's) prepared like a folded RedNet, or ``None``
-    when ``model`` is not one."""
-    stem_act = "relu" if hasattr(model, "relu") else "act1"
-    blocks = [
-        (parent, name)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if _is_resnet_bottleneck(child)
-    ]
-    stem_ok = (
-        type(getattr(model, "conv1", None)) is nn.Conv2d
-        and type(getattr(model, "bn1", None)) is nn.BatchNorm2d
-        and type(getattr(model, stem_act, None)) is nn.ReLU
-    )
-    if not blocks or not stem_ok:
-        return None
-    for parent, name in blocks:
-        setattr(parent, name, _InferenceResNetBottleneck(getattr(parent, name)))
-    model.conv1 = ConvAct(fuse_conv_bn_eval(model.conv1, model.bn1), relu=True)
-    model.bn1 = nn.Identity()
-    setattr(model, stem_act, nn.Identity())
-    return model
-
-
-def fold_model(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` prepared for inference: RedNets (any model with an
-    Involution2d) by :func:`~involution.models.fold_batchnorm`, bottleneck ResNets the same way
-    (BatchNorms folded, ReLUs and residual adds inside oneDNN convs), other models by
-    ``torch.fx``'s conv-BN fusion."""
-    if any(isinstance(module, Involution2d) for module in model.modules()):
-        return fold_batchnorm(model)
-    model = copy.deepcopy(model).eval()
-    return _fold_resnet(model) or fx_optimization.fuse(model)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -288,6 +200,8 @@ def _make_step(
         )
 
     if mode == "infer":
+        from involution.models.fold_resnet import fold_model
+
         model = fold_model(model) if settings.fold_bn else model.eval()
         forward = torch.compile(model) if compiled else model
 
@@ -499,20 +413,16 @@ def format_table(results: Sequence[BenchResult], settings: BenchSettings) -> str
     return "\n".join([header, *(format_result(r) for r in results)])
 
 
-def _csv(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def add_model_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
+def add_commands(bench_subparsers: Any) -> None:
     """Register ``model`` under the ``involution bench`` sub-parsers."""
-    parser = bench_subparsers.add_parser(
+    parser = add_documented_parser(
+        bench_subparsers,
         "model",
-        help="RedNet vs ResNet training/inference throughput and peak memory",
-        description=__doc__.split("\n\n", 1)[1],
+        "RedNet vs ResNet training/inference throughput and peak memory",
+        __doc__,
     )
     add_arguments(parser)
     parser.set_defaults(func=model_command)
-    return parser
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -522,13 +432,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--models",
-        type=_csv,
+        type=csv_list,
         default=[*REDNETS, *RESNETS],
         help="comma-separated timm names or torchvision.NAME (default: rednet26,50,101 and "
         "timm's resnet26,50,101)",
     )
     parser.add_argument(
-        "--modes", type=_csv, default=list(MODES), help="comma-separated (default: train,infer)"
+        "--modes", type=csv_list, default=list(MODES), help="comma-separated (default: train,infer)"
     )
     parser.add_argument(
         "--batch-size", type=int, help="images per step (default: 128 on CUDA, 8 on CPU)"
@@ -582,7 +492,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="RedNet Involution2d variants (default: both on CUDA, auto on CPU)",
     )
     parser.add_argument(
-        "--backend", choices=BACKENDS, default="auto", help="RedNet involution backend (auto)"
+        "--backend",
+        choices=LazyChoices(backend_names),
+        default="auto",
+        help="RedNet involution backend (auto)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
 
@@ -637,8 +550,7 @@ def model_command(args: argparse.Namespace) -> int:
         if unknown or not args.models:
             raise ValueError(f"--models: unknown or missing timm/torchvision models {unknown}")
     except ValueError as error:
-        print(f"involution: error: {error}", file=sys.stderr)
-        return 2
+        return user_error(error)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     # Let cuDNN pick its fastest convolution algorithms, as any training script would.
@@ -646,8 +558,7 @@ def model_command(args: argparse.Namespace) -> int:
     try:
         results = run_benchmarks(args.models, args.modes, settings)
     except ValueError as error:  # e.g. a batch of 1 reaching a 1x1 BatchNorm in training
-        print(f"involution: error: {error}", file=sys.stderr)
-        return 2
+        return user_error(error)
     print(format_table(results, settings))
     if settings.profile:
         print(format_profiles(results))

@@ -39,15 +39,9 @@ from torch import Tensor, nn
 
 from involution.bench.model import create_model
 from involution.bench.op import GROUP_CHANNELS, KERNEL_SIZE, SHAPE_SETS
-from involution.ops import involution2d
-from involution.ops.lowering import (
-    DEFAULT_LOWERING,
-    LOWERINGS,
-    involution2d_lowered,
-    use_lowering,
-)
+from involution.cli_utils import LazyChoices, add_documented_parser, user_error
 
-__all__ = ["add_onnx_parsers", "time_interleaved"]
+__all__ = ["add_commands", "time_interleaved"]
 
 
 def _progress(message: str) -> None:
@@ -210,6 +204,9 @@ class Aggregation(nn.Module):
         self.lowered = lowered
 
     def forward(self, input: Tensor, kernels: Tensor) -> Tensor:
+        from involution.ops import involution2d
+        from involution.ops.lowering import involution2d_lowered
+
         if self.lowered:
             padding = (KERNEL_SIZE - 1) // 2
             return involution2d_lowered(input, kernels, (1, 1), (padding, padding), (1, 1))
@@ -231,7 +228,8 @@ class LoweringResult:
 def _export_aggregation(path: Path, channels: int, lowering: str) -> float:
     """Export :class:`Aggregation` for ``channels`` with dynamic batch and size through
     formulation ``lowering`` (or the op's translation); returns the seconds it took."""
-    from involution.export.onnx import _quiet_exporter
+    from involution.export.onnx import quiet_exporter
+    from involution.ops.lowering import DEFAULT_LOWERING, use_lowering
 
     groups = channels // GROUP_CHANNELS
     example = (
@@ -242,7 +240,7 @@ def _export_aggregation(path: Path, channels: int, lowering: str) -> float:
     shapes = ({0: auto, 2: auto, 3: auto}, {0: auto, 4: auto, 5: auto})
     start = time.perf_counter()
     traced = lowering != TRANSLATION
-    with use_lowering(lowering if traced else DEFAULT_LOWERING), _quiet_exporter():
+    with use_lowering(lowering if traced else DEFAULT_LOWERING), quiet_exporter():
         program = torch.onnx.export(
             Aggregation(lowered=traced).eval(),
             example,
@@ -270,6 +268,7 @@ def run_lowering_benchmark(
     import onnx
 
     from involution.export.onnx import onnxruntime_session, relative_difference
+    from involution.ops import involution2d
 
     torch.manual_seed(0)
     results = []
@@ -345,14 +344,17 @@ def _common_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
 
 
-def add_onnx_parsers(bench_subparsers: Any) -> None:
+def lowering_candidates() -> tuple[str, ...]:
+    """The formulations of :data:`involution.ops.lowering.LOWERINGS`, then the translation."""
+    from involution.ops.lowering import LOWERINGS
+
+    return (*LOWERINGS, TRANSLATION)
+
+
+def add_commands(bench_subparsers: Any) -> None:
     """Register ``onnx`` and ``onnx-lowering`` under the ``involution bench`` sub-parsers."""
-    description = __doc__.split("\n\n", 1)[1]
-    models = bench_subparsers.add_parser(
-        "onnx",
-        help="exported RedNet-50 vs ResNet-50 in onnxruntime (CPU)",
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    models = add_documented_parser(
+        bench_subparsers, "onnx", "exported RedNet-50 vs ResNet-50 in onnxruntime (CPU)", __doc__
     )
     models.add_argument(
         "--models",
@@ -364,26 +366,45 @@ def add_onnx_parsers(bench_subparsers: Any) -> None:
     _common_arguments(models, repeats=10)
     models.set_defaults(func=onnx_command)
 
-    lowerings = bench_subparsers.add_parser(
+    lowerings = add_documented_parser(
+        bench_subparsers,
         "onnx-lowering",
-        help="involution's ONNX formulations in onnxruntime on RedNet-50's layer shapes",
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "involution's ONNX formulations in onnxruntime on RedNet-50's layer shapes",
+        __doc__,
     )
-    candidates = (*LOWERINGS, TRANSLATION)
-    lowerings.add_argument("--lowerings", nargs="+", choices=candidates, default=list(candidates))
+    lowerings.add_argument(
+        "--lowerings",
+        nargs="+",
+        choices=LazyChoices(lowering_candidates),
+        help="formulations to compare (default: all)",
+    )
     lowerings.add_argument("--shapes", choices=tuple(SHAPE_SETS), default="rednet50")
     _common_arguments(lowerings, repeats=15)
     lowerings.set_defaults(func=onnx_lowering_command)
 
 
-def _check_counts(args: argparse.Namespace) -> None:
+def _counts_problem(args: argparse.Namespace) -> str | None:
     if min(args.batch) < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 1:
-        raise SystemExit("involution bench: --batch, --repeats, --threads >= 1, --warmup >= 0")
+        return "bench: --batch, --repeats, --threads >= 1, --warmup >= 0"
+    return None
+
+
+def _report(args: argparse.Namespace, table: str, results: Sequence[Any]) -> int:
+    """Print the environment and ``table``; with ``--json``, write both with ``results``."""
+    info = environment(args.threads)
+    print(", ".join(f"{key}: {value}" for key, value in info.items()))
+    print()
+    print(table)
+    if args.json is not None:
+        payload = {"environment": info, "results": [asdict(r) for r in results]}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
 
 
 def onnx_command(args: argparse.Namespace) -> int:
-    _check_counts(args)
+    problem = _counts_problem(args)
+    if problem is not None:
+        return user_error(problem)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         results = run_model_benchmark(
@@ -395,22 +416,17 @@ def onnx_command(args: argparse.Namespace) -> int:
             args.repeats,
             Path(folder),
         )
-    info = environment(args.threads)
-    print(", ".join(f"{key}: {value}" for key, value in info.items()))
-    print()
-    print(format_model_table(results, args.size))
-    if args.json is not None:
-        payload = {"environment": info, "results": [asdict(r) for r in results]}
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    return 0
+    return _report(args, format_model_table(results, args.size), results)
 
 
 def onnx_lowering_command(args: argparse.Namespace) -> int:
-    _check_counts(args)
+    problem = _counts_problem(args)
+    if problem is not None:
+        return user_error(problem)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         results = run_lowering_benchmark(
-            args.lowerings,
+            args.lowerings or lowering_candidates(),
             SHAPE_SETS[args.shapes],
             args.batch,
             args.threads,
@@ -418,11 +434,4 @@ def onnx_lowering_command(args: argparse.Namespace) -> int:
             args.repeats,
             Path(folder),
         )
-    info = environment(args.threads)
-    print(", ".join(f"{key}: {value}" for key, value in info.items()))
-    print()
-    print(format_lowering_table(results))
-    if args.json is not None:
-        payload = {"environment": info, "results": [asdict(r) for r in results]}
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    return 0
+    return _report(args, format_lowering_table(results), results)

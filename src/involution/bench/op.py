@@ -41,8 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from involution.bench.bandwidth import peak_memory_bandwidth
-from involution.ops import BACKENDS, involution2d
-from involution.ops.backends import get_backend
+from involution.cli_utils import LazyChoices, add_documented_parser, user_error
 
 #: (channels, spatial size) of the involution layers of RedNet-50, one per stage; G = C/16,
 #: kernel 7, stride 1.
@@ -78,11 +77,20 @@ class Measurement:
     tensor_bytes: int
 
 
+def backend_names(auto: bool = True) -> tuple[str, ...]:
+    """The involution backends (:data:`involution.ops.BACKENDS`), with ``"auto"`` or not."""
+    from involution.ops import BACKENDS
+
+    return tuple(name for name in BACKENDS if auto or name != "auto")
+
+
 def default_backends(device: torch.device) -> list[str]:
     """The reference plus every fast backend that runs natively on ``device``.
 
     Triton in its CPU interpreter counts as unavailable here: it is a test vehicle, not fast.
     """
+    from involution.ops.backends import get_backend
+
     names = ["reference"]
     for name in ("cpu", "triton"):
         interpreted = name == "triton" and device.type != "cuda"
@@ -144,6 +152,8 @@ def _problem_functions(
     channels: int, size: int, batch: int, method: str, dtype: torch.dtype, device: torch.device
 ) -> tuple[Callable[[], Any], Callable[[], Any], int]:
     """(forward, forward+backward, tensor bytes) of one method on one problem."""
+    from involution.ops import involution2d
+
     factory = {"dtype": dtype, "device": device}
     input = torch.randn(batch, channels, size, size, **factory, requires_grad=True)
     grad_output = torch.randn(batch, channels, size, size, **factory)
@@ -255,7 +265,9 @@ def format_table(results: Sequence[Measurement], peak_bandwidth: float | None = 
     return "\n".join(lines)
 
 
-def _environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def environment_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """What a benchmark's figures depend on: device (GPU name and peak memory bandwidth, or the
+    CPU count and load), dtype, torch version and threads; printed above every table."""
     info: dict[str, Any] = {
         "device": str(device),
         "dtype": str(dtype),
@@ -272,13 +284,13 @@ def _environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     return info
 
 
-def add_op_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
+def add_commands(bench_subparsers: Any) -> None:
     """Register ``op`` under the ``involution bench`` sub-parsers."""
-    parser = bench_subparsers.add_parser(
+    parser = add_documented_parser(
+        bench_subparsers,
         "op",
-        help="the involution operator vs its reference and depthwise/dense convolutions",
-        description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "the involution operator vs its reference and depthwise/dense convolutions",
+        __doc__,
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes")
@@ -286,7 +298,7 @@ def add_op_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--backends",
         nargs="+",
-        choices=tuple(name for name in BACKENDS if name != "auto"),
+        choices=LazyChoices(lambda: backend_names(auto=False)),
         help="involution backends to run (default: reference + the fast ones on --device)",
     )
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per measurement")
@@ -300,25 +312,26 @@ def add_op_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.set_defaults(func=op_command)
-    return parser
 
 
 def op_command(args: argparse.Namespace) -> int:
     """Run ``involution bench op``; prints a markdown table to stdout, progress to stderr."""
+    from involution.ops.backends import get_backend
+
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("involution bench op: --device cuda but CUDA is not available")
+        return user_error("bench op: --device cuda but CUDA is not available")
     if min(args.batch) < 1 or args.repeats < 1 or args.warmup < 0:
-        raise SystemExit("involution bench op: --batch and --repeats must be >= 1, --warmup >= 0")
+        return user_error("bench op: --batch and --repeats must be >= 1, --warmup >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     backends = args.backends or default_backends(device)
     for name in backends:
         reason = get_backend(name).unavailable_reason(device)
         if reason is not None:
-            raise SystemExit(f"involution bench op: backend {name!r} is unavailable: {reason}")
+            return user_error(f"bench op: backend {name!r} is unavailable: {reason}")
     dtype = DTYPES[args.dtype]
-    environment = _environment(device, dtype)
+    environment = environment_info(device, dtype)
     results = run_benchmarks(
         SHAPE_SETS[args.shapes],
         args.batch,

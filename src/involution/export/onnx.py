@@ -27,6 +27,7 @@ __all__ = [
     "check_onnx",
     "export_onnx",
     "onnxruntime_session",
+    "quiet_exporter",
     "relative_difference",
 ]
 
@@ -35,7 +36,7 @@ OUTPUT_NAME = "output"
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
+def quiet_exporter() -> Iterator[None]:
     """Silence the exporter's per-step progress log (errors still raise)."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level
@@ -70,7 +71,7 @@ def export_onnx(
     example = torch.randn(batch, in_chans, *input_size)
     dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
     model.eval()
-    with torch.no_grad(), _quiet_exporter():
+    with torch.no_grad(), quiet_exporter():
         program = torch.onnx.export(
             model,
             (example,),

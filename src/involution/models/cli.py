@@ -4,36 +4,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import timm
-import torch
-import torchvision
 from torch import nn
 
-from involution.models.convert import convert_checkpoint
-from involution.models.detection import DETECTION_MODELS
-from involution.models.detection.complexity import OFFICIAL_FIGURES, complexity_view
-from involution.models.profile import PAPER_GMACS, ModelProfile, format_profile, profile_model
-from involution.models.segmentation import OFFICIAL_CITYSCAPES, SEGMENTATION_MODELS
+from involution.cli_utils import USER_ERRORS, user_error
+
+if TYPE_CHECKING:
+    from involution.models.profile import ModelProfile
 
 #: Prefix that selects a torchvision model instead of a timm one, e.g. ``torchvision:resnet50``.
 TORCHVISION_PREFIX = "torchvision:"
-#: Models that are not timm classifiers, by name: ``builder(num_classes=...) -> nn.Module``.
-#: Their profile has one row per top-level child (e.g. backbone, neck, decode_head). Detectors
-#: are profiled through what mmdet's FLOP count runs (backbone, neck, heads on 1000/100 RoIs).
-TASK_MODELS: dict[str, Callable[..., nn.Module]] = {
-    **SEGMENTATION_MODELS,
-    **{name: partial(complexity_view, name) for name in DETECTION_MODELS},
-}
 
 
-def _error(message: object) -> int:
-    print(f"involution: error: {message}", file=sys.stderr)
-    return 2
+def task_models() -> dict[str, Callable[..., nn.Module]]:
+    """Models that are not timm classifiers, by name: ``builder(num_classes=...) -> nn.Module``.
+
+    Their profile has one row per top-level child (e.g. backbone, neck, decode_head). Detectors
+    are profiled through what mmdet's FLOP count runs (backbone, neck, heads on 1000/100 RoIs).
+    """
+    from involution.models.detection import DETECTION_MODELS
+    from involution.models.detection.complexity import complexity_view
+    from involution.models.segmentation import SEGMENTATION_MODELS
+
+    return {
+        **SEGMENTATION_MODELS,
+        **{name: partial(complexity_view, name) for name in DETECTION_MODELS},
+    }
 
 
 def add_commands(subparsers: Any) -> None:
@@ -82,36 +81,44 @@ def add_commands(subparsers: Any) -> None:
 
 
 def convert_command(args: argparse.Namespace) -> int:
+    from involution.models.convert import convert_checkpoint
+
     try:
         kwargs = convert_checkpoint(args.src, args.dst)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        return _error(err)
+    except USER_ERRORS as err:
+        return user_error(err)
     print(f"wrote {args.dst}: RedNet({', '.join(f'{k}={v}' for k, v in kwargs.items())})")
     return 0
 
 
 def model_builder(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
-    """A no-argument factory for timm model ``name`` or ``torchvision:name``."""
-    if name.startswith(TORCHVISION_PREFIX):
-        tv_name = name[len(TORCHVISION_PREFIX) :]
-        return lambda: torchvision.models.get_model(tv_name, **kwargs)
-    if name in TASK_MODELS:
-        return lambda: TASK_MODELS[name](**kwargs)
-    if not timm.is_model(name):
+    """A no-argument factory for model ``name`` (see
+    :func:`involution.models.loading.create_model`); detectors as :func:`task_models` has
+    them."""
+    from involution.models.loading import create_model, is_known_model
+
+    builders = task_models()
+    if name in builders:
+        return lambda: builders[name](**kwargs)
+    if not is_known_model(name):
         raise ValueError(f"unknown model {name!r} (not a timm model; try e.g. rednet50, resnet50)")
-    return lambda: timm.create_model(name, **kwargs)
+    return lambda: create_model(name, **kwargs)
 
 
 def profile_command(args: argparse.Namespace) -> int:
+    from involution.models.detection.complexity import OFFICIAL_FIGURES
+    from involution.models.profile import PAPER_GMACS, format_profile, profile_model
+    from involution.models.segmentation import OFFICIAL_CITYSCAPES
+
     kwargs: dict[str, Any] = {}
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
     if len(args.input_size) > 2:
-        return _error(f"--input-size takes H or H W, got {len(args.input_size)} values")
+        return user_error(f"--input-size takes H or H W, got {len(args.input_size)} values")
     input_size = args.input_size[0] if len(args.input_size) == 1 else tuple(args.input_size)
-    task_model = args.model in TASK_MODELS
+    task_model = args.model in task_models()
     if task_model and args.num_classes is None:
-        return _error(f"{args.model} needs --num-classes (e.g. 19 for Cityscapes, 81 for COCO)")
+        return user_error(f"{args.model} needs --num-classes (e.g. 19 for Cityscapes, 81 for COCO)")
     try:
         if args.model.startswith(TORCHVISION_PREFIX) or task_model:
             in_chans = 3 if args.in_chans is None else args.in_chans
@@ -126,7 +133,7 @@ def profile_command(args: argparse.Namespace) -> int:
             stage_of=(lambda child: child) if task_model else None,
         )
     except (ValueError, TypeError, RuntimeError) as err:
-        return _error(err)
+        return user_error(err)
     if args.json:
         rows = [*result.stages, result.total]
         print(json.dumps({"input_shape": result.input_shape, "rows": [vars(r) for r in rows]}))
@@ -165,6 +172,11 @@ def _cityscapes_comparison(result: ModelProfile, official: dict[str, float]) -> 
 def _coco_comparison(name: str, result: ModelProfile) -> str:
     """Ours vs the official COCO table, whose parameters are mmcv's count: trainable only (the
     frozen stem and layer1 left out)."""
+    import torch
+
+    from involution.models.detection import DETECTION_MODELS
+    from involution.models.detection.complexity import OFFICIAL_FIGURES
+
     official = OFFICIAL_FIGURES[name]
     with torch.device("meta"):
         model = DETECTION_MODELS[name](num_classes=81)
@@ -180,5 +192,7 @@ def _coco_comparison(name: str, result: ModelProfile) -> str:
 
 
 def _default_in_chans(name: str) -> int:
+    import timm
+
     cfg = timm.models.get_pretrained_cfg(name)
     return cfg.input_size[0] if cfg is not None else 3
