@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from involution.bench.op import DENSE, DEPTHWISE, times_ms
+from involution.cli_utils import add_documented_parser
 
 #: Files under the repository root (a source checkout: the tests are not installed).
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -746,17 +747,16 @@ def bench_gpu(out: Path, dry_run: bool, budget_s: float, batch: int | None) -> d
     return report
 
 
-def add_gpu_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
+def add_commands(bench_subparsers: Any) -> None:
     """Register ``gpu`` under the ``involution bench`` sub-parsers."""
-    parser = bench_subparsers.add_parser(
+    parser = add_documented_parser(
+        bench_subparsers,
         "gpu",
-        help="the prepared GPU run: op tests, kernel timings, winner table, RedNet vs ResNet",
-        description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "the prepared GPU run: op tests, kernel timings, winner table, RedNet vs ResNet",
+        __doc__,
     )
     add_arguments(parser)
     parser.set_defaults(func=gpu_command)
-    return parser
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
