@@ -27,6 +27,7 @@ from involution.train.config import load_config, shipped_configs
 from involution.train.data import ShardSampler, build_loader
 from involution.train.distributed import DistInfo
 from involution.train.tasks import get_task
+from involution.train.tasks.base import total_loss
 
 #: Validation images (of rank 1's shard: odd indices) on which the DDP test's detector misses.
 MISSES = {1}
@@ -124,7 +125,9 @@ def test_mask_rcnn_trains_and_reports_mask_ap(scenes: Path) -> None:
         data.collate_fn([data.train[(0, i)] for i in range(2)]), torch.device("cpu"), False
     )
     model.train()
-    loss = task.loss(model, batch, config)
+    terms = task.loss(model, batch, config)
+    assert set(terms) == {"classifier", "box_reg", "mask", "objectness", "rpn_box_reg"}
+    loss, _ = total_loss(terms)
     loss.backward()
     assert loss.ndim == 0 and torch.isfinite(loss)
     involutions = [m for m in model.roi_heads.mask_head.modules() if isinstance(m, Involution2d)]
@@ -168,7 +171,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, scenes: Path, out: Path) 
         torch.manual_seed(0)
         model = DistributedDataParallel(task.build_model(config, data.classes, data.in_chans))
         batch = data.collate_fn([data.train[(0, rank)]])
-        task.loss(model, task.to_device(batch, torch.device("cpu"), False), config).backward()
+        terms = task.loss(model, task.to_device(batch, torch.device("cpu"), False), config)
+        total_loss(terms)[0].backward()
         info = DistInfo(rank, world_size, torch.device("cpu"))
         shard = ShardSampler(len(data.val), rank, world_size)
         loader = build_loader(data.val, shard, 1, 0, data.collate_fn)

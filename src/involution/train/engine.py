@@ -37,6 +37,7 @@ from involution.train.distributed import (
 from involution.train.plots import plot_curves
 from involution.train.progress import progress_bar, write_line
 from involution.train.tasks import Task, get_task
+from involution.train.tasks.base import total_loss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -446,12 +447,14 @@ class Trainer:
         for batch in self.train_loader:
             yield self.task.to_device(batch, self.info.device, self.channels_last)
 
-    def _train_step(self, batches: Iterator[Any]) -> float:
-        """One optimizer step over ``accumulation_steps`` micro-batches; returns the mean loss.
+    def _train_step(self, batches: Iterator[Any]) -> tuple[float, dict[str, float]]:
+        """One optimizer step over ``accumulation_steps`` micro-batches; returns the mean loss
+        and the mean of each of its named terms (none where the task's loss is one tensor).
 
         Raises :class:`NonFiniteLossError` (on every rank) before touching the weights.
         """
         loss_sum = torch.zeros((), device=self.info.device)
+        term_sums: dict[str, torch.Tensor] = {}
         for micro in range(self.accumulation):
             batch = next(batches)
             last = micro == self.accumulation - 1
@@ -462,11 +465,20 @@ class Trainer:
                 with torch.autocast(
                     self.info.device.type, self.amp_dtype, enabled=self.amp_dtype is not None
                 ):
-                    loss = self.task.loss(self.net, batch, self.config) / self.accumulation
+                    loss, terms = total_loss(self.task.loss(self.net, batch, self.config))
+                    loss = loss / self.accumulation
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        loss_value, bad = all_reduce_sum(
-            [loss_sum.item(), float(not torch.isfinite(loss_sum).item())], self.info
+            for name, term in terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + term.detach() / self.accumulation
+        names = sorted(term_sums)  # the same order on every rank
+        loss_value, bad, *term_values = all_reduce_sum(
+            [
+                loss_sum.item(),
+                float(not torch.isfinite(loss_sum).item()),
+                *(term_sums[name].item() for name in names),
+            ],
+            self.info,
         )
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
@@ -485,7 +497,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)
-        return loss_value / self.info.world_size
+        world = self.info.world_size
+        return loss_value / world, {n: v / world for n, v in zip(names, term_values, strict=True)}
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or ``train.max_steps``); returns the summary of the run."""
@@ -507,9 +520,10 @@ class Trainer:
                 initial=self.step_in_epoch,
             )
             window_loss, window_steps, window_seconds = 0.0, 0, 0.0
+            window_terms: dict[str, float] = {}
             while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
                 tick = time.perf_counter()
-                loss = self._train_step(batches)
+                loss, terms = self._train_step(batches)
                 seconds = time.perf_counter() - tick
                 self.step += 1
                 self.step_in_epoch += 1
@@ -518,11 +532,15 @@ class Trainer:
                     timed_images += self.global_batch
                     timed_seconds += seconds
                 window_loss += loss
+                for name, value in terms.items():
+                    window_terms[name] = window_terms.get(name, 0.0) + value
                 window_steps += 1
                 window_seconds += seconds
                 lr = self.scheduler.get_last_lr()[0]
                 rate = self.global_batch / seconds
-                bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.3g}, {rate:.0f} img/s", False)
+                # The terms too, so that a diverging one shows at once.
+                parts = "".join(f", {name} {value:.3f}" for name, value in terms.items())
+                bar.set_postfix_str(f"loss {loss:.4f}{parts}, lr {lr:.3g}, {rate:.0f} img/s", False)
                 bar.update()
                 end_of_window = (
                     self.step_in_epoch == self.steps_per_epoch
@@ -537,10 +555,15 @@ class Trainer:
                             "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
                             "lr": lr,
                             "train_loss": window_loss / window_steps,
+                            **{
+                                f"train_loss_{name}": total / window_steps
+                                for name, total in window_terms.items()
+                            },
                             "img_per_s": window_steps * self.global_batch / window_seconds,
                         }
                     )
                     window_loss, window_steps, window_seconds = 0.0, 0, 0.0
+                    window_terms = {}
                 if stop:
                     self.stopped_early = True
                     break

@@ -47,6 +47,21 @@ class Predictor(ABC):
         a uint8 (3, H, W) picture of the prediction (``None`` where the task draws nothing)."""
 
 
+#: What :meth:`Task.loss` returns: the loss, or its named terms.
+Loss = Tensor | dict[str, Tensor]
+
+
+def total_loss(loss: Loss) -> tuple[Tensor, dict[str, Tensor]]:
+    """``loss`` as (scalar total, named terms): the sum of the terms, or the loss itself and
+    no terms. The one place where terms are added up, so what is logged is what is trained."""
+    if isinstance(loss, Tensor):
+        return loss, {}
+    if not loss:
+        raise ValueError("a task's loss has no terms")
+    first, *rest = loss.values()
+    return sum(rest, first), dict(loss)
+
+
 class Task(ABC):
     """What the engine (:class:`involution.train.engine.Trainer`) asks of a task.
 
@@ -81,9 +96,11 @@ class Task(ABC):
         """A collated batch moved to ``device`` (images channels_last when asked)."""
 
     @abstractmethod
-    def loss(self, net: nn.Module, batch: Any, config: Config) -> Tensor:
-        """Scalar float loss of one on-device training batch (``net`` in train mode, under the
-        engine's autocast)."""
+    def loss(self, net: nn.Module, batch: Any, config: Config) -> Loss:
+        """The loss of one on-device training batch (``net`` in train mode, under the engine's
+        autocast): a scalar float tensor, or named scalar float terms (a detector's classifier,
+        box, mask, ... losses) that the engine adds up (:func:`total_loss`) and logs one by one
+        (``train_loss_<name>`` in ``metrics.jsonl``, and on the progress bar)."""
 
     @abstractmethod
     def start_evaluation(self, loader: Iterable[Any], info: DistInfo) -> Evaluation:

@@ -12,8 +12,9 @@ and the COCO protocol.
   arguments (``backbone_kwargs``, ``fpn_channels``, ``trainable_stages``, ``norm_eval``, any
   torchvision detector argument), plus ``anchor_sizes`` (one list of sizes per feature level)
   and ``anchor_aspect_ratios``, which become torchvision's ``AnchorGenerator``.
-- Loss: the sum of the detector's loss dict. Metrics: COCO box AP/AR (and mask AP/AR for
-  Mask R-CNN) on the original images, see :mod:`involution.metrics.coco`.
+- Loss: the terms of the detector's loss dict, which the engine adds up and logs one by one.
+  Metrics: COCO box AP/AR (and mask AP/AR for Mask R-CNN) on the original images, see
+  :mod:`involution.metrics.coco`.
 """
 
 from __future__ import annotations
@@ -158,12 +159,13 @@ class DetectionTask(Task):
         ]
         return moved_images, moved_targets
 
-    def loss(self, net: nn.Module, batch: Batch, config: Config) -> Tensor:
-        """The sum of the detector's losses (classification, box regression, objectness, RPN
-        boxes, masks: whichever the detector has)."""
+    def loss(self, net: nn.Module, batch: Batch, config: Config) -> dict[str, Tensor]:
+        """The detector's losses as float terms named without torchvision's ``loss_`` prefix:
+        ``classifier``, ``box_reg``, ``objectness``, ``rpn_box_reg`` and, for Mask R-CNN,
+        ``mask`` (RetinaNet: ``classification``, ``bbox_regression``)."""
         images, targets = batch
         losses = net(images, targets)
-        return sum(value.float() for value in losses.values())
+        return {name.removeprefix("loss_"): value.float() for name, value in losses.items()}
 
     def start_evaluation(self, loader: Iterable[Any], info: DistInfo) -> Evaluation:
         """COCO box (and, for models that predict masks, mask) AP/AR over the loader's
