@@ -9,6 +9,8 @@ contiguous (B, G, Kh, Kw, H_out, W_out), the layouts these kernels index.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -94,7 +96,7 @@ def fused_forward(problem: FusedProblem) -> Tensor:
 
     The caller checks :func:`fused_supported` first.
     """
-    pointers, flags = problem.operands(_dense(problem.input))
+    pointers, flags = replace(problem, input=_dense(problem.input)).operands()
     sizes = problem.sizes
     reduced_channels = problem.reduced.shape[1]
     dims = (sizes.channels, sizes.groups, sizes.group_channels, reduced_channels, sizes.height)

@@ -58,14 +58,14 @@ def pixel_block(pid, ROWS, COLS, CHANNEL_BLOCKS, G, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def channel_block(pid_c, g, CG, BLOCK_C: tl.constexpr):
+def _channel_block(pid_c, g, CG, BLOCK_C: tl.constexpr):
     """Channels (BLOCK_C,) of block ``pid_c`` of group ``g``, and their in-range mask."""
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     return g * CG + offs_c, offs_c < CG
 
 
 @triton.jit
-def store_block(ptr, chan_offsets, pixel_offsets, acc, mask_c, mask_p):
+def _store_block(ptr, chan_offsets, pixel_offsets, acc, mask_c, mask_p):
     """Store ``acc`` (BLOCK_C, BLOCK_P) at ``ptr + chan_offsets[:, None] + pixel_offsets[None,
     :]`` in the tensor's dtype, where both masks hold."""
     ptrs = ptr + chan_offsets[:, None] + pixel_offsets[None, :]
@@ -73,7 +73,7 @@ def store_block(ptr, chan_offsets, pixel_offsets, acc, mask_c, mask_p):
 
 
 @triton.jit
-def accumulate_tap(acc, rows, pixels, mask_c, ok, kernel, ACC_DTYPE: tl.constexpr):
+def _accumulate_tap(acc, rows, pixels, mask_c, ok, kernel, ACC_DTYPE: tl.constexpr):
     """``acc`` (BLOCK_C, BLOCK_P) plus the (channel, pixel) tile at ``rows[:, None] +
     pixels[None, :]`` (zero where ``mask_c`` or ``ok`` is false) times ``kernel`` (BLOCK_P,)."""
     values = tl.load(rows + pixels[None, :], mask=mask_c[:, None] & ok[None, :], other=0.0)
@@ -118,7 +118,7 @@ def forward_kernel(
     b, g, pid_bg, pid_c, offs_p, oh, ow, mask_p = pixel_block(
         pid, OH, OW, tl.cdiv(CG, BLOCK_C), G, BLOCK_P
     )
-    chan, mask_c = channel_block(pid_c, g, CG, BLOCK_C)
+    chan, mask_c = _channel_block(pid_c, g, CG, BLOCK_C)
 
     x_rows = x_ptr + b * sx_b + chan[:, None] * sx_c
     w_base = w_ptr + pid_bg.to(tl.int64) * (KH * KW * OH * OW) + offs_p
@@ -130,10 +130,10 @@ def forward_kernel(
             iw, inside_w = tap(ow, stride_w, pad_w, kw, dil_w, W)
             kernel = tl.load(w_base + (kh * KW + kw) * OH * OW, mask=mask_p, other=0.0)
             pixels = ih * sx_h + iw * sx_w
-            acc = accumulate_tap(acc, x_rows, pixels, mask_c, ok_h & inside_w, kernel, ACC_DTYPE)
+            acc = _accumulate_tap(acc, x_rows, pixels, mask_c, ok_h & inside_w, kernel, ACC_DTYPE)
 
     out_pixels = oh * so_h + ow * so_w
-    store_block(out_ptr + b * so_b, chan * so_c, out_pixels, acc, mask_c, mask_p)
+    _store_block(out_ptr + b * so_b, chan * so_c, out_pixels, acc, mask_c, mask_p)
 
 
 @triton.autotune(configs=CONFIGS, key=KEY)
@@ -178,7 +178,7 @@ def backward_input_kernel(
     b, g, pid_bg, pid_c, _, ih, iw, mask_p = pixel_block(
         pid, H, W, tl.cdiv(CG, BLOCK_C), G, BLOCK_P
     )
-    chan, mask_c = channel_block(pid_c, g, CG, BLOCK_C)
+    chan, mask_c = _channel_block(pid_c, g, CG, BLOCK_C)
 
     go_rows = go_ptr + b * sg_b + chan[:, None] * sg_c
     w_base = w_ptr + pid_bg.to(tl.int64) * (KH * KW * OH * OW)
@@ -191,10 +191,10 @@ def backward_input_kernel(
             ok = ok_h & reads_w
             kernel = tl.load(w_base + (kh * KW + kw) * OH * OW + oh * OW + ow, mask=ok, other=0.0)
             pixels = oh * sg_h + ow * sg_w
-            acc = accumulate_tap(acc, go_rows, pixels, mask_c, ok, kernel, ACC_DTYPE)
+            acc = _accumulate_tap(acc, go_rows, pixels, mask_c, ok, kernel, ACC_DTYPE)
 
     in_pixels = ih * si_h + iw * si_w
-    store_block(gi_ptr + b * si_b, chan * si_c, in_pixels, acc, mask_c, mask_p)
+    _store_block(gi_ptr + b * si_b, chan * si_c, in_pixels, acc, mask_c, mask_p)
 
 
 @triton.autotune(configs=CONFIGS, key=KEY)

@@ -174,14 +174,14 @@ class FusedProblem:
         weight_shape = (self.input.shape[0], groups, kernel_h, kernel_w, *self.reduced.shape[-2:])
         return Sizes.of(self.input.shape, weight_shape)
 
-    def operands(self, input: Tensor) -> tuple[tuple[Tensor, ...], dict[str, bool]]:
-        """The fused kernels' pointer arguments and dtype flags, reading ``input`` (the
-        problem's input, in the layout the variant wants).
+    def operands(self) -> tuple[tuple[Tensor, ...], dict[str, bool]]:
+        """The fused kernels' pointer arguments and dtype flags.
 
-        Pointers: ``input``, ``reduced``, the span weight made contiguous, the span bias (the
+        Pointers: the input, ``reduced``, the span weight made contiguous, the span bias (the
         span weight stands in when there is none: ``HAS_BIAS`` is then false and it is never
-        read) and the empty output (B, C, H_out, W_out) in the memory format of ``input``.
+        read) and the empty output (B, C, H_out, W_out) in the memory format of the input.
         """
+        input = self.input
         accumulator(input.dtype)  # rejects unsupported dtypes with a clear message
         span_weight = self.span_weight.contiguous()
         output = empty_output(input, self.reduced.shape[-2:])

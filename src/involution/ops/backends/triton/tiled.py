@@ -106,7 +106,7 @@ def fused_forward(problem: FusedProblem) -> Tensor:
     ``problem.input`` is read through its strides. The caller checks :func:`fused_supported`
     first.
     """
-    pointers, flags = problem.operands(problem.input)
+    pointers, flags = problem.operands()
     sizes = problem.sizes
     rows, reduced_channels = sizes.batch * sizes.out_h, problem.reduced.shape[1]
     dims = (sizes.groups, sizes.group_channels, reduced_channels, sizes.height, sizes.width)
