@@ -298,12 +298,12 @@ class Involution2d(nn.Module):
                     return prepared[1](x, residual)
         reduce_weight, reduce_bias = self.folded_reduce()
         arguments = LayerArguments(
-            reduce_weight,
-            reduce_bias,
-            self.span.weight,
-            self.span.bias,
-            self.kernel_size,
-            self.groups,
+            reduce_weight=reduce_weight,
+            reduce_bias=reduce_bias,
+            span_weight=self.span.weight,
+            span_bias=self.span.bias,
+            kernel_size=self.kernel_size,
+            groups=self.groups,
             stride=self.stride,
             dilation=self.dilation,
             out_scale=out_scale,
