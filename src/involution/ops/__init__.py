@@ -4,6 +4,9 @@
   inference-only whole layer :func:`involution2d_layer` (checked once for repeated calls:
   ``prepare_involution2d_layer``), the front doors that check arguments
   (:mod:`~involution.ops.checks`) and pick a backend;
+- :mod:`~involution.ops.layer`: the layer op's arguments and its plan, checked once per input
+  shape (:class:`~involution.ops.layer.Involution2dLayerSpec`, what backends' ``layer_prepare``
+  take);
 - :mod:`~involution.ops.registration`: the ``torch.ops.involution.*`` custom ops, their fakes
   and autograd, and the eager fast path;
 - :mod:`~involution.ops.modules`: :class:`Involution2d`, kernel generation plus aggregation;
