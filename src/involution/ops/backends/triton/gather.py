@@ -42,25 +42,17 @@ def _aggregate(
     pass_name: str, grad_output: Tensor | None, input: Tensor, weight: Tensor, geometry: Geometry
 ) -> Tensor:
     """Run the kernel of aggregation pass ``pass_name``; returns the tensor it wrote."""
-    pointers = launch.operands(pass_name, input, weight, grad_output)
-    sizes = Sizes.of(input.shape, weight.shape)
-    rows, columns = sizes.pixels(pass_name)
-    # A grad_weight program reduces all its group's channels.
-    channel_blocks = pass_name != "backward_weight"
+    job = launch.Aggregation.of(pass_name, input, weight, grad_output)
+    sizes, (rows, columns) = job.sizes, job.pixels
     dims = (sizes.channels, sizes.groups, sizes.group_channels, sizes.height, sizes.width)
-    launch.run_kernel(
+    return job.launch(
         KERNELS[pass_name],
-        lambda meta: _programs(sizes, rows * columns, channel_blocks, meta),
-        pointers,
+        lambda meta: _programs(sizes, rows * columns, job.split_channels, meta),
         (*dims, sizes.out_h, sizes.out_w),
         # The features' strides: the kernel tensor is contiguous, indexed without them.
-        tuple(tensor for tensor in pointers if tensor.dim() == 4),
+        tuple(tensor for tensor in job.pointers if tensor.dim() == 4),
         geometry,
-        KH=sizes.kernel_h,
-        KW=sizes.kernel_w,
-        ACC_DTYPE=launch.accumulator(input.dtype),
     )
-    return pointers[-1]
 
 
 def forward(input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:

@@ -122,32 +122,67 @@ class Sizes:
         """(B, G, Kh, Kw, H_out, W_out)."""
         return (self.batch, self.groups, self.kernel_h, self.kernel_w, self.out_h, self.out_w)
 
-    def pixels(self, pass_name: str) -> Pair:
-        """(rows, columns) of one image's pixels that the programs of ``pass_name`` cover: the
-        input's for ``backward_input`` (an input pixel gathers its gradient), else the output's."""
-        if pass_name == "backward_input":
-            return self.height, self.width
-        return self.out_h, self.out_w
 
+@dataclass(frozen=True, eq=False)
+class Aggregation:
+    """One aggregation pass ready to launch: what its kernel reads and writes, and its sizes.
 
-def operands(
-    pass_name: str, input: Tensor, weight: Tensor, grad_output: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(first operand, second operand, empty result) of an aggregation pass, in kernel order.
-
-    ``forward``: input (B, C, H, W), weight (B, G, Kh, Kw, H_out, W_out) and the output
-    (B, C, H_out, W_out) in the memory format of ``input``; ``backward_input``: grad_output,
-    weight and grad_input (B, C, H, W) in the memory format of ``input``; ``backward_weight``:
-    grad_output, input and a contiguous grad_weight shaped as ``weight``.
+    ``pointers`` are (first operand, second operand, empty result) in kernel order: for
+    ``forward`` input (B, C, H, W), weight (B, G, Kh, Kw, H_out, W_out) and the output
+    (B, C, H_out, W_out) in the memory format of the input; for ``backward_input``
+    grad_output, weight and grad_input (B, C, H, W) in the memory format of the input; for
+    ``backward_weight`` grad_output, input and a contiguous grad_weight shaped as the weight.
+    ``pixels`` are the (rows, columns) of one image that its programs cover: the input's for
+    ``backward_input`` (an input pixel gathers its gradient), else the output's.
+    ``split_channels`` is false for ``backward_weight``, whose programs reduce over whole
+    groups' channels.
     """
-    if pass_name == "forward":
-        return input, weight, empty_output(input, weight.shape[4:])
-    assert grad_output is not None, pass_name
-    if pass_name == "backward_input":
-        grad_input = torch.empty_like(input, memory_format=memory_format_of(input))
-        return grad_output, weight, grad_input
-    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    return grad_output, input, grad_weight
+
+    pointers: tuple[Tensor, Tensor, Tensor]
+    sizes: Sizes
+    pixels: Pair
+    split_channels: bool
+
+    @classmethod
+    def of(
+        cls, pass_name: str, input: Tensor, weight: Tensor, grad_output: Tensor | None
+    ) -> Aggregation:
+        """Pass ``pass_name`` (``forward``, ``backward_input`` or ``backward_weight``)."""
+        sizes = Sizes.of(input.shape, weight.shape)
+        if pass_name == "forward":
+            output = empty_output(input, weight.shape[4:])
+            return cls((input, weight, output), sizes, (sizes.out_h, sizes.out_w), True)
+        assert grad_output is not None, pass_name
+        if pass_name == "backward_input":
+            grad_input = torch.empty_like(input, memory_format=memory_format_of(input))
+            return cls((grad_output, weight, grad_input), sizes, (sizes.height, sizes.width), True)
+        grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        return cls((grad_output, input, grad_weight), sizes, (sizes.out_h, sizes.out_w), False)
+
+    def launch(
+        self,
+        kernel: Any,
+        programs: Callable[[dict[str, Any]], int],
+        dims: tuple[int, ...],
+        strided: tuple[Tensor, ...],
+        geometry: Geometry,
+        **constexprs: Any,
+    ) -> Tensor:
+        """:func:`run_kernel` on the pointers, with the kernel size and accumulation dtype
+        (``KH``, ``KW``, ``ACC_DTYPE``) added to ``constexprs``; returns the result."""
+        run_kernel(
+            kernel,
+            programs,
+            self.pointers,
+            dims,
+            strided,
+            geometry,
+            KH=self.sizes.kernel_h,
+            KW=self.sizes.kernel_w,
+            ACC_DTYPE=accumulator(self.pointers[0].dtype),
+            **constexprs,
+        )
+        return self.pointers[-1]
 
 
 @dataclass(frozen=True, eq=False)

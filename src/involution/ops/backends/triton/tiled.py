@@ -39,26 +39,18 @@ def _aggregate(
     pass_name: str, grad_output: Tensor | None, input: Tensor, weight: Tensor, geometry: Geometry
 ) -> Tensor:
     """Run the kernel of aggregation pass ``pass_name``; returns the tensor it wrote."""
-    pointers = launch.operands(pass_name, input, weight, grad_output)
-    sizes = Sizes.of(input.shape, weight.shape)
-    rows, columns = sizes.pixels(pass_name)
-    rows *= sizes.batch
-    # A grad_weight program reduces whole groups' channels: no split along a group.
-    split = pass_name != "backward_weight"
+    job = launch.Aggregation.of(pass_name, input, weight, grad_output)
+    sizes, (rows, columns) = job.sizes, job.pixels
+    rows *= sizes.batch  # the tall image
     dims = (sizes.groups, sizes.group_channels, sizes.height, sizes.width, sizes.out_h)
-    launch.run_kernel(
+    return job.launch(
         KERNELS[pass_name],
-        lambda meta: _programs(rows, columns, sizes, split, meta),
-        pointers,
+        lambda meta: _programs(rows, columns, sizes, job.split_channels, meta),
         (*dims, sizes.out_w, rows),
-        pointers,
+        job.pointers,
         geometry,
-        KH=sizes.kernel_h,
-        KW=sizes.kernel_w,
         CGP=launch.pow2(sizes.group_channels),
-        ACC_DTYPE=launch.accumulator(input.dtype),
     )
-    return pointers[-1]
 
 
 def forward(input: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
