@@ -311,3 +311,16 @@ def test_lr_schedule_warms_up_linearly_then_decays_to_the_floor() -> None:
     assert factors[4] == 1.0  # cosine starts at the peak
     assert all(a > b for a, b in itertools.pairwise(factors[4:]))
     assert lr_factor(10, 10, 4, 0.1) == pytest.approx(0.1)
+
+
+def test_predict_out_writes_a_classifiers_reports(tmp_path: Path, capsys) -> None:
+    assert _train(tmp_path, "run") == 0
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    out = tmp_path / "predictions"
+    capsys.readouterr()
+    argv = ["predict", str(image), "--run", str(tmp_path / "run"), "--topk", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert (out / "predictions.txt").read_text().splitlines() == printed[:3]
+    assert printed[3] == f"reports -> {out / 'predictions.txt'}"

@@ -43,7 +43,8 @@ def __getattr__(name: str) -> Any:
 
 
 class _RegisterWithTimm(importlib.abc.MetaPathFinder):
-    """Imports :mod:`involution.models` (which registers the RedNets) right after timm."""
+    """Registers the RedNets (:func:`involution.models.register_with_timm`) right after timm
+    is imported."""
 
     def find_spec(
         self, fullname: str, path: Any = None, target: Any = None
@@ -58,7 +59,7 @@ class _RegisterWithTimm(importlib.abc.MetaPathFinder):
 
 
 class _ThenRegister(importlib.abc.Loader):
-    """timm's own loader, then :mod:`involution.models`; timm keeps its loader afterwards."""
+    """timm's own loader, then the RedNets' registration; timm keeps its loader afterwards."""
 
     def __init__(self, loader: importlib.abc.Loader) -> None:
         self.loader = loader
@@ -69,10 +70,10 @@ class _ThenRegister(importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         module.__loader__ = module.__spec__.loader = self.loader
         self.loader.exec_module(module)
-        importlib.import_module("involution.models")
+        importlib.import_module("involution.models").register_with_timm()
 
 
 if "timm" in sys.modules:
-    importlib.import_module("involution.models")
+    importlib.import_module("involution.models").register_with_timm()
 elif importlib.util.find_spec("timm") is not None:
     sys.meta_path.insert(0, _RegisterWithTimm())

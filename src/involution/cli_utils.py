@@ -49,7 +49,11 @@ def csv_list(text: str) -> list[str]:
 
 class LazyChoices(Sequence[str]):
     """An argparse ``choices`` that ``load()`` gives on first use (parsing the option, or
-    printing its help), so that building the parser does not import what ``load`` imports."""
+    printing its help), so that building the parser does not import what ``load`` imports.
+
+    Give the option a ``metavar`` (argparse otherwise lists the choices in its usage when the
+    option is added) and name the choices in its help with ``%(choices)s``.
+    """
 
     def __init__(self, load: Callable[[], Sequence[str]]) -> None:
         self.load = load

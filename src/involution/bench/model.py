@@ -494,8 +494,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         choices=LazyChoices(backend_names),
+        metavar="NAME",
         default="auto",
-        help="RedNet involution backend (auto)",
+        help="RedNet involution backend: %(choices)s (auto)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
 

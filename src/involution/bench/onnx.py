@@ -376,7 +376,8 @@ def add_commands(bench_subparsers: Any) -> None:
         "--lowerings",
         nargs="+",
         choices=LazyChoices(lowering_candidates),
-        help="formulations to compare (default: all)",
+        metavar="NAME",
+        help="formulations to compare: %(choices)s (default: all)",
     )
     lowerings.add_argument("--shapes", choices=tuple(SHAPE_SETS), default="rednet50")
     _common_arguments(lowerings, repeats=15)

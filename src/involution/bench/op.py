@@ -299,7 +299,9 @@ def add_commands(bench_subparsers: Any) -> None:
         "--backends",
         nargs="+",
         choices=LazyChoices(lambda: backend_names(auto=False)),
-        help="involution backends to run (default: reference + the fast ones on --device)",
+        metavar="NAME",
+        help="involution backends to run: %(choices)s (default: reference + the fast ones on "
+        "--device)",
     )
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")

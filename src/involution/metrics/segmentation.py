@@ -24,9 +24,11 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from involution.datasets.segmentation import IGNORE_INDEX
+__all__ = ["IGNORE_INDEX", "confusion_matrix_metric", "iou_table", "segmentation_scores"]
 
-__all__ = ["confusion_matrix_metric", "iou_table", "segmentation_scores"]
+#: The label of pixels that no score counts (unlabelled or ambiguous), as in mmseg and
+#: Cityscapes; the segmentation datasets mark them the same way.
+IGNORE_INDEX = 255
 
 
 def confusion_matrix_metric(

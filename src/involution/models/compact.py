@@ -17,11 +17,14 @@ channels_last, one CPU thread) on Fashion-MNIST, measured on a 2-core CPU:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from timm.models import generate_default_cfgs, register_model
 
-from involution.models.rednet import RedNet, _create_rednet
+from involution.models.cfgs import rednet_cfg
+
+if TYPE_CHECKING:
+    from involution.models.rednet import RedNet
 
 __all__ = ["COMPACT_ARCH"]
 
@@ -36,27 +39,28 @@ COMPACT_ARCH: dict[str, Any] = {
 }
 
 
-def _cfg() -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (1, 28, 28),
-        "pool_size": (4, 4),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": (0.2860,),
-        "std": (0.3530,),
-        "first_conv": "stem.conv1",
-        "classifier": "fc",
-        "license": "mit",
-    }
+#: The compact variants' timm config: Fashion-MNIST's 1 x 28 x 28 images and 10 classes.
+COMPACT_CFG = rednet_cfg(
+    num_classes=10,
+    input_size=(1, 28, 28),
+    pool_size=(4, 4),
+    crop_pct=1.0,
+    mean=(0.2860,),
+    std=(0.3530,),
+    origin_url=None,
+)
 
 
-default_cfgs = generate_default_cfgs({"rednet_compact": _cfg(), "rednet_compact_conv": _cfg()})
+default_cfgs = generate_default_cfgs(
+    {"rednet_compact": dict(COMPACT_CFG), "rednet_compact_conv": dict(COMPACT_CFG)}
+)
 
 
 def _create(variant: str, pretrained: bool, mixer: str, **kwargs: Any) -> RedNet:
-    # RedNet's builder: its pretrained files go through the project's safe loader.
+    # RedNet's builder: its pretrained files go through the project's safe loader. Imported
+    # here: importing this module (to register it with timm) must not need rednet's.
+    from involution.models.rednet import _create_rednet
+
     return _create_rednet(variant, pretrained, **{**COMPACT_ARCH, "mixer": mixer, **kwargs})
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -86,6 +87,11 @@ def load_backbone_weights(backbone: RedNet, path: str | PathLike) -> RedNet:
     Every other key and shape must match, else
     :class:`~involution.models.convert.CheckpointMismatchError` lists the differences.
     """
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"backbone_weights {path} does not exist: expected an official RedNet checkpoint "
+            "(mmcls .pth) or one converted by `involution convert` (.safetensors)"
+        )
     state_dict = read_state_dict(path)
     if is_official_state_dict(state_dict):
         state_dict = convert_official_state_dict(state_dict)

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier, is_exportable, register_notrace_module
 from timm.models import (
     build_model_with_cfg,
@@ -27,6 +26,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices  # not re-exported by timm.models
 from torch import Tensor, nn
 
+from involution.models.cfgs import rednet_cfg
 from involution.ops.modules import OFFICIAL_KEY_PREFIXES as OFFICIAL_INVOLUTION_PREFIXES
 from involution.ops.modules import Involution2d, relu_inplace
 from involution.serialization import load_tensor_file
@@ -520,28 +520,9 @@ def _create_rednet(variant: str, pretrained: bool = False, **kwargs: Any) -> Red
     )
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bilinear",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv1",
-        "classifier": "fc",
-        "license": "mit",
-        "origin_url": "https://github.com/d-li14/involution",
-        "paper_ids": "arXiv:2103.06255",
-        **kwargs,
-    }
-
-
 # No hosted weights: convert the official checkpoints with ``involution convert`` and load the
 # result with ``pretrained=True, pretrained_cfg_overlay=dict(file=...)``.
-default_cfgs = generate_default_cfgs({f"rednet{depth}": _cfg() for depth in MODEL_DEPTHS})
+default_cfgs = generate_default_cfgs({f"rednet{depth}": rednet_cfg() for depth in MODEL_DEPTHS})
 
 
 @register_model

@@ -72,7 +72,10 @@ def add_commands(subparsers: Any) -> None:
     _add_trained_weights(predict)
     predict.add_argument("--topk", type=int, default=5, help="classes to show per image")
     predict.add_argument(
-        "--out", metavar="DIR", help="write drawn predictions here (detection, segmentation)"
+        "--out",
+        metavar="DIR",
+        help="write the reports (predictions.txt) and the drawn predictions (detection, "
+        "segmentation) here",
     )
     predict.set_defaults(func=predict_command)
 

@@ -49,6 +49,8 @@ class Predictor(ABC):
 
 #: What :meth:`Task.loss` returns: the loss, or its named terms.
 Loss = Tensor | dict[str, Tensor]
+#: ``predict --out DIR`` writes every image's printed report to ``DIR/<this>``.
+PREDICTIONS_NAME = "predictions.txt"
 
 
 def total_loss(loss: Loss) -> tuple[Tensor, dict[str, Tensor]]:
@@ -159,10 +161,16 @@ class Task(ABC):
                 f"several input images are named {repeated}: their outputs would clash"
             )
         predictor = self.predictor(model.eval(), config, classes, in_chans)
+        reports = []
         for path in images:
             report, picture = predictor(path, topk, draw=out_dir is not None)
             print(report)
+            reports.append(report)
             if out_dir is not None and picture is not None:
                 target = out_dir / f"{path.stem}{self.picture_suffix}.png"
                 save_png(picture, target)
                 print(f"  -> {target}")
+        if out_dir is not None:  # the reports too: a classifier draws no pictures
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / PREDICTIONS_NAME).write_text("\n".join(reports) + "\n")
+            print(f"reports -> {out_dir / PREDICTIONS_NAME}")
