@@ -44,11 +44,10 @@ def _aggregate(
     """Run the kernel of aggregation pass ``pass_name``; returns the tensor it wrote."""
     job = launch.Aggregation.of(pass_name, input, weight, grad_output)
     sizes, (rows, columns) = job.sizes, job.pixels
-    dims = (sizes.channels, sizes.groups, sizes.group_channels, sizes.height, sizes.width)
     return job.launch(
         KERNELS[pass_name],
         lambda meta: _programs(sizes, rows * columns, job.split_channels, meta),
-        (*dims, sizes.out_h, sizes.out_w),
+        (sizes.channels, sizes.groups, sizes.group_channels, *sizes.spatial),
         # The features' strides: the kernel tensor is contiguous, indexed without them.
         tuple(tensor for tensor in job.pointers if tensor.dim() == 4),
         geometry,
@@ -91,12 +90,11 @@ def fused_forward(problem: FusedProblem) -> Tensor:
     pointers, flags = replace(problem, input=_dense(problem.input)).operands()
     sizes = problem.sizes
     reduced_channels = problem.reduced.shape[1]
-    dims = (sizes.channels, sizes.groups, sizes.group_channels, reduced_channels, sizes.height)
     launch.run_kernel(
         fused.fused_forward_kernel,
         lambda meta: _programs(sizes, sizes.out_h * sizes.out_w, False, meta),
         pointers,
-        (*dims, sizes.width, sizes.out_h, sizes.out_w),
+        (sizes.channels, sizes.groups, sizes.group_channels, reduced_channels, *sizes.spatial),
         (pointers[0], pointers[1], pointers[-1]),
         problem.geometry,
         KH=sizes.kernel_h,

@@ -118,6 +118,11 @@ class Sizes:
         return self.channels // self.groups
 
     @property
+    def spatial(self) -> tuple[int, int, int, int]:
+        """(H, W, H_out, W_out), in the order the kernels take them."""
+        return self.height, self.width, self.out_h, self.out_w
+
+    @property
     def weight_shape(self) -> tuple[int, ...]:
         """(B, G, Kh, Kw, H_out, W_out)."""
         return (self.batch, self.groups, self.kernel_h, self.kernel_w, self.out_h, self.out_w)

@@ -42,11 +42,10 @@ def _aggregate(
     job = launch.Aggregation.of(pass_name, input, weight, grad_output)
     sizes, (rows, columns) = job.sizes, job.pixels
     rows *= sizes.batch  # the tall image
-    dims = (sizes.groups, sizes.group_channels, sizes.height, sizes.width, sizes.out_h)
     return job.launch(
         KERNELS[pass_name],
         lambda meta: _programs(rows, columns, sizes, job.split_channels, meta),
-        (*dims, sizes.out_w, rows),
+        (sizes.groups, sizes.group_channels, *sizes.spatial, rows),
         job.pointers,
         geometry,
         CGP=launch.pow2(sizes.group_channels),
@@ -101,13 +100,12 @@ def fused_forward(problem: FusedProblem) -> Tensor:
     pointers, flags = problem.operands()
     sizes = problem.sizes
     rows, reduced_channels = sizes.batch * sizes.out_h, problem.reduced.shape[1]
-    dims = (sizes.groups, sizes.group_channels, reduced_channels, sizes.height, sizes.width)
     # The pruned tilings hold whole groups: a program covers BLOCK_C / CGP of them.
     launch.run_kernel(
         tiled_kernels.fused_forward_kernel,
         lambda meta: _programs(rows, sizes.out_w, sizes, False, meta),
         pointers,
-        (*dims, sizes.out_h, sizes.out_w, rows),
+        (sizes.groups, sizes.group_channels, reduced_channels, *sizes.spatial, rows),
         (pointers[0], pointers[1], pointers[-1]),
         problem.geometry,
         KH=sizes.kernel_h,
