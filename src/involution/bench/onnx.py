@@ -402,37 +402,40 @@ def _report(args: argparse.Namespace, table: str, results: Sequence[Any]) -> int
     return 0
 
 
-def onnx_command(args: argparse.Namespace) -> int:
+def _run(
+    args: argparse.Namespace,
+    benchmark: Callable[[Path], Sequence[Any]],
+    table: Callable[[Sequence[Any]], str],
+) -> int:
+    """Check the counts, run ``benchmark`` in a temporary folder, print its ``table``."""
     problem = _counts_problem(args)
     if problem is not None:
         return user_error(problem)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
-        results = run_model_benchmark(
-            args.models,
-            args.batch,
-            args.size,
-            args.threads,
-            args.warmup,
-            args.repeats,
-            Path(folder),
+        results = benchmark(Path(folder))
+    return _report(args, table(results), results)
+
+
+def onnx_command(args: argparse.Namespace) -> int:
+    def benchmark(folder: Path) -> list[ModelResult]:
+        return run_model_benchmark(
+            args.models, args.batch, args.size, args.threads, args.warmup, args.repeats, folder
         )
-    return _report(args, format_model_table(results, args.size), results)
+
+    return _run(args, benchmark, lambda results: format_model_table(results, args.size))
 
 
 def onnx_lowering_command(args: argparse.Namespace) -> int:
-    problem = _counts_problem(args)
-    if problem is not None:
-        return user_error(problem)
-    torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as folder:
-        results = run_lowering_benchmark(
+    def benchmark(folder: Path) -> list[LoweringResult]:
+        return run_lowering_benchmark(
             args.lowerings or lowering_candidates(),
             SHAPE_SETS[args.shapes],
             args.batch,
             args.threads,
             args.warmup,
             args.repeats,
-            Path(folder),
+            folder,
         )
-    return _report(args, format_lowering_table(results), results)
+
+    return _run(args, benchmark, format_lowering_table)
