@@ -123,19 +123,20 @@ def use_involution_heads(model: FasterRCNN) -> FasterRCNN:
 
 def _rcnn_rednet_fpn(
     detector: type[FasterRCNN],
-    depth: int,
+    depth: int = 50,
     *,
     num_classes: int,
-    involution_neck: bool,
-    involution_head: bool,
-    backbone_weights: str | PathLike | None,
-    trainable_stages: int,
-    norm_eval: bool,
-    backbone_kwargs: Mapping[str, Any] | None,
-    fpn_channels: int,
-    detector_kwargs: dict[str, Any],
+    involution_neck: bool = False,
+    involution_head: bool = False,
+    backbone_weights: str | PathLike | None = None,
+    trainable_stages: int = 3,
+    norm_eval: bool = True,
+    backbone_kwargs: Mapping[str, Any] | None = None,
+    fpn_channels: int = 256,
+    **detector_kwargs: Any,
 ) -> FasterRCNN:
-    """Faster or Mask R-CNN (``detector``) on a RedNet-FPN backbone (C2-C5 + max-pooled P6)."""
+    """Faster or Mask R-CNN (``detector``) on a RedNet-FPN backbone (C2-C5 + max-pooled P6);
+    ``detector_kwargs`` go to the detector class."""
     conflicts = [key for key in _HEAD_KWARGS if detector_kwargs.get(key) is not None]
     if involution_head and conflicts:
         raise ValueError(f"involution_head=True builds the heads itself; do not pass {conflicts}")
@@ -153,62 +154,18 @@ def _rcnn_rednet_fpn(
     return use_involution_heads(model) if involution_head else model
 
 
-def fasterrcnn_rednet_fpn(
-    depth: int = 50,
-    *,
-    num_classes: int,
-    involution_neck: bool = False,
-    involution_head: bool = False,
-    backbone_weights: str | PathLike | None = None,
-    trainable_stages: int = 3,
-    norm_eval: bool = True,
-    backbone_kwargs: Mapping[str, Any] | None = None,
-    fpn_channels: int = 256,
-    **detector_kwargs: Any,
-) -> FasterRCNN:
-    """Faster R-CNN with a RedNet-``depth`` FPN backbone; see the module docstring."""
-    return _rcnn_rednet_fpn(
-        FasterRCNN,
-        depth,
-        num_classes=num_classes,
-        involution_neck=involution_neck,
-        involution_head=involution_head,
-        backbone_weights=backbone_weights,
-        trainable_stages=trainable_stages,
-        norm_eval=norm_eval,
-        backbone_kwargs=backbone_kwargs,
-        fpn_channels=fpn_channels,
-        detector_kwargs=detector_kwargs,
-    )
+def fasterrcnn_rednet_fpn(depth: int = 50, *, num_classes: int, **kwargs: Any) -> FasterRCNN:
+    """Faster R-CNN with a RedNet-``depth`` FPN backbone; see the module docstring (keyword
+    arguments: ``involution_neck``, ``involution_head``, ``backbone_weights``,
+    ``trainable_stages``, ``norm_eval``, ``backbone_kwargs``, ``fpn_channels`` and
+    torchvision's ``FasterRCNN`` arguments)."""
+    return _rcnn_rednet_fpn(FasterRCNN, depth, num_classes=num_classes, **kwargs)
 
 
-def maskrcnn_rednet_fpn(
-    depth: int = 50,
-    *,
-    num_classes: int,
-    involution_neck: bool = False,
-    involution_head: bool = False,
-    backbone_weights: str | PathLike | None = None,
-    trainable_stages: int = 3,
-    norm_eval: bool = True,
-    backbone_kwargs: Mapping[str, Any] | None = None,
-    fpn_channels: int = 256,
-    **detector_kwargs: Any,
-) -> MaskRCNN:
-    """Mask R-CNN with a RedNet-``depth`` FPN backbone; see the module docstring."""
-    return _rcnn_rednet_fpn(
-        MaskRCNN,
-        depth,
-        num_classes=num_classes,
-        involution_neck=involution_neck,
-        involution_head=involution_head,
-        backbone_weights=backbone_weights,
-        trainable_stages=trainable_stages,
-        norm_eval=norm_eval,
-        backbone_kwargs=backbone_kwargs,
-        fpn_channels=fpn_channels,
-        detector_kwargs=detector_kwargs,
-    )
+def maskrcnn_rednet_fpn(depth: int = 50, *, num_classes: int, **kwargs: Any) -> MaskRCNN:
+    """Mask R-CNN with a RedNet-``depth`` FPN backbone; the arguments are
+    :func:`fasterrcnn_rednet_fpn`'s (and torchvision's ``MaskRCNN``)."""
+    return _rcnn_rednet_fpn(MaskRCNN, depth, num_classes=num_classes, **kwargs)
 
 
 def retinanet_rednet50_fpn(**kwargs: Any) -> RetinaNet:
