@@ -106,9 +106,9 @@ def _tile_pixels(pid, ROWS, COLS, ROWS_PER_IMAGE, TILE_H: tl.constexpr, TILE_W: 
     Tiles cover a tall image of ``ROWS`` = B * ROWS_PER_IMAGE rows and ``COLS`` columns; they
     vary fastest in the launch order, then the channel blocks.
     """
-    n_tiles = tl.cdiv(ROWS, TILE_H) * tl.cdiv(COLS, TILE_W)
-    pid_tile = pid % n_tiles
     tiles_w = tl.cdiv(COLS, TILE_W)
+    n_tiles = tl.cdiv(ROWS, TILE_H) * tiles_w
+    pid_tile = pid % n_tiles
     lane = tl.arange(0, TILE_H * TILE_W)
     tall_row = (pid_tile // tiles_w) * TILE_H + lane // TILE_W
     col = (pid_tile % tiles_w) * TILE_W + lane % TILE_W
