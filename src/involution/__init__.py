@@ -18,7 +18,11 @@ import importlib.machinery
 import importlib.util
 import sys
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers and the API reference; imported on first read below
+    from involution import models
+    from involution.ops import Involution2d, functional, involution2d
 
 __all__ = ["Involution2d", "functional", "involution2d", "models"]
 __version__ = "0.1.0"

@@ -12,7 +12,12 @@ flop formulas of :mod:`involution.ops.flops`.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers and the API reference; imported on first read below
+    from involution.models.convert import load_checkpoint, rednet_from_checkpoint
+    from involution.models.fold import fold_batchnorm
+    from involution.models.rednet import MODEL_DEPTHS, Bottleneck, RedNet, RedNetStem
 
 __all__ = [
     "MODEL_DEPTHS",

@@ -205,7 +205,7 @@ class Involution2d(nn.Module):
         """Per-pixel kernels (B, G, K, K, H_out, W_out) for input ``x`` (B, C, H, W)."""
         k = self.kernel_size
         # The span conv module itself (not its weights), so that its forward hooks see the
-        # kernels (involution.export.kernels) and tracers record a module call.
+        # kernels (involution.visualize.kernels) and tracers record a module call.
         return self.span(self.reduce_features(x)).unflatten(1, [self.groups, k, k])
 
     def layer_inference_applies(self, x: Tensor, backend: str) -> bool:
