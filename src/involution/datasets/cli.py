@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from involution.cli_utils import USER_ERRORS, user_error
 from involution.datasets.scenes import SceneParams, build_scenes, ensure_scenes, scene_statistics
 
 
@@ -64,7 +65,11 @@ def scenes_command(args: argparse.Namespace) -> int:
     }
     build = build_scenes if args.force else ensure_scenes
     start = time.perf_counter()
-    root = build(args.out, fashion_mnist_root=args.fashion_mnist_root, **params)
+    try:
+        root = build(args.out, fashion_mnist_root=args.fashion_mnist_root, **params)
+        statistics = scene_statistics(root)
+    except USER_ERRORS as err:
+        return user_error(err)
     print(f"{root} ready in {time.perf_counter() - start:.1f} s")
-    print(format_statistics(scene_statistics(root)))
+    print(format_statistics(statistics))
     return 0

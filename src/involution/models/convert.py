@@ -37,6 +37,7 @@ __all__ = [
     "is_official_state_dict",
     "load_checkpoint",
     "load_official_checkpoint",
+    "read_rednet_state_dict",
     "read_state_dict",
     "rednet_from_checkpoint",
 ]
@@ -203,15 +204,18 @@ def check_state_dict(
         raise CheckpointMismatchError(missing, unexpected, mismatched)
 
 
-def _to_ours(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def read_rednet_state_dict(path: str | PathLike) -> dict[str, Tensor]:
+    """The tensors of an official or converted checkpoint file in our key layout (an official
+    file's keys renamed by :func:`convert_official_state_dict`)."""
+    state_dict = read_state_dict(path)
     if is_official_state_dict(state_dict):
         return convert_official_state_dict(state_dict)
-    return dict(state_dict)
+    return state_dict
 
 
 def load_checkpoint(model: nn.Module, path: str | PathLike) -> nn.Module:
     """Load an official or converted checkpoint into ``model`` after a full key/shape check."""
-    state_dict = _to_ours(read_state_dict(path))
+    state_dict = read_rednet_state_dict(path)
     check_state_dict(state_dict, model)
     model.load_state_dict(state_dict)
     return model
@@ -231,7 +235,7 @@ def rednet_from_checkpoint(path: str | PathLike, **kwargs: Any) -> RedNet:
     ``kwargs`` override or extend the inferred constructor arguments (e.g. ``stem_type``,
     ``backend``, ``group_channels``).
     """
-    state_dict = _to_ours(read_state_dict(path))
+    state_dict = read_rednet_state_dict(path)
     group_channels = kwargs.get("group_channels", 16)
     model = RedNet(**{**infer_rednet_kwargs(state_dict, group_channels), **kwargs})
     check_state_dict(state_dict, model)
@@ -246,7 +250,7 @@ def convert_checkpoint(src: str | PathLike, dst: str | PathLike) -> dict[str, An
     ``meta`` device (no memory is spent on weights). The inferred constructor arguments are
     stored in the file's metadata under ``"rednet_kwargs"`` (JSON).
     """
-    state_dict = _to_ours(read_state_dict(src))
+    state_dict = read_rednet_state_dict(src)
     kwargs = infer_rednet_kwargs(state_dict)
     with torch.device("meta"):
         expected = RedNet(**kwargs).state_dict()

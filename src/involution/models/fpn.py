@@ -22,14 +22,9 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
-from involution.models.convert import (
-    check_state_dict,
-    convert_official_state_dict,
-    is_official_state_dict,
-)
+from involution.models.convert import check_state_dict, read_rednet_state_dict
 from involution.models.rednet import MODEL_DEPTHS, RedNet
 from involution.ops import Involution2d
-from involution.serialization import read_state_dict
 
 __all__ = [
     "DETSEG_STEM_KERNEL_SIZE",
@@ -92,9 +87,7 @@ def load_backbone_weights(backbone: RedNet, path: str | PathLike) -> RedNet:
             f"backbone_weights {path} does not exist: expected an official RedNet checkpoint "
             "(mmcls .pth) or one converted by `involution convert` (.safetensors)"
         )
-    state_dict = read_state_dict(path)
-    if is_official_state_dict(state_dict):
-        state_dict = convert_official_state_dict(state_dict)
+    state_dict = read_rednet_state_dict(path)
     dropped = [key for key in state_dict if key.startswith("fc.")]
     state_dict = {key: value for key, value in state_dict.items() if key not in dropped}
     expected = backbone.state_dict()

@@ -26,11 +26,9 @@ from torch import Tensor, nn
 
 from involution.models.convert import (
     check_state_dict,
-    convert_official_state_dict,
-    is_official_state_dict,
+    read_rednet_state_dict,
     rednet_from_checkpoint,
 )
-from involution.serialization import read_state_dict
 
 __all__ = [
     "TORCHVISION_PREFIXES",
@@ -126,11 +124,7 @@ def create_model(name: str, weights: str | PathLike | None = None, **kwargs: Any
     """
     import timm
 
-    state = None
-    if weights is not None:
-        state = read_state_dict(weights)
-        if is_official_state_dict(state):
-            state = convert_official_state_dict(state)
+    state = None if weights is None else read_rednet_state_dict(weights)
     tv_name = _torchvision_name(name)
     if tv_name is not None:
         import torchvision
