@@ -24,6 +24,7 @@ from involution.ops.functional import (
 from involution.ops.layer import LayerArguments, LayerRun
 from involution.ops.layout import tensor_states
 from involution.ops.lowering import exporting_to_onnx, involution2d_lowered
+from involution.ops.regenerate import recompute_layer, regenerate_involution2d
 
 # FX symbolic tracing (torch.fx, torchvision's and timm's feature extraction) records each call
 # of the front doors from this module as one node, instead of tracing into their checks.
@@ -130,6 +131,16 @@ class Involution2d(nn.Module):
             runtimes); slower. timm's ``set_layer_config(exportable=True)`` sets it in RedNet.
             ``torch.onnx.export`` lowers the op without it.
 
+    Training (``regenerate_kernels``, a class attribute, ``True``): with gradients enabled in
+    training mode the layer keeps only its input (and the kernel branch's BatchNorm batch
+    statistics) for backward and regenerates the kernels there
+    (:mod:`involution.ops.regenerate`): RedNet-50 then keeps less activation memory than
+    ResNet-50 (``involution bench memory``). Same outputs and gradients within rounding; the
+    running statistics are updated once. A kernel branch other than as built (another norm or
+    activation, hooks on its submodules, a subclass) is checkpointed instead, in eager mode.
+    Set ``layer.regenerate_kernels = False`` (or :func:`set_kernel_regeneration` on a model)
+    for the kept-kernel path; ``fused`` and ``exportable`` layers keep their own paths.
+
     TorchScript (``torch.jit.script``) and FX (``torch.fx.symbolic_trace``) see the kernel
     branch and one call of the op (:func:`~involution.ops.involution2d` or
     :func:`~involution.ops.involution2d_fused`).
@@ -137,6 +148,10 @@ class Involution2d(nn.Module):
     Shape:
         input (B, C, H, W) -> output (B, C, ceil(H / stride), ceil(W / stride)).
     """
+
+    #: Regenerate the kernels in backward when training (see above). A class attribute, not a
+    #: constructor argument, so modules pickled before it existed have it too.
+    regenerate_kernels: bool = True
 
     def __init__(
         self,
@@ -220,6 +235,46 @@ class Involution2d(nn.Module):
             and _is_foldable_norm(self.norm)
             and not exporting_to_onnx()  # ONNX has no custom op: the lowered layer
         )
+
+    def regeneration_applies(self) -> bool:
+        """Whether the kernel branch is as built, so :func:`~involution.ops.regenerate.
+        regenerate_involution2d` computes the layer: average pool (or identity), 1x1 convs
+        without a reduce bias, a plain ``nn.BatchNorm2d`` (or identity), ReLU, no hooks on the
+        submodules (they would not run), ``generate_kernels`` and ``reduce_features`` not
+        overridden."""
+        submodules = (self.pool, self.reduce, self.norm, self.act, self.span)
+        cls = type(self)
+        return (
+            type(self.pool) in (nn.AvgPool2d, nn.Identity)
+            and type(self.reduce) is nn.Conv2d
+            and self.reduce.bias is None
+            and type(self.span) is nn.Conv2d
+            and type(self.act) is nn.ReLU
+            and type(self.norm) in (nn.BatchNorm2d, nn.Identity)
+            and cls.generate_kernels is Involution2d.generate_kernels
+            and cls.reduce_features is Involution2d.reduce_features
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in submodules)
+        )
+
+    def forward_training(self, x: Tensor) -> Tensor | None:
+        """The layer keeping only ``x`` for backward (see ``regenerate_kernels``), or ``None``
+        where that does not apply (not training, gradients disabled, switched off, ``fused`` or
+        ``exportable``, a tracer, or a kernel branch that only checkpointing handles under
+        ``torch.compile``)."""
+        if not (
+            self.regenerate_kernels
+            and self.training
+            and torch.is_grad_enabled()
+            and not self.fused
+            and not self.exportable
+            and not exporting_to_onnx()
+        ):
+            return None
+        if self.regeneration_applies():
+            return regenerate_involution2d(self, x, resolve_backend(self.backend, x.device))
+        if torch.compiler.is_compiling():
+            return None  # the compiler's partitioner decides what is kept
+        return recompute_layer(self, self.forward_kept, x)
 
     def layer_inference_backend(self, x: Tensor) -> str | None:
         """The concrete backend when :meth:`forward` runs the fused inference op on ``x``, else
@@ -345,6 +400,15 @@ class Involution2d(nn.Module):
                 backend = self.layer_inference_backend(x)
                 if backend is not None:
                     return self.forward_layer(x, backend)
+                output = self.forward_training(x)
+                if output is not None:
+                    return output
+        return self.forward_kept(x)
+
+    def forward_kept(self, x: Tensor) -> Tensor:
+        """The kernel branch's modules, then the op (:func:`~involution.ops.involution2d`, or
+        :func:`~involution.ops.involution2d_fused` when ``fused``): autograd keeps the kernels.
+        """
         if not self.fused:
             return involution2d(
                 x,
@@ -370,6 +434,15 @@ class Involution2d(nn.Module):
             f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"dilation={self.dilation}, groups={self.groups}"
         )
+
+
+def set_kernel_regeneration(model: nn.Module, enabled: bool) -> nn.Module:
+    """Set ``regenerate_kernels`` on every :class:`Involution2d` of ``model`` (returned): the
+    switch between regenerating the kernels in backward (default) and keeping them."""
+    for module in model.modules():
+        if isinstance(module, Involution2d):
+            module.regenerate_kernels = enabled
+    return model
 
 
 class Involution2dAffine(nn.Module):

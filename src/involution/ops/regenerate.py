@@ -1,0 +1,368 @@
+"""Training the involution layer without keeping its kernels: they are regenerated in backward.
+
+An :class:`~involution.ops.Involution2d`'s per-pixel kernels are a function of its own input,
+``W = span(relu(norm(reduce(pool(x)))))``, and the aggregation's backward keeps ``x`` anyway.
+Autograd on the plain layer keeps, beside ``x``, the kernels (B, G*K*K, H_out, W_out: about
+three times ``x`` for K = 7 and 16 channels per group) and the kernel branch's intermediates.
+
+:class:`RegeneratedInvolution2d` computes the whole layer in one ``autograd.Function`` that
+keeps only ``x``, the parameters and the kernel branch's per-channel BatchNorm statistics, and
+regenerates the branch in backward, with explicit gradients (ATen's convolution and BatchNorm
+backward, the registered aggregation gradients), so ``torch.compile(fullgraph=True)`` traces it.
+It applies to a plain ``nn.BatchNorm2d`` (batch statistics in training, running statistics in
+eval mode, as in the detection backbones' ``norm_eval``) or an identity as the branch's norm,
+and a ReLU (``Involution2d.regeneration_applies``); the running statistics are updated once, in
+forward (:func:`update_running_stats`), as ``nn.BatchNorm2d`` updates them.
+
+Every other kernel branch (SyncBatchNorm, other norms or activations, subclasses) trains through
+:func:`recompute_layer`: activation checkpointing of the whole layer with the branch's buffers
+restored after the recomputation, so they too are updated once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from involution.ops import registration
+from involution.ops.checks import autocast, check_dtypes
+from involution.ops.layout import kernels_like
+
+__all__ = [
+    "KernelBranch",
+    "RegeneratedInvolution2d",
+    "recompute_layer",
+    "regenerate_involution2d",
+    "update_running_stats",
+]
+
+
+@dataclass(frozen=True)
+class KernelBranch:
+    """The non-tensor configuration of the regenerated layer.
+
+    Attributes:
+        kernel_size: K (odd); padding is ``dilation * (K - 1) // 2``.
+        groups: G.
+        stride: aggregation stride, and the kernel branch's average-pooling window.
+        dilation: aggregation dilation.
+        eps: the BatchNorm's epsilon, or ``None`` for an identity norm.
+        backend: the concrete aggregation backend (``"cpu"``, ``"triton"``, ...).
+    """
+
+    kernel_size: int
+    groups: int
+    stride: int
+    dilation: int
+    eps: float | None
+    backend: str
+
+    @property
+    def conv_args(self) -> tuple:
+        """(stride, padding, dilation, backend), as the aggregation ops take them."""
+        padding = self.dilation * (self.kernel_size - 1) // 2
+        return (
+            [self.stride, self.stride],
+            [padding, padding],
+            [self.dilation, self.dilation],
+            self.backend,
+        )
+
+
+def _pool(x: Tensor, stride: int) -> Tensor:
+    """The kernel branch's ``AvgPool2d(stride, stride, ceil_mode=True)`` (identity at 1)."""
+    return F.avg_pool2d(x, stride, stride, ceil_mode=True) if stride > 1 else x
+
+
+def _normalise(
+    reduced: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    running: Tensor | None,
+    eps: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The branch's norm on ``reduced`` (B, M, H_out, W_out): (output, mean, invstd), the
+    batch's statistics (M,) each, or empty with running statistics or an identity norm.
+    ``running`` is (2, M): mean and variance, for a BatchNorm in eval mode."""
+    if eps is None:
+        empty = reduced.new_empty(0)
+        return reduced, empty, empty
+    mean_var = (None, None) if running is None else (running[0], running[1])
+    return torch.native_batch_norm(
+        reduced, norm_weight, norm_bias, *mean_var, running is None, 0.0, eps
+    )
+
+
+class RegeneratedInvolution2d(torch.autograd.Function):
+    """The :class:`~involution.ops.Involution2d` layer, its kernels regenerated in backward.
+
+    ``forward(x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias,
+    branch) -> (output, mean, invstd)``: x (B, C, H, W); reduce_weight (M, C, 1, 1);
+    norm_weight, norm_bias (M,) or ``None``; running (2, M) (the eval-mode BatchNorm's running
+    mean and variance) or ``None`` (batch statistics); span_weight (G*K*K, M, 1, 1); span_bias
+    (G*K*K,) or ``None``; branch a :class:`KernelBranch`. Returns the output (B, C, H_out,
+    W_out) and the batch statistics (M,) each (empty without them), which are not
+    differentiable. Tensors are already cast for autocast; call it with autocast off.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        reduce_weight: Tensor,
+        norm_weight: Tensor | None,
+        norm_bias: Tensor | None,
+        running: Tensor | None,
+        span_weight: Tensor,
+        span_bias: Tensor | None,
+        branch: KernelBranch,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        reduced = F.conv2d(_pool(x, branch.stride), reduce_weight)
+        normed, mean, invstd = _normalise(reduced, norm_weight, norm_bias, running, branch.eps)
+        kernels = _span(F.relu(normed), span_weight, span_bias, branch)
+        output = _aggregate(x, kernels, branch)
+        # Only the input, the parameters and the statistics: the kernels and the branch's
+        # intermediates are regenerated in backward.
+        ctx.save_for_backward(
+            x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias, mean, invstd
+        )
+        ctx.branch = branch
+        ctx.mark_non_differentiable(mean, invstd)
+        return output, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        # ctx.saved_tensors read once: an enclosing checkpoint allows one unpacking.
+        saved = ctx.saved_tensors
+        x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias = saved[:7]
+        mean, invstd = saved[7:]
+        branch: KernelBranch = ctx.branch
+        needs = ctx.needs_input_grad
+        pooled = _pool(x, branch.stride)
+        reduced = F.conv2d(pooled, reduce_weight)
+        if branch.eps is not None:  # the saved statistics: the forward's normalisation
+            scale = invstd if running is None else torch.rsqrt(running[1] + branch.eps)
+            shift = -(mean if running is None else running[0]) * scale
+            if norm_weight is not None:
+                scale = scale * norm_weight
+                shift = shift * norm_weight
+            if norm_bias is not None:
+                shift = shift + norm_bias
+            normed = torch.addcmul(shift[:, None, None], reduced, scale[:, None, None])
+            normed = normed.to(reduced.dtype)  # a half-precision input's BatchNorm output
+        else:
+            normed = reduced
+        activated = F.relu(normed)
+        kernels = _span(activated, span_weight, span_bias, branch)
+        grad_x, grad_kernels = _aggregation_gradients(grad_output, x, kernels, branch)
+        del kernels
+        grad_kernels = grad_kernels.flatten(1, 3)  # (B, G*K*K, H_out, W_out)
+        grad_activated, grad_span_weight, grad_span_bias = torch.ops.aten.convolution_backward(
+            grad_kernels,
+            activated,
+            span_weight,
+            None if span_bias is None else [span_bias.shape[0]],
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [True, needs[5], span_bias is not None and needs[6]],
+        )
+        grad_normed = torch.ops.aten.threshold_backward(grad_activated, activated, 0)
+        grad_norm_weight = grad_norm_bias = None
+        if branch.eps is None:
+            grad_reduced = grad_normed
+        else:
+            grad_reduced, grad_norm_weight, grad_norm_bias = (
+                torch.ops.aten.native_batch_norm_backward(
+                    grad_normed,
+                    reduced,
+                    norm_weight,
+                    None if running is None else running[0],
+                    None if running is None else running[1],
+                    mean if running is None else None,
+                    invstd if running is None else None,
+                    running is None,
+                    branch.eps,
+                    [
+                        True,
+                        norm_weight is not None and needs[2],
+                        norm_bias is not None and needs[3],
+                    ],
+                )
+            )
+        grad_pooled, grad_reduce_weight, _ = torch.ops.aten.convolution_backward(
+            grad_reduced,
+            pooled,
+            reduce_weight,
+            None,
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [needs[0], needs[1], False],
+        )
+        if needs[0]:
+            if branch.stride > 1:
+                grad_pooled = torch.ops.aten.avg_pool2d_backward(
+                    grad_pooled,
+                    x,
+                    [branch.stride] * 2,
+                    [branch.stride] * 2,
+                    [0, 0],
+                    True,
+                    True,
+                    None,
+                )
+            grad_x = grad_x + grad_pooled
+        return (
+            grad_x if needs[0] else None,
+            grad_reduce_weight,
+            grad_norm_weight,
+            grad_norm_bias,
+            None,
+            grad_span_weight,
+            grad_span_bias,
+            None,
+        )
+
+
+def _span(activated: Tensor, span_weight: Tensor, span_bias: Tensor | None, branch: KernelBranch):
+    """The span conv: kernels (B, G, K, K, H_out, W_out) from ``activated`` (B, M, H_out, W_out)."""
+    k = branch.kernel_size
+    return F.conv2d(activated, span_weight, span_bias).unflatten(1, [branch.groups, k, k])
+
+
+def _aggregate(x: Tensor, kernels: Tensor, branch: KernelBranch) -> Tensor:
+    """The aggregation, without autograd: the backend directly in eager mode, the custom op
+    where a tracer needs one."""
+    if registration.use_eager_path(x, kernels):
+        return registration.aggregate(x, kernels, *branch.conv_args)
+    return registration.involution2d_op(x, kernels, *branch.conv_args)
+
+
+def _aggregation_gradients(
+    grad_output: Tensor, x: Tensor, kernels: Tensor, branch: KernelBranch
+) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_kernels) of the aggregation; the kernel gradient in the kernels' layout."""
+    if registration.use_eager_path(x, kernels):
+        grad_x, grad_kernels = registration.gradients(
+            grad_output, x, kernels, *branch.conv_args, True, True
+        )
+        return grad_x, kernels_like(grad_kernels, kernels)
+    return registration.aggregation_gradients(grad_output, x, kernels, branch.conv_args, True, True)
+
+
+def regenerate_involution2d(layer: nn.Module, x: Tensor, backend: str) -> Tensor:
+    """``layer(x)`` in training through :class:`RegeneratedInvolution2d` (requires
+    ``layer.regeneration_applies()``), the norm's running statistics updated once.
+
+    ``backend`` is the concrete aggregation backend. Under autocast the input and the convs'
+    parameters are cast to the autocast dtype (as the convs and the op cast them on the kept
+    path), the BatchNorm's parameters are not. Shapes as :class:`~involution.ops.Involution2d`.
+    """
+    norm = layer.norm
+    batch_norm = type(norm) is nn.BatchNorm2d
+    batch_stats = batch_norm and (norm.training or norm.running_mean is None)
+    running = None
+    if batch_norm and not batch_stats:
+        running = torch.stack([norm.running_mean, norm.running_var])
+    x_cast, reduce_weight, span_weight, span_bias = autocast(
+        x, layer.reduce.weight, layer.span.weight, layer.span.bias
+    )
+    check_dtypes(input=x_cast, weight=span_weight)
+    branch = KernelBranch(
+        kernel_size=layer.kernel_size,
+        groups=layer.groups,
+        stride=layer.stride,
+        dilation=layer.dilation,
+        eps=norm.eps if batch_norm else None,
+        backend=backend,
+    )
+    if batch_stats:
+        _check_batch_size(x, layer.stride)
+    device_type = x.device.type
+    off = torch.autocast(device_type, enabled=False) if device_type != "meta" else nullcontext()
+    with off:
+        output, mean, invstd = RegeneratedInvolution2d.apply(
+            x_cast,
+            reduce_weight,
+            norm.weight if batch_norm else None,
+            norm.bias if batch_norm else None,
+            running,
+            span_weight,
+            span_bias,
+            branch,
+        )
+    if batch_stats:
+        update_running_stats(
+            norm, mean, invstd, output.shape[0] * output.shape[2] * output.shape[3]
+        )
+    return output
+
+
+def _check_batch_size(x: Tensor, stride: int) -> None:
+    """``nn.BatchNorm2d``'s check: more than one value per channel in training."""
+    height, width = (-(-size // stride) for size in x.shape[2:])
+    if x.shape[0] * height * width == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{torch.Size([x.shape[0], -1, height, width])} in the kernel branch"
+        )
+
+
+@torch.no_grad()
+def update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, invstd: Tensor, count: int) -> None:
+    """Update ``norm``'s running statistics with a batch's ``mean`` and ``invstd`` (M,) over
+    ``count`` values per channel, as ``nn.BatchNorm2d.forward`` does in training: the step
+    counter, then the momentum (or cumulative) average with the unbiased variance."""
+    if not norm.track_running_stats or norm.running_mean is None:
+        return
+    factor: float | Tensor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:  # the cumulative moving average
+            factor = 1.0 / norm.num_batches_tracked
+    variance = (invstd.double().pow(-2) - norm.eps).clamp_(min=0) * (count / (count - 1))
+    norm.running_mean.mul_(1 - factor).add_(factor * mean.to(norm.running_mean.dtype))
+    norm.running_var.mul_(1 - factor).add_(factor * variance.to(norm.running_var.dtype))
+
+
+def _branch_buffers(layer: nn.Module) -> list[Tensor]:
+    return [buffer for buffer in layer.buffers() if buffer is not None]
+
+
+def recompute_layer(layer: nn.Module, forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``forward(x)`` (the layer's kept-kernel path) with activation checkpointing: autograd
+    keeps ``x`` only and runs ``forward`` again in backward. ``layer``'s buffers (a norm's
+    running statistics and step counter) are restored after that second run, so they are
+    updated once."""
+
+    @contextmanager
+    def restoring() -> Iterator[None]:
+        buffers = _branch_buffers(layer)
+        saved = [buffer.clone() for buffer in buffers]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, value in zip(buffers, saved, strict=True):
+                    buffer.copy_(value)
+
+    return checkpoint(
+        forward,
+        x,
+        use_reentrant=False,
+        context_fn=lambda: (nullcontext(), restoring()),
+        preserve_rng_state=False,
+    )
