@@ -28,7 +28,7 @@ from involution.models.convert import load_checkpoint as load_model_checkpoint
 from involution.models.fpn import load_backbone_weights
 from involution.models.rednet import MODEL_DEPTHS
 from involution.serialization import UnsafeFileError, load_torch_file
-from involution.train import engine
+from involution.train import rundir
 from involution.train.checkpoint import load_checkpoint, read_jsonl, save_checkpoint
 from involution.train.config import dump_config, load_config
 from test_train import TINY, _train
@@ -194,7 +194,7 @@ class _FrozenClock(datetime):
 def _claim(config: dict, start: Any, results: Any) -> None:
     start.wait()
     try:
-        results.put(str(engine.new_run_dir(config)))
+        results.put(str(rundir.new_run_dir(config)))
     except ValueError as err:
         results.put(f"refused: {err}")
 
@@ -216,7 +216,7 @@ def _race(config: dict, processes: int = 8) -> list[str]:
 
 
 def test_eight_processes_started_at_once_get_eight_directories(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(engine, "datetime", _FrozenClock)
+    monkeypatch.setattr(rundir, "datetime", _FrozenClock)
     config = load_config(None, [*TINY, f"output.dir={tmp_path}"])
     outcomes = _race(config)
     base = "rednet_compact-synthetic-20250102-030405"

@@ -41,11 +41,21 @@ METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "curves.png"
 
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success, fsync it and move it onto ``path``."""
+    """Yield a temporary path beside ``path``; on success, fsync it and move it onto ``path``.
+
+    The move is made durable too (the folder is fsynced): after a power cut ``path`` is the old
+    file or the new one. An error while writing (a full disk) removes the temporary and leaves
+    ``path`` as it was; a killed process leaves the temporary (:func:`remove_temporaries`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -53,8 +63,25 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether ``path`` is an unfinished write of :func:`atomic_path`."""
+    return path.name.startswith(".") and path.name.endswith(TEMPORARY_SUFFIX)
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete the unfinished writes a killed process left in ``folder``."""
+    for path in folder.iterdir():
+        if is_temporary(path):
+            path.unlink(missing_ok=True)
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:

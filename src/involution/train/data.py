@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from involution.datasets.sampling import SampleKey
+from involution.train.signals import ignore_stop_signals
 
 # ----------------------------------------------------------------------------- bundle
 
@@ -144,6 +145,8 @@ def build_loader(
         collate_fn=collate_fn or collate,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
+        # Stop signals are the training process's to handle (it ends the workers).
+        worker_init_fn=ignore_stop_signals if workers > 0 else None,
         # Its own generator: starting an epoch must not draw from the global RNG (that would
         # shift the model's dropout stream on resume).
         generator=torch.Generator(),

@@ -52,7 +52,10 @@ def launched_world_size() -> int:
 def init_distributed(device_name: str) -> DistInfo:
     """Join the process group described by torchrun's environment (if any).
 
-    Uses NCCL on CUDA and Gloo on the CPU, ``env://`` rendezvous.
+    Uses NCCL on CUDA and Gloo on the CPU, ``env://`` rendezvous. The group's keys in the
+    rendezvous store are those of this attempt (``TORCHELASTIC_RESTART_COUNT``): torchrun keeps
+    its store when it restarts a failed worker group, and a restarted group reading the last
+    attempt's keys would connect to ranks that are gone (and time out, or hang).
     """
     world_size = launched_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -63,7 +66,10 @@ def init_distributed(device_name: str) -> DistInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://")
+        store, rank, size = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"involution/attempt_{attempt}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=size)
     return DistInfo(dist.get_rank(), dist.get_world_size(), device)
 
 

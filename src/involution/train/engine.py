@@ -13,9 +13,9 @@ import gc
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from involution.serialization import UnsafeFileError
 from involution.train import checkpoint as ckpt
 from involution.train.config import Config, dump_config
 from involution.train.data import DataBundle, EpochBatchSampler, ShardSampler, build_loader
@@ -36,6 +37,8 @@ from involution.train.distributed import (
 )
 from involution.train.plots import plot_curves
 from involution.train.progress import progress_bar, write_line
+from involution.train.rundir import RunStart, model_label, open_run_dir
+from involution.train.signals import StopSignals, TrainingInterrupted
 from involution.train.tasks import Task, get_task
 from involution.train.tasks.base import total_loss
 
@@ -143,78 +146,18 @@ def weights_metadata(config: Config, classes: list[str], in_chans: int) -> dict[
     }
 
 
-# ----------------------------------------------------------------------------- run directories
-
-
-def model_label(config: Config, num_params: int, config_name: str | None = None) -> str:
-    """What an unnamed run's directory calls the model it trains.
-
-    ``model.name`` for a model built as registered. ``model.kwargs`` may reshape it (the
-    detection demo trains a 4.8M-parameter RedNet through ``fasterrcnn_rednet26_fpn_inv_neck``),
-    so with kwargs the label names where the architecture was written and its size instead:
-    ``<config file stem>-<parameters>`` (``custom-<parameters>`` without a file), e.g.
-    ``scenes_det-4.8M``.
-    """
-    if not config["model"]["kwargs"]:
-        return config["model"]["name"]
-    if num_params >= 1_000_000:
-        size = f"{num_params / 1e6:.1f}M"
-    elif num_params >= 1_000:
-        size = f"{num_params / 1e3:.1f}k"
-    else:
-        size = str(num_params)
-    return f"{config_name or 'custom'}-{size}"
-
-
-def new_run_dir(config: Config, label: str | None = None) -> Path:
-    """Create and return a new, empty run directory that no other process also got.
-
-    ``output.dir/output.name``, refused (``ValueError`` naming ``--resume``) if it exists;
-    without a name ``output.dir/<label>-<dataset>-<UTC time>`` (``label``: :func:`model_label`,
-    default ``model.name``), then ``-2``, ``-3``, ... for the runs started in the same second.
-    ``mkdir`` without ``exist_ok`` is atomic: of the processes racing for one name, exactly
-    one creates it.
-    """
-    root = Path(config["output"]["dir"]).expanduser()
-    name = config["output"]["name"]
-    if name is not None:
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            path.mkdir()
-        except FileExistsError:
-            if (path / ckpt.CHECKPOINT_NAME).exists():
-                raise ValueError(
-                    f"{path} already holds a run: continue it with --resume {path}, or set "
-                    "another output.name"
-                ) from None
-            raise ValueError(
-                f"{path} already exists and holds no {ckpt.CHECKPOINT_NAME} to --resume {path} "
-                "from: set another output.name (run directories are never reused)"
-            ) from None
-        return path
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    base = f"{label or config['model']['name']}-{config['data']['dataset']}-{stamp}"
-    root.mkdir(parents=True, exist_ok=True)
-    path, suffix = root / base, 1
-    while True:
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            suffix += 1
-            path = root / f"{base}-{suffix}"
-
-
 # ----------------------------------------------------------------------------- trainer
 
 
 class Trainer:
     """Train ``config`` in ``run_dir``; with ``resume`` continue from its checkpoint.
 
-    Without ``run_dir`` rank 0 creates a new one once the model is built (:func:`new_run_dir`,
-    named after the model with :func:`model_label` and ``config_name``, the config file's
-    stem) and every rank takes its path. Call :meth:`fit`. Only rank 0 writes files and prints.
+    Without ``run_dir`` rank 0 picks it once the model is built and every rank takes its
+    path: a new one named after the model (:func:`~involution.train.rundir.model_label`, with
+    ``config_name``, the config file's stem), or, on an elastic restart or with
+    ``continue_if_exists``, the run already in ``output.dir/output.name``, continued
+    (:func:`~involution.train.rundir.open_run_dir`). Call :meth:`fit`. Only rank 0 writes files
+    and prints.
     """
 
     def __init__(
@@ -223,6 +166,7 @@ class Trainer:
         run_dir: Path | None = None,
         resume: bool = False,
         config_name: str | None = None,
+        continue_if_exists: bool = False,
     ) -> None:
         self.config = config
         self.info = self._set_up_runtime()
@@ -235,10 +179,13 @@ class Trainer:
         self.step_in_epoch = 0
         self.stopped_early = False
         self.last_eval: dict[str, float] = {}
-        if run_dir is None:
-            run_dir = self._create_run_dir(config_name)
-        self.run_dir = run_dir
-        self._start(resume)
+        self.stop_signals = StopSignals()
+        self.interrupted_by: int | None = None
+        found = RunStart(run_dir, resume) if run_dir is not None else None
+        if found is None:
+            found = self._open_run_dir(config_name, continue_if_exists)
+        self.run_dir = found.path
+        self._start(found.resume, announce=run_dir is None)
 
     # ---------------------------------------------------------------- set-up steps
 
@@ -350,26 +297,31 @@ class Trainer:
             net = torch.compile(net)
         return net
 
-    def _create_run_dir(self, config_name: str | None) -> Path:
-        """A new run directory, created by rank 0 (its error raised on every rank)."""
-        created: tuple[str | None, str | None] = (None, None)  # the path, or the error
+    def _open_run_dir(self, config_name: str | None, continue_if_exists: bool) -> RunStart:
+        """Rank 0's choice of run directory (a new one, or one to continue) on every rank."""
+        found: tuple[RunStart | None, str | None] = (None, None)  # the choice, or the error
         if self.info.is_main:
             label = model_label(self.config, self.num_params, config_name)
             try:
-                created = (str(new_run_dir(self.config, label)), None)
+                found = (open_run_dir(self.config, label, continue_if_exists), None)
             except (ValueError, OSError) as err:
-                created = (None, str(err))
-        path, error = broadcast_from_main(created, self.info)
+                found = (None, str(err))
+        start, error = broadcast_from_main(found, self.info)
         if error is not None:
             raise ValueError(error)
-        return Path(path)
+        return start
 
-    def _start(self, resume: bool) -> None:
-        """Continue from the run directory's checkpoint, or record the config of a new run."""
+    def _start(self, resume: bool, announce: bool) -> None:
+        """Continue from the run directory's checkpoint (saying so when ``announce``: the
+        command did not name the run), or record the config of a new run."""
         if resume:
+            if self.info.is_main:
+                ckpt.remove_temporaries(self.run_dir)  # writes a killed process left unfinished
             self._load(self.run_dir / ckpt.CHECKPOINT_NAME)
+            if announce and self.info.is_main:
+                print(f"continuing the run in {self.run_dir} from step {self.step}", flush=True)
         elif self.info.is_main:
-            # run_dir is new and empty (new_run_dir): no earlier run's files to clear.
+            # run_dir is new, or emptied of an attempt that died before its first checkpoint.
             ckpt.atomic_write(
                 self.run_dir / ckpt.CONFIG_NAME,
                 lambda f: f.write(dump_config(self.config).encode()),
@@ -399,7 +351,15 @@ class Trainer:
         }
 
     def _load(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path)
+        try:
+            state = ckpt.load_checkpoint(path)
+        except UnsafeFileError:
+            raise
+        except ValueError as err:
+            raise ValueError(
+                f"{err}. The run was not started over in its place: restore {path}, or move "
+                f"{path.parent} away to start afresh"
+            ) from None
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -501,7 +461,24 @@ class Trainer:
         return loss_value / world, {n: v / world for n, v in zip(names, term_values, strict=True)}
 
     def fit(self) -> dict[str, Any]:
-        """Train to the end (or ``train.max_steps``); returns the summary of the run."""
+        """Train to the end (or ``train.max_steps``); returns the summary of the run.
+
+        A SIGTERM or SIGINT stops every rank after the same step, with a checkpoint, and raises
+        :class:`~involution.train.signals.TrainingInterrupted` (:mod:`~involution.train.signals`).
+        """
+        with self.stop_signals:
+            summary = self._fit()
+        if self.interrupted_by is not None:
+            name = signal.Signals(self.interrupted_by).name
+            raise TrainingInterrupted(
+                self.interrupted_by,
+                f"stopped by {name} after step {self.step} (epoch {self.epoch + 1}); checkpoint "
+                f"{self.run_dir / ckpt.CHECKPOINT_NAME}: continue with --resume {self.run_dir} "
+                "or the same command with --resume-if-exists",
+            )
+        return summary
+
+    def _fit(self) -> dict[str, Any]:
         train = self.config["train"]
         max_steps = train["max_steps"]
         every = train["checkpoint_every_steps"]
@@ -542,12 +519,15 @@ class Trainer:
                 parts = "".join(f", {name} {value:.3f}" for name, value in terms.items())
                 bar.set_postfix_str(f"loss {loss:.4f}{parts}, lr {lr:.3g}, {rate:.0f} img/s", False)
                 bar.update()
+                # Windows end at checkpoints too: a run continued from one logs the same records.
                 end_of_window = (
                     self.step_in_epoch == self.steps_per_epoch
                     or self.step == self.total_steps
                     or self.step % 50 == 0
+                    or (every and self.step % every == 0)
                 )
                 stop = max_steps is not None and self.step >= max_steps
+                stop = self._stop_requested() or stop
                 if end_of_window or stop:
                     self.log(
                         {
@@ -574,6 +554,8 @@ class Trainer:
                 self.save()
                 break
             self._end_epoch(show)
+            if self.epoch < self.num_epochs and self._stop_requested():
+                self.stopped_early = True  # the epoch's checkpoint is written
         throughput = timed_images / timed_seconds if timed_seconds else float("nan")
         if self.info.distributed:
             dist.barrier()
@@ -588,6 +570,17 @@ class Trainer:
             "wall_s": time.perf_counter() - start,
             **self.last_eval,
         }
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal reached this process or, under DDP, any rank: every rank gets
+        the same answer at the same step. Notes the signal in :attr:`interrupted_by`."""
+        received = self.stop_signals.received
+        stop = received is not None
+        if self.info.distributed:
+            stop = all_reduce_sum([float(stop)], self.info)[0] > 0
+        if stop:
+            self.interrupted_by = received or signal.SIGTERM
+        return stop
 
     def _end_epoch(self, show: bool) -> None:
         """Evaluate (and the EMA) when ``train.eval_every_epochs`` says so, advance the epoch,
@@ -606,6 +599,11 @@ class Trainer:
             )
             record = {f"val_{k}": v for k, v in metrics.items()}
             if self.ema is not None:
+                if self.info.distributed:
+                    # Each rank's EMA averages its own BatchNorm statistics: evaluate rank 0's on
+                    # every shard, the EMA that is saved (and that a continued run restores).
+                    for buffer in self.ema.module.buffers():
+                        dist.broadcast(buffer, src=0)
                 ema = self.task.evaluate(
                     self.ema.module, self.val_loader, self.info, self.amp_dtype, self.channels_last
                 )
@@ -623,15 +621,19 @@ def run_training(
     run_dir: Path | None = None,
     resume: bool = False,
     config_name: str | None = None,
+    continue_if_exists: bool = False,
 ) -> dict:
     """Train ``config`` and tear down the process group.
 
-    Without ``run_dir`` (the run to resume) a new one is created before anything is written
-    (see :class:`Trainer`; ``config_name``, the config file's stem, names a reshaped model).
+    Without ``run_dir`` (the run to resume) a new one is created before anything is written,
+    or, with ``continue_if_exists`` or on an elastic restart, the run in
+    ``output.dir/output.name`` continued (see :class:`Trainer`; ``config_name``, the config
+    file's stem, names a reshaped model). Raises
+    :class:`~involution.train.signals.TrainingInterrupted` after a stop signal.
     """
     trainer: Trainer | None = None
     try:
-        trainer = Trainer(config, run_dir, resume=resume, config_name=config_name)
+        trainer = Trainer(config, run_dir, resume, config_name, continue_if_exists)
         return trainer.fit()
     finally:
         # The trainer sits in reference cycles and its DDP wrapper holds the process group: free
