@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from involution.bench import detect, gpu, model, onnx, op
+from involution.bench import detect, gpu, memory, model, onnx, op
 
 
 def add_commands(subparsers: Any) -> None:
@@ -15,5 +15,5 @@ def add_commands(subparsers: Any) -> None:
         description="Benchmarks. Each prints a markdown table; see `involution bench NAME -h`.",
     )
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for module in (op, model, gpu, onnx, detect):
+    for module in (op, model, gpu, onnx, detect, memory):
         module.add_commands(benchmarks)

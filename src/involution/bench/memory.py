@@ -1,0 +1,343 @@
+"""``involution bench memory``: what a training step keeps for backward, RedNet against ResNet.
+
+For each model, training mode, random inputs, one SGD step at a time:
+
+- ``saved MiB``: the bytes autograd keeps for backward during one training forward, measured
+  with ``torch.autograd.graph.saved_tensors_hooks``, each storage counted once, the model's
+  parameters and buffers left out (the same for any batch size);
+- ``peak RSS MiB``: the process's resident memory at its highest during a step (sampled every
+  millisecond), less before it;
+- ``CUDA peak MiB``: ``torch.cuda.max_memory_allocated`` over a step, less before it;
+- ``step ms``: the median wall-clock time of ``--steps`` full steps (forward, loss, backward,
+  update) after one untimed step.
+
+Each RedNet runs twice: with its Involution2d layers regenerating the kernels in backward
+(``regen``, the default) and keeping them (``kept``, ``regenerate_kernels = False``).
+``ratio`` is a row's saved bytes over its ResNet baseline's (rednet26 -> resnet26, rednetN ->
+torchvision.resnetN; a RedNet detector -> the detector's ResNet-50-FPN). Classifiers run at
+every ``--batch-sizes`` x ``--dtypes`` (float32, or bfloat16 autocast) x ``--layouts``;
+detectors (``--detectors``, the RedNet-50-FPN with the involution neck against the
+ResNet-50-FPN) at ``--det-size`` with ``--det-batch`` images, float32 NCHW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from involution.bench.detect import build_detector, random_targets
+from involution.bench.model import DTYPES, create_model
+from involution.bench.op import environment_info
+from involution.cli_utils import add_documented_parser, csv_list, user_error
+from involution.ops.modules import set_kernel_regeneration
+
+CLASSIFIERS = ("rednet26", "rednet50", "rednet101")
+DETECTORS = ("retinanet", "fasterrcnn")
+LAYOUTS = ("nchw", "channels_last")
+REGENERATE_CHOICES = ("both", "on", "off")
+
+
+def baseline_of(name: str) -> str:
+    """The ResNet a RedNet (classifier or detector registry name) is compared with."""
+    if "_" in name:  # a detector: fasterrcnn_rednet50_fpn_inv_neck -> fasterrcnn_resnet50_fpn
+        return name.split("_", 1)[0] + "_resnet50_fpn"
+    depth = name.removeprefix("rednet")
+    return "resnet26" if depth == "26" else f"torchvision.resnet{depth}"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured configuration; ``regenerate`` is ``None`` for a ResNet."""
+
+    model: str
+    batch_size: int
+    dtype: str
+    layout: str
+    regenerate: bool | None
+
+
+@dataclass(frozen=True)
+class MemoryResult:
+    """One configuration's figures (MiB and milliseconds); ``ratio`` is the saved bytes over the
+    baseline's in the same setting (``None`` for a baseline or where it was not run)."""
+
+    model: str
+    variant: str
+    batch_size: int
+    dtype: str
+    layout: str
+    saved_mib: float
+    peak_rss_mib: float | None
+    cuda_peak_mib: float | None
+    step_ms: float
+    ratio: float | None = None
+
+
+def saved_bytes(run: Callable[[], Any], exclude: Sequence[Tensor] = ()) -> tuple[int, Any]:
+    """(bytes autograd keeps while ``run()`` runs, each storage once, ``exclude``'s storages
+    left out; what ``run`` returned)."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded and tensor.device.type != "meta":
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = run()
+    return sum(storages.values()), result
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+def peak_rss_delta(run: Callable[[], None]) -> float | None:
+    """The process's peak resident memory during ``run()`` less before it, in MiB, sampled by a
+    thread every millisecond; ``None`` without ``/proc`` (not Linux)."""
+    try:
+        before = _rss_bytes()
+    except OSError:
+        return None
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.001):
+            peak[0] = max(peak[0], _rss_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run()
+    finally:
+        done.set()
+        sampler.join()
+    return (max(peak[0], _rss_bytes()) - before) / 2**20
+
+
+def _build(case: Case, device: torch.device, det_size: tuple[int, int]) -> nn.Module:
+    torch.manual_seed(0)
+    if "_" in case.model:
+        model = build_detector(case.model, *det_size, device)
+    else:
+        model = create_model(case.model, None).to(device)
+    if case.regenerate is not None:
+        set_kernel_regeneration(model, case.regenerate)
+    if case.layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    return model.train()
+
+
+def _forward_loss(
+    model: nn.Module, case: Case, device: torch.device, det_size: tuple[int, int]
+) -> Callable[[], Tensor]:
+    """The training forward of ``case`` on a fixed random batch, returning the loss."""
+    dtype = DTYPES[case.dtype]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    if "_" in case.model:
+        images = [torch.rand(3, *det_size, device=device) for _ in range(case.batch_size)]
+        targets = random_targets(case.batch_size, *det_size, False, device)
+
+        def detector_loss() -> Tensor:
+            with autocast:
+                return sum(model(images, targets).values())
+
+        return detector_loss
+    memory_format = torch.channels_last if case.layout == "channels_last" else None
+    images = torch.randn(case.batch_size, 3, 224, 224, device=device)
+    if memory_format is not None:
+        images = images.contiguous(memory_format=memory_format)
+    labels = torch.randint(0, 1000, (case.batch_size,), device=device)
+
+    def classifier_loss() -> Tensor:
+        with autocast:
+            return F.cross_entropy(model(images), labels)
+
+    return classifier_loss
+
+
+def measure(
+    case: Case, device: torch.device, steps: int, det_size: tuple[int, int]
+) -> MemoryResult:
+    """Build ``case``'s model and measure one configuration (see the module docstring)."""
+    model = _build(case, device, det_size)
+    forward = _forward_loss(model, case, device, det_size)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        forward().backward()
+        optimizer.step()
+
+    step()  # warm-up: allocations, lazy initialisation, gradients created
+    weights = [*model.parameters(), *model.buffers()]
+    saved, loss = saved_bytes(forward, weights)
+    loss.backward()
+    del loss
+    optimizer.zero_grad(set_to_none=True)
+    cuda_peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        cuda_peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    rss = peak_rss_delta(step) if device.type == "cpu" else None
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    variant = "-" if case.regenerate is None else ("regen" if case.regenerate else "kept")
+    return MemoryResult(
+        model=case.model,
+        variant=variant,
+        batch_size=case.batch_size,
+        dtype=case.dtype,
+        layout=case.layout,
+        saved_mib=saved / 2**20,
+        peak_rss_mib=rss,
+        cuda_peak_mib=cuda_peak,
+        step_ms=statistics.median(times),
+    )
+
+
+def cases(args: argparse.Namespace) -> list[Case]:
+    """Every configuration the arguments ask for, each RedNet's baseline first."""
+    regenerate = {"both": (True, False), "on": (True,), "off": (False,)}[args.regenerate]
+    result = []
+    for batch in args.batch_sizes:
+        for dtype in args.dtypes:
+            for layout in args.layouts:
+                for name in args.models:
+                    result.append(Case(baseline_of(name), batch, dtype, layout, None))
+                    result += [Case(name, batch, dtype, layout, r) for r in regenerate]
+    for detector in args.detectors:
+        name = f"{detector}_rednet50_fpn_inv_neck"
+        result.append(Case(baseline_of(name), args.det_batch, "float32", "nchw", None))
+        result += [Case(name, args.det_batch, "float32", "nchw", r) for r in regenerate]
+    return result
+
+
+def with_ratios(results: Sequence[MemoryResult]) -> list[MemoryResult]:
+    """Each RedNet's saved bytes over its baseline's in the same setting."""
+    baselines = {
+        (r.model, r.batch_size, r.dtype, r.layout): r.saved_mib for r in results if r.variant == "-"
+    }
+    out = []
+    for r in results:
+        base = baselines.get((baseline_of(r.model), r.batch_size, r.dtype, r.layout))
+        ratio = None if r.variant == "-" or not base else r.saved_mib / base
+        out.append(MemoryResult(**{**asdict(r), "ratio": ratio}))
+    return out
+
+
+def format_table(results: Sequence[MemoryResult]) -> str:
+    """A markdown table of the results."""
+
+    def number(value: float | None, digits: int = 0) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "| model | variant | batch | dtype | layout | saved MiB | ratio | peak RSS MiB "
+        "| CUDA peak MiB | step ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.model} | {r.variant} | {r.batch_size} | {r.dtype} | {r.layout} "
+            f"| {r.saved_mib:.0f} | {number(r.ratio, 3)} | {number(r.peak_rss_mib)} "
+            f"| {number(r.cuda_peak_mib)} | {r.step_ms:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _size(text: str) -> tuple[int, int]:
+    height, _, width = text.partition("x")
+    return int(height), int(width)
+
+
+def add_commands(bench_subparsers: Any) -> None:
+    """Register ``memory`` under the ``involution bench`` sub-parsers."""
+    parser = add_documented_parser(
+        bench_subparsers,
+        "memory",
+        "RedNet vs ResNet training memory: saved activations, peak memory, step time",
+        __doc__,
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu"
+    )
+    parser.add_argument(
+        "--models", type=csv_list, default=list(CLASSIFIERS), help="RedNets (rednet26,...)"
+    )
+    parser.add_argument(
+        "--batch-sizes", type=lambda t: [int(b) for b in csv_list(t)], default=[8, 32]
+    )
+    parser.add_argument("--dtypes", type=csv_list, default=["float32", "bfloat16"])
+    parser.add_argument("--layouts", type=csv_list, default=list(LAYOUTS))
+    parser.add_argument(
+        "--regenerate", choices=REGENERATE_CHOICES, default="both", help="RedNet variants"
+    )
+    parser.add_argument("--detectors", type=csv_list, default=list(DETECTORS), help="'' for none")
+    parser.add_argument("--det-size", type=_size, default=(800, 1333), help="HxW (800x1333)")
+    parser.add_argument("--det-batch", type=int, default=2, help="detector images per step (2)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per model (2)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
+    parser.set_defaults(func=memory_command)
+
+
+def memory_command(args: argparse.Namespace) -> int:
+    """Run ``involution bench memory``: the table to stdout, progress to stderr."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.detectors = [d for d in args.detectors if d]
+    problems = [f"unknown model {m!r}" for m in args.models if m not in CLASSIFIERS]
+    problems += [f"unknown detector {d!r}" for d in args.detectors if d not in DETECTORS]
+    problems += [f"unknown dtype {d!r}" for d in args.dtypes if d not in ("float32", "bfloat16")]
+    problems += [f"unknown layout {layout!r}" for layout in args.layouts if layout not in LAYOUTS]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda requested but CUDA is not available")
+    if args.steps < 1 or args.det_batch < 1 or min(args.batch_sizes, default=1) < 1:
+        problems.append("--steps, --det-batch and --batch-sizes must be positive")
+    if problems:
+        return user_error("; ".join(problems))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    results = []
+    for case in cases(args):
+        result = measure(case, device, args.steps, args.det_size)
+        print(
+            f"{case.model} {result.variant} b{case.batch_size} {case.dtype} {case.layout}: "
+            f"{result.saved_mib:.0f} MiB saved, {result.step_ms:.0f} ms/step",
+            file=sys.stderr,
+        )
+        results.append(result)
+    results = with_ratios(results)
+    environment = environment_info(device, torch.float32)
+    print(f"# {json.dumps(environment)}, {args.steps} timed steps")
+    print(format_table(results))
+    if args.json is not None:
+        payload = {"environment": environment, "results": [asdict(r) for r in results]}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
