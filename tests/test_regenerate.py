@@ -249,3 +249,27 @@ def test_ddp_two_process_step(tmp_path: Path) -> None:
     for rank in (0, 1):
         for g, e in zip(grads[rank], expected, strict=True):
             torch.testing.assert_close(g, e)
+
+
+def test_bench_memory_counts_each_storage_once_without_the_weights() -> None:
+    from involution.bench.memory import MemoryResult, baseline_of, saved_bytes, with_ratios
+
+    conv = nn.Conv2d(4, 4, 1, bias=False)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+
+    def run() -> Tensor:  # conv keeps x and its weight; relu its output y; y * y keeps y twice
+        y = torch.relu(conv(x))
+        return y * y
+
+    size, _ = saved_bytes(run, list(conv.parameters()))
+    assert size == x.nbytes * 2
+    assert (baseline_of("rednet26"), baseline_of("rednet50")) == (
+        "resnet26",
+        "torchvision.resnet50",
+    )
+    assert baseline_of("retinanet_rednet50_fpn_inv_neck") == "retinanet_resnet50_fpn"
+    rows = [
+        MemoryResult("torchvision.resnet50", "-", 8, "float32", "nchw", 100.0, None, None, 1.0),
+        MemoryResult("rednet50", "regen", 8, "float32", "nchw", 90.0, None, None, 1.0),
+    ]
+    assert [r.ratio for r in with_ratios(rows)] == [None, 0.9]
