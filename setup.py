@@ -20,6 +20,7 @@ setup(
             [
                 "src/involution/csrc/involution_cpu.cpp",
                 "src/involution/csrc/involution_layer_cpu.cpp",
+                "src/involution/csrc/involution_nd_cpu.cpp",
             ],
             depends=["src/involution/csrc/parallel_chunks.h"],
             extra_compile_args=compile_args,

@@ -24,13 +24,26 @@ if TYPE_CHECKING:  # for type checkers and the API reference; imported on first 
     from involution import models
     from involution.ops import Involution2d, functional, involution2d
 
-__all__ = ["Involution2d", "functional", "involution2d", "models"]
+__all__ = [
+    "Involution1d",
+    "Involution2d",
+    "Involution3d",
+    "functional",
+    "involution1d",
+    "involution2d",
+    "involution3d",
+    "models",
+]
 __version__ = "0.1.0"
 
 #: Public names -> the module that defines them (imported when first read).
 _LAZY = {
+    "Involution1d": "involution.ops",
     "Involution2d": "involution.ops",
+    "Involution3d": "involution.ops",
+    "involution1d": "involution.ops",
     "involution2d": "involution.ops",
+    "involution3d": "involution.ops",
     "functional": "involution.ops.functional",
     "models": "involution.models",
 }

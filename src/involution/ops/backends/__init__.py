@@ -21,6 +21,8 @@ already-validated arguments (see the front doors in :mod:`involution.ops.functio
   as ``run(input, residual) -> output`` with the parameters prepared once for all its calls;
   ``None`` where it does not handle them (e.g. the dtype), and the layer op composes the steps
   instead.
+- optional ``forward3d`` and ``backward3d``: the 3-D op (and so the 1-D one), see
+  :mod:`involution.ops.registration_nd`; ``reference``, ``cpu`` and ``triton`` have them.
 
 Shapes: ``input`` (B, C, H, W), ``weight`` (B, G, Kh, Kw, H_out, W_out), ``output`` and
 ``grad_output`` (B, C, H_out, W_out), any strides; ``stride``, ``padding``, ``dilation`` are pairs.

@@ -24,6 +24,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from involution.ops.layer import Involution2dLayerSpec, LayerRun
 from involution.ops.layout import Pair, tensor_states
 
+#: Stride, padding or dilation of the 3-D op: (depth, height, width).
+Triple = tuple[int, int, int]
+
 try:
     from involution import _C
 except ImportError as error:  # not built: the backend reports why instead of failing on import
@@ -122,3 +125,27 @@ def layer_prepare(spec: Involution2dLayerSpec) -> LayerRun | None:
         return _C.layer_forward(input, packed, *settings, residual, proj_relu)
 
     return run
+
+
+def forward3d(
+    input: Tensor, weight: Tensor, stride: Triple, padding: Triple, dilation: Triple
+) -> Tensor:
+    """(B, C, D, H, W), (B, G, Kd, Kh, Kw, D_out, H_out, W_out) -> (B, C, D_out, H_out, W_out),
+    in the input's layout (``src/involution/csrc/involution_nd_cpu.cpp``)."""
+    return torch.ops.involution_nd_cpu.forward3d(input, weight, stride, padding, dilation)
+
+
+def backward3d(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    stride: Triple,
+    padding: Triple,
+    dilation: Triple,
+    needs_input: bool,
+    needs_weight: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(grad_input or ``None``, grad_weight or ``None``), both in one parallel region."""
+    return torch.ops.involution_nd_cpu.backward3d(
+        grad_output, input, weight, stride, padding, dilation, needs_input, needs_weight
+    )

@@ -1,0 +1,420 @@
+// CPU kernels of the 3-D involution operator (forward and both gradients); 1-D runs through them
+// on (B, C, 1, 1, L) views.
+//
+// Shapes: input x (B, C, D, H, W), weight w (B, G, Kd, Kh, Kw, D_out, H_out, W_out), output y
+// (B, C, D_out, H_out, W_out); channel c belongs to group c / (C / G).
+//
+// Design (that of the 2-D kernels in involution_cpu.cpp, one dimension more):
+// - No unfolded input: each task reads input rows in place and accumulates one row of its own
+//   result, so tasks never write the same memory (deterministic, no atomics).
+// - Feature maps are read channels_last_3d (B, D, H, W, C): the innermost loop runs over the
+//   C/G channels of a group with unit stride, a compile-time 16 for RedNet-style groups.
+// - The valid output columns of each kernel column are computed once per call, so the hot loops
+//   have no bounds checks; rows (d, h) outside the volume are skipped whole.
+// - Results are written in the input's layout (NCDHW or channels_last_3d); float16/bfloat16 are
+//   computed in float32.
+// - Registered as torch.ops.involution_nd_cpu.{forward3d, backward3d} (TORCH_LIBRARY), beside
+//   the 2-D kernels' pybind11 functions in the same extension.
+
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "parallel_chunks.h"
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
+#define INVOLUTION_ND_TARGET_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define INVOLUTION_ND_TARGET_CLONES
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define INVOLUTION_ND_INLINE inline __attribute__((always_inline))
+#else
+#define INVOLUTION_ND_INLINE inline
+#endif
+
+namespace involution_nd_cpu {
+
+// Output columns j in [lo, hi) whose input column j * stride + offset lies in [0, width).
+struct ColumnRange {
+  int64_t lo, hi;
+};
+
+struct Geometry3d {
+  int64_t batch, channels, groups, group_channels;
+  std::array<int64_t, 3> size, kernel, out, stride, pad, dil;
+  std::vector<ColumnRange> columns;  // per kernel column kw
+  bool channels_last_result;
+
+  int64_t taps() const { return kernel[0] * kernel[1] * kernel[2]; }
+  // Offset of w[b, g, kd, kh, kw, od, oh, 0] (contiguous kernels).
+  int64_t weight_row(int64_t b, int64_t g, int64_t tap, int64_t od, int64_t oh) const {
+    return (((b * groups + g) * taps() + tap) * out[0] + od) * out[1] * out[2] + oh * out[2];
+  }
+  // Offset of the first channel of group g at (b, d, h, 0) in a channels_last_3d map of `dims`.
+  int64_t pixel_row(int64_t b, int64_t g, int64_t d, int64_t h,
+                    const std::array<int64_t, 3>& dims) const {
+    return (((b * dims[0] + d) * dims[1] + h) * dims[2]) * channels + g * group_channels;
+  }
+  // Input index read by output index o through kernel index k along dimension `dim`.
+  int64_t input_index(int dim, int64_t o, int64_t k) const {
+    return o * stride[dim] - pad[dim] + k * dil[dim];
+  }
+  // Output index that reads input index i through kernel index k along `dim`, or -1.
+  int64_t output_index(int dim, int64_t i, int64_t k) const {
+    const int64_t shifted = i + pad[dim] - k * dil[dim];
+    if (shifted < 0 || shifted % stride[dim] != 0 || shifted / stride[dim] >= out[dim]) {
+      return -1;
+    }
+    return shifted / stride[dim];
+  }
+  // Work (multiply-adds) of one output row, to size the parallel chunks.
+  int64_t row_work() const { return taps() * out[2] * group_channels; }
+};
+
+// Writes the (columns, C/G) row of group g to row (d, h) of the (B, C, *dims) result `out`.
+template <typename T>
+INVOLUTION_ND_INLINE void store_row(const Geometry3d& geo, const T* __restrict row,
+                                    T* __restrict out, int64_t b, int64_t g, int64_t d, int64_t h,
+                                    const std::array<int64_t, 3>& dims, int64_t cg) {
+  const int64_t columns = dims[2];
+  if (geo.channels_last_result) {
+    T* __restrict dst = out + geo.pixel_row(b, g, d, h, dims);
+    for (int64_t j = 0; j < columns; ++j) {
+      std::copy_n(row + j * cg, cg, dst + j * geo.channels);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < cg; ++c) {
+    T* __restrict dst =
+        out + (((b * geo.channels + g * cg + c) * dims[0] + d) * dims[1] + h) * columns;
+    for (int64_t j = 0; j < columns; ++j) {
+      dst[j] = row[j * cg + c];
+    }
+  }
+}
+
+// (b, g, d, h) of row item t over rows of `dims`, a group's rows consecutive.
+INVOLUTION_ND_INLINE std::array<int64_t, 4> row_item(const Geometry3d& geo, int64_t t,
+                                                     const std::array<int64_t, 3>& dims) {
+  const int64_t h = t % dims[1];
+  const int64_t d = (t / dims[1]) % dims[0];
+  const int64_t bg = t / (dims[1] * dims[0]);
+  return {bg / geo.groups, bg % geo.groups, d, h};
+}
+
+// y[b, od, oh, :, g-slice] = sum over taps of w * x, for the output rows [begin, end).
+template <typename T, int64_t CG>
+INVOLUTION_ND_INLINE void forward_rows_impl(const Geometry3d& geo, const T* __restrict x,
+                                            const T* __restrict w, T* __restrict y,
+                                            int64_t begin, int64_t end) {
+  const int64_t cg = CG > 0 ? CG : geo.group_channels;
+  const int64_t pixel = geo.channels;
+  std::vector<T> acc_row(geo.out[2] * cg);
+  for (int64_t t = begin; t < end; ++t) {
+    const auto [b, g, od, oh] = row_item(geo, t, geo.out);
+    std::fill(acc_row.begin(), acc_row.end(), T(0));
+    T* __restrict acc_base = acc_row.data();
+    for (int64_t kd = 0; kd < geo.kernel[0]; ++kd) {
+      const int64_t id = geo.input_index(0, od, kd);
+      if (id < 0 || id >= geo.size[0]) {
+        continue;
+      }
+      for (int64_t kh = 0; kh < geo.kernel[1]; ++kh) {
+        const int64_t ih = geo.input_index(1, oh, kh);
+        if (ih < 0 || ih >= geo.size[1]) {
+          continue;
+        }
+        const T* __restrict in_row = x + geo.pixel_row(b, g, id, ih, geo.size);
+        const int64_t tap0 = (kd * geo.kernel[1] + kh) * geo.kernel[2];
+        for (int64_t kw = 0; kw < geo.kernel[2]; ++kw) {
+          const T* __restrict w_row = w + geo.weight_row(b, g, tap0 + kw, od, oh);
+          const ColumnRange cols = geo.columns[kw];
+          const int64_t offset = kw * geo.dil[2] - geo.pad[2];
+          for (int64_t j = cols.lo; j < cols.hi; ++j) {
+            const T weight = w_row[j];
+            const T* __restrict in = in_row + (j * geo.stride[2] + offset) * pixel;
+            T* __restrict acc = acc_base + j * cg;
+#pragma omp simd
+            for (int64_t c = 0; c < cg; ++c) {
+              acc[c] += weight * in[c];
+            }
+          }
+        }
+      }
+    }
+    store_row(geo, acc_base, y, b, g, od, oh, geo.out, cg);
+  }
+}
+
+// grad_x[b, id, ih, :, g-slice] = sum over the (tap, output) pairs that read it of
+// w * grad_y, for the input rows [begin, end).
+template <typename T, int64_t CG>
+INVOLUTION_ND_INLINE void backward_input_rows_impl(const Geometry3d& geo,
+                                                   const T* __restrict grad_y,
+                                                   const T* __restrict w, T* __restrict grad_x,
+                                                   int64_t begin, int64_t end) {
+  const int64_t cg = CG > 0 ? CG : geo.group_channels;
+  const int64_t pixel = geo.channels;
+  std::vector<T> acc_row(geo.size[2] * cg);
+  for (int64_t t = begin; t < end; ++t) {
+    const auto [b, g, id, ih] = row_item(geo, t, geo.size);
+    std::fill(acc_row.begin(), acc_row.end(), T(0));
+    T* __restrict acc_base = acc_row.data();
+    for (int64_t kd = 0; kd < geo.kernel[0]; ++kd) {
+      const int64_t od = geo.output_index(0, id, kd);
+      if (od < 0) {
+        continue;
+      }
+      for (int64_t kh = 0; kh < geo.kernel[1]; ++kh) {
+        const int64_t oh = geo.output_index(1, ih, kh);
+        if (oh < 0) {
+          continue;
+        }
+        const T* __restrict gy_row = grad_y + geo.pixel_row(b, g, od, oh, geo.out);
+        const int64_t tap0 = (kd * geo.kernel[1] + kh) * geo.kernel[2];
+        for (int64_t kw = 0; kw < geo.kernel[2]; ++kw) {
+          const T* __restrict w_row = w + geo.weight_row(b, g, tap0 + kw, od, oh);
+          const ColumnRange cols = geo.columns[kw];
+          const int64_t offset = kw * geo.dil[2] - geo.pad[2];
+          for (int64_t j = cols.lo; j < cols.hi; ++j) {
+            const T weight = w_row[j];
+            const T* __restrict gy = gy_row + j * pixel;
+            T* __restrict acc = acc_base + (j * geo.stride[2] + offset) * cg;
+#pragma omp simd
+            for (int64_t c = 0; c < cg; ++c) {
+              acc[c] += weight * gy[c];
+            }
+          }
+        }
+      }
+    }
+    store_row(geo, acc_base, grad_x, b, g, id, ih, geo.size, cg);
+  }
+}
+
+// grad_w[b, g, tap, od, oh, j] = sum over the group's channels of grad_y * x (zero where the
+// tap reads padding), for the output rows [begin, end).
+template <typename T, int64_t CG>
+INVOLUTION_ND_INLINE void backward_weight_rows_impl(const Geometry3d& geo,
+                                                    const T* __restrict grad_y,
+                                                    const T* __restrict x, T* __restrict grad_w,
+                                                    int64_t begin, int64_t end) {
+  const int64_t cg = CG > 0 ? CG : geo.group_channels;
+  const int64_t pixel = geo.channels;
+  const int64_t out_w = geo.out[2];
+  for (int64_t t = begin; t < end; ++t) {
+    const auto [b, g, od, oh] = row_item(geo, t, geo.out);
+    const T* __restrict gy_row = grad_y + geo.pixel_row(b, g, od, oh, geo.out);
+    for (int64_t kd = 0; kd < geo.kernel[0]; ++kd) {
+      const int64_t id = geo.input_index(0, od, kd);
+      for (int64_t kh = 0; kh < geo.kernel[1]; ++kh) {
+        const int64_t ih = geo.input_index(1, oh, kh);
+        const bool inside = id >= 0 && id < geo.size[0] && ih >= 0 && ih < geo.size[1];
+        const int64_t tap0 = (kd * geo.kernel[1] + kh) * geo.kernel[2];
+        const T* __restrict in_row = inside ? x + geo.pixel_row(b, g, id, ih, geo.size) : nullptr;
+        for (int64_t kw = 0; kw < geo.kernel[2]; ++kw) {
+          T* __restrict gw_row = grad_w + geo.weight_row(b, g, tap0 + kw, od, oh);
+          const ColumnRange cols = inside ? geo.columns[kw] : ColumnRange{0, 0};
+          std::fill(gw_row, gw_row + cols.lo, T(0));
+          std::fill(gw_row + cols.hi, gw_row + out_w, T(0));
+          const int64_t offset = kw * geo.dil[2] - geo.pad[2];
+          for (int64_t j = cols.lo; j < cols.hi; ++j) {
+            const T* __restrict gy = gy_row + j * pixel;
+            const T* __restrict in = in_row + (j * geo.stride[2] + offset) * pixel;
+            T sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t c = 0; c < cg; ++c) {
+              sum += gy[c] * in[c];
+            }
+            gw_row[j] = sum;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Non-template entry points, one per compute type, compiled once per instruction set; groups
+// of 16 channels get kernels where that width is a compile-time constant.
+#define INVOLUTION_ND_DEFINE_KERNEL(NAME, T, A, B, OUT)                                     \
+  INVOLUTION_ND_TARGET_CLONES void NAME(const Geometry3d& geo, const T* A, const T* B,     \
+                                        T* OUT, int64_t begin, int64_t end) {              \
+    if (geo.group_channels == 16) {                                                        \
+      NAME##_impl<T, 16>(geo, A, B, OUT, begin, end);                                      \
+    } else {                                                                               \
+      NAME##_impl<T, 0>(geo, A, B, OUT, begin, end);                                       \
+    }                                                                                      \
+  }
+#define INVOLUTION_ND_DEFINE_KERNELS(T)                                   \
+  INVOLUTION_ND_DEFINE_KERNEL(forward_rows, T, x, w, y)                   \
+  INVOLUTION_ND_DEFINE_KERNEL(backward_input_rows, T, grad_y, w, grad_x)  \
+  INVOLUTION_ND_DEFINE_KERNEL(backward_weight_rows, T, grad_y, x, grad_w)
+
+INVOLUTION_ND_DEFINE_KERNELS(float)
+INVOLUTION_ND_DEFINE_KERNELS(double)
+#undef INVOLUTION_ND_DEFINE_KERNELS
+#undef INVOLUTION_ND_DEFINE_KERNEL
+
+bool is_channels_last_3d(const at::Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+}
+
+// Checks the arguments (the Python front door validated them already; these keep direct callers
+// from reading out of bounds) and collects the sizes.
+Geometry3d make_geometry(const at::Tensor& input, const at::Tensor& weight,
+                         at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation) {
+  TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(),
+              "involution3d cpu backend: tensors must be on the CPU");
+  TORCH_CHECK(input.dim() == 5, "involution3d: input must be (B, C, D, H, W), got ",
+              input.sizes());
+  TORCH_CHECK(weight.dim() == 8,
+              "involution3d: weight must be (B, G, Kd, Kh, Kw, D_out, H_out, W_out), got ",
+              weight.sizes());
+  TORCH_CHECK(stride.size() == 3 && padding.size() == 3 && dilation.size() == 3,
+              "involution3d: stride, padding and dilation must be triples");
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "involution3d: input is ",
+              input.scalar_type(), " but weight is ", weight.scalar_type());
+  Geometry3d geo{};
+  geo.batch = input.size(0);
+  geo.channels = input.size(1);
+  geo.groups = weight.size(1);
+  TORCH_CHECK(weight.size(0) == geo.batch && geo.groups >= 1 && geo.channels % geo.groups == 0,
+              "involution3d: weight ", weight.sizes(), " does not fit input ", input.sizes());
+  geo.group_channels = geo.channels / geo.groups;
+  for (int dim = 0; dim < 3; ++dim) {
+    geo.size[dim] = input.size(2 + dim);
+    geo.kernel[dim] = weight.size(2 + dim);
+    geo.out[dim] = weight.size(5 + dim);
+    geo.stride[dim] = stride[dim];
+    geo.pad[dim] = padding[dim];
+    geo.dil[dim] = dilation[dim];
+    TORCH_CHECK(geo.stride[dim] >= 1 && geo.dil[dim] >= 1 && geo.pad[dim] >= 0,
+                "involution3d: bad stride ", stride, ", padding ", padding, " or dilation ",
+                dilation);
+    const int64_t expected =
+        (geo.size[dim] + 2 * geo.pad[dim] - geo.dil[dim] * (geo.kernel[dim] - 1) - 1) /
+            geo.stride[dim] +
+        1;
+    TORCH_CHECK(geo.out[dim] == expected, "involution3d: weight ", weight.sizes(),
+                " does not match input ", input.sizes());
+  }
+  for (int64_t kw = 0; kw < geo.kernel[2]; ++kw) {
+    const int64_t offset = kw * geo.dil[2] - geo.pad[2];
+    const int64_t s = geo.stride[2];
+    const int64_t lo = offset >= 0 ? 0 : std::min(geo.out[2], (-offset + s - 1) / s);
+    const int64_t last = geo.size[2] - 1 - offset;
+    const int64_t hi = last < 0 ? 0 : std::min(geo.out[2], last / s + 1);
+    geo.columns.push_back({lo, std::max(lo, hi)});
+  }
+  geo.channels_last_result = is_channels_last_3d(input);
+  return geo;
+}
+
+at::ScalarType compute_type(at::ScalarType dtype) {
+  TORCH_CHECK(at::isFloatingType(dtype), "involution3d: unsupported dtype ", dtype);
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor channels_last(const at::Tensor& t, at::ScalarType dtype) {
+  return t.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::ChannelsLast3d);
+}
+
+at::MemoryFormat result_format(const Geometry3d& geo) {
+  return geo.channels_last_result ? at::MemoryFormat::ChannelsLast3d
+                                  : at::MemoryFormat::Contiguous;
+}
+
+// Runs body(begin, end) over `total` rows of `row_work` multiply-adds each, in chunks of at
+// least ~32k multiply-adds handed out on demand.
+template <typename Body>
+void parallel_rows(int64_t total, int64_t row_work, const Body& body) {
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, row_work));
+  involution_parallel::parallel_chunks(total, chunk, body);
+}
+
+at::Tensor forward3d(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const Geometry3d geo = make_geometry(input, weight, stride, padding, dilation);
+  const at::ScalarType dtype = compute_type(input.scalar_type());
+  const at::Tensor x = channels_last(input, dtype);
+  const at::Tensor w = weight.to(dtype).contiguous();
+  at::Tensor y = at::empty({geo.batch, geo.channels, geo.out[0], geo.out[1], geo.out[2]},
+                           x.options().memory_format(result_format(geo)));
+  const int64_t rows = geo.batch * geo.groups * geo.out[0] * geo.out[1];
+  AT_DISPATCH_FLOATING_TYPES(dtype, "involution3d_cpu_forward", [&] {
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
+    scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
+    parallel_rows(rows, geo.row_work(), [&](int64_t begin, int64_t end) {
+      forward_rows(geo, x_ptr, w_ptr, y_ptr, begin, end);
+    });
+  });
+  return y.to(input.scalar_type());
+}
+
+// The gradients asked for (undefined tensors for the others), their rows in one parallel region.
+std::tuple<at::Tensor, at::Tensor> backward3d(const at::Tensor& grad_output,
+                                              const at::Tensor& input, const at::Tensor& weight,
+                                              at::IntArrayRef stride, at::IntArrayRef padding,
+                                              at::IntArrayRef dilation, bool needs_input,
+                                              bool needs_weight) {
+  const Geometry3d geo = make_geometry(input, weight, stride, padding, dilation);
+  TORCH_CHECK(grad_output.sizes() ==
+                  at::IntArrayRef({geo.batch, geo.channels, geo.out[0], geo.out[1], geo.out[2]}),
+              "involution3d: grad_output ", grad_output.sizes(), " does not match the output");
+  const at::ScalarType dtype = compute_type(input.scalar_type());
+  const at::Tensor grad_y = channels_last(grad_output, dtype);
+  at::Tensor w, x, grad_x, grad_w;
+  if (needs_input) {
+    w = weight.to(dtype).contiguous();
+    grad_x = at::empty(input.sizes(), grad_y.options().memory_format(result_format(geo)));
+  }
+  if (needs_weight) {
+    x = channels_last(input, dtype);
+    grad_w = at::empty(weight.sizes(), grad_y.options());
+  }
+  const int64_t input_rows =
+      needs_input ? geo.batch * geo.groups * geo.size[0] * geo.size[1] : 0;
+  const int64_t weight_rows = needs_weight ? geo.batch * geo.groups * geo.out[0] * geo.out[1] : 0;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "involution3d_cpu_backward", [&] {
+    const scalar_t* gy_ptr = grad_y.const_data_ptr<scalar_t>();
+    const scalar_t* w_ptr = needs_input ? w.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* x_ptr = needs_weight ? x.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gx_ptr = needs_input ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gw_ptr = needs_weight ? grad_w.mutable_data_ptr<scalar_t>() : nullptr;
+    // Rows [0, input_rows) are grad_input rows, the rest grad_weight rows.
+    parallel_rows(input_rows + weight_rows, geo.row_work(), [&](int64_t begin, int64_t end) {
+      if (begin < input_rows) {
+        backward_input_rows(geo, gy_ptr, w_ptr, gx_ptr, begin, std::min(end, input_rows));
+      }
+      if (end > input_rows) {
+        backward_weight_rows(geo, gy_ptr, x_ptr, gw_ptr, std::max(begin, input_rows) - input_rows,
+                             end - input_rows);
+      }
+    });
+  });
+  return {needs_input ? grad_x.to(input.scalar_type()) : grad_x,
+          needs_weight ? grad_w.to(weight.scalar_type()) : grad_w};
+}
+
+}  // namespace involution_nd_cpu
+
+TORCH_LIBRARY(involution_nd_cpu, m) {
+  m.def("forward3d(Tensor input, Tensor weight, int[] stride, int[] padding, int[] dilation) "
+        "-> Tensor");
+  m.def("backward3d(Tensor grad_output, Tensor input, Tensor weight, int[] stride, "
+        "int[] padding, int[] dilation, bool needs_input, bool needs_weight) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(involution_nd_cpu, CPU, m) {
+  m.impl("forward3d", &involution_nd_cpu::forward3d);
+  m.impl("backward3d", &involution_nd_cpu::backward3d);
+}

@@ -1,0 +1,145 @@
+"""``Involution1d`` and ``Involution3d``: :class:`~involution.ops.Involution2d` over sequences and
+volumes (or clips), with the same kernel branch and the N-d op (:mod:`involution.ops.nd`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from involution.ops.modules import relu_inplace
+from involution.ops.nd import as_tuple, involution1d, involution3d
+
+# FX symbolic tracing records each call of the front doors as one node.
+torch.fx.wrap("involution1d")
+torch.fx.wrap("involution3d")
+
+_LAYERS = {
+    1: (nn.Conv1d, nn.BatchNorm1d, nn.AvgPool1d),
+    3: (nn.Conv3d, nn.BatchNorm3d, nn.AvgPool3d),
+}
+
+
+class _InvolutionNd(nn.Module):
+    """The kernel branch and the aggregation of a ``dims``-D involution layer."""
+
+    dims: int
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        dilation: int | tuple[int, ...] = 1,
+        group_channels: int = 16,
+        reduction_ratio: int = 4,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        act_layer: Callable[[], nn.Module] = relu_inplace,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        dims = self.dims
+        conv, norm, pool = _LAYERS[dims]
+        kernel = as_tuple("kernel_size", kernel_size, dims)
+        strides = as_tuple("stride", stride, dims)
+        dilations = as_tuple("dilation", dilation, dims)
+        for name, values in (
+            ("kernel_size", kernel),
+            ("stride", strides),
+            ("dilation", dilations),
+            ("channels", (channels,)),
+            ("group_channels", (group_channels,)),
+            ("reduction_ratio", (reduction_ratio,)),
+        ):
+            if min(values) < 1 or any(isinstance(v, bool) for v in values):
+                raise ValueError(f"{name} must be positive ints, got {values}")
+        if any(k % 2 == 0 for k in kernel):
+            raise ValueError(
+                f"kernel_size must be odd in every dimension, got {kernel}; for even kernels "
+                f"call involution.involution{dims}d with an explicit padding"
+            )
+        if channels % group_channels != 0:
+            raise ValueError(
+                f"channels={channels} is not divisible by group_channels={group_channels}"
+            )
+        if channels < reduction_ratio:
+            raise ValueError(
+                f"channels={channels} is smaller than reduction_ratio={reduction_ratio}, "
+                "leaving no channels in the kernel branch"
+            )
+        self.channels = channels
+        self.kernel_size = kernel
+        self.stride = strides
+        self.dilation = dilations
+        self.group_channels = group_channels
+        self.groups = channels // group_channels
+        self.backend = backend
+        reduced = channels // reduction_ratio
+        self.pool = pool(strides, strides, ceil_mode=True) if max(strides) > 1 else nn.Identity()
+        self.reduce = conv(channels, reduced, 1, bias=False)
+        self.norm = (norm if norm_layer is None else norm_layer)(reduced)
+        self.act = act_layer()
+        self.span = conv(reduced, self.groups * math.prod(kernel), 1)
+
+    def generate_kernels(self, x: Tensor) -> Tensor:
+        """Per-position kernels (B, G, *K, *S_out) for ``x`` (B, C, *S)."""
+        kernels = self.span(self.act(self.norm(self.reduce(self.pool(x)))))
+        shape = [self.groups]
+        shape.extend(self.kernel_size)  # TorchScript has no starred lists
+        return kernels.unflatten(1, shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"dilation={self.dilation}, groups={self.groups}, backend={self.backend!r}"
+        )
+
+
+class Involution3d(_InvolutionNd):
+    r"""3-D involution layer: :class:`~involution.ops.Involution2d` over volumes or clips.
+
+    For every output voxel a kernel per group is generated from that voxel's features (average
+    pooled by the stride, ceil mode), ``H = W_1 relu(BN(W_0 x))`` with 1x1x1 convs
+    ``W_0: C -> C/r`` and ``W_1: C/r -> G*Kd*Kh*Kw``, and shared by the ``group_channels``
+    channels of its group (:func:`~involution.ops.nd.involution3d`).
+
+    Args:
+        channels: C, input and output channels.
+        kernel_size: int or (Kd, Kh, Kw), odd, e.g. (3, 7, 7).
+        stride: int or a triple; output size ``ceil(size / stride)`` per dimension.
+        dilation: int or a triple; padding is ``dilation * (K - 1) // 2``.
+        group_channels: channels sharing one kernel (16); ``G = C // group_channels``.
+        reduction_ratio: r (4).
+        norm_layer, act_layer: kernel-branch factories (BatchNorm3d, in-place ReLU).
+        backend: see :func:`~involution.ops.nd.involution3d`.
+
+    Shape:
+        (B, C, D, H, W) -> (B, C, ceil(D / sd), ceil(H / sh), ceil(W / sw)).
+    """
+
+    dims = 3
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernels = self.generate_kernels(x)
+        return involution3d(x, kernels, self.stride, None, self.dilation, self.backend)
+
+
+class Involution1d(_InvolutionNd):
+    r"""1-D involution layer: :class:`Involution3d` over sequences (kernel branch with
+    Conv1d/BatchNorm1d/AvgPool1d, :func:`~involution.ops.nd.involution1d`).
+
+    Args:
+        channels, kernel_size (odd int), stride, dilation, group_channels, reduction_ratio,
+        norm_layer (BatchNorm1d), act_layer, backend: as in :class:`Involution3d`.
+
+    Shape:
+        (B, C, L) -> (B, C, ceil(L / stride)).
+    """
+
+    dims = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernels = self.generate_kernels(x)
+        return involution1d(x, kernels, self.stride[0], None, self.dilation[0], self.backend)

@@ -1,0 +1,216 @@
+"""1-D and 3-D involution: front doors, backends against the reference, layers, tracers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from involution import Involution1d, Involution3d, involution1d, involution2d, involution3d
+from involution.ops.backends import get_backend
+from involution.ops.checks import output_size
+
+FAST_BACKENDS = [
+    name
+    for name in ("cpu",)
+    if hasattr(get_backend(name), "forward3d")
+    and get_backend(name).unavailable_reason(torch.device("cpu")) is None
+]
+
+
+def random_case(rng: random.Random, dims: int) -> dict:
+    """Odd sizes, strides 1-3, dilations 1-2, 1-3 groups, anisotropic and even kernels (these
+    with an explicit padding)."""
+    kernel = [rng.choice([1, 2, 3, 4, 5]) for _ in range(dims)]
+    stride = [rng.randint(1, 3) for _ in range(dims)]
+    dilation = [rng.randint(1, 2) for _ in range(dims)]
+    if all(k % 2 for k in kernel) and rng.random() < 0.5:
+        padding = None
+        pads = [d * (k - 1) // 2 for d, k in zip(dilation, kernel, strict=True)]
+    else:
+        padding = pads = [rng.randint(0, 2) for _ in range(dims)]
+    size = [
+        rng.randint(max(1, d * (k - 1) + 1 - 2 * p), d * (k - 1) + 6)
+        for k, d, p in zip(kernel, dilation, pads, strict=True)
+    ]
+    groups = rng.randint(1, 3)
+    channels = groups * rng.randint(1, 3)
+    out = [output_size(*a) for a in zip(size, kernel, stride, pads, dilation, strict=True)]
+    return {
+        "shapes": ((2, channels, *size), (2, groups, *kernel, *out)),
+        "args": (stride, padding, dilation),
+    }
+
+
+def call(dims: int, x, w, stride, padding, dilation, backend):
+    if dims == 1:
+        p = None if padding is None else padding[0]
+        return involution1d(x, w, stride[0], p, dilation[0], backend=backend)
+    return involution3d(x, w, tuple(stride), padding and tuple(padding), tuple(dilation), backend)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_reference_matches_2d_op(dims):
+    """The N-d reference on a volume of depth 1 (or a sequence) is the 2-D operator."""
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+    w = torch.randn(2, 3, 3, 5, 4, 5, dtype=torch.float64)
+    expected = involution2d(x, w, (2, 2), (1, 2), (1, 1), backend="reference")
+    if dims == 3:
+        got = involution3d(
+            x[:, :, None], w[:, :, None, :, :, None], (1, 2, 2), (0, 1, 2), 1, "reference"
+        )[:, :, 0]
+        assert torch.allclose(got, expected)
+    else:
+        got = involution1d(x[:, :, 0], w[:, :, 1, :, 0], 2, 2, 1, "reference")
+        line = involution2d(x[:, :, :1], w[:, :, 1:2, :, :1], 2, (0, 2), 1, backend="reference")
+        assert torch.allclose(got, line[:, :, 0])
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+def test_gradcheck_random_cases(dims, backend):
+    rng = random.Random(dims * 7 + len(backend))
+    for _ in range(4 if backend == "reference" else 8):
+        case = random_case(rng, dims)
+        x, w = (torch.randn(s, dtype=torch.float64, requires_grad=True) for s in case["shapes"])
+        assert torch.autograd.gradcheck(
+            lambda x, w, case=case: call(dims, x, w, *case["args"], backend), (x, w)
+        ), case
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("group_channels", [16, 3])
+def test_backend_matches_reference_float32(dims, backend, group_channels):
+    rng = random.Random(group_channels + dims)
+    for _ in range(6):
+        case = random_case(rng, dims)
+        (b, _, *size), (_, g, *rest) = case["shapes"]
+        x = torch.randn(b, g * group_channels, *size, requires_grad=True)
+        w = torch.randn(b, g, *rest, requires_grad=True)
+        grad = torch.randn(b, g * group_channels, *rest[dims:])
+        results = []
+        for name in ("reference", backend):
+            y = call(dims, x, w, *case["args"], name)
+            results.append((y, *torch.autograd.grad(y, (x, w), grad)))
+        for ref, got in zip(*results, strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+def test_channels_last_3d_and_half(backend):
+    x = torch.randn(2, 32, 5, 6, 7).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(2, 2, 3, 3, 3, 5, 6, 7)
+    y = involution3d(x, w, backend=backend)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(y, involution3d(x.contiguous(), w, backend="reference"))
+    y16 = involution3d(x.bfloat16(), w.bfloat16(), backend=backend)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y, rtol=0.05, atol=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert involution3d(x, w, backend=backend).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("call_args", "message"),
+    [
+        ((torch.randn(2, 4, 5, 5), torch.randn(2, 1, 3, 3, 3, 5, 5, 5)), "input must be 5-D"),
+        ((torch.randn(2, 4, 5, 5, 5), torch.randn(2, 1, 3, 3, 5, 5, 5)), "weight must be 8-D"),
+        ((torch.randn(2, 5, 5, 5, 5), torch.randn(2, 2, 3, 3, 3, 5, 5, 5)), "must divide"),
+        ((torch.randn(2, 4, 5, 5, 5), torch.randn(2, 2, 3, 3, 3, 5, 4, 5)), r"\(5, 4, 5\)"),
+        ((torch.randn(2, 4, 5, 5, 5), torch.randn(1, 2, 3, 3, 3, 5, 5, 5)), "batch"),
+    ],
+)
+def test_bad_input_3d(call_args, message):
+    with pytest.raises(ValueError, match=message):
+        involution3d(*call_args)
+
+
+def test_bad_input_1d():
+    with pytest.raises(ValueError, match=r"weight must be 4-D \(B, G, K, L_out\)"):
+        involution1d(torch.randn(2, 4, 9), torch.randn(2, 1, 3, 9, 1))
+    with pytest.raises(ValueError, match=r"weight output size \(8,\).*\(9,\)"):
+        involution1d(torch.randn(2, 4, 9), torch.randn(2, 1, 3, 8))
+    with pytest.raises(TypeError, match="stride must be an int or 3 ints"):
+        involution3d(torch.randn(1, 4, 5, 5, 5), torch.randn(1, 1, 3, 3, 3, 5, 5, 5), (1, 1))
+
+
+@pytest.mark.parametrize(
+    ("layer", "size", "expected"),
+    [
+        (Involution3d(32, (3, 7, 7), stride=(1, 2, 2)), (5, 9, 11), (5, 5, 6)),
+        (Involution3d(16, 3, stride=2, reduction_ratio=2), (3, 4, 5), (2, 2, 3)),
+        (Involution1d(32, 5, stride=3), (10,), (4,)),
+    ],
+)
+def test_layers_shape_and_parameters(layer, size, expected):
+    x = torch.randn(2, layer.channels, *size)
+    assert layer(x).shape == (2, layer.channels, *expected)
+    taps = 1
+    for k in layer.kernel_size:
+        taps *= k
+    assert layer.span.out_channels == layer.groups * taps
+    with pytest.raises(ValueError, match="odd"):
+        type(layer)(32, 4)
+
+
+@pytest.mark.parametrize("cls", [Involution1d, Involution3d])
+def test_layers_script_fx_compile(cls):
+    layer = cls(16, 3, stride=2).eval()
+    x = torch.randn(2, 16, *([6, 7, 5] if cls is Involution3d else [11]))
+    expected = layer(x)
+    torch.testing.assert_close(torch.jit.script(layer)(x), expected)
+    torch.testing.assert_close(torch.fx.symbolic_trace(layer)(x), expected)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), expected)
+
+
+def _randomised(layer: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode with non-trivial BatchNorm statistics."""
+    norm = layer.norm
+    norm.running_mean.uniform_(-0.5, 0.5)
+    norm.running_var.uniform_(0.5, 2.0)
+    return layer.eval()
+
+
+@pytest.mark.parametrize(
+    ("layer", "size"),
+    [(Involution3d(16, (3, 5, 5), stride=(1, 2, 2)), (4, 9, 10)), (Involution1d(16, 5), (13,))],
+)
+def test_onnx_export_standard_operators_and_onnxruntime(layer, size, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    layer = _randomised(layer)
+    x = torch.randn(2, 16, *size)
+    path = tmp_path / "layer.onnx"
+    with torch.no_grad():
+        torch.onnx.export(layer, (x,), path, dynamo=True)
+        expected = layer(x)
+    assert {n.domain for n in onnx.load(path).graph.node} <= {"", "ai.onnx"}
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(actual), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_matches_reference():
+    """The Triton kernels (on the GPU, or CPU tensors under TRITON_INTERPRET=1)."""
+    from involution.ops.backends import triton as triton_backend
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if triton_backend.unavailable_reason(device) is not None:
+        pytest.skip(triton_backend.unavailable_reason(device))
+    rng = random.Random(5)
+    for dims in (1, 3, 3):
+        case = random_case(rng, dims)
+        x, w = (
+            torch.randn(s, dtype=torch.float64, device=device, requires_grad=True)
+            for s in case["shapes"]
+        )
+        grad = torch.randn(case["shapes"][0][:2] + case["shapes"][1][2 + dims :], device=device)
+        results = []
+        for name in ("reference", "triton"):
+            y = call(dims, x, w, *case["args"], name)
+            results.append((y, *torch.autograd.grad(y, (x, w), grad.double())))
+        for ref, got in zip(*results, strict=True):
+            torch.testing.assert_close(got, ref)
