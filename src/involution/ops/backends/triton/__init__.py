@@ -241,3 +241,32 @@ def fused_forward(
         return module.fused_forward(problem)
     kernels = generate_kernels(reduced, span_weight, span_bias, kernel_size, sizes.groups)
     return forward(input, kernels, *problem.geometry, variant=variant)
+
+
+# --- 1-D/3-D (one variant, :mod:`~.nd`, imported on first use) ---------------------------------
+
+Triple = tuple[int, int, int]
+
+
+def forward3d(
+    input: Tensor, weight: Tensor, stride: Triple, padding: Triple, dilation: Triple
+) -> Tensor:
+    """3-D involution forward (:func:`.nd.forward3d`)."""
+    nd = importlib.import_module("involution.ops.backends.triton.nd")
+    return nd.forward3d(input, weight, stride, padding, dilation)
+
+
+def backward3d(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    stride: Triple,
+    padding: Triple,
+    dilation: Triple,
+    needs_input: bool,
+    needs_weight: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """3-D involution gradients (:func:`.nd.backward3d`)."""
+    nd = importlib.import_module("involution.ops.backends.triton.nd")
+    args = (stride, padding, dilation, needs_input, needs_weight)
+    return nd.backward3d(grad_output, input, weight, *args)

@@ -1,0 +1,237 @@
+"""Triton kernels of the 3-D involution (1-D runs through them on (B, C, 1, 1, L) views).
+
+Gather kernels, one program per (batch, group, block of voxels, block of the group's channels):
+every result element is written by exactly one program (deterministic, no atomics), and nothing
+Kd*Kh*Kw times larger than the input is stored. The forward and grad_input accumulate over the
+taps in registers; grad_weight reduces each tap's products over the group's channels. Operands
+are made contiguous (NCDHW, and (B, G, Kd, Kh, Kw, D_out, H_out, W_out) kernels); float32,
+float16 and bfloat16 accumulate in float32, float64 in float64.
+
+Shapes as in :mod:`involution.ops.registration_nd`; ``stride``/``padding``/``dilation`` triples.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+Triple = tuple[int, int, int]
+
+BLOCK_P = 64
+BLOCK_C = 16
+
+
+@triton.jit
+def _coordinates(p, out_h, out_w):
+    """(d, h, w) of the flat voxel indices ``p`` in a (D, out_h, out_w) volume."""
+    return p // (out_h * out_w), (p // out_w) % out_h, p % out_w
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, y_ptr, C, CG, G, D, H, W, OD, OH, OW,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    bg, pid_p, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, g = bg // G, bg % G
+    out_size = OD * OH * OW
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok, c_ok = p < out_size, cc < CG
+    od, oh, ow = _coordinates(p, OH, OW)
+    channel = (b * C + g * CG + cc).to(tl.int64)
+    w_base = w_ptr + (bg * (KD * KH * KW)).to(tl.int64) * out_size + p
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+    for kd in tl.static_range(KD):
+        id_ = od * SD - PD + kd * DD
+        for kh in tl.static_range(KH):
+            ih = oh * SH - PH + kh * DH
+            for kw in tl.static_range(KW):
+                iw = ow * SW - PW + kw * DW
+                inside = p_ok & (id_ >= 0) & (id_ < D) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                tap = (kd * KH + kh) * KW + kw
+                weight = tl.load(w_base + tap * out_size, mask=p_ok, other=0.0).to(ACC)
+                offset = (id_ * H + ih) * W + iw
+                values = tl.load(
+                    x_ptr + channel[None, :] * (D * H * W) + offset[:, None],
+                    mask=inside[:, None] & c_ok[None, :],
+                    other=0.0,
+                ).to(ACC)
+                acc += weight[:, None] * values
+    tl.store(
+        y_ptr + channel[None, :] * out_size + p[:, None],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=p_ok[:, None] & c_ok[None, :],
+    )
+
+
+@triton.jit
+def _backward_input_kernel(
+    gy_ptr, w_ptr, gx_ptr, C, CG, G, D, H, W, OD, OH, OW,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    bg, pid_p, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, g = bg // G, bg % G
+    in_size, out_size = D * H * W, OD * OH * OW
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok, c_ok = p < in_size, cc < CG
+    id_, ih, iw = _coordinates(p, H, W)
+    channel = (b * C + g * CG + cc).to(tl.int64)
+    w_base = w_ptr + (bg * (KD * KH * KW)).to(tl.int64) * out_size
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+    for kd in tl.static_range(KD):
+        sd = id_ + PD - kd * DD
+        od = sd // SD
+        d_ok = (sd >= 0) & (sd % SD == 0) & (od < OD)
+        for kh in tl.static_range(KH):
+            sh = ih + PH - kh * DH
+            oh = sh // SH
+            h_ok = (sh >= 0) & (sh % SH == 0) & (oh < OH)
+            for kw in tl.static_range(KW):
+                sw = iw + PW - kw * DW
+                ow = sw // SW
+                ok = p_ok & d_ok & h_ok & (sw >= 0) & (sw % SW == 0) & (ow < OW)
+                o = tl.where(ok, (od * OH + oh) * OW + ow, 0)
+                tap = (kd * KH + kh) * KW + kw
+                weight = tl.load(w_base + tap * out_size + o, mask=ok, other=0.0).to(ACC)
+                grads = tl.load(
+                    gy_ptr + channel[None, :] * out_size + o[:, None],
+                    mask=ok[:, None] & c_ok[None, :],
+                    other=0.0,
+                ).to(ACC)
+                acc += weight[:, None] * grads
+    tl.store(
+        gx_ptr + channel[None, :] * in_size + p[:, None],
+        acc.to(gx_ptr.dtype.element_ty),
+        mask=p_ok[:, None] & c_ok[None, :],
+    )
+
+
+@triton.jit
+def _backward_weight_kernel(
+    gy_ptr, x_ptr, gw_ptr, C, CG, G, D, H, W, OD, OH, OW,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    bg, pid_p = tl.program_id(0), tl.program_id(1)
+    b, g = bg // G, bg % G
+    out_size = OD * OH * OW
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < out_size
+    od, oh, ow = _coordinates(p, OH, OW)
+    gw_base = gw_ptr + (bg * (KD * KH * KW)).to(tl.int64) * out_size + p
+    for kd in tl.static_range(KD):
+        id_ = od * SD - PD + kd * DD
+        for kh in tl.static_range(KH):
+            ih = oh * SH - PH + kh * DH
+            for kw in tl.static_range(KW):
+                iw = ow * SW - PW + kw * DW
+                inside = p_ok & (id_ >= 0) & (id_ < D) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                offset = (id_ * H + ih) * W + iw
+                total = tl.zeros((BLOCK_P,), dtype=ACC)
+                for c0 in range(0, CG, BLOCK_C):
+                    cc = c0 + tl.arange(0, BLOCK_C)
+                    channel = (b * C + g * CG + cc).to(tl.int64)
+                    c_ok = cc < CG
+                    grads = tl.load(
+                        gy_ptr + channel[None, :] * out_size + p[:, None],
+                        mask=p_ok[:, None] & c_ok[None, :],
+                        other=0.0,
+                    ).to(ACC)
+                    values = tl.load(
+                        x_ptr + channel[None, :] * (D * H * W) + offset[:, None],
+                        mask=inside[:, None] & c_ok[None, :],
+                        other=0.0,
+                    ).to(ACC)
+                    total += tl.sum(grads * values, axis=1)
+                tap = (kd * KH + kh) * KW + kw
+                tl.store(gw_base + tap * out_size, total.to(gw_ptr.dtype.element_ty), mask=p_ok)
+
+
+def _launch(kernel, grid, tensors, geometry, input: Tensor, weight: Tensor) -> None:
+    """Launches ``kernel`` over ``grid`` with the sizes of ``input``/``weight`` and the
+    (stride, padding, dilation) triples of ``geometry``."""
+    stride, padding, dilation = geometry
+    channels, size = input.shape[1], input.shape[2:]
+    groups, kernel_size, out_size = weight.shape[1], weight.shape[2:5], weight.shape[5:]
+    acc = tl.float64 if input.dtype == torch.float64 else tl.float32
+    kernel[grid](
+        *tensors,
+        channels,
+        channels // groups,
+        groups,
+        *size,
+        *out_size,
+        *stride,
+        *padding,
+        *dilation,
+        *kernel_size,
+        ACC=acc,
+        BLOCK_P=BLOCK_P,
+        BLOCK_C=BLOCK_C,
+    )
+
+
+def forward3d(
+    input: Tensor, weight: Tensor, stride: Triple, padding: Triple, dilation: Triple
+) -> Tensor:
+    """(B, C, D, H, W), (B, G, Kd, Kh, Kw, D_out, H_out, W_out) -> (B, C, D_out, H_out, W_out)."""
+    input, weight = input.contiguous(), weight.contiguous()
+    batch, channels = input.shape[:2]
+    groups, out_size = weight.shape[1], weight.shape[5:]
+    output = input.new_empty(batch, channels, *out_size)
+    grid = (
+        batch * groups,
+        triton.cdiv(out_size.numel(), BLOCK_P),
+        triton.cdiv(channels // groups, BLOCK_C),
+    )
+    geometry = (stride, padding, dilation)
+    _launch(_forward_kernel, grid, (input, weight, output), geometry, input, weight)
+    return output
+
+
+def backward3d(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    stride: Triple,
+    padding: Triple,
+    dilation: Triple,
+    needs_input: bool,
+    needs_weight: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(grad_input or ``None``, grad_weight or ``None``), contiguous."""
+    grad_output, input, weight = grad_output.contiguous(), input.contiguous(), weight.contiguous()
+    batch, channels = input.shape[:2]
+    groups = weight.shape[1]
+    geometry = (stride, padding, dilation)
+    grad_input = grad_weight = None
+    if needs_input:
+        grad_input = torch.empty_like(input)
+        grid = (
+            batch * groups,
+            triton.cdiv(input.shape[2:].numel(), BLOCK_P),
+            triton.cdiv(channels // groups, BLOCK_C),
+        )
+        tensors = (grad_output, weight, grad_input)
+        _launch(_backward_input_kernel, grid, tensors, geometry, input, weight)
+    if needs_weight:
+        grad_weight = torch.empty_like(weight)
+        grid = (batch * groups, triton.cdiv(weight.shape[5:].numel(), BLOCK_P))
+        tensors = (grad_output, input, grad_weight)
+        _launch(_backward_weight_kernel, grid, tensors, geometry, input, weight)
+    return grad_input, grad_weight
