@@ -312,6 +312,13 @@ def add_commands(bench_subparsers: Any) -> None:
         help="rednet50: RedNet-50's involution layers; tiny: a quick smoke run",
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    parser.add_argument(
+        "--dims",
+        type=int,
+        choices=(1, 2, 3),
+        default=2,
+        help="2: the shapes above; 1 or 3: the 1-D/3-D op on CPU (involution.bench.op_nd)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.set_defaults(func=op_command)
 
@@ -327,6 +334,10 @@ def op_command(args: argparse.Namespace) -> int:
         return user_error("bench op: --batch and --repeats must be >= 1, --warmup >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.dims != 2:
+        from involution.bench import op_nd
+
+        return op_nd.command(args, times_ms)
     backends = args.backends or default_backends(device)
     for name in backends:
         reason = get_backend(name).unavailable_reason(device)
