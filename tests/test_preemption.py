@@ -131,8 +131,10 @@ def test_a_start_that_died_before_its_first_checkpoint_starts_over(tmp_path: Pat
     assert main(_command(tmp_path, "train.epochs=1", "--resume-if-exists")) == 0
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert records[0]["step"] == 8 and len(records) == 2  # its own records only
-    # Without the switch, a run directory is never reused.
+    # Without the switch, a run directory is never reused; with it, it must be named.
     assert main(_command(tmp_path, "train.epochs=1")) == 2
+    unnamed = ["train", "--set", *TINY, f"output.dir={tmp_path}", "--resume-if-exists"]
+    assert main(unnamed) == 2
 
 
 def test_a_checkpoint_write_killed_midway_leaves_the_previous_one(tmp_path: Path) -> None:

@@ -127,6 +127,11 @@ def open_run_dir(config: Config, label: str, continue_if_exists: bool) -> RunSta
     run found was trained with another config, or the folder is not a run's.
     """
     name = restartable_name(config, label)
+    if name is None and continue_if_exists:
+        raise ValueError(
+            "--resume-if-exists needs output.name: the directory every start of the command "
+            "shares (an unnamed run gets a new one each time)"
+        )
     if name is None or not (continue_if_exists or elastic_restart_count() > 0):
         return RunStart(new_run_dir(config, label, name), resume=False)
     path = Path(config["output"]["dir"]).expanduser() / name
