@@ -134,10 +134,11 @@ class Involution2d(nn.Module):
     Training (``regenerate_kernels``, a class attribute, ``True``): with gradients enabled in
     training mode the layer keeps only its input (and the kernel branch's BatchNorm batch
     statistics) for backward and regenerates the kernels there
-    (:mod:`involution.ops.regenerate`): RedNet-50 then keeps less activation memory than
-    ResNet-50 (``involution bench memory``). Same outputs and gradients within rounding; the
-    running statistics are updated once. A kernel branch other than as built (another norm or
-    activation, hooks on its submodules, a subclass) is checkpointed instead, in eager mode.
+    (:mod:`involution.ops.regenerate`): RedNet-50 then keeps 1.08x ResNet-50's activations
+    for backward instead of 1.33x (``involution bench memory``, batch 8, 224 px, float32).
+    Same outputs and gradients within rounding; the running statistics are updated once. A
+    kernel branch other than as built (another norm or activation, hooks on its submodules, a
+    subclass) is checkpointed instead, in eager mode. FX-traced copies record the kept path.
     Set ``layer.regenerate_kernels = False`` (or :func:`set_kernel_regeneration` on a model)
     for the kept-kernel path; ``fused`` and ``exportable`` layers keep their own paths.
 
