@@ -9,7 +9,8 @@ For each model, training mode, random inputs, one SGD step at a time:
   millisecond), less before it;
 - ``CUDA peak MiB``: ``torch.cuda.max_memory_allocated`` over a step, less before it;
 - ``step ms``: the median wall-clock time of ``--steps`` full steps (forward, loss, backward,
-  update) after one untimed step.
+  update) after one untimed step, and ``CPU ms`` the process's CPU time per step (all threads:
+  other jobs on a shared machine inflate it far less than the wall-clock time).
 
 Each RedNet runs twice: with its Involution2d layers regenerating the kernels in backward
 (``regen``, the default) and keeping them (``kept``, ``regenerate_kernels = False``).
@@ -82,6 +83,7 @@ class MemoryResult:
     peak_rss_mib: float | None
     cuda_peak_mib: float | None
     step_ms: float
+    step_cpu_ms: float
     ratio: float | None = None
 
 
@@ -200,13 +202,14 @@ def measure(
         torch.cuda.synchronize(device)
         cuda_peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     rss = peak_rss_delta(step) if device.type == "cpu" else None
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
+        cpu_times.append((time.process_time() - start_cpu) * 1e3)
     variant = "-" if case.regenerate is None else ("regen" if case.regenerate else "kept")
     return MemoryResult(
         model=case.model,
@@ -218,6 +221,7 @@ def measure(
         peak_rss_mib=rss,
         cuda_peak_mib=cuda_peak,
         step_ms=statistics.median(times),
+        step_cpu_ms=statistics.median(cpu_times),
     )
 
 
@@ -259,14 +263,14 @@ def format_table(results: Sequence[MemoryResult]) -> str:
 
     lines = [
         "| model | variant | batch | dtype | layout | saved MiB | ratio | peak RSS MiB "
-        "| CUDA peak MiB | step ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| CUDA peak MiB | step ms | CPU ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.model} | {r.variant} | {r.batch_size} | {r.dtype} | {r.layout} "
             f"| {r.saved_mib:.0f} | {number(r.ratio, 3)} | {number(r.peak_rss_mib)} "
-            f"| {number(r.cuda_peak_mib)} | {r.step_ms:.0f} |"
+            f"| {number(r.cuda_peak_mib)} | {r.step_ms:.0f} | {r.step_cpu_ms:.0f} |"
         )
     return "\n".join(lines)
 
