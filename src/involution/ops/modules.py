@@ -137,8 +137,9 @@ class Involution2d(nn.Module):
     (:mod:`involution.ops.regenerate`): RedNet-50 then keeps 1.08x ResNet-50's activations
     for backward instead of 1.33x (``involution bench memory``, batch 8, 224 px, float32).
     Same outputs and gradients within rounding; the running statistics are updated once. A
-    kernel branch other than as built (another norm or activation, hooks on its submodules, a
-    subclass) is checkpointed instead, in eager mode. FX-traced copies record the kept path.
+    kernel branch other than as built (another norm or activation, a subclass) is checkpointed
+    instead, in eager mode; one with hooks on its modules, and FX-traced copies, keep the
+    kernels.
     Set ``layer.regenerate_kernels = False`` (or :func:`set_kernel_regeneration` on a model)
     for the kept-kernel path; ``fused`` and ``exportable`` layers keep their own paths.
 
@@ -240,10 +241,8 @@ class Involution2d(nn.Module):
     def regeneration_applies(self) -> bool:
         """Whether the kernel branch is as built, so :func:`~involution.ops.regenerate.
         regenerate_involution2d` computes the layer: average pool (or identity), 1x1 convs
-        without a reduce bias, a plain ``nn.BatchNorm2d`` (or identity), ReLU, no hooks on the
-        submodules (they would not run), ``generate_kernels`` and ``reduce_features`` not
-        overridden."""
-        submodules = (self.pool, self.reduce, self.norm, self.act, self.span)
+        without a reduce bias, a plain ``nn.BatchNorm2d`` (or identity), ReLU,
+        ``generate_kernels`` and ``reduce_features`` not overridden."""
         cls = type(self)
         return (
             type(self.pool) in (nn.AvgPool2d, nn.Identity)
@@ -254,14 +253,14 @@ class Involution2d(nn.Module):
             and type(self.norm) in (nn.BatchNorm2d, nn.Identity)
             and cls.generate_kernels is Involution2d.generate_kernels
             and cls.reduce_features is Involution2d.reduce_features
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in submodules)
         )
 
     def forward_training(self, x: Tensor) -> Tensor | None:
         """The layer keeping only ``x`` for backward (see ``regenerate_kernels``), or ``None``
         where that does not apply (not training, gradients disabled, switched off, ``fused`` or
-        ``exportable``, a tracer, or a kernel branch that only checkpointing handles under
-        ``torch.compile``)."""
+        ``exportable``, hooks on the kernel branch's modules, which expect one call each, or a
+        kernel branch that only checkpointing handles under ``torch.compile``)."""
+        submodules = (self.pool, self.reduce, self.norm, self.act, self.span)
         if not (
             self.regenerate_kernels
             and self.training
@@ -269,6 +268,7 @@ class Involution2d(nn.Module):
             and not self.fused
             and not self.exportable
             and not exporting_to_onnx()
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in submodules)
         ):
             return None
         if self.regeneration_applies():
