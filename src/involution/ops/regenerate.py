@@ -160,7 +160,7 @@ class RegeneratedInvolution2d(torch.autograd.Function):
             normed = reduced
         activated = F.relu(normed)
         kernels = _span(activated, span_weight, span_bias, branch)
-        grad_x, grad_kernels = _aggregation_gradients(grad_output, x, kernels, branch)
+        grad_x, grad_kernels = _aggregation_gradients(grad_output, x, kernels, branch, needs[0])
         del kernels
         grad_kernels = grad_kernels.flatten(1, 3)  # (B, G*K*K, H_out, W_out)
         grad_activated, grad_span_weight, grad_span_bias = torch.ops.aten.convolution_backward(
@@ -226,7 +226,7 @@ class RegeneratedInvolution2d(torch.autograd.Function):
                 )
             grad_x = grad_x + grad_pooled
         return (
-            grad_x if needs[0] else None,
+            grad_x,
             grad_reduce_weight,
             grad_norm_weight,
             grad_norm_bias,
@@ -237,7 +237,9 @@ class RegeneratedInvolution2d(torch.autograd.Function):
         )
 
 
-def _span(activated: Tensor, span_weight: Tensor, span_bias: Tensor | None, branch: KernelBranch):
+def _span(
+    activated: Tensor, span_weight: Tensor, span_bias: Tensor | None, branch: KernelBranch
+) -> Tensor:
     """The span conv: kernels (B, G, K, K, H_out, W_out) from ``activated`` (B, M, H_out, W_out)."""
     k = branch.kernel_size
     return F.conv2d(activated, span_weight, span_bias).unflatten(1, [branch.groups, k, k])
@@ -252,15 +254,18 @@ def _aggregate(x: Tensor, kernels: Tensor, branch: KernelBranch) -> Tensor:
 
 
 def _aggregation_gradients(
-    grad_output: Tensor, x: Tensor, kernels: Tensor, branch: KernelBranch
-) -> tuple[Tensor, Tensor]:
-    """(grad_x, grad_kernels) of the aggregation; the kernel gradient in the kernels' layout."""
+    grad_output: Tensor, x: Tensor, kernels: Tensor, branch: KernelBranch, needs_x: bool
+) -> tuple[Tensor | None, Tensor]:
+    """(grad_x, ``None`` without ``needs_x``; grad_kernels in the kernels' layout) of the
+    aggregation."""
     if registration.use_eager_path(x, kernels):
         grad_x, grad_kernels = registration.gradients(
-            grad_output, x, kernels, *branch.conv_args, True, True
+            grad_output, x, kernels, *branch.conv_args, needs_x, True
         )
         return grad_x, kernels_like(grad_kernels, kernels)
-    return registration.aggregation_gradients(grad_output, x, kernels, branch.conv_args, True, True)
+    return registration.aggregation_gradients(
+        grad_output, x, kernels, branch.conv_args, needs_x, True
+    )
 
 
 def regenerate_involution2d(layer: nn.Module, x: Tensor, backend: str) -> Tensor:
