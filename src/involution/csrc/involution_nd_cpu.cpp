@@ -9,8 +9,10 @@
 //   result, so tasks never write the same memory (deterministic, no atomics).
 // - Feature maps are read channels_last_3d (B, D, H, W, C): the innermost loop runs over the
 //   C/G channels of a group with unit stride, a compile-time 16 for RedNet-style groups.
-// - The valid output columns of each kernel column are computed once per call, so the hot loops
-//   have no bounds checks; rows (d, h) outside the volume are skipped whole.
+// - The forward reads a copy of the input padded with zero columns, so its hot loop has no
+//   column bounds checks, and with 16 channels per group keeps blocks of up to 8 output pixels
+//   in registers over all the taps. The gradients use the valid output columns of each kernel
+//   column, computed once per call. Rows (d, h) outside the volume are skipped whole.
 // - Results are written in the input's layout (NCDHW or channels_last_3d); float16/bfloat16 are
 //   computed in float32.
 // - Registered as torch.ops.involution_nd_cpu.{forward3d, backward3d} (TORCH_LIBRARY), beside
@@ -24,6 +26,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
@@ -50,6 +53,12 @@ struct Geometry3d {
   int64_t batch, channels, groups, group_channels;
   std::array<int64_t, 3> size, kernel, out, stride, pad, dil;
   std::vector<ColumnRange> columns;  // per kernel column kw
+  // Width of the forward's channels_last_3d input padded with zero columns: input column iw
+  // sits at padded column iw + pad[2], and every column an output column reads is inside.
+  int64_t padded_width;
+  // The output columns in the fewest blocks of at most 8, of near-equal sizes: the forward's
+  // register blocks (a block's pixels are independent chains of multiply-adds).
+  std::vector<int64_t> blocks8;
   bool channels_last_result;
 
   int64_t taps() const { return kernel[0] * kernel[1] * kernel[2]; }
@@ -61,6 +70,10 @@ struct Geometry3d {
   int64_t pixel_row(int64_t b, int64_t g, int64_t d, int64_t h,
                     const std::array<int64_t, 3>& dims) const {
     return (((b * dims[0] + d) * dims[1] + h) * dims[2]) * channels + g * group_channels;
+  }
+  // The same in the forward's padded input (its padded column 0).
+  int64_t padded_row(int64_t b, int64_t g, int64_t d, int64_t h) const {
+    return pixel_row(b, g, d, h, {size[0], size[1], padded_width});
   }
   // Input index read by output index o through kernel index k along dimension `dim`.
   int64_t input_index(int dim, int64_t o, int64_t k) const {
@@ -109,7 +122,62 @@ INVOLUTION_ND_INLINE std::array<int64_t, 4> row_item(const Geometry3d& geo, int6
   return {bg / geo.groups, bg % geo.groups, d, h};
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+#define INVOLUTION_ND_VECTORS 1
+// 16 values of T (a group of 16 channels), compiled to the widest registers of the target.
+template <typename T>
+struct Lanes16 {
+  typedef T type __attribute__((vector_size(16 * sizeof(T))));
+};
+template <typename T>
+using V16 = typename Lanes16<T>::type;
+
+template <typename T>
+INVOLUTION_ND_INLINE V16<T> load16(const T* p) {
+  V16<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Output columns [j0, j0 + NJ) of one output row of a 16-channel group, accumulated in
+// registers over all the taps. `x` points at the padded input's (b, 0, 0, 0, g-slice), `w` at
+// w[b, g, 0, od, oh, 0]; `row` is the (W_out, 16) result row.
+template <typename T, int NJ>
+INVOLUTION_ND_INLINE void forward_block16(const Geometry3d& geo, const T* __restrict x,
+                                          const T* __restrict w, int64_t od, int64_t oh,
+                                          int64_t j0, T* __restrict row) {
+  V16<T> acc[NJ] = {};
+  const int64_t pixel = geo.channels;
+  const int64_t step = geo.stride[2] * pixel;
+  const int64_t tap_stride = geo.out[0] * geo.out[1] * geo.out[2];
+  for (int64_t kd = 0; kd < geo.kernel[0]; ++kd) {
+    const int64_t id = geo.input_index(0, od, kd);
+    if (id < 0 || id >= geo.size[0]) {
+      continue;
+    }
+    for (int64_t kh = 0; kh < geo.kernel[1]; ++kh) {
+      const int64_t ih = geo.input_index(1, oh, kh);
+      if (ih < 0 || ih >= geo.size[1]) {
+        continue;
+      }
+      const T* __restrict in_row =
+          x + (id * geo.size[1] + ih) * geo.padded_width * pixel + j0 * step;
+      const T* __restrict w_tap = w + (kd * geo.kernel[1] + kh) * geo.kernel[2] * tap_stride + j0;
+      for (int64_t kw = 0; kw < geo.kernel[2]; ++kw) {
+        const T* __restrict in = in_row + kw * geo.dil[2] * pixel;
+        for (int n = 0; n < NJ; ++n) {
+          acc[n] += w_tap[n] * load16(in + n * step);
+        }
+        w_tap += tap_stride;
+      }
+    }
+  }
+  std::memcpy(row + j0 * 16, acc, sizeof(acc));
+}
+#endif
+
 // y[b, od, oh, :, g-slice] = sum over taps of w * x, for the output rows [begin, end).
+// `x` is the padded input (Geometry3d::padded_width).
 template <typename T, int64_t CG>
 INVOLUTION_ND_INLINE void forward_rows_impl(const Geometry3d& geo, const T* __restrict x,
                                             const T* __restrict w, T* __restrict y,
@@ -119,8 +187,30 @@ INVOLUTION_ND_INLINE void forward_rows_impl(const Geometry3d& geo, const T* __re
   std::vector<T> acc_row(geo.out[2] * cg);
   for (int64_t t = begin; t < end; ++t) {
     const auto [b, g, od, oh] = row_item(geo, t, geo.out);
-    std::fill(acc_row.begin(), acc_row.end(), T(0));
     T* __restrict acc_base = acc_row.data();
+#ifdef INVOLUTION_ND_VECTORS
+    if constexpr (CG == 16) {
+      const T* x_group = x + geo.padded_row(b, g, 0, 0);
+      const T* w_rows = w + geo.weight_row(b, g, 0, od, oh);
+      int64_t j0 = 0;
+      for (const int64_t size : geo.blocks8) {
+        switch (size) {
+          case 8: forward_block16<T, 8>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
+          case 7: forward_block16<T, 7>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
+          case 6: forward_block16<T, 6>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
+          case 5: forward_block16<T, 5>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
+          case 4: forward_block16<T, 4>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
+          case 3: forward_block16<T, 3>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
+          case 2: forward_block16<T, 2>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
+          default: forward_block16<T, 1>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
+        }
+        j0 += size;
+      }
+      store_row(geo, acc_base, y, b, g, od, oh, geo.out, cg);
+      continue;
+    }
+#endif
+    std::fill(acc_row.begin(), acc_row.end(), T(0));
     for (int64_t kd = 0; kd < geo.kernel[0]; ++kd) {
       const int64_t id = geo.input_index(0, od, kd);
       if (id < 0 || id >= geo.size[0]) {
@@ -131,15 +221,13 @@ INVOLUTION_ND_INLINE void forward_rows_impl(const Geometry3d& geo, const T* __re
         if (ih < 0 || ih >= geo.size[1]) {
           continue;
         }
-        const T* __restrict in_row = x + geo.pixel_row(b, g, id, ih, geo.size);
+        const T* __restrict in_row = x + geo.padded_row(b, g, id, ih);
         const int64_t tap0 = (kd * geo.kernel[1] + kh) * geo.kernel[2];
         for (int64_t kw = 0; kw < geo.kernel[2]; ++kw) {
           const T* __restrict w_row = w + geo.weight_row(b, g, tap0 + kw, od, oh);
-          const ColumnRange cols = geo.columns[kw];
-          const int64_t offset = kw * geo.dil[2] - geo.pad[2];
-          for (int64_t j = cols.lo; j < cols.hi; ++j) {
+          for (int64_t j = 0; j < geo.out[2]; ++j) {
             const T weight = w_row[j];
-            const T* __restrict in = in_row + (j * geo.stride[2] + offset) * pixel;
+            const T* __restrict in = in_row + (j * geo.stride[2] + kw * geo.dil[2]) * pixel;
             T* __restrict acc = acc_base + j * cg;
 #pragma omp simd
             for (int64_t c = 0; c < cg; ++c) {
@@ -314,6 +402,12 @@ Geometry3d make_geometry(const at::Tensor& input, const at::Tensor& weight,
     const int64_t hi = last < 0 ? 0 : std::min(geo.out[2], last / s + 1);
     geo.columns.push_back({lo, std::max(lo, hi)});
   }
+  geo.padded_width = std::max(geo.pad[2] + geo.size[2], (geo.out[2] - 1) * geo.stride[2] +
+                                                           (geo.kernel[2] - 1) * geo.dil[2] + 1);
+  const int64_t count = (geo.out[2] + 7) / 8;
+  for (int64_t k = 0; k < count; ++k) {
+    geo.blocks8.push_back(geo.out[2] / count + (k < geo.out[2] % count ? 1 : 0));
+  }
   geo.channels_last_result = is_channels_last_3d(input);
   return geo;
 }
@@ -325,6 +419,19 @@ at::ScalarType compute_type(at::ScalarType dtype) {
 
 at::Tensor channels_last(const at::Tensor& t, at::ScalarType dtype) {
   return t.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::ChannelsLast3d);
+}
+
+// The input as a channels_last_3d (B, D, H, padded_width, C) map of the compute dtype, zero
+// outside the columns [pad, pad + W): the forward's hot loops need no column bounds checks.
+at::Tensor padded_input(const at::Tensor& input, const Geometry3d& geo, at::ScalarType dtype) {
+  at::Tensor padded = at::empty(
+      {geo.batch, geo.size[0], geo.size[1], geo.padded_width, geo.channels},
+      input.options().dtype(dtype));
+  const int64_t right = geo.pad[2] + geo.size[2];
+  padded.narrow(3, 0, geo.pad[2]).zero_();
+  padded.narrow(3, right, geo.padded_width - right).zero_();
+  padded.narrow(3, geo.pad[2], geo.size[2]).copy_(input.permute({0, 2, 3, 4, 1}));
+  return padded;
 }
 
 at::MemoryFormat result_format(const Geometry3d& geo) {
@@ -344,7 +451,7 @@ at::Tensor forward3d(const at::Tensor& input, const at::Tensor& weight, at::IntA
                      at::IntArrayRef padding, at::IntArrayRef dilation) {
   const Geometry3d geo = make_geometry(input, weight, stride, padding, dilation);
   const at::ScalarType dtype = compute_type(input.scalar_type());
-  const at::Tensor x = channels_last(input, dtype);
+  const at::Tensor x = padded_input(input, geo, dtype);
   const at::Tensor w = weight.to(dtype).contiguous();
   at::Tensor y = at::empty({geo.batch, geo.channels, geo.out[0], geo.out[1], geo.out[2]},
                            x.options().memory_format(result_format(geo)));
