@@ -270,7 +270,9 @@ class RedNet(nn.Module):
         (B, 4 * stage_widths[-1], H / 32, W / 32) with the deep stem (H / 16 compact).
     """
 
-    def __init__(
+    # timm.create_model passes a variant's hyper-parameters as keyword arguments: they are the
+    # constructor's public signature, as in timm's ResNet.
+    def __init__(  # noqa: PLR0913
         self,
         layers: Sequence[int],
         num_classes: int = 1000,
