@@ -67,8 +67,9 @@ def init_identity_involutions(module: nn.Module) -> nn.Module:
     torchvision's init) the activations of the ``scenes_mask`` recipe's first RoIs grow from
     RMS 8 to 7,700-16,000 through the four layers, the first mask loss is 680 (BCE of mask
     logits of RMS 27,000) and the gradient norm 141,000, so clipping it to 5 stalls every other
-    layer for tens of steps. Kernels of half that spread still grow them 26-150x (4 seeds);
-    the identity start keeps them at RMS 6.
+    layer for tens of steps. Kernels of half that spread still grow them 26-150x (4 seeds).
+    The identity start keeps them at RMS 6: the recipe's first 50 steps average a loss of
+    3.2-3.5 (conv head 3.2-3.8, official init 330-700) and it ends at mask AP 0.470 (0.225).
     """
     for involution in module.modules():
         if isinstance(involution, Involution2d):
