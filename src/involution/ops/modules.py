@@ -155,7 +155,9 @@ class Involution2d(nn.Module):
     #: constructor argument, so modules pickled before it existed have it too.
     regenerate_kernels: bool = True
 
-    def __init__(
+    # The layer's hyper-parameters are its public keyword arguments, as nn.Conv2d's are (timm's
+    # layer config and the official checkpoints' builders pass them by name).
+    def __init__(  # noqa: PLR0913
         self,
         channels: int,
         kernel_size: int = 7,
