@@ -4,7 +4,7 @@ For each model, training mode, random inputs, one SGD step at a time:
 
 - ``saved MiB``: the bytes autograd keeps for backward during one training forward, measured
   with ``torch.autograd.graph.saved_tensors_hooks``, each storage counted once, the model's
-  parameters and buffers left out (the same for any batch size);
+  parameters and buffers left out (they do not grow with the batch);
 - ``peak RSS MiB``: the process's resident memory at its highest during a step (sampled every
   millisecond), less before it;
 - ``CUDA peak MiB``: ``torch.cuda.max_memory_allocated`` over a step, less before it;
@@ -295,10 +295,17 @@ def add_commands(bench_subparsers: Any) -> None:
         "--models", type=csv_list, default=list(CLASSIFIERS), help="RedNets (rednet26,...)"
     )
     parser.add_argument(
-        "--batch-sizes", type=lambda t: [int(b) for b in csv_list(t)], default=[8, 32]
+        "--batch-sizes",
+        type=lambda t: [int(b) for b in csv_list(t)],
+        default=[8, 32],
+        help="classifier batch sizes (8,32)",
     )
-    parser.add_argument("--dtypes", type=csv_list, default=["float32", "bfloat16"])
-    parser.add_argument("--layouts", type=csv_list, default=list(LAYOUTS))
+    parser.add_argument(
+        "--dtypes", type=csv_list, default=["float32", "bfloat16"], help="float32,bfloat16"
+    )
+    parser.add_argument(
+        "--layouts", type=csv_list, default=list(LAYOUTS), help="nchw,channels_last"
+    )
     parser.add_argument(
         "--regenerate", choices=REGENERATE_CHOICES, default="both", help="RedNet variants"
     )
