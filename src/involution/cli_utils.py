@@ -11,6 +11,7 @@ through :mod:`involution.cli`, and ``involution --help`` stays quick.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "USER_ERRORS",
     "LazyChoices",
+    "add_command",
     "add_documented_parser",
     "add_model_arguments",
     "csv_list",
@@ -91,6 +93,32 @@ def add_documented_parser(
         description=doc.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def add_command(
+    subparsers: Any,
+    name: str,
+    run: Callable[[argparse.Namespace], int],
+    arguments: Callable[[argparse.ArgumentParser], None],
+    doc: str | None = None,
+) -> argparse.ArgumentParser:
+    """Register sub-command ``name``: ``arguments(parser)`` declares its options and
+    ``run(args)`` runs it.
+
+    The first paragraph of ``arguments``' docstring is the command's one-line help and the rest
+    its description (re-wrapped); given ``doc`` (a module docstring), the description is
+    ``doc`` as :func:`add_documented_parser` has it. ``arguments`` may set
+    ``parser.description`` itself for a description built at run time.
+    """
+    help, _, description = inspect.cleandoc(arguments.__doc__ or "").partition("\n\n")
+    help = " ".join(help.split())
+    if doc is not None:
+        parser = add_documented_parser(subparsers, name, help, doc)
+    else:
+        parser = subparsers.add_parser(name, help=help, description=description or None)
+    arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from involution.bench.op import DENSE, DEPTHWISE, times_ms
-from involution.cli_utils import add_documented_parser
+from involution.cli_utils import add_command
 
 #: Files under the repository root (a source checkout: the tests are not installed).
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -749,17 +749,11 @@ def bench_gpu(out: Path, dry_run: bool, budget_s: float, batch: int | None) -> d
 
 def add_commands(bench_subparsers: Any) -> None:
     """Register ``gpu`` under the ``involution bench`` sub-parsers."""
-    parser = add_documented_parser(
-        bench_subparsers,
-        "gpu",
-        "the prepared GPU run: op tests, kernel timings, winner table, RedNet vs ResNet",
-        __doc__,
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=gpu_command)
+    add_command(bench_subparsers, "gpu", gpu_command, add_arguments, doc=__doc__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """the prepared GPU run: op tests, kernel timings, winner table, RedNet vs ResNet"""
     parser.add_argument("--out", type=Path, required=True, help="folder for the JSON files")
     parser.add_argument(
         "--dry-run",

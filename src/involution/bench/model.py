@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from involution.bench.op import backend_names
-from involution.cli_utils import LazyChoices, add_documented_parser, csv_list, user_error
+from involution.cli_utils import LazyChoices, add_command, csv_list, user_error
 
 REDNETS = ("rednet26", "rednet50", "rednet101")
 RESNETS = ("resnet26", "resnet50", "resnet101")
@@ -415,18 +415,11 @@ def format_table(results: Sequence[BenchResult], settings: BenchSettings) -> str
 
 def add_commands(bench_subparsers: Any) -> None:
     """Register ``model`` under the ``involution bench`` sub-parsers."""
-    parser = add_documented_parser(
-        bench_subparsers,
-        "model",
-        "RedNet vs ResNet training/inference throughput and peak memory",
-        __doc__,
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=model_command)
+    add_command(bench_subparsers, "model", model_command, add_arguments, doc=__doc__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``involution bench model``."""
+    """RedNet vs ResNet training/inference throughput and peak memory"""
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu"
     )

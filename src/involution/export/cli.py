@@ -13,6 +13,7 @@ from typing import Any
 
 from involution.cli_utils import (
     USER_ERRORS,
+    add_command,
     add_model_arguments,
     load_classifier_from_args,
     user_error,
@@ -25,16 +26,17 @@ ONNX_EXTRA = "install the onnx extra: pip install 'involution[onnx]'"
 
 def add_commands(subparsers: Any) -> None:
     """Register ``export``."""
-    export = subparsers.add_parser(
-        "export",
-        help="write an ONNX file (dynamic batch and size) and check it in onnxruntime",
-        description=(
-            "Export a model with torch.onnx.export(dynamo=True): involution lowers to standard "
-            "ONNX operators, batch, height and width stay dynamic. Then run onnxruntime and "
-            "PyTorch on random inputs at the exported size and at one other size and print "
-            "the largest difference, relative to the output's scale. Needs the onnx extra."
-        ),
-    )
+    add_command(subparsers, "export", export_command, export_arguments)
+
+
+def export_arguments(export: argparse.ArgumentParser) -> None:
+    """write an ONNX file (dynamic batch and size) and check it in onnxruntime
+
+    Export a model with torch.onnx.export(dynamo=True): involution lowers to standard
+    ONNX operators, batch, height and width stay dynamic. Then run onnxruntime and
+    PyTorch on random inputs at the exported size and at one other size and print
+    the largest difference, relative to the output's scale. Needs the onnx extra.
+    """
     add_model_arguments(export)
     export.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
     export.add_argument(
@@ -45,7 +47,6 @@ def add_commands(subparsers: Any) -> None:
         help="size to export at (default: the run's or the model's)",
     )
     export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, 18)")
-    export.set_defaults(func=export_command)
 
 
 def other_size(height: int, width: int) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from involution.cli_utils import USER_ERRORS, user_error
+from involution.cli_utils import USER_ERRORS, add_command, user_error
 
 if TYPE_CHECKING:
     from involution.models.profile import ModelProfile
@@ -37,31 +37,31 @@ def task_models() -> dict[str, Callable[..., nn.Module]]:
 
 def add_commands(subparsers: Any) -> None:
     """Register ``convert`` and ``profile``."""
-    convert = subparsers.add_parser(
-        "convert",
-        help="convert an official RedNet checkpoint (mmcls .pth) to a safetensors state dict",
-        description=(
-            "Convert an official d-li14/involution RedNet checkpoint (classifier or det/seg "
-            "backbone) to this library's key layout. Every key and shape is checked; load the "
-            "result with timm.create_model('rednetNN', pretrained=True, "
-            "pretrained_cfg_overlay=dict(file=DST)) or "
-            "involution.models.convert.rednet_from_checkpoint(DST)."
-        ),
-    )
+    add_command(subparsers, "convert", convert_command, convert_arguments)
+    add_command(subparsers, "profile", profile_command, profile_arguments)
+
+
+def convert_arguments(convert: argparse.ArgumentParser) -> None:
+    """convert an official RedNet checkpoint (mmcls .pth) to a safetensors state dict
+
+    Convert an official d-li14/involution RedNet checkpoint (classifier or det/seg
+    backbone) to this library's key layout. Every key and shape is checked; load the
+    result with timm.create_model('rednetNN', pretrained=True,
+    pretrained_cfg_overlay=dict(file=DST)) or
+    involution.models.convert.rednet_from_checkpoint(DST).
+    """
     convert.add_argument("src", metavar="SRC", help="official checkpoint (.pth)")
     convert.add_argument("dst", metavar="DST", help="output file (.safetensors)")
-    convert.set_defaults(func=convert_command)
 
-    profile = subparsers.add_parser(
-        "profile",
-        help="parameters and multiply-adds per stage (involution counted correctly)",
-        description=(
-            "Count parameters and multiply-adds (MACs) per stage on fake tensors. MODEL is a "
-            f"timm model name (rednet26, resnet50, ...), {TORCHVISION_PREFIX}NAME, or a "
-            "segmentation or detection model (semantic_fpn_rednet50, upernet_rednet50, "
-            "fasterrcnn_rednet50_fpn_inv_neck, ...; needs --num-classes, 81 for COCO "
-            "detection)."
-        ),
+
+def profile_arguments(profile: argparse.ArgumentParser) -> None:
+    """parameters and multiply-adds per stage (involution counted correctly)"""
+    profile.description = (
+        "Count parameters and multiply-adds (MACs) per stage on fake tensors. MODEL is a "
+        f"timm model name (rednet26, resnet50, ...), {TORCHVISION_PREFIX}NAME, or a "
+        "segmentation or detection model (semantic_fpn_rednet50, upernet_rednet50, "
+        "fasterrcnn_rednet50_fpn_inv_neck, ...; needs --num-classes, 81 for COCO "
+        "detection)."
     )
     profile.add_argument("model", metavar="MODEL")
     profile.add_argument(
@@ -77,7 +77,6 @@ def add_commands(subparsers: Any) -> None:
     profile.add_argument(
         "--json", action="store_true", help="print the counts as JSON instead of a table"
     )
-    profile.set_defaults(func=profile_command)
 
 
 def convert_command(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from involution.cli_utils import USER_ERRORS, user_error
+from involution.cli_utils import USER_ERRORS, add_command, user_error
 from involution.train import checkpoint as ckpt
 from involution.train.config import DEFAULT_CONFIG_NAME, load_config, shipped_configs
 
@@ -38,13 +38,17 @@ def _add_trained_weights(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(subparsers: Any) -> None:
-    """Register ``train``, ``eval`` and ``predict``."""
+    """Register ``train``, ``eval``, ``predict`` and ``upgrade-checkpoint``."""
+    add_command(subparsers, "train", train_command, train_arguments)
+    add_command(subparsers, "eval", eval_command, eval_arguments)
+    add_command(subparsers, "predict", predict_command, predict_arguments)
+    add_command(subparsers, "upgrade-checkpoint", upgrade_command, upgrade_arguments)
+
+
+def train_arguments(train: argparse.ArgumentParser) -> None:
+    """train a model (default: compact RedNet on Fashion-MNIST)"""
     shipped = ", ".join(shipped_configs())
-    train = subparsers.add_parser(
-        "train",
-        help="train a model (default: compact RedNet on Fashion-MNIST)",
-        description=f"Train from a YAML config (a path or a shipped one: {shipped}).",
-    )
+    train.description = f"Train from a YAML config (a path or a shipped one: {shipped})."
     train.add_argument("config", nargs="?", help=f"config file (default: {DEFAULT_CONFIG_NAME})")
     _add_overrides(train)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
@@ -54,20 +58,17 @@ def add_commands(subparsers: Any) -> None:
         help="continue the run in output.dir/output.name if it holds a checkpoint, else start "
         "it (for schedulers that requeue the same command; automatic under torchrun restarts)",
     )
-    train.set_defaults(func=train_command)
 
-    evaluate = subparsers.add_parser(
-        "eval",
-        help="metrics of trained weights on a dataset's evaluation split (top-1/top-5, COCO AP, "
-        "mIoU: by task)",
-    )
+
+def eval_arguments(evaluate: argparse.ArgumentParser) -> None:
+    """metrics of trained weights on a dataset's evaluation split (top-1/top-5, COCO AP,
+    mIoU: by task)"""
     _add_trained_weights(evaluate)
     _add_overrides(evaluate)
-    evaluate.set_defaults(func=eval_command)
 
-    predict = subparsers.add_parser(
-        "predict", help="classes (top-k), detections or segmentation masks of image files"
-    )
+
+def predict_arguments(predict: argparse.ArgumentParser) -> None:
+    """classes (top-k), detections or segmentation masks of image files"""
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     _add_trained_weights(predict)
     predict.add_argument("--topk", type=int, default=5, help="classes to show per image")
@@ -77,23 +78,20 @@ def add_commands(subparsers: Any) -> None:
         help="write the reports (predictions.txt) and the drawn predictions (detection, "
         "segmentation) here",
     )
-    predict.set_defaults(func=predict_command)
 
-    upgrade = subparsers.add_parser(
-        "upgrade-checkpoint",
-        help="rewrite a checkpoint you trust as tensors and plain data (runs the file's code)",
-        description=(
-            "Unpickle OLD in full and write NEW with tensors and plain data only, so that it "
-            "loads with weights_only=True (numpy arrays become tensors, argparse namespaces "
-            "dicts): for training checkpoints written before RNG states were stored as tensors "
-            "and other checkpoints refused as holding more than tensors and plain data. "
-            "Reading OLD runs any code it contains: only for files whose origin you trust, on "
-            "a trusted machine. NEW may be OLD."
-        ),
-    )
+
+def upgrade_arguments(upgrade: argparse.ArgumentParser) -> None:
+    """rewrite a checkpoint you trust as tensors and plain data (runs the file's code)
+
+    Unpickle OLD in full and write NEW with tensors and plain data only, so that it
+    loads with weights_only=True (numpy arrays become tensors, argparse namespaces
+    dicts): for training checkpoints written before RNG states were stored as tensors
+    and other checkpoints refused as holding more than tensors and plain data.
+    Reading OLD runs any code it contains: only for files whose origin you trust, on
+    a trusted machine. NEW may be OLD.
+    """
     upgrade.add_argument("old", metavar="OLD", help="checkpoint to rewrite (torch.save file)")
     upgrade.add_argument("new", metavar="NEW", help="output file (may be OLD)")
-    upgrade.set_defaults(func=upgrade_command)
 
 
 # ----------------------------------------------------------------------------- train

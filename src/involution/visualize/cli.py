@@ -7,6 +7,7 @@ from typing import Any
 
 from involution.cli_utils import (
     USER_ERRORS,
+    add_command,
     add_model_arguments,
     load_classifier_from_args,
     user_error,
@@ -23,15 +24,16 @@ def _pixel(text: str) -> tuple[int, int]:
 
 def add_commands(subparsers: Any) -> None:
     """Register ``show-kernels``."""
-    show = subparsers.add_parser(
-        "show-kernels",
-        help="draw the kernels involution layers generate on an image (as in the paper)",
-        description=(
-            "Run the model on IMAGE (preprocessed as for evaluation) and draw, per chosen "
-            "layer and group, a heatmap over the image of each pixel's kernel sum, and the "
-            "K x K kernels at a few pixels."
-        ),
-    )
+    add_command(subparsers, "show-kernels", show_kernels_command, show_kernels_arguments)
+
+
+def show_kernels_arguments(show: argparse.ArgumentParser) -> None:
+    """draw the kernels involution layers generate on an image (as in the paper)
+
+    Run the model on IMAGE (preprocessed as for evaluation) and draw, per chosen
+    layer and group, a heatmap over the image of each pixel's kernel sum, and the
+    K x K kernels at a few pixels.
+    """
     add_model_arguments(show)
     show.add_argument("image", metavar="IMAGE", help="an image file")
     show.add_argument("--out", required=True, metavar="FILE", help="the PNG file to write")
@@ -49,7 +51,6 @@ def add_commands(subparsers: Any) -> None:
         help="pixels of the model input whose kernels are drawn (default: centre and diagonal)",
     )
     show.add_argument("--max-groups", type=int, default=8, help="groups drawn per layer (8)")
-    show.set_defaults(func=show_kernels_command)
 
 
 def show_kernels_command(args: argparse.Namespace) -> int:
