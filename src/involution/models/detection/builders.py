@@ -36,7 +36,6 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from involution.models.detection.backbone import (
     LastLevelP6P7FromC5,
     RedNetBackboneWithFPN,
-    rednet_fpn_backbone,
 )
 from involution.models.detection.heads import InvolutionMaskHead, InvolutionRPNHead
 from involution.models.fpn import rednet_backbone
@@ -63,40 +62,14 @@ RCNN_LAYERS = (1, 2, 3, 4)
 _HEAD_KWARGS = ("rpn_head", "mask_head")
 
 
-def retinanet_rednet_fpn(
-    depth: int = 50,
-    *,
-    num_classes: int,
-    involution_neck: bool = False,
-    involution_head: bool = False,
-    backbone_weights: str | PathLike | None = None,
-    trainable_stages: int = 3,
-    norm_eval: bool = True,
-    backbone_kwargs: Mapping[str, Any] | None = None,
-    fpn_channels: int = 256,
-    **detector_kwargs: Any,
-) -> RetinaNet:
+def retinanet_rednet_fpn(depth: int = 50, *, num_classes: int, **kwargs: Any) -> RetinaNet:
     """RetinaNet with a RedNet-``depth`` FPN backbone: P3-P5 from C3-C5, P6 from C5, P7.
 
     ``involution_head`` exists only to refuse it: the official work has no RetinaNet with an
-    involution head. Other arguments: see :func:`rednet_fpn_backbone` and the module docstring.
+    involution head. The arguments are :func:`fasterrcnn_rednet_fpn`'s (and torchvision's
+    ``RetinaNet``); see :func:`rednet_fpn_backbone` and the module docstring.
     """
-    if involution_head:
-        raise ValueError(
-            "RetinaNet has no involution-head variant (the official work replaces only its "
-            "neck): use involution_neck=True, or Faster/Mask R-CNN for an involution head"
-        )
-    rednet = rednet_backbone(depth, weights=backbone_weights, **(backbone_kwargs or {}))
-    backbone = RedNetBackboneWithFPN(
-        rednet,
-        returned_layers=RETINANET_LAYERS,
-        out_channels=fpn_channels,
-        extra_blocks=LastLevelP6P7FromC5(rednet.feature_info[-1]["num_chs"], fpn_channels),
-        trainable_stages=trainable_stages,
-        norm_eval=norm_eval,
-        involution_neck=involution_neck,
-    )
-    return RetinaNet(backbone, num_classes, **detector_kwargs)
+    return _rednet_fpn_detector(RetinaNet, depth, num_classes=num_classes, **kwargs)
 
 
 def use_involution_heads(model: FasterRCNN) -> FasterRCNN:
@@ -121,8 +94,8 @@ def use_involution_heads(model: FasterRCNN) -> FasterRCNN:
     return model
 
 
-def _rcnn_rednet_fpn(
-    detector: type[FasterRCNN],
+def _rednet_fpn_detector(
+    detector: type[RetinaNet | FasterRCNN],
     depth: int = 50,
     *,
     num_classes: int,
@@ -134,21 +107,30 @@ def _rcnn_rednet_fpn(
     backbone_kwargs: Mapping[str, Any] | None = None,
     fpn_channels: int = 256,
     **detector_kwargs: Any,
-) -> FasterRCNN:
-    """Faster or Mask R-CNN (``detector``) on a RedNet-FPN backbone (C2-C5 + max-pooled P6);
-    ``detector_kwargs`` go to the detector class."""
+) -> RetinaNet | FasterRCNN:
+    """``detector`` (RetinaNet, Faster or Mask R-CNN) on a RedNet-FPN backbone; RetinaNet's FPN
+    is C3-C5 + P6/P7 from C5, the R-CNNs' C2-C5 + max-pooled P6. ``detector_kwargs`` go to the
+    detector class."""
+    retina = issubclass(detector, RetinaNet)
+    if involution_head and retina:
+        raise ValueError(
+            "RetinaNet has no involution-head variant (the official work replaces only its "
+            "neck): use involution_neck=True, or Faster/Mask R-CNN for an involution head"
+        )
     conflicts = [key for key in _HEAD_KWARGS if detector_kwargs.get(key) is not None]
     if involution_head and conflicts:
         raise ValueError(f"involution_head=True builds the heads itself; do not pass {conflicts}")
-    backbone = rednet_fpn_backbone(
-        depth,
-        involution_neck=involution_neck,
+    rednet = rednet_backbone(depth, weights=backbone_weights, **(backbone_kwargs or {}))
+    # RetinaNet's P6/P7 come from C5, whose width only the built RedNet knows.
+    c5_channels = rednet.feature_info[-1]["num_chs"]
+    backbone = RedNetBackboneWithFPN(
+        rednet,
+        returned_layers=RETINANET_LAYERS if retina else RCNN_LAYERS,
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelP6P7FromC5(c5_channels, fpn_channels) if retina else None,
         trainable_stages=trainable_stages,
         norm_eval=norm_eval,
-        returned_layers=RCNN_LAYERS,
-        fpn_channels=fpn_channels,
-        backbone_weights=backbone_weights,
-        backbone_kwargs=backbone_kwargs,
+        involution_neck=involution_neck,
     )
     model = detector(backbone, num_classes=num_classes, **detector_kwargs)
     return use_involution_heads(model) if involution_head else model
@@ -159,13 +141,13 @@ def fasterrcnn_rednet_fpn(depth: int = 50, *, num_classes: int, **kwargs: Any) -
     arguments: ``involution_neck``, ``involution_head``, ``backbone_weights``,
     ``trainable_stages``, ``norm_eval``, ``backbone_kwargs``, ``fpn_channels`` and
     torchvision's ``FasterRCNN`` arguments)."""
-    return _rcnn_rednet_fpn(FasterRCNN, depth, num_classes=num_classes, **kwargs)
+    return _rednet_fpn_detector(FasterRCNN, depth, num_classes=num_classes, **kwargs)
 
 
 def maskrcnn_rednet_fpn(depth: int = 50, *, num_classes: int, **kwargs: Any) -> MaskRCNN:
     """Mask R-CNN with a RedNet-``depth`` FPN backbone; the arguments are
     :func:`fasterrcnn_rednet_fpn`'s (and torchvision's ``MaskRCNN``)."""
-    return _rcnn_rednet_fpn(MaskRCNN, depth, num_classes=num_classes, **kwargs)
+    return _rednet_fpn_detector(MaskRCNN, depth, num_classes=num_classes, **kwargs)
 
 
 def retinanet_rednet50_fpn(**kwargs: Any) -> RetinaNet:
