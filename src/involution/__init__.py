@@ -90,7 +90,7 @@ class _ThenRegister(importlib.abc.Loader):
         importlib.import_module("involution.models").register_with_timm()
 
 
-if "timm" in sys.modules:
+if sys.modules.get("timm") is not None:  # None: timm blocked (an import of it fails)
     importlib.import_module("involution.models").register_with_timm()
 elif importlib.util.find_spec("timm") is not None:
     sys.meta_path.insert(0, _RegisterWithTimm())
