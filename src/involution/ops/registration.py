@@ -437,8 +437,9 @@ def run_layer(spec: Involution2dLayerSpec, input: Tensor, residual: Tensor | Non
     )
 
 
+# The op's schema is its signature, one argument per field of the flattened spec.
 @torch.library.custom_op("involution::involution2d_layer", mutates_args=())
-def involution2d_layer_op(
+def involution2d_layer_op(  # noqa: PLR0913
     input: Tensor,
     reduce_weight: Tensor,
     reduce_bias: Tensor | None,
@@ -482,7 +483,7 @@ def involution2d_layer_op(
 
 
 @involution2d_layer_op.register_fake
-def _(
+def _(  # noqa: PLR0913 (a fake takes the op's arguments)
     input,
     reduce_weight,
     reduce_bias,
