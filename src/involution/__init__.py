@@ -20,6 +20,8 @@ import sys
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from involution.lazy import lazy_getattr
+
 if TYPE_CHECKING:  # for type checkers and the API reference; imported on first read below
     from involution import models
     from involution.ops import Involution2d, functional, involution2d
@@ -36,27 +38,23 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-#: Public names -> the module that defines them (imported when first read).
-_LAZY = {
-    "Involution1d": "involution.ops",
-    "Involution2d": "involution.ops",
-    "Involution3d": "involution.ops",
-    "involution1d": "involution.ops",
-    "involution2d": "involution.ops",
-    "involution3d": "involution.ops",
-    "functional": "involution.ops.functional",
-    "models": "involution.models",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'involution' has no attribute {name!r}")
-    loaded = importlib.import_module(module)
-    value = loaded if module.endswith(f".{name}") else getattr(loaded, name)
-    globals()[name] = value
-    return value
+# Public names by the module that defines them, imported when first read.
+__getattr__ = lazy_getattr(
+    __name__,
+    {
+        "involution.ops": (
+            "Involution1d",
+            "Involution2d",
+            "Involution3d",
+            "involution1d",
+            "involution2d",
+            "involution3d",
+        ),
+        "involution.ops.functional": ("functional",),
+        "involution.models": ("models",),
+    },
+    globals(),
+)
 
 
 class _RegisterWithTimm(importlib.abc.MetaPathFinder):

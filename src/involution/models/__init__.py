@@ -12,7 +12,9 @@ flop formulas of :mod:`involution.ops.flops`.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from involution.lazy import lazy_getattr
 
 if TYPE_CHECKING:  # for type checkers and the API reference; imported on first read below
     from involution.models.convert import load_checkpoint, rednet_from_checkpoint
@@ -30,16 +32,16 @@ __all__ = [
     "register_with_timm",
 ]
 
-#: Public names -> the module that defines them (imported when first read).
-_LAZY = {
-    "MODEL_DEPTHS": "involution.models.rednet",
-    "Bottleneck": "involution.models.rednet",
-    "RedNet": "involution.models.rednet",
-    "RedNetStem": "involution.models.rednet",
-    "fold_batchnorm": "involution.models.fold",
-    "load_checkpoint": "involution.models.convert",
-    "rednet_from_checkpoint": "involution.models.convert",
-}
+# Public names by the module that defines them, imported when first read.
+__getattr__ = lazy_getattr(
+    __name__,
+    {
+        "involution.models.rednet": ("MODEL_DEPTHS", "Bottleneck", "RedNet", "RedNetStem"),
+        "involution.models.fold": ("fold_batchnorm",),
+        "involution.models.convert": ("load_checkpoint", "rednet_from_checkpoint"),
+    },
+    globals(),
+)
 #: The modules whose ``@register_model`` functions register RedNet variants with timm. Each
 #: imports only timm and :mod:`~involution.models.cfgs` before registering, so that either
 #: can be imported while the other is half imported.
@@ -50,12 +52,3 @@ def register_with_timm() -> None:
     """Register every RedNet variant with timm (imports timm)."""
     for module in TIMM_MODULES:
         importlib.import_module(module)
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'involution.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
