@@ -385,3 +385,19 @@ def test_prepared_layer_op_matches_the_front_door():
         # Under autocast the input would be cast on each call: no prepared op.
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert functional.prepare_involution2d_layer(x, *weights, k, g, **kwargs) is None
+
+
+def test_layer_front_doors_declare_their_parameters():
+    """help() and the API reference show input + LayerArguments' fields, with their defaults."""
+    import dataclasses
+    import inspect
+
+    from involution.ops.functional import involution2d_layer, prepare_involution2d_layer
+    from involution.ops.layer import LayerArguments
+
+    fields = [field.name for field in dataclasses.fields(LayerArguments)]
+    for front_door in (involution2d_layer, prepare_involution2d_layer):
+        parameters = inspect.signature(front_door).parameters
+        assert list(parameters) == ["input", *fields]
+        assert parameters["backend"].default == "auto"
+        assert parameters["groups"].default is inspect.Parameter.empty

@@ -10,6 +10,7 @@ give one :class:`~involution.ops.layer.Involution2dLayerSpec` (:func:`layer_spec
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -387,6 +388,20 @@ def prepare_involution2d_layer(input: Tensor, *args: Any, **kwargs: Any) -> Laye
     the input: call :func:`involution2d_layer` there.
     """
     return prepare_layer(input, LayerArguments(*args, **kwargs))
+
+
+# The two front doors take ``*args, **kwargs`` and bind them through LayerArguments: their
+# declared signature is input + the dataclass's fields, for help(), IDEs and the API reference.
+_LAYER_PARAMETERS = [
+    inspect.Parameter("input", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="Tensor"),
+    *inspect.signature(LayerArguments).parameters.values(),
+]
+involution2d_layer.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    _LAYER_PARAMETERS, return_annotation="Tensor"
+)
+prepare_involution2d_layer.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    _LAYER_PARAMETERS, return_annotation="LayerRun | None"
+)
 
 
 def layer_forward(input: Tensor, arguments: LayerArguments) -> Tensor:
