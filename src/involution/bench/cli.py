@@ -1,19 +1,28 @@
-"""``involution bench``: one sub-command per benchmark (``op``, ``model``)."""
+"""``involution bench``: one sub-command per benchmark (``op``, ``model``, ...)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from involution.bench import detect, gpu, memory, model, onnx, op
+from involution.cli_utils import add_command
 
 
 def add_commands(subparsers: Any) -> None:
-    """Register ``bench`` and its benchmarks on the top-level ``involution`` sub-parsers."""
+    """Register ``bench`` and its benchmarks on the top-level ``involution`` sub-parsers.
+
+    A benchmark module's ``add_arguments`` declares its options (its docstring is the help
+    line, the module's docstring the description); ``op`` and ``onnx`` register their own.
+    """
     bench = subparsers.add_parser(
         "bench",
         help="benchmarks of the involution operator and of RedNet",
         description="Benchmarks. Each prints a markdown table; see `involution bench NAME -h`.",
     )
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for module in (op, model, gpu, onnx, detect, memory):
-        module.add_commands(benchmarks)
+    op.add_commands(benchmarks)
+    add_command(benchmarks, "model", model.model_command, model.add_arguments, model.__doc__)
+    add_command(benchmarks, "gpu", gpu.gpu_command, gpu.add_arguments, gpu.__doc__)
+    onnx.add_commands(benchmarks)
+    add_command(benchmarks, "detect", detect.detect_command, detect.add_arguments, detect.__doc__)
+    add_command(benchmarks, "memory", memory.memory_command, memory.add_arguments, memory.__doc__)

@@ -37,14 +37,17 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from involution.bench.op import environment_info, times_ms
-from involution.cli_utils import add_documented_parser, csv_list, user_error
+from involution.bench.options import (
+    add_device_option,
+    add_threads_and_json_options,
+    chosen_device,
+)
+from involution.cli_utils import csv_list, user_error
 
 DETECTORS = ("retinanet", "fasterrcnn", "maskrcnn")
 #: RedNet-50 variants benchmarked against each detector's ResNet-50 baseline.
@@ -328,17 +331,9 @@ def _size(text: str) -> tuple[int, int]:
     return height, width
 
 
-def add_commands(bench_subparsers: Any) -> None:
-    """Register ``detect`` under the ``involution bench`` sub-parsers."""
-    parser = add_documented_parser(
-        bench_subparsers,
-        "detect",
-        "RedNet-50-FPN vs ResNet-50-FPN detectors: latency, training speed and memory",
-        __doc__,
-    )
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu"
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """RedNet-50-FPN vs ResNet-50-FPN detectors: latency, training speed and memory"""
+    add_device_option(parser)
     parser.add_argument(
         "--models",
         type=csv_list,
@@ -362,18 +357,16 @@ def add_commands(bench_subparsers: Any) -> None:
     parser.add_argument(
         "--train-batch-size", type=int, default=2, help="images per training step (2)"
     )
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per model (1)")
     parser.add_argument("--repeats", type=int, help="timed calls (default: 3 CPU, 20 CUDA)")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
-    parser.set_defaults(func=detect_command)
+    add_threads_and_json_options(parser)
 
 
 def detect_command(args: argparse.Namespace) -> int:
     """Run ``involution bench detect``; prints the tables to stdout, progress to stderr."""
     from involution.models.detection import DETECTION_MODELS
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = chosen_device(args.device)
     cuda = device.type == "cuda"
     models = args.models or default_models(args.detectors)
     modes = args.modes or (list(MODES) if cuda else list(INFERENCE_MODES))

@@ -54,7 +54,6 @@ import torch
 from torch import Tensor, nn
 
 from involution.bench.op import DENSE, DEPTHWISE, times_ms
-from involution.cli_utils import add_command
 
 #: Files under the repository root (a source checkout: the tests are not installed).
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -745,11 +744,6 @@ def bench_gpu(out: Path, dry_run: bool, budget_s: float, batch: int | None) -> d
     report["seconds"] = round(budget.seconds - budget.left(), 1)
     write_report(report_path, report)
     return report
-
-
-def add_commands(bench_subparsers: Any) -> None:
-    """Register ``gpu`` under the ``involution bench`` sub-parsers."""
-    add_command(bench_subparsers, "gpu", gpu_command, add_arguments, doc=__doc__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,7 +31,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,7 +40,12 @@ from torch import Tensor, nn
 from involution.bench.detect import build_detector, random_targets
 from involution.bench.model import DTYPES, create_model
 from involution.bench.op import environment_info
-from involution.cli_utils import add_documented_parser, csv_list, user_error
+from involution.bench.options import (
+    add_device_option,
+    add_threads_and_json_options,
+    chosen_device,
+)
+from involution.cli_utils import csv_list, user_error
 from involution.ops.modules import set_kernel_regeneration
 
 CLASSIFIERS = ("rednet26", "rednet50", "rednet101")
@@ -280,17 +284,9 @@ def _size(text: str) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def add_commands(bench_subparsers: Any) -> None:
-    """Register ``memory`` under the ``involution bench`` sub-parsers."""
-    parser = add_documented_parser(
-        bench_subparsers,
-        "memory",
-        "RedNet vs ResNet training memory: saved activations, peak memory, step time",
-        __doc__,
-    )
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu"
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """RedNet vs ResNet training memory: saved activations, peak memory, step time"""
+    add_device_option(parser)
     parser.add_argument(
         "--models", type=csv_list, default=list(CLASSIFIERS), help="RedNets (rednet26,...)"
     )
@@ -313,14 +309,12 @@ def add_commands(bench_subparsers: Any) -> None:
     parser.add_argument("--det-size", type=_size, default=(800, 1333), help="HxW (800x1333)")
     parser.add_argument("--det-batch", type=int, default=2, help="detector images per step (2)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per model (2)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
-    parser.set_defaults(func=memory_command)
+    add_threads_and_json_options(parser)
 
 
 def memory_command(args: argparse.Namespace) -> int:
     """Run ``involution bench memory``: the table to stdout, progress to stderr."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = chosen_device(args.device)
     args.detectors = [d for d in args.detectors if d]
     problems = [f"unknown model {m!r}" for m in args.models if m not in CLASSIFIERS]
     problems += [f"unknown detector {d!r}" for d in args.detectors if d not in DETECTORS]

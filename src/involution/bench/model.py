@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from involution.bench.op import backend_names
-from involution.cli_utils import LazyChoices, add_command, csv_list, user_error
+from involution.bench.options import add_device_option
+from involution.cli_utils import LazyChoices, csv_list, user_error
 
 REDNETS = ("rednet26", "rednet50", "rednet101")
 RESNETS = ("resnet26", "resnet50", "resnet101")
@@ -413,16 +414,9 @@ def format_table(results: Sequence[BenchResult], settings: BenchSettings) -> str
     return "\n".join([header, *(format_result(r) for r in results)])
 
 
-def add_commands(bench_subparsers: Any) -> None:
-    """Register ``model`` under the ``involution bench`` sub-parsers."""
-    add_command(bench_subparsers, "model", model_command, add_arguments, doc=__doc__)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """RedNet vs ResNet training/inference throughput and peak memory"""
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu"
-    )
+    add_device_option(parser)
     parser.add_argument(
         "--models",
         type=csv_list,
