@@ -7,7 +7,7 @@ kernel layout of the span conv's output, and what tells that tensors are unchang
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,15 @@ def pair(values: Sequence[int]) -> Pair:
 
 
 def memory_format_of(tensor: Tensor) -> torch.memory_format:
-    """channels_last for tensors laid out that way (and not also plain contiguous), else NCHW."""
+    """channels_last (4-D) or channels_last_3d (5-D) for tensors laid out that way (and not also
+    plain contiguous), else contiguous."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(tensor.dim())
     if (
-        tensor.dim() == 4
+        channels_last is not None
         and not tensor.is_contiguous()
-        and tensor.is_contiguous(memory_format=torch.channels_last)
+        and tensor.is_contiguous(memory_format=channels_last)
     ):
-        return torch.channels_last
+        return channels_last
     return torch.contiguous_format
 
 
@@ -45,6 +47,16 @@ def empty_output(input: Tensor, out_size: Sequence[int], channels: int | None = 
         device=input.device,
         memory_format=memory_format_of(input),
     )
+
+
+def aggregation_output(
+    input: Tensor, out_size: Sequence[int], compute: Callable[[], Tensor]
+) -> Tensor:
+    """``compute()`` (the aggregation (B, C, *out_size)) in the memory format of ``input``;
+    zeros for an empty input, without calling it (backends need not handle empty tensors)."""
+    if input.numel() == 0:
+        return empty_output(input, out_size).zero_()
+    return compute().contiguous(memory_format=memory_format_of(input))
 
 
 def tensor_states(*tensors: Tensor | None) -> tuple | None:

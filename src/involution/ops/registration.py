@@ -33,6 +33,7 @@ channels_last out).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ from involution.ops.backends import get_backend, resolve_backend
 from involution.ops.checks import output_size
 from involution.ops.layer import Involution2dLayerSpec, LayerRun
 from involution.ops.layout import (
+    aggregation_output,
     empty_output,
     generate_kernels,
     kernels_like,
@@ -59,6 +61,16 @@ def backend_module(name: str, device: torch.device):
     return get_backend(resolve_backend(name, device) if name == "auto" else name)
 
 
+#: The aggregation ops' arguments after their tensors, as their schemas spell them. The schemas
+#: are given explicitly so that the 2-D ops, their gradients and the 3-D ops
+#: (:mod:`involution.ops.registration_nd`) share this one spelling.
+CONV_SCHEMA = "SymInt[] stride, SymInt[] padding, SymInt[] dilation, str backend"
+#: The arguments of an aggregation op (input, weight, then :data:`CONV_SCHEMA`).
+AGGREGATE_SCHEMA = f"Tensor input, Tensor weight, {CONV_SCHEMA}"
+#: The arguments of a gradient op of an aggregation: the output gradient, then the op's.
+GRADIENT_SCHEMA = f"Tensor grad_output, {AGGREGATE_SCHEMA}"
+
+
 def aggregate(
     input: Tensor,
     weight: Tensor,
@@ -68,12 +80,13 @@ def aggregate(
     backend: str,
 ) -> Tensor:
     """Involution forward: y[b, c, i, j] = sum_uv weight[b, g(c), u, v, i, j] * x_pad[...]."""
-    if input.numel() == 0:
-        return empty_output(input, weight.shape[-2:]).zero_()
-    output = backend_module(backend, input.device).forward(
-        input, weight, pair(stride), pair(padding), pair(dilation)
+    return aggregation_output(
+        input,
+        weight.shape[-2:],
+        lambda: backend_module(backend, input.device).forward(
+            input, weight, pair(stride), pair(padding), pair(dilation)
+        ),
     )
-    return output.contiguous(memory_format=memory_format_of(input))
 
 
 def gradients(
@@ -113,17 +126,12 @@ def gradients(
     )
 
 
-@torch.library.custom_op("involution::involution2d", mutates_args=())
-def involution2d_op(
-    input: Tensor,
-    weight: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    backend: str,
-) -> Tensor:
-    """Involution forward (:func:`aggregate`) as a custom op."""
-    return aggregate(input, weight, stride, padding, dilation, backend)
+@torch.library.custom_op(
+    "involution::involution2d", mutates_args=(), schema=f"({AGGREGATE_SCHEMA}) -> Tensor"
+)
+def involution2d_op(*args: Any) -> Tensor:
+    """Involution forward (:func:`aggregate`, same arguments) as a custom op."""
+    return aggregate(*args)
 
 
 @involution2d_op.register_fake
@@ -131,19 +139,15 @@ def _(input, weight, stride, padding, dilation, backend):
     return empty_output(input, weight.shape[-2:])
 
 
-@torch.library.custom_op("involution::involution2d_backward_input", mutates_args=())
-def involution2d_backward_input_op(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    backend: str,
-) -> Tensor:
-    """Gradient of :func:`involution2d_op` with respect to ``input``."""
-    conv_args = (stride, padding, dilation, backend)
-    return gradients(grad_output, input, weight, *conv_args, True, False)[0]
+@torch.library.custom_op(
+    "involution::involution2d_backward_input",
+    mutates_args=(),
+    schema=f"({GRADIENT_SCHEMA}) -> Tensor",
+)
+def involution2d_backward_input_op(*args: Any) -> Tensor:
+    """Gradient of :func:`involution2d_op` with respect to ``input``; the arguments: the output
+    gradient, then the op's."""
+    return gradients(*args, True, False)[0]
 
 
 @involution2d_backward_input_op.register_fake
@@ -151,19 +155,14 @@ def _(grad_output, input, weight, stride, padding, dilation, backend):
     return torch.empty_like(input, memory_format=memory_format_of(input))
 
 
-@torch.library.custom_op("involution::involution2d_backward_weight", mutates_args=())
-def involution2d_backward_weight_op(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    backend: str,
-) -> Tensor:
+@torch.library.custom_op(
+    "involution::involution2d_backward_weight",
+    mutates_args=(),
+    schema=f"({GRADIENT_SCHEMA}) -> Tensor",
+)
+def involution2d_backward_weight_op(*args: Any) -> Tensor:
     """Gradient of :func:`involution2d_op` with respect to ``weight``, contiguous."""
-    conv_args = (stride, padding, dilation, backend)
-    return gradients(grad_output, input, weight, *conv_args, False, True)[1].contiguous()
+    return gradients(*args, False, True)[1].contiguous()
 
 
 # The ops' kernel gradients are contiguous whatever the kernels' layout: under torch.compile the
@@ -173,19 +172,14 @@ def _(grad_output, input, weight, stride, padding, dilation, backend):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("involution::involution2d_backward", mutates_args=())
-def involution2d_backward_op(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    backend: str,
-) -> tuple[Tensor, Tensor]:
+@torch.library.custom_op(
+    "involution::involution2d_backward",
+    mutates_args=(),
+    schema=f"({GRADIENT_SCHEMA}) -> (Tensor, Tensor)",
+)
+def involution2d_backward_op(*args: Any) -> tuple[Tensor, Tensor]:
     """Both gradients of :func:`involution2d_op`: (grad_input, grad_weight contiguous)."""
-    conv_args = (stride, padding, dilation, backend)
-    grad_input, grad_weight = gradients(grad_output, input, weight, *conv_args, True, True)
+    grad_input, grad_weight = gradients(*args, True, True)
     return grad_input, grad_weight.contiguous()
 
 
@@ -197,7 +191,9 @@ def _(grad_output, input, weight, stride, padding, dilation, backend):
     )
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def setup_context(ctx, inputs: tuple, output: Any) -> None:
+    """Autograd set-up of an aggregation op (2-D or 3-D): saves input and weight, and
+    ``ctx.conv_args`` = (stride, padding, dilation, backend)."""
     input, weight, stride, padding, dilation, backend = inputs
     ctx.save_for_backward(input, weight)
     ctx.conv_args = (stride, padding, dilation, backend)
@@ -233,7 +229,7 @@ def _backward(ctx, grad_output: Tensor):
     return grad_input, grad_weight, None, None, None, None
 
 
-torch.library.register_autograd("involution::involution2d", _backward, setup_context=_setup_context)
+torch.library.register_autograd("involution::involution2d", _backward, setup_context=setup_context)
 
 
 def use_eager_path(input: Tensor, weight: Tensor) -> bool:
@@ -263,7 +259,7 @@ class EagerInvolution2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, stride, padding, dilation, backend):
         inputs = (input, weight, stride, padding, dilation, backend)
-        _setup_context(ctx, inputs, None)
+        setup_context(ctx, inputs, None)
         return aggregate(*inputs)
 
     @staticmethod

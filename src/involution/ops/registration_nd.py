@@ -32,20 +32,10 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from involution.ops.backends import get_backend, resolve_backend
+from involution.ops.layout import aggregation_output, empty_output, memory_format_of
+from involution.ops.registration import AGGREGATE_SCHEMA, GRADIENT_SCHEMA, setup_context
 
 Triple = tuple[int, int, int]
-
-
-def memory_format_3d(tensor: Tensor) -> torch.memory_format:
-    """channels_last_3d for 5-D tensors laid out that way (and not also contiguous), else
-    contiguous."""
-    if (
-        tensor.dim() == 5
-        and not tensor.is_contiguous()
-        and tensor.is_contiguous(memory_format=torch.channels_last_3d)
-    ):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def triple(values: Sequence[int]) -> Triple:
@@ -66,52 +56,37 @@ def backend_3d(name: str, device: torch.device) -> ModuleType:
     return module
 
 
-def _empty_output(input: Tensor, weight: Tensor) -> Tensor:
-    return torch.empty(
-        (*input.shape[:2], *weight.shape[5:]),
-        dtype=input.dtype,
-        device=input.device,
-        memory_format=memory_format_3d(input),
+@torch.library.custom_op(
+    "involution::involution3d", mutates_args=(), schema=f"({AGGREGATE_SCHEMA}) -> Tensor"
+)
+def involution3d_op(input: Tensor, weight: Tensor, *conv_args: Any) -> Tensor:
+    """y[b, c, o] = sum_k weight[b, g(c), k, o] * x_pad[b, c, o * stride + k * dilation];
+    ``conv_args``: (stride, padding, dilation, backend)."""
+    stride, padding, dilation, backend = conv_args
+    return aggregation_output(
+        input,
+        weight.shape[5:],
+        lambda: backend_3d(backend, input.device).forward3d(
+            input, weight, triple(stride), triple(padding), triple(dilation)
+        ),
     )
-
-
-@torch.library.custom_op("involution::involution3d", mutates_args=())
-def involution3d_op(
-    input: Tensor,
-    weight: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    backend: str,
-) -> Tensor:
-    """y[b, c, o] = sum_k weight[b, g(c), k, o] * x_pad[b, c, o * stride + k * dilation]."""
-    if input.numel() == 0:
-        return _empty_output(input, weight).zero_()
-    output = backend_3d(backend, input.device).forward3d(
-        input, weight, triple(stride), triple(padding), triple(dilation)
-    )
-    return output.contiguous(memory_format=memory_format_3d(input))
 
 
 @involution3d_op.register_fake
 def _(input, weight, stride, padding, dilation, backend):
-    return _empty_output(input, weight)
+    return empty_output(input, weight.shape[5:])
 
 
-@torch.library.custom_op("involution::involution3d_backward", mutates_args=())
-def involution3d_backward_op(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    backend: str,
-    needs_input: bool,
-    needs_weight: bool,
-) -> tuple[Tensor, Tensor]:
-    """(grad_input in the input's layout, grad_weight contiguous); an empty (0,) tensor in
+@torch.library.custom_op(
+    "involution::involution3d_backward",
+    mutates_args=(),
+    schema=f"({GRADIENT_SCHEMA}, bool needs_input, bool needs_weight) -> (Tensor, Tensor)",
+)
+def involution3d_backward_op(*args: Any) -> tuple[Tensor, Tensor]:
+    """(grad_input in the input's layout, grad_weight contiguous) of :func:`involution3d_op`,
+    for (grad_output, the op's arguments, needs_input, needs_weight); an empty (0,) tensor in
     place of a gradient not asked for."""
+    grad_output, input, weight, stride, padding, dilation, backend, needs_input, needs_weight = args
     grad_input = grad_weight = None
     if input.numel() == 0:
         grad_input, grad_weight = torch.zeros_like(input), torch.zeros_like(weight)
@@ -127,7 +102,7 @@ def involution3d_backward_op(
             needs_weight,
         )
     return (
-        grad_input.contiguous(memory_format=memory_format_3d(input))
+        grad_input.contiguous(memory_format=memory_format_of(input))
         if needs_input
         else input.new_empty(0),
         grad_weight.contiguous() if needs_weight else weight.new_empty(0),
@@ -137,19 +112,13 @@ def involution3d_backward_op(
 @involution3d_backward_op.register_fake
 def _(grad_output, input, weight, stride, padding, dilation, backend, needs_input, needs_weight):
     return (
-        torch.empty_like(input, memory_format=memory_format_3d(input))
+        torch.empty_like(input, memory_format=memory_format_of(input))
         if needs_input
         else input.new_empty(0),
         torch.empty_like(weight, memory_format=torch.contiguous_format)
         if needs_weight
         else weight.new_empty(0),
     )
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    input, weight, stride, padding, dilation, backend = inputs
-    ctx.save_for_backward(input, weight)
-    ctx.conv_args = (stride, padding, dilation, backend)
 
 
 def _backward(ctx, grad_output: Tensor):
@@ -168,7 +137,7 @@ def _backward(ctx, grad_output: Tensor):
     )
 
 
-torch.library.register_autograd("involution::involution3d", _backward, setup_context=_setup_context)
+torch.library.register_autograd("involution::involution3d", _backward, setup_context=setup_context)
 
 
 @register_flop_formula(torch.ops.involution.involution3d)
