@@ -110,12 +110,12 @@ def add_command(
     ``doc`` as :func:`add_documented_parser` has it. ``arguments`` may set
     ``parser.description`` itself for a description built at run time.
     """
-    help, _, description = inspect.cleandoc(arguments.__doc__ or "").partition("\n\n")
-    help = " ".join(help.split())
+    title, _, description = inspect.cleandoc(arguments.__doc__ or "").partition("\n\n")
+    one_line = " ".join(title.split())
     if doc is not None:
-        parser = add_documented_parser(subparsers, name, help, doc)
+        parser = add_documented_parser(subparsers, name, one_line, doc)
     else:
-        parser = subparsers.add_parser(name, help=help, description=description or None)
+        parser = subparsers.add_parser(name, help=one_line, description=description or None)
     arguments(parser)
     parser.set_defaults(func=run)
     return parser

@@ -527,31 +527,22 @@ def _create_rednet(variant: str, pretrained: bool = False, **kwargs: Any) -> Red
 default_cfgs = generate_default_cfgs({f"rednet{depth}": rednet_cfg() for depth in MODEL_DEPTHS})
 
 
-@register_model
-def rednet26(pretrained: bool = False, **kwargs: Any) -> RedNet:
-    """RedNet-26, 9.23M parameters."""
-    return _create_rednet("rednet26", pretrained, layers=MODEL_DEPTHS[26], **kwargs)
+#: Parameters (millions, 1000 classes) of each official depth, for its entrypoint's docstring.
+PARAMS_M = {26: 9.23, 38: 12.39, 50: 15.54, 101: 25.65, 152: 33.98}
 
 
-@register_model
-def rednet38(pretrained: bool = False, **kwargs: Any) -> RedNet:
-    """RedNet-38, 12.39M parameters."""
-    return _create_rednet("rednet38", pretrained, layers=MODEL_DEPTHS[38], **kwargs)
+def _register_depth(depth: int) -> Callable[..., RedNet]:
+    """Register timm entrypoint ``rednet{depth}`` (timm needs a function per model name: this
+    makes one per row of :data:`MODEL_DEPTHS`, as a ``@register_model`` function would be)."""
+    variant = f"rednet{depth}"
+
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> RedNet:
+        return _create_rednet(variant, pretrained, layers=MODEL_DEPTHS[depth], **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = variant
+    entrypoint.__doc__ = f"RedNet-{depth}, {PARAMS_M[depth]:.2f}M parameters."
+    return register_model(entrypoint)
 
 
-@register_model
-def rednet50(pretrained: bool = False, **kwargs: Any) -> RedNet:
-    """RedNet-50, 15.54M parameters."""
-    return _create_rednet("rednet50", pretrained, layers=MODEL_DEPTHS[50], **kwargs)
-
-
-@register_model
-def rednet101(pretrained: bool = False, **kwargs: Any) -> RedNet:
-    """RedNet-101, 25.65M parameters."""
-    return _create_rednet("rednet101", pretrained, layers=MODEL_DEPTHS[101], **kwargs)
-
-
-@register_model
-def rednet152(pretrained: bool = False, **kwargs: Any) -> RedNet:
-    """RedNet-152, 33.98M parameters."""
-    return _create_rednet("rednet152", pretrained, layers=MODEL_DEPTHS[152], **kwargs)
+# rednet26, rednet38, rednet50, rednet101, rednet152 (timm reads default_cfgs[name] above).
+globals().update({f"rednet{depth}": _register_depth(depth) for depth in MODEL_DEPTHS})
