@@ -25,9 +25,11 @@ __all__ = [
     "check_backend",
     "check_dtypes",
     "check_groups",
+    "check_kernel_branch",
     "check_rank",
     "check_tensors",
     "geometry",
+    "geometry_nd",
     "output_size",
 ]
 
@@ -35,7 +37,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class Geometry(NamedTuple):
-    """Validated convolution arguments of one call, each a (height, width) pair."""
+    """Validated convolution arguments of one call, one int per spatial dimension each (a
+    (height, width) pair in 2-D)."""
 
     stride: Pair
     padding: Pair
@@ -103,6 +106,18 @@ def check_groups(groups: int, channels: int, shapes: str) -> None:
         raise ValueError(f"groups G={groups} must divide input channels C={channels} ({shapes})")
 
 
+def check_kernel_branch(channels: int, group_channels: int, reduction_ratio: int) -> None:
+    """An involution layer's channels split into groups of ``group_channels`` and leave at
+    least one channel in the kernel branch (``channels // reduction_ratio``)."""
+    if channels % group_channels != 0:
+        raise ValueError(f"channels={channels} is not divisible by group_channels={group_channels}")
+    if channels < reduction_ratio:
+        raise ValueError(
+            f"channels={channels} is smaller than reduction_ratio={reduction_ratio}, "
+            "leaving no channels in the kernel branch"
+        )
+
+
 def geometry(
     input_size: Pair,
     kernel_size: Pair,
@@ -110,34 +125,47 @@ def geometry(
     padding: IntOrPair | None,
     dilation: IntOrPair,
 ) -> Geometry:
-    """Check the convolution arguments and compute the output size.
+    """Check a 2-D call's convolution arguments (ints or pairs) and compute the output size
+    (:func:`geometry_nd`)."""
+    return geometry_nd(
+        input_size,
+        kernel_size,
+        as_pair("stride", stride),
+        None if padding is None else as_pair("padding", padding),
+        as_pair("dilation", dilation),
+    )
 
-    ``padding=None`` means ``d*(K-1)//2`` per dimension ("same" size for odd K and stride 1).
-    """
-    stride_hw = as_pair("stride", stride)
-    dilation_hw = as_pair("dilation", dilation)
-    if min(stride_hw) < 1:
-        raise ValueError(f"stride must be positive, got {stride_hw}")
-    if min(dilation_hw) < 1:
-        raise ValueError(f"dilation must be positive, got {dilation_hw}")
+
+def geometry_nd(
+    input_size: tuple[int, ...],
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...] | None,
+    dilation: tuple[int, ...],
+) -> Geometry:
+    """Check the convolution arguments, one int per spatial dimension, and compute the output
+    size. ``padding=None`` means ``d*(K-1)//2`` per dimension ("same" size for odd K and stride
+    1)."""
+    if min(stride) < 1:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if min(dilation) < 1:
+        raise ValueError(f"dilation must be positive, got {dilation}")
     if min(kernel_size) < 1:
         raise ValueError(f"kernel size must be positive, got {kernel_size}")
     if padding is None:
-        padding_hw = tuple(d * (k - 1) // 2 for d, k in zip(dilation_hw, kernel_size, strict=True))
-    else:
-        padding_hw = as_pair("padding", padding)
-    if min(padding_hw) < 0:
-        raise ValueError(f"padding must be non-negative, got {padding_hw}")
+        padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel_size, strict=True))
+    if min(padding) < 0:
+        raise ValueError(f"padding must be non-negative, got {padding}")
     out_size = tuple(
         output_size(*args)
-        for args in zip(input_size, kernel_size, stride_hw, padding_hw, dilation_hw, strict=True)
+        for args in zip(input_size, kernel_size, stride, padding, dilation, strict=True)
     )
     if min(out_size) < 1:
         raise ValueError(
             f"input spatial size {input_size} is too small for kernel {kernel_size} "
-            f"with stride {stride_hw}, padding {padding_hw}, dilation {dilation_hw}"
+            f"with stride {stride}, padding {padding}, dilation {dilation}"
         )
-    return Geometry(stride_hw, padding_hw, dilation_hw, out_size)
+    return Geometry(stride, padding, dilation, out_size)
 
 
 def autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:

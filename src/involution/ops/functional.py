@@ -80,8 +80,17 @@ def involution2d(
     operators, :mod:`involution.ops.onnx_translation`); TorchScript calls it directly (without
     these checks, ``backend="auto"`` resolved per call).
     """
-    if torch.jit.is_scripting():
-        return _scripted_involution2d(input, weight, stride, padding, dilation, backend)
+    if torch.jit.is_scripting():  # the registered op, called directly
+        dilation_hw = _int_list(dilation)
+        kernel = [weight.shape[2], weight.shape[3]]
+        return torch.ops.involution.involution2d(
+            input,
+            weight,
+            _int_list(stride),
+            _scripted_padding(padding, kernel, dilation_hw),
+            dilation_hw,
+            backend,
+        )
     else:
         return _checked_involution2d(input, weight, stride, padding, dilation, backend)
 
@@ -161,17 +170,19 @@ def involution2d_fused(
     TorchScript as for :func:`involution2d`; ONNX export computes the kernels, then
     :func:`involution2d`'s op.
     """
-    if torch.jit.is_scripting():
-        return _scripted_involution2d_fused(
+    if torch.jit.is_scripting():  # the registered op, called directly
+        kernel = _int_list(kernel_size)
+        dilation_hw = _int_list(dilation)
+        return torch.ops.involution.involution2d_fused(
             input,
             reduced,
-            span_weight,
+            span_weight.flatten(1),
             span_bias,
-            kernel_size,
+            kernel,
+            _int_list(stride),
+            _scripted_padding(padding, kernel, dilation_hw),
+            dilation_hw,
             groups,
-            stride,
-            padding,
-            dilation,
             backend,
         )
     else:
@@ -260,56 +271,6 @@ def _scripted_padding(padding: IntOrPair | None, kernel: list[int], dilation: li
     if padding is None:
         return [dilation[0] * (kernel[0] - 1) // 2, dilation[1] * (kernel[1] - 1) // 2]
     return _int_list(padding)
-
-
-def _scripted_involution2d(
-    input: Tensor,
-    weight: Tensor,
-    stride: IntOrPair,
-    padding: IntOrPair | None,
-    dilation: IntOrPair,
-    backend: str,
-) -> Tensor:
-    """:func:`involution2d` under TorchScript: the registered op, called directly."""
-    dilation_hw = _int_list(dilation)
-    kernel = [weight.shape[2], weight.shape[3]]
-    return torch.ops.involution.involution2d(
-        input,
-        weight,
-        _int_list(stride),
-        _scripted_padding(padding, kernel, dilation_hw),
-        dilation_hw,
-        backend,
-    )
-
-
-def _scripted_involution2d_fused(
-    input: Tensor,
-    reduced: Tensor,
-    span_weight: Tensor,
-    span_bias: Tensor | None,
-    kernel_size: IntOrPair,
-    groups: int,
-    stride: IntOrPair,
-    padding: IntOrPair | None,
-    dilation: IntOrPair,
-    backend: str,
-) -> Tensor:
-    """:func:`involution2d_fused` under TorchScript: the registered op, called directly."""
-    kernel = _int_list(kernel_size)
-    dilation_hw = _int_list(dilation)
-    return torch.ops.involution.involution2d_fused(
-        input,
-        reduced,
-        span_weight.flatten(1),
-        span_bias,
-        kernel,
-        _int_list(stride),
-        _scripted_padding(padding, kernel, dilation_hw),
-        dilation_hw,
-        groups,
-        backend,
-    )
 
 
 def _as_matrix(name: str, weight: Tensor, rows: int | None, columns: int) -> Tensor:

@@ -21,7 +21,7 @@ from involution.ops.checks import (
     check_groups,
     check_rank,
     check_tensors,
-    output_size,
+    geometry_nd,
 )
 
 __all__ = ["involution1d", "involution3d"]
@@ -67,45 +67,29 @@ def check_nd(
     check_rank("weight", weight, weight_layout)
     shapes = f"input {tuple(input.shape)}, weight {tuple(weight.shape)}"
     size, kernel = tuple(input.shape[2:]), tuple(weight.shape[2 : 2 + dims])
-    strides = as_tuple("stride", stride, dims)
-    dilations = as_tuple("dilation", dilation, dims)
-    if min(strides) < 1 or min(dilations) < 1:
-        raise ValueError(f"stride {strides} and dilation {dilations} must be positive")
-    if min(kernel) < 1:
-        raise ValueError(f"kernel size must be positive, got {kernel} ({shapes})")
-    if padding is None:
-        paddings = tuple(d * (k - 1) // 2 for d, k in zip(dilations, kernel, strict=True))
-    else:
-        paddings = as_tuple("padding", padding, dims)
-    if min(paddings) < 0:
-        raise ValueError(f"padding must be non-negative, got {paddings}")
-    out_size = tuple(
-        output_size(*args) for args in zip(size, kernel, strides, paddings, dilations, strict=True)
+    geo = geometry_nd(
+        size,
+        kernel,
+        as_tuple("stride", stride, dims),
+        None if padding is None else as_tuple("padding", padding, dims),
+        as_tuple("dilation", dilation, dims),
     )
-    geometry = f"kernel {kernel}, stride {strides}, padding {paddings}, dilation {dilations}"
-    if min(out_size) < 1:
-        raise ValueError(f"input spatial size {size} is too small for {geometry}")
     if weight.shape[0] != input.shape[0]:
         raise ValueError(f"weight batch {weight.shape[0]} does not match input batch ({shapes})")
     check_groups(weight.shape[1], input.shape[1], shapes)
-    if tuple(weight.shape[2 + dims :]) != out_size:
+    if tuple(weight.shape[2 + dims :]) != geo.out_size:
         raise ValueError(
             f"weight output size {tuple(weight.shape[2 + dims :])} does not match the output "
-            f"size {out_size} of input {size} with {geometry} ({shapes})"
+            f"size {geo.out_size} of input {size} with kernel {kernel}, stride {geo.stride}, "
+            f"padding {geo.padding}, dilation {geo.dilation} ({shapes})"
         )
-    return strides, paddings, dilations
+    return geo.stride, geo.padding, geo.dilation
 
 
-def _checked_involution3d(
-    input: Tensor,
-    weight: Tensor,
-    stride: IntOrTriple,
-    padding: IntOrTriple | None,
-    dilation: IntOrTriple,
-    backend: str,
-    dims: int,
-) -> Tensor:
-    """Check a ``dims``-D call (1 or 3), autocast, and run the 3-D op (1-D on views)."""
+def _checked_involution3d(input: Tensor, weight: Tensor, conv_args: tuple, dims: int) -> Tensor:
+    """Check a ``dims``-D call (1 or 3), autocast, and run the 3-D op (1-D on views).
+    ``conv_args``: the front door's (stride, padding, dilation, backend)."""
+    stride, padding, dilation, backend = conv_args
     check_backend(backend)
     geometry = check_nd(input, weight, stride, padding, dilation, dims)
     input, weight = autocast(input, weight)
@@ -169,7 +153,7 @@ def involution3d(
             backend,
         )
     else:
-        return _checked_involution3d(input, weight, stride, padding, dilation, backend, 3)
+        return _checked_involution3d(input, weight, (stride, padding, dilation, backend), 3)
 
 
 def involution1d(
@@ -206,7 +190,7 @@ def involution1d(
         )
         return output.flatten(1, 3).view(batch, input.shape[1], length)
     else:
-        return _checked_involution3d(input, weight, stride, padding, dilation, backend, 1)
+        return _checked_involution3d(input, weight, (stride, padding, dilation, backend), 1)
 
 
 def _scripted_triple(value: IntOrTriple) -> list[int]:
