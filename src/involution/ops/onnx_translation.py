@@ -18,12 +18,13 @@ stay dynamic: slice ends are counted from the far edge, reshapes read the sizes 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 
 from onnxscript import opset18 as op
 from onnxscript.function_libs.torch_lib.registration import torch_op
 
-__all__ = ["involution2d_onnx"]
+__all__ = ["aggregate_onnx", "involution2d_onnx"]
 
 #: Slice end meaning "to the end of the axis".
 _TO_END = 2**63 - 1
@@ -49,8 +50,7 @@ def _taps(ints: _Constants, tensor, axis: int, tap: int, kernel: int, stride: in
     )
 
 
-@torch_op("involution::involution2d", trace_only=True)
-def involution2d_onnx(
+def aggregate_onnx(
     input,
     weight,
     stride: Sequence[int],
@@ -58,22 +58,26 @@ def involution2d_onnx(
     dilation: Sequence[int],
     backend: str = "auto",
 ):
-    """``input`` (B, C, H, W), ``weight`` (B, G, Kh, Kw, H_out, W_out) -> (B, C, H_out, W_out).
+    """The aggregation op in ONNX operators, over ``dims = len(stride)`` spatial dimensions:
+    ``input`` (B, C, *N), ``weight`` (B, G, *K, *N_out) -> (B, C, *N_out), e.g. (B, C, H, W)
+    and (B, G, Kh, Kw, H_out, W_out) -> (B, C, H_out, W_out). The translation of the 2-D op and
+    of the 3-D one (:mod:`involution.ops.onnx_translation_nd`).
 
     ``backend`` is the PyTorch kernel choice and has no meaning in ONNX.
     """
+    dims = len(stride)
     ints = _Constants()
     channels = input.shape[1]
-    groups, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
-    pad_h, pad_w = padding
-    padded = op.Pad(input, ints(0, 0, pad_h, pad_w, 0, 0, pad_h, pad_w))
-    # (B, G, C/G, H_pad, W_pad): taps broadcast against the (B, G, 1, H_out, W_out) planes
+    groups, kernel = weight.shape[1], [weight.shape[2 + i] for i in range(dims)]
+    taps = math.prod(kernel)
+    padded = op.Pad(input, ints(0, 0, *padding, 0, 0, *padding))
+    # (B, G, C/G, *N_pad): taps broadcast against the (B, G, 1, *N_out) planes
     grouped = op.Reshape(
         padded,
         op.Concat(
             op.Shape(padded, start=0, end=1),
             ints(groups, channels // groups),
-            op.Shape(padded, start=2, end=4),
+            op.Shape(padded, start=2, end=2 + dims),
             axis=0,
         ),
     )
@@ -81,20 +85,32 @@ def involution2d_onnx(
         weight,
         op.Concat(
             op.Shape(weight, start=0, end=2),
-            ints(kh * kw),
-            op.Shape(weight, start=4, end=6),
+            ints(taps),
+            op.Shape(weight, start=2 + dims, end=2 + 2 * dims),
             axis=0,
         ),
     )
-    planes = op.Split(planes, axis=2, num_outputs=kh * kw) if kh * kw > 1 else [planes]
+    planes = op.Split(planes, axis=2, num_outputs=taps) if taps > 1 else [planes]
+
+    def shifted(tensor, dim: int) -> Iterator:
+        """Every tap's slice in row-major tap order; a slice along ``dim`` serves the later
+        dimensions' taps."""
+        if dim == dims:
+            yield tensor
+            return
+        for tap in range(kernel[dim]):
+            sliced = _taps(ints, tensor, 3 + dim, tap, kernel[dim], stride[dim], dilation[dim])
+            yield from shifted(sliced, dim + 1)
+
     output = None
-    for u in range(kh):
-        row = _taps(ints, grouped, 3, u, kh, stride[0], dilation[0])
-        for v in range(kw):
-            tap = _taps(ints, row, 4, v, kw, stride[1], dilation[1])
-            term = op.Mul(tap, planes[u * kw + v])
-            output = term if output is None else op.Add(output, term)
+    for tap, plane in zip(shifted(grouped, 0), planes, strict=True):
+        term = op.Mul(tap, plane)
+        output = term if output is None else op.Add(output, term)
     return op.Reshape(
         output,
-        op.Concat(op.Shape(input, start=0, end=2), op.Shape(output, start=3, end=5), axis=0),
+        op.Concat(op.Shape(input, start=0, end=2), op.Shape(output, start=3, end=3 + dims), axis=0),
     )
+
+
+#: The translation registered for ``torch.ops.involution.involution2d``.
+involution2d_onnx = torch_op("involution::involution2d", trace_only=True)(aggregate_onnx)
