@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from involution.ops.backends import resolve_backend
+from involution.ops.branch import KernelBranchLayer
 from involution.ops.functional import (
     involution2d,
     involution2d_fused,
@@ -89,7 +90,7 @@ def convert_official_involution_state_dict(state_dict: dict[str, Tensor]) -> dic
 relu_inplace: Callable[[], nn.Module] = partial(nn.ReLU, inplace=True)
 
 
-class Involution2d(nn.Module):
+class Involution2d(KernelBranchLayer):
     r"""Involution layer (Li et al., CVPR 2021).
 
     For every output pixel a Kx K kernel per group is generated from that pixel's features,
@@ -188,31 +189,12 @@ class Involution2d(nn.Module):
                 f"kernel_size must be odd for Involution2d, got {kernel_size}; for even kernels "
                 "call involution.ops.involution2d with an explicit padding"
             )
-        if channels % group_channels != 0:
-            raise ValueError(
-                f"channels={channels} is not divisible by group_channels={group_channels}"
-            )
-        if channels < reduction_ratio:
-            raise ValueError(
-                f"channels={channels} is smaller than reduction_ratio={reduction_ratio}, "
-                "leaving no channels in the kernel branch"
-            )
-        self.channels = channels
-        self.kernel_size = kernel_size
-        self.stride = stride
-        self.dilation = dilation
-        self.group_channels = group_channels
-        self.groups = channels // group_channels
-        self.backend = backend
+        layers = (nn.Conv2d, nn.AvgPool2d, norm_layer, act_layer)
+        args = (channels, kernel_size, stride, dilation, group_channels, reduction_ratio)
+        self._init_kernel_branch(*args, layers, backend)
         self.fused = fused
         self.fuse_inference = fuse_inference
         self.exportable = exportable
-        reduced = channels // reduction_ratio
-        self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
-        self.reduce = nn.Conv2d(channels, reduced, 1, bias=False)
-        self.norm = norm_layer(reduced)
-        self.act = act_layer()
-        self.span = nn.Conv2d(reduced, kernel_size * kernel_size * self.groups, 1)
         # (key, run) of the fused inference op prepared for the last call (see forward_layer).
         self._prepared_layer: tuple[tuple, LayerRun] | None = None
 

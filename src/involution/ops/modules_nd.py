@@ -3,12 +3,12 @@ volumes (or clips), with the same kernel branch and the N-d op (:mod:`involution
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from involution.ops.branch import KernelBranchLayer
 from involution.ops.modules import relu_inplace
 from involution.ops.nd import as_tuple, involution1d, involution3d
 
@@ -22,7 +22,7 @@ _LAYERS = {
 }
 
 
-class _InvolutionNd(nn.Module):
+class _InvolutionNd(KernelBranchLayer):
     """The kernel branch and the aggregation of a ``dims``-D involution layer."""
 
     dims: int
@@ -60,28 +60,9 @@ class _InvolutionNd(nn.Module):
                 f"kernel_size must be odd in every dimension, got {kernel}; for even kernels "
                 f"call involution.involution{dims}d with an explicit padding"
             )
-        if channels % group_channels != 0:
-            raise ValueError(
-                f"channels={channels} is not divisible by group_channels={group_channels}"
-            )
-        if channels < reduction_ratio:
-            raise ValueError(
-                f"channels={channels} is smaller than reduction_ratio={reduction_ratio}, "
-                "leaving no channels in the kernel branch"
-            )
-        self.channels = channels
-        self.kernel_size = kernel
-        self.stride = strides
-        self.dilation = dilations
-        self.group_channels = group_channels
-        self.groups = channels // group_channels
-        self.backend = backend
-        reduced = channels // reduction_ratio
-        self.pool = pool(strides, strides, ceil_mode=True) if max(strides) > 1 else nn.Identity()
-        self.reduce = conv(channels, reduced, 1, bias=False)
-        self.norm = (norm if norm_layer is None else norm_layer)(reduced)
-        self.act = act_layer()
-        self.span = conv(reduced, self.groups * math.prod(kernel), 1)
+        layers = (conv, pool, norm if norm_layer is None else norm_layer, act_layer)
+        args = (channels, kernel, strides, dilations, group_channels, reduction_ratio)
+        self._init_kernel_branch(*args, layers, backend)
 
     def generate_kernels(self, x: Tensor) -> Tensor:
         """Per-position kernels (B, G, *K, *S_out) for ``x`` (B, C, *S)."""
