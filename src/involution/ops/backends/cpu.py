@@ -135,17 +135,8 @@ def forward3d(
     return torch.ops.involution_nd_cpu.forward3d(input, weight, stride, padding, dilation)
 
 
-def backward3d(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    stride: Triple,
-    padding: Triple,
-    dilation: Triple,
-    needs_input: bool,
-    needs_weight: bool,
-) -> tuple[Tensor | None, Tensor | None]:
-    """(grad_input or ``None``, grad_weight or ``None``), both in one parallel region."""
-    return torch.ops.involution_nd_cpu.backward3d(
-        grad_output, input, weight, stride, padding, dilation, needs_input, needs_weight
-    )
+def backward3d(*args: Tensor | Triple | bool) -> tuple[Tensor | None, Tensor | None]:
+    """(grad_input or ``None``, grad_weight or ``None``) for the backend's 3-D arguments
+    (grad_output, input, weight, stride, padding, dilation, needs_input, needs_weight; see
+    :mod:`involution.ops.registration_nd`), both in one parallel region."""
+    return torch.ops.involution_nd_cpu.backward3d(*args)

@@ -35,8 +35,9 @@ import contextlib
 import importlib
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -161,45 +162,21 @@ def _gradient(pass_name: str, args: tuple, variant: str | None) -> Tensor:
     return getattr(variant_module(variant), pass_name)(*args)
 
 
-def backward_input(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    variant: str | None = None,
-) -> Tensor:
+# The gradients take the backends' arguments (grad_output, input, weight, stride, padding,
+# dilation; see involution.ops.backends), then the variant.
+def backward_input(*args: Tensor | Pair, variant: str | None = None) -> Tensor:
     """Gradient (B, C, H, W) with respect to ``input``, in its memory format."""
-    args = (grad_output, input, weight, stride, padding, dilation)
     return _gradient("backward_input", args, variant)
 
 
-def backward_weight(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    variant: str | None = None,
-) -> Tensor:
+def backward_weight(*args: Tensor | Pair, variant: str | None = None) -> Tensor:
     """Gradient (B, G, Kh, Kw, H_out, W_out) with respect to ``weight``."""
-    args = (grad_output, input, weight, stride, padding, dilation)
     return _gradient("backward_weight", args, variant)
 
 
-def backward(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    variant: str | None = None,
-) -> tuple[Tensor, Tensor]:
+def backward(*args: Tensor | Pair, variant: str | None = None) -> tuple[Tensor, Tensor]:
     """(grad_input, grad_weight), both from the same variant."""
-    args = (grad_output, input, weight, stride, padding, dilation)
+    input, weight = args[1:3]
     variant = variant or choose_variant("backward", input, weight.shape, *args[3:])
     if variant == "inductor":
         return variant_module(variant).backward(*args)
@@ -245,28 +222,17 @@ def fused_forward(
 
 # --- 1-D/3-D (one variant, :mod:`~.nd`, imported on first use) ---------------------------------
 
-Triple = tuple[int, int, int]
+
+def _nd_function(name: str) -> Callable[..., Any]:
+    """Function ``name`` of :mod:`.nd`, which (with its kernels) is imported on the first call."""
+
+    def call(*args: Any) -> Any:
+        return getattr(importlib.import_module("involution.ops.backends.triton.nd"), name)(*args)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"3-D involution :func:`.nd.{name}` (see :mod:`involution.ops.registration_nd`)."
+    return call
 
 
-def forward3d(
-    input: Tensor, weight: Tensor, stride: Triple, padding: Triple, dilation: Triple
-) -> Tensor:
-    """3-D involution forward (:func:`.nd.forward3d`)."""
-    nd = importlib.import_module("involution.ops.backends.triton.nd")
-    return nd.forward3d(input, weight, stride, padding, dilation)
-
-
-def backward3d(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    stride: Triple,
-    padding: Triple,
-    dilation: Triple,
-    needs_input: bool,
-    needs_weight: bool,
-) -> tuple[Tensor | None, Tensor | None]:
-    """3-D involution gradients (:func:`.nd.backward3d`)."""
-    nd = importlib.import_module("involution.ops.backends.triton.nd")
-    args = (stride, padding, dilation, needs_input, needs_weight)
-    return nd.backward3d(grad_output, input, weight, *args)
+forward3d = _nd_function("forward3d")
+backward3d = _nd_function("backward3d")
