@@ -260,7 +260,7 @@ def _aggregation_gradients(
     aggregation."""
     if registration.use_eager_path(x, kernels):
         grad_x, grad_kernels = registration.gradients(
-            grad_output, x, kernels, *branch.conv_args, needs_x, True
+            grad_output, x, kernels, branch.conv_args, (needs_x, True)
         )
         return grad_x, kernels_like(grad_kernels, kernels)
     return registration.aggregation_gradients(

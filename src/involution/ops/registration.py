@@ -90,23 +90,18 @@ def aggregate(
 
 
 def gradients(
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    backend: str,
-    needs_input: bool,
-    needs_weight: bool,
+    grad_output: Tensor, input: Tensor, weight: Tensor, conv_args: tuple, needs: tuple[bool, bool]
 ) -> tuple[Tensor | None, Tensor | None]:
-    """(grad_input, grad_weight) of :func:`aggregate`, each ``None`` where it is not needed.
+    """(grad_input, grad_weight) of :func:`aggregate`, each ``None`` where ``needs`` (input,
+    weight) says it is not needed; ``conv_args``: (stride, padding, dilation, backend).
 
     grad_input has the input's memory format, grad_weight the backend's layout (the cpu
     backend's: the weight's when pixel-major): the ops make it contiguous, the eager path the
     weight's layout (:func:`~involution.ops.layout.kernels_like`). A backend with a
     ``backward`` computes both in one call, sharing work between them.
     """
+    stride, padding, dilation, backend = conv_args
+    needs_input, needs_weight = needs
     memory_format = memory_format_of(input)
     if input.numel() == 0:
         return (
@@ -147,7 +142,7 @@ def _(input, weight, stride, padding, dilation, backend):
 def involution2d_backward_input_op(*args: Any) -> Tensor:
     """Gradient of :func:`involution2d_op` with respect to ``input``; the arguments: the output
     gradient, then the op's."""
-    return gradients(*args, True, False)[0]
+    return gradients(*args[:3], args[3:], (True, False))[0]
 
 
 @involution2d_backward_input_op.register_fake
@@ -162,7 +157,7 @@ def _(grad_output, input, weight, stride, padding, dilation, backend):
 )
 def involution2d_backward_weight_op(*args: Any) -> Tensor:
     """Gradient of :func:`involution2d_op` with respect to ``weight``, contiguous."""
-    return gradients(*args, False, True)[1].contiguous()
+    return gradients(*args[:3], args[3:], (False, True))[1].contiguous()
 
 
 # The ops' kernel gradients are contiguous whatever the kernels' layout: under torch.compile the
@@ -179,7 +174,7 @@ def _(grad_output, input, weight, stride, padding, dilation, backend):
 )
 def involution2d_backward_op(*args: Any) -> tuple[Tensor, Tensor]:
     """Both gradients of :func:`involution2d_op`: (grad_input, grad_weight contiguous)."""
-    grad_input, grad_weight = gradients(*args, True, True)
+    grad_input, grad_weight = gradients(*args[:3], args[3:], (True, True))
     return grad_input, grad_weight.contiguous()
 
 
@@ -267,7 +262,7 @@ class EagerInvolution2d(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
         grad_input, grad_weight = gradients(
-            grad_output, input, weight, *ctx.conv_args, *ctx.needs_input_grad[:2]
+            grad_output, input, weight, ctx.conv_args, ctx.needs_input_grad[:2]
         )
         # In the kernels' layout: the span conv's backward then reads it without a copy.
         if grad_weight is not None:
@@ -275,24 +270,23 @@ class EagerInvolution2d(torch.autograd.Function):
         return grad_input, grad_weight, None, None, None, None
 
 
-@torch.library.custom_op("involution::involution2d_fused", mutates_args=())
-def involution2d_fused_op(
-    input: Tensor,
-    reduced: Tensor,
-    span_weight: Tensor,
-    span_bias: Tensor | None,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    backend: str,
-) -> Tensor:
-    """Involution of ``input`` with the kernels ``generate_kernels(reduced, span_weight, ...)``.
+@torch.library.custom_op(
+    "involution::involution2d_fused",
+    mutates_args=(),
+    schema="(Tensor input, Tensor reduced, Tensor span_weight, Tensor? span_bias, "
+    "SymInt[] kernel_size, SymInt[] stride, SymInt[] padding, SymInt[] dilation, SymInt groups, "
+    "str backend) -> Tensor",
+)
+def involution2d_fused_op(*args: Any) -> Tensor:
+    """Involution of ``input`` with the kernels ``generate_kernels(reduced, span_weight, ...)``;
+    ``args``: (input, reduced, span_weight, span_bias, kernel_size, stride, padding, dilation,
+    groups, backend).
 
     Backends without a ``fused_forward`` (and empty inputs) get the kernels materialised by the
     span conv and aggregated by :func:`aggregate`.
     """
+    input, reduced, span_weight, span_bias, kernel_size = args[:5]
+    stride, padding, dilation, groups, backend = args[5:]
     impl = backend_module(backend, input.device)
     if input.numel() == 0 or not hasattr(impl, "fused_forward"):
         kernels = generate_kernels(reduced, span_weight, span_bias, kernel_size, groups)
