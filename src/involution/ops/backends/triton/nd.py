@@ -30,6 +30,39 @@ def _coordinates(p, out_h, out_w):
 
 
 @triton.jit
+def _tile(size, C, CG, G, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (batch * G + group, BLOCK_P positions among ``size`` and their mask,
+    BLOCK_C channels of its group as int64 indices and their mask)."""
+    bg, pid_p, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, g = bg // G, bg % G
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return bg, p, p < size, (b * C + g * CG + cc).to(tl.int64), cc < CG
+
+
+@triton.jit
+def _load_tile(ptr, channel, size, offset, ok, c_ok, ACC: tl.constexpr):
+    """The (BLOCK_P, BLOCK_C) tile at positions ``offset`` of channels ``channel`` of a
+    contiguous (B, C, size) tensor, 0 where ``ok`` or ``c_ok`` is false, in ``ACC``."""
+    return tl.load(
+        ptr + channel[None, :] * size + offset[:, None],
+        mask=ok[:, None] & c_ok[None, :],
+        other=0.0,
+    ).to(ACC)
+
+
+@triton.jit
+def _store_tile(ptr, acc, channel, size, p, p_ok, c_ok):
+    """Stores the (BLOCK_P, BLOCK_C) tile ``acc`` at positions ``p`` of channels ``channel`` of
+    a contiguous (B, C, size) tensor."""
+    tl.store(
+        ptr + channel[None, :] * size + p[:, None],
+        acc.to(ptr.dtype.element_ty),
+        mask=p_ok[:, None] & c_ok[None, :],
+    )
+
+
+@triton.jit
 def _forward_kernel(  # noqa: PLR0913  (a Triton kernel: one scalar per size)
     x_ptr, w_ptr, y_ptr, C, CG, G, D, H, W, OD, OH, OW,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -38,14 +71,9 @@ def _forward_kernel(  # noqa: PLR0913  (a Triton kernel: one scalar per size)
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    bg, pid_p, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, g = bg // G, bg % G
     out_size = OD * OH * OW
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok, c_ok = p < out_size, cc < CG
+    bg, p, p_ok, channel, c_ok = _tile(out_size, C, CG, G, BLOCK_P, BLOCK_C)
     od, oh, ow = _coordinates(p, OH, OW)
-    channel = (b * C + g * CG + cc).to(tl.int64)
     w_base = w_ptr + (bg * (KD * KH * KW)).to(tl.int64) * out_size + p
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     for kd in tl.static_range(KD):
@@ -58,17 +86,9 @@ def _forward_kernel(  # noqa: PLR0913  (a Triton kernel: one scalar per size)
                 tap = (kd * KH + kh) * KW + kw
                 weight = tl.load(w_base + tap * out_size, mask=p_ok, other=0.0).to(ACC)
                 offset = (id_ * H + ih) * W + iw
-                values = tl.load(
-                    x_ptr + channel[None, :] * (D * H * W) + offset[:, None],
-                    mask=inside[:, None] & c_ok[None, :],
-                    other=0.0,
-                ).to(ACC)
+                values = _load_tile(x_ptr, channel, D * H * W, offset, inside, c_ok, ACC)
                 acc += weight[:, None] * values
-    tl.store(
-        y_ptr + channel[None, :] * out_size + p[:, None],
-        acc.to(y_ptr.dtype.element_ty),
-        mask=p_ok[:, None] & c_ok[None, :],
-    )
+    _store_tile(y_ptr, acc, channel, out_size, p, p_ok, c_ok)
 
 
 @triton.jit
@@ -80,14 +100,9 @@ def _backward_input_kernel(  # noqa: PLR0913
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    bg, pid_p, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, g = bg // G, bg % G
     in_size, out_size = D * H * W, OD * OH * OW
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok, c_ok = p < in_size, cc < CG
+    bg, p, p_ok, channel, c_ok = _tile(in_size, C, CG, G, BLOCK_P, BLOCK_C)
     id_, ih, iw = _coordinates(p, H, W)
-    channel = (b * C + g * CG + cc).to(tl.int64)
     w_base = w_ptr + (bg * (KD * KH * KW)).to(tl.int64) * out_size
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     for kd in tl.static_range(KD):
@@ -105,17 +120,9 @@ def _backward_input_kernel(  # noqa: PLR0913
                 o = tl.where(ok, (od * OH + oh) * OW + ow, 0)
                 tap = (kd * KH + kh) * KW + kw
                 weight = tl.load(w_base + tap * out_size + o, mask=ok, other=0.0).to(ACC)
-                grads = tl.load(
-                    gy_ptr + channel[None, :] * out_size + o[:, None],
-                    mask=ok[:, None] & c_ok[None, :],
-                    other=0.0,
-                ).to(ACC)
+                grads = _load_tile(gy_ptr, channel, out_size, o, ok, c_ok, ACC)
                 acc += weight[:, None] * grads
-    tl.store(
-        gx_ptr + channel[None, :] * in_size + p[:, None],
-        acc.to(gx_ptr.dtype.element_ty),
-        mask=p_ok[:, None] & c_ok[None, :],
-    )
+    _store_tile(gx_ptr, acc, channel, in_size, p, p_ok, c_ok)
 
 
 @triton.jit
@@ -147,16 +154,8 @@ def _backward_weight_kernel(  # noqa: PLR0913
                     cc = c0 + tl.arange(0, BLOCK_C)
                     channel = (b * C + g * CG + cc).to(tl.int64)
                     c_ok = cc < CG
-                    grads = tl.load(
-                        gy_ptr + channel[None, :] * out_size + p[:, None],
-                        mask=p_ok[:, None] & c_ok[None, :],
-                        other=0.0,
-                    ).to(ACC)
-                    values = tl.load(
-                        x_ptr + channel[None, :] * (D * H * W) + offset[:, None],
-                        mask=inside[:, None] & c_ok[None, :],
-                        other=0.0,
-                    ).to(ACC)
+                    grads = _load_tile(gy_ptr, channel, out_size, p, p_ok, c_ok, ACC)
+                    values = _load_tile(x_ptr, channel, D * H * W, offset, inside, c_ok, ACC)
                     total += tl.sum(grads * values, axis=1)
                 tap = (kd * KH + kh) * KW + kw
                 tl.store(gw_base + tap * out_size, total.to(gw_ptr.dtype.element_ty), mask=p_ok)
