@@ -22,7 +22,7 @@ setup(
                 "src/involution/csrc/involution_layer_cpu.cpp",
                 "src/involution/csrc/involution_nd_cpu.cpp",
             ],
-            depends=["src/involution/csrc/parallel_chunks.h"],
+            depends=["src/involution/csrc/common.h"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
         )

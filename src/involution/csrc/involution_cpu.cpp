@@ -32,9 +32,7 @@
 
 #include <torch/extension.h>
 
-#include "parallel_chunks.h"
-
-#include <ATen/Parallel.h>
+#include "common.h"
 
 #include <algorithm>
 #include <array>
@@ -42,45 +40,12 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
-#define INVOLUTION_TARGET_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define INVOLUTION_TARGET_CLONES
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define INVOLUTION_INLINE inline __attribute__((always_inline))
-// For lambdas in the kernels: a lambda is a function of its own, which would otherwise be
-// compiled for the baseline instruction set rather than for the clone that calls it.
-#define INVOLUTION_LAMBDA_INLINE __attribute__((always_inline))
-#else
-#define INVOLUTION_INLINE inline
-#define INVOLUTION_LAMBDA_INLINE
-#endif
-
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_shufflevector)
-// The register-blocked 16-channel kernels use GCC/Clang vector types and lane shuffles.
-#define INVOLUTION_VECTOR_KERNELS 1
-#endif
-#endif
-
 namespace involution_cpu {
 
+using involution_common::accumulate;
+using involution_common::ColumnRange;
+using involution_common::dot;
 using Pair = std::array<int64_t, 2>;
-
-// Output columns j in [lo, hi) whose input column j * stride + offset lies in [0, width).
-struct ColumnRange {
-  int64_t lo, hi;
-};
-
-inline ColumnRange valid_columns(int64_t offset, int64_t stride, int64_t width, int64_t out_w) {
-  const int64_t lo = offset >= 0 ? 0 : std::min(out_w, (-offset + stride - 1) / stride);
-  const int64_t last = width - 1 - offset;
-  const int64_t hi = last < 0 ? 0 : std::min(out_w, last / stride + 1);
-  return {lo, std::max(lo, hi)};  // empty when no column is inside
-}
 
 // Sizes and convolution parameters shared by the three kernels.
 struct Geometry {
@@ -193,20 +158,9 @@ INVOLUTION_INLINE void store_row(
 }
 
 #ifdef INVOLUTION_VECTOR_KERNELS
-// 16 values of T (one group of RedNet's width), compiled to the widest registers of the target.
-template <typename T>
-struct Lanes16 {
-  typedef T type __attribute__((vector_size(16 * sizeof(T))));
-};
-template <typename T>
-using V16 = typename Lanes16<T>::type;
-
-template <typename T>
-INVOLUTION_INLINE V16<T> load16(const T* p) {
-  V16<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+using involution_common::for_column_blocks;
+using involution_common::load16;
+using involution_common::V16;
 
 // One step of the transposing reduction. a and b hold segments of `SEGMENT` lanes, each the
 // partial sums of one dot product; the result holds a's then b's dot products in segments of
@@ -329,28 +283,6 @@ INVOLUTION_INLINE void backward_input_block16(
   std::memcpy(row + iw0 * 16, acc, sizeof(acc));
 }
 
-// Calls block(nj, j0), nj a std::integral_constant <= MAX, for block sizes 1..MAX.
-template <int MAX, int NJ = MAX, typename Block>
-INVOLUTION_INLINE void call_block(int64_t size, int64_t j0, const Block& block) {
-  if constexpr (NJ > 1) {
-    if (size < NJ) {
-      call_block<MAX, NJ - 1>(size, j0, block);
-      return;
-    }
-  }
-  block(std::integral_constant<int, NJ>{}, j0);
-}
-
-// Calls block(nj, j0) over the output columns, in the blocks of `sizes` (Geometry::blocks8).
-template <int MAX, typename Block>
-INVOLUTION_INLINE void for_column_blocks(const std::vector<int64_t>& sizes, const Block& block) {
-  int64_t j0 = 0;
-  for (const int64_t size : sizes) {
-    call_block<MAX>(size, j0, block);
-    j0 += size;
-  }
-}
-
 // Calls block(nj, j0) over the columns [lo, hi) in blocks of 16, then 8, 4, 2 and 1.
 template <typename Block>
 INVOLUTION_INLINE void for_power_of_two_blocks(int64_t lo, int64_t hi, const Block& block) {
@@ -404,13 +336,8 @@ INVOLUTION_INLINE void forward_tasks_impl(
       for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
         const T* __restrict w_row = w + geo.weight_row(b, g, kh, kw, i);
         for (int64_t j = 0; j < geo.out_w; ++j) {
-          const T weight = w_row[j * geo.w_j];
-          const T* __restrict in = in_row + (j * geo.stride_w + kw * geo.dil_w) * pixel;
-          T* __restrict acc = acc_row.data() + j * cg;
-#pragma omp simd  // acc and in never overlap
-          for (int64_t c = 0; c < cg; ++c) {
-            acc[c] += weight * in[c];
-          }
+          accumulate(acc_row.data() + j * cg, w_row[j * geo.w_j],
+                     in_row + (j * geo.stride_w + kw * geo.dil_w) * pixel, cg);
         }
       }
     }
@@ -465,29 +392,13 @@ INVOLUTION_INLINE void backward_input_tasks_impl(
         const ColumnRange cols = geo.columns[kw];
         const T* __restrict w_row = w + geo.weight_row(b, g, kh, kw, i);
         for (int64_t j = cols.lo; j < cols.hi; ++j) {
-          const T weight = w_row[j * geo.w_j];
-          const T* __restrict gy = gy_row + j * pixel;
-          T* __restrict acc = acc_row.data() + (j * geo.stride_w + offset) * cg;
-#pragma omp simd  // acc and gy never overlap
-          for (int64_t c = 0; c < cg; ++c) {
-            acc[c] += weight * gy[c];
-          }
+          accumulate(acc_row.data() + (j * geo.stride_w + offset) * cg, w_row[j * geo.w_j],
+                     gy_row + j * pixel, cg);
         }
       }
     }
     store_row(geo, acc_row.data(), grad_x, b, g, ih, geo.height, geo.width, cg);
   }
-}
-
-// sum_{c < n} a[c] * b[c].
-template <typename T>
-INVOLUTION_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < n; ++c) {
-    sum += a[c] * b[c];
-  }
-  return sum;
 }
 
 // grad_w[b, g, kh, kw, i, j] = sum_{c in g} grad_y[b, i, j, c] * x[b, ih, iw, c] (zero where
@@ -566,34 +477,7 @@ INVOLUTION_INLINE void backward_weight_tasks_impl(
 
 // Non-template entry points, one per compute type, compiled once per instruction set. Groups of
 // 16 channels (RedNet's width) get kernels where that width is a compile-time constant.
-#define INVOLUTION_DEFINE_KERNEL(NAME, T, A, B, OUT)                                         \
-  INVOLUTION_TARGET_CLONES void NAME(                                                      \
-      const Geometry& geo, const T* A, const T* B, T* OUT, int64_t begin, int64_t end) {   \
-    if (geo.group_channels == 16) {                                                        \
-      NAME##_impl<T, 16>(geo, A, B, OUT, begin, end);                                      \
-    } else {                                                                               \
-      NAME##_impl<T, 0>(geo, A, B, OUT, begin, end);                                       \
-    }                                                                                      \
-  }
-#define INVOLUTION_DEFINE_KERNELS(T)                                 \
-  INVOLUTION_DEFINE_KERNEL(forward_tasks, T, x, w, y)                \
-  INVOLUTION_DEFINE_KERNEL(backward_input_tasks, T, grad_y, w, grad_x) \
-  INVOLUTION_DEFINE_KERNEL(backward_weight_tasks, T, grad_y, x, grad_w)
-
-INVOLUTION_DEFINE_KERNELS(float)
-INVOLUTION_DEFINE_KERNELS(double)
-#undef INVOLUTION_DEFINE_KERNELS
-#undef INVOLUTION_DEFINE_KERNEL
-
-// `columns` split into the fewest blocks of at most `max_size`, of near-equal sizes.
-std::vector<int64_t> column_blocks(int64_t columns, int64_t max_size) {
-  const int64_t count = (columns + max_size - 1) / max_size;
-  std::vector<int64_t> sizes;
-  for (int64_t k = 0; k < count; ++k) {
-    sizes.push_back(columns / count + (k < columns % count ? 1 : 0));
-  }
-  return sizes;
-}
+INVOLUTION_DEFINE_KERNELS(Geometry, forward_tasks, backward_input_tasks, backward_weight_tasks)
 
 // Whether the (B, G, Kh, Kw, H_out, W_out) kernels are laid out (B, H_out, W_out, G, Kh, Kw).
 bool is_pixel_major(const at::Tensor& weight) {
@@ -626,41 +510,30 @@ Geometry make_geometry(
   geo.kernel_w = weight.size(3);
   geo.out_h = weight.size(4);
   geo.out_w = weight.size(5);
-  geo.stride_h = stride[0];
-  geo.stride_w = stride[1];
-  geo.pad_h = padding[0];
-  geo.pad_w = padding[1];
-  geo.dil_h = dilation[0];
-  geo.dil_w = dilation[1];
+  involution_common::set_window(geo, stride, padding, dilation);
   TORCH_CHECK(weight.size(0) == geo.batch, "involution: weight batch ", weight.size(0),
               " != input batch ", geo.batch);
   TORCH_CHECK(geo.groups >= 1 && geo.channels % geo.groups == 0, "involution: groups ",
               geo.groups, " must divide channels ", geo.channels);
   geo.group_channels = geo.channels / geo.groups;
   geo.channels_last_result = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  const auto out_size = [](int64_t n, int64_t k, int64_t s, int64_t p, int64_t d) {
-    return (n + 2 * p - d * (k - 1) - 1) / s + 1;
-  };
+  using involution_common::output_size;
   TORCH_CHECK(
-      geo.out_h == out_size(geo.height, geo.kernel_h, geo.stride_h, geo.pad_h, geo.dil_h) &&
-          geo.out_w == out_size(geo.width, geo.kernel_w, geo.stride_w, geo.pad_w, geo.dil_w),
+      geo.out_h == output_size(geo.height, geo.kernel_h, geo.stride_h, geo.pad_h, geo.dil_h) &&
+          geo.out_w == output_size(geo.width, geo.kernel_w, geo.stride_w, geo.pad_w, geo.dil_w),
       "involution: weight ", weight.sizes(), " does not match input ", input.sizes());
-  geo.padded_width =
-      std::max(geo.pad_w + geo.width, (geo.out_w - 1) * geo.stride_w +
-                                          (geo.kernel_w - 1) * geo.dil_w + 1);
+  geo.padded_width = involution_common::padded_width(geo.width, geo.kernel_w, geo.out_w,
+                                                     geo.stride_w, geo.pad_w, geo.dil_w);
   geo.set_kernel_layout(is_pixel_major(weight));
-  geo.blocks8 = column_blocks(geo.out_w, 8);
-  geo.input_blocks8 = column_blocks(geo.width, 8);
-  for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
-    geo.columns.push_back(
-        valid_columns(kw * geo.dil_w - geo.pad_w, geo.stride_w, geo.width, geo.out_w));
-  }
+  geo.blocks8 = involution_common::column_blocks(geo.out_w, 8);
+  geo.input_blocks8 = involution_common::column_blocks(geo.width, 8);
+  geo.columns = involution_common::kernel_columns(geo.kernel_w, geo.stride_w, geo.pad_w,
+                                                  geo.dil_w, geo.width, geo.out_w);
   return geo;
 }
 
 at::ScalarType compute_type(at::ScalarType dtype) {
-  TORCH_CHECK(at::isFloatingType(dtype), "involution: unsupported dtype ", dtype);
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+  return involution_common::compute_type(dtype, "involution");
 }
 
 at::MemoryFormat result_format(const Geometry& geo) {
@@ -704,15 +577,6 @@ at::Tensor padded_input(const at::Tensor& input, const Geometry& geo, at::Scalar
   return padded;
 }
 
-// Runs body(begin, end) over the tasks [0, total) on the intra-op threads in chunks of at least
-// ~32k multiply-adds, handed out on demand (parallel_chunks).
-template <typename Body>
-void parallel_tasks(const Geometry& geo, int64_t total, const Body& body) {
-  const int64_t chunk =
-      std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, geo.task_work()));
-  involution_parallel::parallel_chunks(total, chunk, body);
-}
-
 at::Tensor forward(
     const at::Tensor& input, const at::Tensor& weight, Pair stride, Pair padding, Pair dilation) {
   const Geometry geo = make_geometry(input, weight, stride, padding, dilation);
@@ -721,14 +585,8 @@ at::Tensor forward(
   const at::Tensor w = kernel_operand(weight, dtype, geo);
   at::Tensor y = at::empty({geo.batch, geo.channels, geo.out_h, geo.out_w},
                            x.options().memory_format(result_format(geo)));
-  AT_DISPATCH_FLOATING_TYPES(dtype, "involution_cpu_forward", [&] {
-    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
-    scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
-    parallel_tasks(geo, geo.tasks(geo.out_h), [&](int64_t begin, int64_t end) {
-      forward_tasks(geo, x_ptr, w_ptr, y_ptr, begin, end);
-    });
-  });
+  involution_common::run_forward(x, w, y, geo.tasks(geo.out_h), geo.task_work(),
+                                 [&](auto... args) { forward_tasks(geo, args...); });
   return y.to(input.scalar_type());
 }
 
@@ -755,25 +613,11 @@ std::tuple<at::Tensor, at::Tensor> gradients(
   }
   const int64_t input_tasks = needs_input ? geo.tasks(geo.height) : 0;
   const int64_t weight_tasks = needs_weight ? geo.tasks(geo.out_h) : 0;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "involution_cpu_backward", [&] {
-    const scalar_t* gy_ptr = grad_y.const_data_ptr<scalar_t>();
-    const scalar_t* w_ptr = needs_input ? w.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* x_ptr = needs_weight ? x.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gx_ptr = needs_input ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gw_ptr = needs_weight ? grad_w.mutable_data_ptr<scalar_t>() : nullptr;
-    // Tasks [0, input_tasks) are grad_input rows, the rest grad_weight rows.
-    parallel_tasks(geo, input_tasks + weight_tasks, [&](int64_t begin, int64_t end) {
-      if (begin < input_tasks) {
-        backward_input_tasks(geo, gy_ptr, w_ptr, gx_ptr, begin, std::min(end, input_tasks));
-      }
-      if (end > input_tasks) {
-        backward_weight_tasks(geo, gy_ptr, x_ptr, gw_ptr, std::max(begin, input_tasks) - input_tasks,
-                              end - input_tasks);
-      }
-    });
-  });
-  return {needs_input ? grad_x.to(input.scalar_type()) : grad_x,
-          needs_weight ? grad_w.to(weight.scalar_type()) : grad_w};
+  return involution_common::run_gradients(
+      {grad_y, w, x, grad_x, grad_w}, input_tasks, weight_tasks, geo.task_work(),
+      [&](auto... args) { backward_input_tasks(geo, args...); },
+      [&](auto... args) { backward_weight_tasks(geo, args...); },
+      {input.scalar_type(), weight.scalar_type()});
 }
 
 at::Tensor backward_input(

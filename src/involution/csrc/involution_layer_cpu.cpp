@@ -34,7 +34,7 @@
 
 #include <torch/extension.h>
 
-#include "parallel_chunks.h"
+#include "common.h"
 
 #include <ATen/Parallel.h>
 
@@ -45,28 +45,9 @@
 #include <optional>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
-#define LAYER_TARGET_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LAYER_TARGET_CLONES
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define LAYER_INLINE inline __attribute__((always_inline))
-#define LAYER_LAMBDA_INLINE __attribute__((always_inline))
-#else
-#define LAYER_INLINE inline
-#define LAYER_LAMBDA_INLINE
-#endif
-
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_shufflevector)
-#define LAYER_VECTOR_KERNELS 1  // GCC/Clang vector types
-#endif
-#endif
-
 namespace involution_layer_cpu {
+
+using involution_common::ColumnRange;
 
 using Pair = std::array<int64_t, 2>;
 
@@ -78,10 +59,6 @@ constexpr int64_t kLanes = 16;
 inline int64_t round_up(int64_t n, int64_t multiple) {
   return (n + multiple - 1) / multiple * multiple;
 }
-
-struct ColumnRange {
-  int64_t lo, hi;  // output columns j in [lo, hi) read an input column inside the image
-};
 
 struct LayerGeometry {
   int64_t batch, channels, height, width, out_h, out_w;
@@ -119,29 +96,19 @@ struct LayerParams {
   T* y;              // (B, out_channels, H_out, W_out) in the result layout
 };
 
-#ifdef LAYER_VECTOR_KERNELS
-template <typename T>
-struct Lanes16 {
-  typedef T type __attribute__((vector_size(kLanes * sizeof(T))));
-};
-template <typename T>
-using V16 = typename Lanes16<T>::type;
+#ifdef INVOLUTION_VECTOR_KERNELS
+using involution_common::load16;
+using involution_common::V16;
+static_assert(kLanes == 16, "V16 holds kLanes values");
 
 template <typename T>
-LAYER_INLINE V16<T> load16(const T* p) {
-  V16<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-LAYER_INLINE void store16(T* p, const V16<T>& v) {
+INVOLUTION_INLINE void store16(T* p, const V16<T>& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
 // max(v, 0) that keeps NaN (like torch.relu): a NaN lane compares false and is kept.
 template <typename V>
-LAYER_INLINE V relu16(const V& v) {
+INVOLUTION_INLINE V relu16(const V& v) {
   const V zero = {};
   return v < zero ? zero : v;
 }
@@ -150,7 +117,7 @@ LAYER_INLINE V relu16(const V& v) {
 // NP pixels p of a block and the n in [0, ldb), ldb a multiple of 16: accumulators for NP pixels
 // x NV vectors stay in registers over the reduction.
 template <typename T, int NP, int NV>
-LAYER_INLINE void matmul_columns(
+INVOLUTION_INLINE void matmul_columns(
     const T* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb, int64_t depth,
     const T* __restrict bias, bool relu, T* __restrict out, int64_t n0) {
   V16<T> acc[NP][NV];
@@ -181,7 +148,7 @@ LAYER_INLINE void matmul_columns(
 }
 
 template <typename T, int NP>
-LAYER_INLINE void matmul_block(
+INVOLUTION_INLINE void matmul_block(
     const T* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb, int64_t depth,
     const T* __restrict bias, bool relu, T* __restrict out) {
   int64_t n0 = 0;
@@ -199,7 +166,7 @@ LAYER_INLINE void matmul_block(
 // outside the image) and serves every tap that reads it: NP + KW - 1 loads for NP * KW
 // multiply-adds instead of NP * KW. KW = 0: any layer, one load per tap and pixel.
 template <typename T, int NP, int KW>
-LAYER_INLINE void aggregate_block16(
+INVOLUTION_INLINE void aggregate_block16(
     const LayerGeometry& geo, const LayerParams<T>& prm, const T* __restrict h, int64_t b,
     int64_t i, int64_t j0, int64_t g, T* __restrict z) {
   V16<T> acc[NP] = {};
@@ -282,7 +249,7 @@ LAYER_INLINE void aggregate_block16(
     }
   }
 }
-#endif  // LAYER_VECTOR_KERNELS
+#endif  // INVOLUTION_VECTOR_KERNELS
 
 // Scalar versions of the three steps, for any group width and for compilers without vector
 // types. acc is (np, C/G) scratch.
@@ -421,7 +388,7 @@ void pool_block(
 
 // Calls block(np) with np a std::integral_constant in 1..kBlock equal to `size`.
 template <int NP = kBlock, typename Block>
-LAYER_INLINE void with_block_size(int64_t size, const Block& block) {
+INVOLUTION_INLINE void with_block_size(int64_t size, const Block& block) {
   if constexpr (NP > 1) {
     if (size < NP) {
       with_block_size<NP - 1>(size, block);
@@ -433,7 +400,7 @@ LAYER_INLINE void with_block_size(int64_t size, const Block& block) {
 
 // The rows (b, i) in [begin, end): for each block of pixels, pool, reduce, span, aggregate.
 template <typename T>
-LAYER_INLINE void layer_rows_impl(
+INVOLUTION_INLINE void layer_rows_impl(
     const LayerGeometry& geo, const LayerParams<T>& prm, int64_t begin, int64_t end) {
   const bool pooled = geo.stride_h > 1 || geo.stride_w > 1;
   // Each thread's buffers, kept across calls (only grown): allocating and zeroing them for every
@@ -464,8 +431,8 @@ LAYER_INLINE void layer_rows_impl(
         pool_block(geo, prm.x, b, i, j0, np, pool_scratch);
         branch = pool_scratch;
       }
-#ifdef LAYER_VECTOR_KERNELS
-      with_block_size(np, [&](auto size) LAYER_LAMBDA_INLINE {
+#ifdef INVOLUTION_VECTOR_KERNELS
+      with_block_size(np, [&](auto size) INVOLUTION_LAMBDA_INLINE {
         constexpr int NP = decltype(size)::value;
         matmul_block<T, NP>(branch, geo.channels, prm.w0t, geo.reduced_padded, geo.channels,
                             prm.b0, true, reduced);
@@ -506,20 +473,13 @@ LAYER_INLINE void layer_rows_impl(
   }
 }
 
-LAYER_TARGET_CLONES void layer_rows(
+INVOLUTION_TARGET_CLONES void layer_rows(
     const LayerGeometry& geo, const LayerParams<float>& prm, int64_t begin, int64_t end) {
   layer_rows_impl<float>(geo, prm, begin, end);
 }
-LAYER_TARGET_CLONES void layer_rows(
+INVOLUTION_TARGET_CLONES void layer_rows(
     const LayerGeometry& geo, const LayerParams<double>& prm, int64_t begin, int64_t end) {
   layer_rows_impl<double>(geo, prm, begin, end);
-}
-
-inline ColumnRange valid_columns(int64_t offset, int64_t stride, int64_t width, int64_t out_w) {
-  const int64_t lo = offset >= 0 ? 0 : std::min(out_w, (-offset + stride - 1) / stride);
-  const int64_t last = width - 1 - offset;
-  const int64_t hi = last < 0 ? 0 : std::min(out_w, last / stride + 1);
-  return {lo, std::max(lo, hi)};
 }
 
 // `src` (n, m) row-major, transposed into `dst` (m, padded_n) with zero columns past n. Plain
@@ -632,12 +592,7 @@ at::Tensor layer_forward(
   geo.groups = groups;
   geo.kernel_h = kernel_size[0];
   geo.kernel_w = kernel_size[1];
-  geo.stride_h = stride[0];
-  geo.stride_w = stride[1];
-  geo.pad_h = padding[0];
-  geo.pad_w = padding[1];
-  geo.dil_h = dilation[0];
-  geo.dil_w = dilation[1];
+  involution_common::set_window(geo, stride, padding, dilation);
   TORCH_CHECK(geo.kernel_h >= 1 && geo.kernel_w >= 1 && geo.stride_h >= 1 && geo.stride_w >= 1 &&
                   geo.dil_h >= 1 && geo.dil_w >= 1 && geo.pad_h >= 0 && geo.pad_w >= 0,
               "involution layer: bad kernel size, stride, padding or dilation");
@@ -678,14 +633,9 @@ at::Tensor layer_forward(
   TORCH_CHECK(!geo.has_residual || geo.has_projection,
               "involution layer: a residual goes with a projection");
   geo.projection_relu = proj_relu;
-  const int64_t count = (geo.out_w + kBlock - 1) / kBlock;
-  for (int64_t k = 0; k < count; ++k) {
-    geo.blocks.push_back(geo.out_w / count + (k < geo.out_w % count ? 1 : 0));
-  }
-  for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
-    geo.columns.push_back(
-        valid_columns(kw * geo.dil_w - geo.pad_w, geo.stride_w, geo.width, geo.out_w));
-  }
+  geo.blocks = involution_common::column_blocks(geo.out_w, kBlock);
+  geo.columns = involution_common::kernel_columns(geo.kernel_w, geo.stride_w, geo.pad_w,
+                                                  geo.dil_w, geo.width, geo.out_w);
 
   const at::Tensor x =
       input.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::ChannelsLast);
@@ -716,7 +666,6 @@ at::Tensor layer_forward(
       geo.out_w * (geo.channels * geo.reduced + geo.reduced * groups * geo.taps +
                    geo.channels * geo.taps +
                    (geo.has_projection ? geo.channels * geo.out_channels : 0));
-  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, row_work));
   AT_DISPATCH_FLOATING_TYPES(dtype, "involution_layer_forward", [&] {
     LayerParams<scalar_t> prm{};
     prm.x = x.const_data_ptr<scalar_t>();
@@ -730,8 +679,8 @@ at::Tensor layer_forward(
     prm.b3 = geo.has_projection ? packed[5].const_data_ptr<scalar_t>() : nullptr;
     prm.residual = geo.has_residual ? res.const_data_ptr<scalar_t>() : nullptr;
     prm.y = y.mutable_data_ptr<scalar_t>();
-    involution_parallel::parallel_chunks(
-        geo.batch * geo.out_h, chunk,
+    involution_common::parallel_work(
+        geo.batch * geo.out_h, row_work, int64_t{1} << 16,
         [&](int64_t begin, int64_t end) { layer_rows(geo, prm, begin, end); });
   });
   return y;

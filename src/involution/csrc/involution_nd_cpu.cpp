@@ -21,7 +21,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "parallel_chunks.h"
+#include "common.h"
 
 #include <algorithm>
 #include <array>
@@ -29,25 +29,10 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
-#define INVOLUTION_ND_TARGET_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define INVOLUTION_ND_TARGET_CLONES
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define INVOLUTION_ND_INLINE inline __attribute__((always_inline))
-#else
-#define INVOLUTION_ND_INLINE inline
-#endif
-
 namespace involution_nd_cpu {
 
-// Output columns j in [lo, hi) whose input column j * stride + offset lies in [0, width).
-struct ColumnRange {
-  int64_t lo, hi;
-};
+using involution_common::accumulate;
+using involution_common::ColumnRange;
 
 struct Geometry3d {
   int64_t batch, channels, groups, group_channels;
@@ -75,9 +60,11 @@ struct Geometry3d {
   int64_t padded_row(int64_t b, int64_t g, int64_t d, int64_t h) const {
     return pixel_row(b, g, d, h, {size[0], size[1], padded_width});
   }
-  // Input index read by output index o through kernel index k along dimension `dim`.
+  // Input index read by output index o through kernel index k along dimension `dim`, or -1
+  // when it is padding.
   int64_t input_index(int dim, int64_t o, int64_t k) const {
-    return o * stride[dim] - pad[dim] + k * dil[dim];
+    const int64_t i = o * stride[dim] - pad[dim] + k * dil[dim];
+    return i < 0 || i >= size[dim] ? -1 : i;
   }
   // Output index that reads input index i through kernel index k along `dim`, or -1.
   int64_t output_index(int dim, int64_t i, int64_t k) const {
@@ -93,9 +80,9 @@ struct Geometry3d {
 
 // Writes the (columns, C/G) row of group g to row (d, h) of the (B, C, *dims) result `out`.
 template <typename T>
-INVOLUTION_ND_INLINE void store_row(const Geometry3d& geo, const T* __restrict row,
-                                    T* __restrict out, int64_t b, int64_t g, int64_t d, int64_t h,
-                                    const std::array<int64_t, 3>& dims, int64_t cg) {
+INVOLUTION_INLINE void store_row(const Geometry3d& geo, const T* __restrict row,
+                                 T* __restrict out, int64_t b, int64_t g, int64_t d, int64_t h,
+                                 const std::array<int64_t, 3>& dims, int64_t cg) {
   const int64_t columns = dims[2];
   if (geo.channels_last_result) {
     T* __restrict dst = out + geo.pixel_row(b, g, d, h, dims);
@@ -117,65 +104,73 @@ INVOLUTION_ND_INLINE void store_row(const Geometry3d& geo, const T* __restrict r
   }
 }
 
+// Calls body(p, q, tap0) for the kernel rows (kd, kh) whose indices p = index(0, d, kd) and
+// q = index(1, h, kh) exist (index returns -1 where none does); tap0 is the row's first tap.
+template <typename Index, typename Body>
+INVOLUTION_INLINE void for_kernel_rows(const Geometry3d& geo, int64_t d, int64_t h,
+                                       const Index& index, const Body& body) {
+  for (int64_t kd = 0; kd < geo.kernel[0]; ++kd) {
+    const int64_t p = index(0, d, kd);
+    if (p < 0) {
+      continue;
+    }
+    for (int64_t kh = 0; kh < geo.kernel[1]; ++kh) {
+      const int64_t q = index(1, h, kh);
+      if (q >= 0) {
+        body(p, q, (kd * geo.kernel[1] + kh) * geo.kernel[2]);
+      }
+    }
+  }
+}
+
+// The input rows read by an output row (input_index), and the output rows that read an input
+// row (output_index), for for_kernel_rows.
+INVOLUTION_INLINE auto input_rows(const Geometry3d& geo) {
+  return [&geo](int dim, int64_t o, int64_t k)
+             INVOLUTION_LAMBDA_INLINE { return geo.input_index(dim, o, k); };
+}
+INVOLUTION_INLINE auto output_rows(const Geometry3d& geo) {
+  return [&geo](int dim, int64_t i, int64_t k)
+             INVOLUTION_LAMBDA_INLINE { return geo.output_index(dim, i, k); };
+}
+
 // (b, g, d, h) of row item t over rows of `dims`, a group's rows consecutive.
-INVOLUTION_ND_INLINE std::array<int64_t, 4> row_item(const Geometry3d& geo, int64_t t,
-                                                     const std::array<int64_t, 3>& dims) {
+INVOLUTION_INLINE std::array<int64_t, 4> row_item(const Geometry3d& geo, int64_t t,
+                                                  const std::array<int64_t, 3>& dims) {
   const int64_t h = t % dims[1];
   const int64_t d = (t / dims[1]) % dims[0];
   const int64_t bg = t / (dims[1] * dims[0]);
   return {bg / geo.groups, bg % geo.groups, d, h};
 }
 
-#if defined(__GNUC__) || defined(__clang__)
-#define INVOLUTION_ND_VECTORS 1
-// 16 values of T (a group of 16 channels), compiled to the widest registers of the target.
-template <typename T>
-struct Lanes16 {
-  typedef T type __attribute__((vector_size(16 * sizeof(T))));
-};
-template <typename T>
-using V16 = typename Lanes16<T>::type;
-
-template <typename T>
-INVOLUTION_ND_INLINE V16<T> load16(const T* p) {
-  V16<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+#ifdef INVOLUTION_VECTOR_TYPES
+using involution_common::load16;
+using involution_common::V16;
 
 // Output columns [j0, j0 + NJ) of one output row of a 16-channel group, accumulated in
 // registers over all the taps. `x` points at the padded input's (b, 0, 0, 0, g-slice), `w` at
 // w[b, g, 0, od, oh, 0]; `row` is the (W_out, 16) result row.
 template <typename T, int NJ>
-INVOLUTION_ND_INLINE void forward_block16(const Geometry3d& geo, const T* __restrict x,
-                                          const T* __restrict w, int64_t od, int64_t oh,
-                                          int64_t j0, T* __restrict row) {
+INVOLUTION_INLINE void forward_block16(const Geometry3d& geo, const T* __restrict x,
+                                       const T* __restrict w, int64_t od, int64_t oh,
+                                       int64_t j0, T* __restrict row) {
   V16<T> acc[NJ] = {};
   const int64_t pixel = geo.channels;
   const int64_t step = geo.stride[2] * pixel;
   const int64_t tap_stride = geo.out[0] * geo.out[1] * geo.out[2];
-  for (int64_t kd = 0; kd < geo.kernel[0]; ++kd) {
-    const int64_t id = geo.input_index(0, od, kd);
-    if (id < 0 || id >= geo.size[0]) {
-      continue;
-    }
-    for (int64_t kh = 0; kh < geo.kernel[1]; ++kh) {
-      const int64_t ih = geo.input_index(1, oh, kh);
-      if (ih < 0 || ih >= geo.size[1]) {
-        continue;
-      }
-      const T* __restrict in_row =
-          x + (id * geo.size[1] + ih) * geo.padded_width * pixel + j0 * step;
-      const T* __restrict w_tap = w + (kd * geo.kernel[1] + kh) * geo.kernel[2] * tap_stride + j0;
-      for (int64_t kw = 0; kw < geo.kernel[2]; ++kw) {
-        const T* __restrict in = in_row + kw * geo.dil[2] * pixel;
-        for (int n = 0; n < NJ; ++n) {
-          acc[n] += w_tap[n] * load16(in + n * step);
-        }
-        w_tap += tap_stride;
-      }
-    }
-  }
+  for_kernel_rows(geo, od, oh, input_rows(geo),
+                  [&](int64_t id, int64_t ih, int64_t tap0) INVOLUTION_LAMBDA_INLINE {
+                    const T* __restrict in_row =
+                        x + (id * geo.size[1] + ih) * geo.padded_width * pixel + j0 * step;
+                    const T* __restrict w_tap = w + tap0 * tap_stride + j0;
+                    for (int64_t kw = 0; kw < geo.kernel[2]; ++kw) {
+                      const T* __restrict in = in_row + kw * geo.dil[2] * pixel;
+                      for (int n = 0; n < NJ; ++n) {
+                        acc[n] += w_tap[n] * load16(in + n * step);
+                      }
+                      w_tap += tap_stride;
+                    }
+                  });
   std::memcpy(row + j0 * 16, acc, sizeof(acc));
 }
 #endif
@@ -183,64 +178,39 @@ INVOLUTION_ND_INLINE void forward_block16(const Geometry3d& geo, const T* __rest
 // y[b, od, oh, :, g-slice] = sum over taps of w * x, for the output rows [begin, end).
 // `x` is the padded input (Geometry3d::padded_width).
 template <typename T, int64_t CG>
-INVOLUTION_ND_INLINE void forward_rows_impl(const Geometry3d& geo, const T* __restrict x,
-                                            const T* __restrict w, T* __restrict y,
-                                            int64_t begin, int64_t end) {
+INVOLUTION_INLINE void forward_rows_impl(const Geometry3d& geo, const T* __restrict x,
+                                         const T* __restrict w, T* __restrict y,
+                                         int64_t begin, int64_t end) {
   const int64_t cg = CG > 0 ? CG : geo.group_channels;
   const int64_t pixel = geo.channels;
   std::vector<T> acc_row(geo.out[2] * cg);
   for (int64_t t = begin; t < end; ++t) {
     const auto [b, g, od, oh] = row_item(geo, t, geo.out);
     T* __restrict acc_base = acc_row.data();
-#ifdef INVOLUTION_ND_VECTORS
+#ifdef INVOLUTION_VECTOR_TYPES
     if constexpr (CG == 16) {
       const T* x_group = x + geo.padded_row(b, g, 0, 0);
       const T* w_rows = w + geo.weight_row(b, g, 0, od, oh);
-      int64_t j0 = 0;
-      for (const int64_t size : geo.blocks8) {
-        switch (size) {
-          case 8: forward_block16<T, 8>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
-          case 7: forward_block16<T, 7>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
-          case 6: forward_block16<T, 6>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
-          case 5: forward_block16<T, 5>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
-          case 4: forward_block16<T, 4>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
-          case 3: forward_block16<T, 3>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
-          case 2: forward_block16<T, 2>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
-          default: forward_block16<T, 1>(geo, x_group, w_rows, od, oh, j0, acc_base); break;
-        }
-        j0 += size;
-      }
+      involution_common::for_column_blocks<8>(
+          geo.blocks8, [&](auto nj, int64_t j0) INVOLUTION_LAMBDA_INLINE {
+            forward_block16<T, decltype(nj)::value>(geo, x_group, w_rows, od, oh, j0, acc_base);
+          });
       store_row(geo, acc_base, y, b, g, od, oh, geo.out, cg);
       continue;
     }
 #endif
     std::fill(acc_row.begin(), acc_row.end(), T(0));
-    for (int64_t kd = 0; kd < geo.kernel[0]; ++kd) {
-      const int64_t id = geo.input_index(0, od, kd);
-      if (id < 0 || id >= geo.size[0]) {
-        continue;
-      }
-      for (int64_t kh = 0; kh < geo.kernel[1]; ++kh) {
-        const int64_t ih = geo.input_index(1, oh, kh);
-        if (ih < 0 || ih >= geo.size[1]) {
-          continue;
-        }
-        const T* __restrict in_row = x + geo.padded_row(b, g, id, ih);
-        const int64_t tap0 = (kd * geo.kernel[1] + kh) * geo.kernel[2];
-        for (int64_t kw = 0; kw < geo.kernel[2]; ++kw) {
-          const T* __restrict w_row = w + geo.weight_row(b, g, tap0 + kw, od, oh);
-          for (int64_t j = 0; j < geo.out[2]; ++j) {
-            const T weight = w_row[j];
-            const T* __restrict in = in_row + (j * geo.stride[2] + kw * geo.dil[2]) * pixel;
-            T* __restrict acc = acc_base + j * cg;
-#pragma omp simd
-            for (int64_t c = 0; c < cg; ++c) {
-              acc[c] += weight * in[c];
-            }
-          }
-        }
-      }
-    }
+    for_kernel_rows(geo, od, oh, input_rows(geo),
+                    [&](int64_t id, int64_t ih, int64_t tap0) INVOLUTION_LAMBDA_INLINE {
+                      const T* __restrict in_row = x + geo.padded_row(b, g, id, ih);
+                      for (int64_t kw = 0; kw < geo.kernel[2]; ++kw) {
+                        const T* __restrict w_row = w + geo.weight_row(b, g, tap0 + kw, od, oh);
+                        for (int64_t j = 0; j < geo.out[2]; ++j) {
+                          const T* in = in_row + (j * geo.stride[2] + kw * geo.dil[2]) * pixel;
+                          accumulate(acc_base + j * cg, w_row[j], in, cg);
+                        }
+                      }
+                    });
     store_row(geo, acc_base, y, b, g, od, oh, geo.out, cg);
   }
 }
@@ -248,10 +218,10 @@ INVOLUTION_ND_INLINE void forward_rows_impl(const Geometry3d& geo, const T* __re
 // grad_x[b, id, ih, :, g-slice] = sum over the (tap, output) pairs that read it of
 // w * grad_y, for the input rows [begin, end).
 template <typename T, int64_t CG>
-INVOLUTION_ND_INLINE void backward_input_rows_impl(const Geometry3d& geo,
-                                                   const T* __restrict grad_y,
-                                                   const T* __restrict w, T* __restrict grad_x,
-                                                   int64_t begin, int64_t end) {
+INVOLUTION_INLINE void backward_input_rows_impl(const Geometry3d& geo,
+                                                const T* __restrict grad_y,
+                                                const T* __restrict w, T* __restrict grad_x,
+                                                int64_t begin, int64_t end) {
   const int64_t cg = CG > 0 ? CG : geo.group_channels;
   const int64_t pixel = geo.channels;
   std::vector<T> acc_row(geo.size[2] * cg);
@@ -259,34 +229,19 @@ INVOLUTION_ND_INLINE void backward_input_rows_impl(const Geometry3d& geo,
     const auto [b, g, id, ih] = row_item(geo, t, geo.size);
     std::fill(acc_row.begin(), acc_row.end(), T(0));
     T* __restrict acc_base = acc_row.data();
-    for (int64_t kd = 0; kd < geo.kernel[0]; ++kd) {
-      const int64_t od = geo.output_index(0, id, kd);
-      if (od < 0) {
-        continue;
-      }
-      for (int64_t kh = 0; kh < geo.kernel[1]; ++kh) {
-        const int64_t oh = geo.output_index(1, ih, kh);
-        if (oh < 0) {
-          continue;
-        }
-        const T* __restrict gy_row = grad_y + geo.pixel_row(b, g, od, oh, geo.out);
-        const int64_t tap0 = (kd * geo.kernel[1] + kh) * geo.kernel[2];
-        for (int64_t kw = 0; kw < geo.kernel[2]; ++kw) {
-          const T* __restrict w_row = w + geo.weight_row(b, g, tap0 + kw, od, oh);
-          const ColumnRange cols = geo.columns[kw];
-          const int64_t offset = kw * geo.dil[2] - geo.pad[2];
-          for (int64_t j = cols.lo; j < cols.hi; ++j) {
-            const T weight = w_row[j];
-            const T* __restrict gy = gy_row + j * pixel;
-            T* __restrict acc = acc_base + (j * geo.stride[2] + offset) * cg;
-#pragma omp simd
-            for (int64_t c = 0; c < cg; ++c) {
-              acc[c] += weight * gy[c];
-            }
-          }
-        }
-      }
-    }
+    for_kernel_rows(geo, id, ih, output_rows(geo),
+                    [&](int64_t od, int64_t oh, int64_t tap0) INVOLUTION_LAMBDA_INLINE {
+                      const T* __restrict gy_row = grad_y + geo.pixel_row(b, g, od, oh, geo.out);
+                      for (int64_t kw = 0; kw < geo.kernel[2]; ++kw) {
+                        const T* __restrict w_row = w + geo.weight_row(b, g, tap0 + kw, od, oh);
+                        const ColumnRange cols = geo.columns[kw];
+                        const int64_t offset = kw * geo.dil[2] - geo.pad[2];
+                        for (int64_t j = cols.lo; j < cols.hi; ++j) {
+                          accumulate(acc_base + (j * geo.stride[2] + offset) * cg, w_row[j],
+                                     gy_row + j * pixel, cg);
+                        }
+                      }
+                    });
     store_row(geo, acc_base, grad_x, b, g, id, ih, geo.size, cg);
   }
 }
@@ -294,10 +249,10 @@ INVOLUTION_ND_INLINE void backward_input_rows_impl(const Geometry3d& geo,
 // grad_w[b, g, tap, od, oh, j] = sum over the group's channels of grad_y * x (zero where the
 // tap reads padding), for the output rows [begin, end).
 template <typename T, int64_t CG>
-INVOLUTION_ND_INLINE void backward_weight_rows_impl(const Geometry3d& geo,
-                                                    const T* __restrict grad_y,
-                                                    const T* __restrict x, T* __restrict grad_w,
-                                                    int64_t begin, int64_t end) {
+INVOLUTION_INLINE void backward_weight_rows_impl(const Geometry3d& geo,
+                                                 const T* __restrict grad_y,
+                                                 const T* __restrict x, T* __restrict grad_w,
+                                                 int64_t begin, int64_t end) {
   const int64_t cg = CG > 0 ? CG : geo.group_channels;
   const int64_t pixel = geo.channels;
   const int64_t out_w = geo.out[2];
@@ -308,7 +263,7 @@ INVOLUTION_ND_INLINE void backward_weight_rows_impl(const Geometry3d& geo,
       const int64_t id = geo.input_index(0, od, kd);
       for (int64_t kh = 0; kh < geo.kernel[1]; ++kh) {
         const int64_t ih = geo.input_index(1, oh, kh);
-        const bool inside = id >= 0 && id < geo.size[0] && ih >= 0 && ih < geo.size[1];
+        const bool inside = id >= 0 && ih >= 0;
         const int64_t tap0 = (kd * geo.kernel[1] + kh) * geo.kernel[2];
         const T* __restrict in_row = inside ? x + geo.pixel_row(b, g, id, ih, geo.size) : nullptr;
         for (int64_t kw = 0; kw < geo.kernel[2]; ++kw) {
@@ -318,14 +273,8 @@ INVOLUTION_ND_INLINE void backward_weight_rows_impl(const Geometry3d& geo,
           std::fill(gw_row + cols.hi, gw_row + out_w, T(0));
           const int64_t offset = kw * geo.dil[2] - geo.pad[2];
           for (int64_t j = cols.lo; j < cols.hi; ++j) {
-            const T* __restrict gy = gy_row + j * pixel;
-            const T* __restrict in = in_row + (j * geo.stride[2] + offset) * pixel;
-            T sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t c = 0; c < cg; ++c) {
-              sum += gy[c] * in[c];
-            }
-            gw_row[j] = sum;
+            gw_row[j] = involution_common::dot(gy_row + j * pixel,
+                                               in_row + (j * geo.stride[2] + offset) * pixel, cg);
           }
         }
       }
@@ -335,24 +284,7 @@ INVOLUTION_ND_INLINE void backward_weight_rows_impl(const Geometry3d& geo,
 
 // Non-template entry points, one per compute type, compiled once per instruction set; groups
 // of 16 channels get kernels where that width is a compile-time constant.
-#define INVOLUTION_ND_DEFINE_KERNEL(NAME, T, A, B, OUT)                                     \
-  INVOLUTION_ND_TARGET_CLONES void NAME(const Geometry3d& geo, const T* A, const T* B,     \
-                                        T* OUT, int64_t begin, int64_t end) {              \
-    if (geo.group_channels == 16) {                                                        \
-      NAME##_impl<T, 16>(geo, A, B, OUT, begin, end);                                      \
-    } else {                                                                               \
-      NAME##_impl<T, 0>(geo, A, B, OUT, begin, end);                                       \
-    }                                                                                      \
-  }
-#define INVOLUTION_ND_DEFINE_KERNELS(T)                                   \
-  INVOLUTION_ND_DEFINE_KERNEL(forward_rows, T, x, w, y)                   \
-  INVOLUTION_ND_DEFINE_KERNEL(backward_input_rows, T, grad_y, w, grad_x)  \
-  INVOLUTION_ND_DEFINE_KERNEL(backward_weight_rows, T, grad_y, x, grad_w)
-
-INVOLUTION_ND_DEFINE_KERNELS(float)
-INVOLUTION_ND_DEFINE_KERNELS(double)
-#undef INVOLUTION_ND_DEFINE_KERNELS
-#undef INVOLUTION_ND_DEFINE_KERNEL
+INVOLUTION_DEFINE_KERNELS(Geometry3d, forward_rows, backward_input_rows, backward_weight_rows)
 
 bool is_channels_last_3d(const at::Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
@@ -391,34 +323,22 @@ Geometry3d make_geometry(const at::Tensor& input, const at::Tensor& weight,
     TORCH_CHECK(geo.stride[dim] >= 1 && geo.dil[dim] >= 1 && geo.pad[dim] >= 0,
                 "involution3d: bad stride ", stride, ", padding ", padding, " or dilation ",
                 dilation);
-    const int64_t expected =
-        (geo.size[dim] + 2 * geo.pad[dim] - geo.dil[dim] * (geo.kernel[dim] - 1) - 1) /
-            geo.stride[dim] +
-        1;
-    TORCH_CHECK(geo.out[dim] == expected, "involution3d: weight ", weight.sizes(),
-                " does not match input ", input.sizes());
+    TORCH_CHECK(geo.out[dim] == involution_common::output_size(geo.size[dim], geo.kernel[dim],
+                                                               geo.stride[dim], geo.pad[dim],
+                                                               geo.dil[dim]),
+                "involution3d: weight ", weight.sizes(), " does not match input ", input.sizes());
   }
-  for (int64_t kw = 0; kw < geo.kernel[2]; ++kw) {
-    const int64_t offset = kw * geo.dil[2] - geo.pad[2];
-    const int64_t s = geo.stride[2];
-    const int64_t lo = offset >= 0 ? 0 : std::min(geo.out[2], (-offset + s - 1) / s);
-    const int64_t last = geo.size[2] - 1 - offset;
-    const int64_t hi = last < 0 ? 0 : std::min(geo.out[2], last / s + 1);
-    geo.columns.push_back({lo, std::max(lo, hi)});
-  }
-  geo.padded_width = std::max(geo.pad[2] + geo.size[2], (geo.out[2] - 1) * geo.stride[2] +
-                                                           (geo.kernel[2] - 1) * geo.dil[2] + 1);
-  const int64_t count = (geo.out[2] + 7) / 8;
-  for (int64_t k = 0; k < count; ++k) {
-    geo.blocks8.push_back(geo.out[2] / count + (k < geo.out[2] % count ? 1 : 0));
-  }
+  geo.columns = involution_common::kernel_columns(geo.kernel[2], geo.stride[2], geo.pad[2],
+                                                  geo.dil[2], geo.size[2], geo.out[2]);
+  geo.padded_width = involution_common::padded_width(geo.size[2], geo.kernel[2], geo.out[2],
+                                                     geo.stride[2], geo.pad[2], geo.dil[2]);
+  geo.blocks8 = involution_common::column_blocks(geo.out[2], 8);
   geo.channels_last_result = is_channels_last_3d(input);
   return geo;
 }
 
 at::ScalarType compute_type(at::ScalarType dtype) {
-  TORCH_CHECK(at::isFloatingType(dtype), "involution3d: unsupported dtype ", dtype);
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+  return involution_common::compute_type(dtype, "involution3d");
 }
 
 // Copies the contiguous (B, C, D, H, W) `src` into the channels-last (B, D, H, row_width, C)
@@ -487,14 +407,6 @@ at::MemoryFormat result_format(const Geometry3d& geo) {
                                   : at::MemoryFormat::Contiguous;
 }
 
-// Runs body(begin, end) over `total` rows of `row_work` multiply-adds each, in chunks of at
-// least ~32k multiply-adds handed out on demand.
-template <typename Body>
-void parallel_rows(int64_t total, int64_t row_work, const Body& body) {
-  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, row_work));
-  involution_parallel::parallel_chunks(total, chunk, body);
-}
-
 at::Tensor forward3d(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation) {
   const Geometry3d geo = make_geometry(input, weight, stride, padding, dilation);
@@ -504,14 +416,8 @@ at::Tensor forward3d(const at::Tensor& input, const at::Tensor& weight, at::IntA
   at::Tensor y = at::empty({geo.batch, geo.channels, geo.out[0], geo.out[1], geo.out[2]},
                            x.options().memory_format(result_format(geo)));
   const int64_t rows = geo.batch * geo.groups * geo.out[0] * geo.out[1];
-  AT_DISPATCH_FLOATING_TYPES(dtype, "involution3d_cpu_forward", [&] {
-    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
-    scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
-    parallel_rows(rows, geo.row_work(), [&](int64_t begin, int64_t end) {
-      forward_rows(geo, x_ptr, w_ptr, y_ptr, begin, end);
-    });
-  });
+  involution_common::run_forward(x, w, y, rows, geo.row_work(),
+                                 [&](auto... args) { forward_rows(geo, args...); });
   return y.to(input.scalar_type());
 }
 
@@ -539,25 +445,11 @@ std::tuple<at::Tensor, at::Tensor> backward3d(const at::Tensor& grad_output,
   const int64_t input_rows =
       needs_input ? geo.batch * geo.groups * geo.size[0] * geo.size[1] : 0;
   const int64_t weight_rows = needs_weight ? geo.batch * geo.groups * geo.out[0] * geo.out[1] : 0;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "involution3d_cpu_backward", [&] {
-    const scalar_t* gy_ptr = grad_y.const_data_ptr<scalar_t>();
-    const scalar_t* w_ptr = needs_input ? w.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* x_ptr = needs_weight ? x.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gx_ptr = needs_input ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gw_ptr = needs_weight ? grad_w.mutable_data_ptr<scalar_t>() : nullptr;
-    // Rows [0, input_rows) are grad_input rows, the rest grad_weight rows.
-    parallel_rows(input_rows + weight_rows, geo.row_work(), [&](int64_t begin, int64_t end) {
-      if (begin < input_rows) {
-        backward_input_rows(geo, gy_ptr, w_ptr, gx_ptr, begin, std::min(end, input_rows));
-      }
-      if (end > input_rows) {
-        backward_weight_rows(geo, gy_ptr, x_ptr, gw_ptr, std::max(begin, input_rows) - input_rows,
-                             end - input_rows);
-      }
-    });
-  });
-  return {needs_input ? grad_x.to(input.scalar_type()) : grad_x,
-          needs_weight ? grad_w.to(weight.scalar_type()) : grad_w};
+  return involution_common::run_gradients(
+      {grad_y, w, x, grad_x, grad_w}, input_rows, weight_rows, geo.row_work(),
+      [&](auto... args) { backward_input_rows(geo, args...); },
+      [&](auto... args) { backward_weight_rows(geo, args...); },
+      {input.scalar_type(), weight.scalar_type()});
 }
 
 }  // namespace involution_nd_cpu
