@@ -63,4 +63,3 @@ def make_clips(
             y, x = y0 + dy * speed * t, x0 + dx * speed * t
             clips[n, 0, t, y : y + ITEM_SIZE, x : x + ITEM_SIZE] = items[n]
     return clips, labels[picks] * len(DIRECTIONS) + directions
-
