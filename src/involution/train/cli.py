@@ -113,7 +113,7 @@ def _describe_run_dir(run_dir: Path) -> str:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from involution.train.engine import NonFiniteLossError, run_training
+    from involution.train.engine import NonFiniteLossError, RunOptions, run_training
     from involution.train.signals import TrainingInterrupted
 
     try:
@@ -126,11 +126,12 @@ def train_command(args: argparse.Namespace) -> int:
             if not (run_dir / ckpt.CHECKPOINT_NAME).is_file():
                 return user_error(f"{run_dir} holds no {ckpt.CHECKPOINT_NAME} to resume from")
             config = load_config(run_dir / ckpt.CONFIG_NAME, args.overrides)
-            summary = run_training(config, run_dir, resume=True)
+            summary = run_training(config, RunOptions(run_dir, resume=True))
         else:
             config = load_config(args.config or DEFAULT_CONFIG_NAME, args.overrides)
             config_name = Path(args.config or DEFAULT_CONFIG_NAME).stem
-            summary = run_training(config, None, False, config_name, args.resume_if_exists)
+            options = RunOptions(config_name=config_name, continue_if_exists=args.resume_if_exists)
+            summary = run_training(config, options)
     except TrainingInterrupted as err:
         print(f"involution: training {err}", file=sys.stderr)
         return err.exit_code

@@ -16,6 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -149,25 +150,26 @@ def weights_metadata(config: Config, classes: list[str], in_chans: int) -> dict[
 # ----------------------------------------------------------------------------- trainer
 
 
-class Trainer:
-    """Train ``config`` in ``run_dir``; with ``resume`` continue from its checkpoint.
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run starts: in ``run_dir`` (continued from its checkpoint with ``resume``), or,
+    without it, in a directory rank 0 picks once the model is built: a new one named after the
+    model (:func:`~involution.train.rundir.model_label`, with ``config_name``, the config file's
+    stem), or, on an elastic restart or with ``continue_if_exists``, the run already in
+    ``output.dir/output.name``, continued (:func:`~involution.train.rundir.open_run_dir`)."""
 
-    Without ``run_dir`` rank 0 picks it once the model is built and every rank takes its
-    path: a new one named after the model (:func:`~involution.train.rundir.model_label`, with
-    ``config_name``, the config file's stem), or, on an elastic restart or with
-    ``continue_if_exists``, the run already in ``output.dir/output.name``, continued
-    (:func:`~involution.train.rundir.open_run_dir`). Call :meth:`fit`. Only rank 0 writes files
-    and prints.
+    run_dir: Path | None = None
+    resume: bool = False
+    config_name: str | None = None
+    continue_if_exists: bool = False
+
+
+class Trainer:
+    """Train ``config`` in the run directory ``options`` give (:class:`RunOptions`; every rank
+    takes rank 0's choice). Call :meth:`fit`. Only rank 0 writes files and prints.
     """
 
-    def __init__(
-        self,
-        config: Config,
-        run_dir: Path | None = None,
-        resume: bool = False,
-        config_name: str | None = None,
-        continue_if_exists: bool = False,
-    ) -> None:
+    def __init__(self, config: Config, options: RunOptions = RunOptions()) -> None:
         self.config = config
         self.info = self._set_up_runtime()
         self._build_model()
@@ -181,11 +183,12 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.stop_signals = StopSignals()
         self.interrupted_by: int | None = None
-        found = RunStart(run_dir, resume) if run_dir is not None else None
-        if found is None:
-            found = self._open_run_dir(config_name, continue_if_exists)
+        if options.run_dir is not None:
+            found = RunStart(options.run_dir, options.resume)
+        else:
+            found = self._open_run_dir(options.config_name, options.continue_if_exists)
         self.run_dir = found.path
-        self._start(found.resume, announce=run_dir is None)
+        self._start(found.resume, announce=options.run_dir is None)
 
     # ---------------------------------------------------------------- set-up steps
 
@@ -616,24 +619,14 @@ class Trainer:
         self.save()
 
 
-def run_training(
-    config: Config,
-    run_dir: Path | None = None,
-    resume: bool = False,
-    config_name: str | None = None,
-    continue_if_exists: bool = False,
-) -> dict:
-    """Train ``config`` and tear down the process group.
-
-    Without ``run_dir`` (the run to resume) a new one is created before anything is written,
-    or, with ``continue_if_exists`` or on an elastic restart, the run in
-    ``output.dir/output.name`` continued (see :class:`Trainer`; ``config_name``, the config
-    file's stem, names a reshaped model). Raises
-    :class:`~involution.train.signals.TrainingInterrupted` after a stop signal.
+def run_training(config: Config, options: RunOptions = RunOptions()) -> dict:
+    """Train ``config`` in the run directory ``options`` give (see :class:`RunOptions`) and
+    tear down the process group. Raises :class:`~involution.train.signals.TrainingInterrupted`
+    after a stop signal.
     """
     trainer: Trainer | None = None
     try:
-        trainer = Trainer(config, run_dir, resume, config_name, continue_if_exists)
+        trainer = Trainer(config, options)
         return trainer.fit()
     finally:
         # The trainer sits in reference cycles and its DDP wrapper holds the process group: free
