@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from involution.ops import Involution2d
@@ -235,7 +237,24 @@ def test_ddp_two_process_step(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, (port, tmp_path), nprocs=2, start_method="fork")
+    # The ranks are forked from a fresh interpreter: a process that has already run autograd
+    # (a test worker, after other tests) cannot fork ("autograd's threading").
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import torch.multiprocessing as mp
+        from test_regenerate import _ddp_worker
+        mp.start_processes(
+            _ddp_worker, ({port}, Path({str(tmp_path)!r})), nprocs=2, start_method="fork"
+        )
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
     grads = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
     torch.manual_seed(1)
     x = torch.randn(4, 16, 9, 9)
