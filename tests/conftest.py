@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +21,20 @@ if not torch.cuda.is_available():
 # One fixed tiling per Triton kernel on a GPU: autotuning every random test shape over all
 # candidate tilings would take minutes; the benchmarks exercise the autotuner.
 os.environ.setdefault("INVOLUTION_TRITON_AUTOTUNE", "0")
+
+
+def fashion_mnist_scenes(tmp_path_factory: pytest.TempPathFactory, **params: Any) -> Path:
+    """A small Fashion-MNIST scenes set (``involution.datasets.scenes.build_scenes`` with
+    ``params``) in a fresh temporary folder; skips the test where Fashion-MNIST is absent."""
+    from involution.datasets.fashion_mnist import find_fashion_mnist
+    from involution.datasets.scenes import build_scenes
+
+    try:
+        fashion_mnist = find_fashion_mnist(download=False)
+    except FileNotFoundError as err:
+        pytest.skip(f"Fashion-MNIST not available: {err}")
+    root = tmp_path_factory.mktemp("scenes") / "fm"
+    return build_scenes(root, fashion_mnist_root=fashion_mnist, **params)
 
 
 # Skip reasons grouped under one name each in the end-of-run line (first pattern found in the

@@ -18,10 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from torchvision.models.detection import FasterRCNN, RetinaNet
 
+from conftest import fashion_mnist_scenes
 from involution import Involution2d
 from involution.cli import main
-from involution.datasets.fashion_mnist import find_fashion_mnist
-from involution.datasets.scenes import build_scenes
 from involution.train.checkpoint import read_jsonl
 from involution.train.config import load_config, shipped_configs
 from involution.train.data import ShardSampler, build_loader
@@ -68,12 +67,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        fashion_mnist = find_fashion_mnist(download=False)
-    except FileNotFoundError as err:
-        pytest.skip(f"Fashion-MNIST not available: {err}")
-    root = tmp_path_factory.mktemp("scenes") / "fm"
-    return build_scenes(root, fashion_mnist_root=fashion_mnist, **SCENES)
+    return fashion_mnist_scenes(tmp_path_factory, **SCENES)
 
 
 def _overrides(scenes: Path, out: Path, *extra: str) -> list[str]:

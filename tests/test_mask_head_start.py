@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import fashion_mnist_scenes
 from involution import Involution2d
 from involution.cli import main
-from involution.datasets.fashion_mnist import find_fashion_mnist
-from involution.datasets.scenes import build_scenes
 from involution.models.detection import InvolutionMaskHead, InvolutionRPNHead
 from involution.train.checkpoint import read_jsonl
 from involution.train.tasks.base import total_loss
@@ -30,12 +29,7 @@ TERMS = ("classifier", "box_reg", "mask", "objectness", "rpn_box_reg")
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        fashion_mnist = find_fashion_mnist(download=False)
-    except FileNotFoundError as err:
-        pytest.skip(f"Fashion-MNIST not available: {err}")
-    root = tmp_path_factory.mktemp("scenes") / "fm"
-    return build_scenes(root, fashion_mnist_root=fashion_mnist, **SCENES)
+    return fashion_mnist_scenes(tmp_path_factory, **SCENES)
 
 
 def test_mask_head_starts_as_the_identity_and_trains_its_kernels() -> None:
