@@ -21,9 +21,10 @@ restored after the recomputation, so they too are updated once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,8 @@ from involution.ops.layout import kernels_like
 __all__ = [
     "KernelBranch",
     "RegeneratedInvolution2d",
+    "SavedLayer",
+    "layer_gradients",
     "recompute_layer",
     "regenerate_involution2d",
     "update_running_stats",
@@ -99,6 +102,20 @@ def _normalise(
     )
 
 
+class SavedLayer(NamedTuple):
+    """What :class:`RegeneratedInvolution2d` keeps for backward (shapes in its docstring)."""
+
+    x: Tensor
+    reduce_weight: Tensor
+    norm_weight: Tensor | None
+    norm_bias: Tensor | None
+    running: Tensor | None
+    span_weight: Tensor
+    span_bias: Tensor | None
+    mean: Tensor
+    invstd: Tensor
+
+
 class RegeneratedInvolution2d(torch.autograd.Function):
     """The :class:`~involution.ops.Involution2d` layer, its kernels regenerated in backward.
 
@@ -139,102 +156,106 @@ class RegeneratedInvolution2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         # ctx.saved_tensors read once: an enclosing checkpoint allows one unpacking.
-        saved = ctx.saved_tensors
-        x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias = saved[:7]
-        mean, invstd = saved[7:]
-        branch: KernelBranch = ctx.branch
-        needs = ctx.needs_input_grad
-        pooled = _pool(x, branch.stride)
-        reduced = F.conv2d(pooled, reduce_weight)
-        if branch.eps is not None:  # the saved statistics: the forward's normalisation
-            scale = invstd if running is None else torch.rsqrt(running[1] + branch.eps)
-            shift = -(mean if running is None else running[0]) * scale
-            if norm_weight is not None:
-                scale = scale * norm_weight
-                shift = shift * norm_weight
-            if norm_bias is not None:
-                shift = shift + norm_bias
-            normed = torch.addcmul(shift[:, None, None], reduced, scale[:, None, None])
-            normed = normed.to(reduced.dtype)  # a half-precision input's BatchNorm output
-        else:
-            normed = reduced
-        activated = F.relu(normed)
-        kernels = _span(activated, span_weight, span_bias, branch)
-        grad_x, grad_kernels = _aggregation_gradients(grad_output, x, kernels, branch, needs[0])
-        del kernels
-        grad_kernels = grad_kernels.flatten(1, 3)  # (B, G*K*K, H_out, W_out)
-        grad_activated, grad_span_weight, grad_span_bias = torch.ops.aten.convolution_backward(
-            grad_kernels,
-            activated,
-            span_weight,
-            None if span_bias is None else [span_bias.shape[0]],
-            [1, 1],
-            [0, 0],
-            [1, 1],
-            False,
-            [0, 0],
-            1,
-            [True, needs[5], span_bias is not None and needs[6]],
+        saved = SavedLayer(*ctx.saved_tensors)
+        return (*layer_gradients(grad_output, saved, ctx.branch, ctx.needs_input_grad[:7]), None)
+
+
+def layer_gradients(
+    grad_output: Tensor, saved: SavedLayer, branch: KernelBranch, needs: Sequence[bool]
+) -> tuple[Tensor | None, ...]:
+    """The layer's gradients from ``grad_output`` (B, C, H_out, W_out), the kernels
+    regenerated from ``saved``: (x, reduce_weight, norm_weight, norm_bias, running (always
+    ``None``), span_weight, span_bias), each ``None`` where ``needs`` (7 flags, in that
+    order) is false or the parameter is absent."""
+    x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias, mean, invstd = saved
+    pooled = _pool(x, branch.stride)
+    reduced = F.conv2d(pooled, reduce_weight)
+    if branch.eps is not None:  # the saved statistics: the forward's normalisation
+        scale = invstd if running is None else torch.rsqrt(running[1] + branch.eps)
+        shift = -(mean if running is None else running[0]) * scale
+        if norm_weight is not None:
+            scale = scale * norm_weight
+            shift = shift * norm_weight
+        if norm_bias is not None:
+            shift = shift + norm_bias
+        normed = torch.addcmul(shift[:, None, None], reduced, scale[:, None, None])
+        normed = normed.to(reduced.dtype)  # a half-precision input's BatchNorm output
+    else:
+        normed = reduced
+    activated = F.relu(normed)
+    kernels = _span(activated, span_weight, span_bias, branch)
+    grad_x, grad_kernels = _aggregation_gradients(grad_output, x, kernels, branch, needs[0])
+    del kernels
+    grad_kernels = grad_kernels.flatten(1, 3)  # (B, G*K*K, H_out, W_out)
+    grad_activated, grad_span_weight, grad_span_bias = torch.ops.aten.convolution_backward(
+        grad_kernels,
+        activated,
+        span_weight,
+        None if span_bias is None else [span_bias.shape[0]],
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [True, needs[5], span_bias is not None and needs[6]],
+    )
+    grad_normed = torch.ops.aten.threshold_backward(grad_activated, activated, 0)
+    grad_norm_weight = grad_norm_bias = None
+    if branch.eps is None:
+        grad_reduced = grad_normed
+    else:
+        grad_reduced, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_normed,
+            reduced,
+            norm_weight,
+            None if running is None else running[0],
+            None if running is None else running[1],
+            mean if running is None else None,
+            invstd if running is None else None,
+            running is None,
+            branch.eps,
+            [
+                True,
+                norm_weight is not None and needs[2],
+                norm_bias is not None and needs[3],
+            ],
         )
-        grad_normed = torch.ops.aten.threshold_backward(grad_activated, activated, 0)
-        grad_norm_weight = grad_norm_bias = None
-        if branch.eps is None:
-            grad_reduced = grad_normed
-        else:
-            grad_reduced, grad_norm_weight, grad_norm_bias = (
-                torch.ops.aten.native_batch_norm_backward(
-                    grad_normed,
-                    reduced,
-                    norm_weight,
-                    None if running is None else running[0],
-                    None if running is None else running[1],
-                    mean if running is None else None,
-                    invstd if running is None else None,
-                    running is None,
-                    branch.eps,
-                    [
-                        True,
-                        norm_weight is not None and needs[2],
-                        norm_bias is not None and needs[3],
-                    ],
-                )
+    grad_pooled, grad_reduce_weight, _ = torch.ops.aten.convolution_backward(
+        grad_reduced,
+        pooled,
+        reduce_weight,
+        None,
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [needs[0], needs[1], False],
+    )
+    if needs[0]:
+        if branch.stride > 1:
+            grad_pooled = torch.ops.aten.avg_pool2d_backward(
+                grad_pooled,
+                x,
+                [branch.stride] * 2,
+                [branch.stride] * 2,
+                [0, 0],
+                True,
+                True,
+                None,
             )
-        grad_pooled, grad_reduce_weight, _ = torch.ops.aten.convolution_backward(
-            grad_reduced,
-            pooled,
-            reduce_weight,
-            None,
-            [1, 1],
-            [0, 0],
-            [1, 1],
-            False,
-            [0, 0],
-            1,
-            [needs[0], needs[1], False],
-        )
-        if needs[0]:
-            if branch.stride > 1:
-                grad_pooled = torch.ops.aten.avg_pool2d_backward(
-                    grad_pooled,
-                    x,
-                    [branch.stride] * 2,
-                    [branch.stride] * 2,
-                    [0, 0],
-                    True,
-                    True,
-                    None,
-                )
-            grad_x = grad_x + grad_pooled
-        return (
-            grad_x,
-            grad_reduce_weight,
-            grad_norm_weight,
-            grad_norm_bias,
-            None,
-            grad_span_weight,
-            grad_span_bias,
-            None,
-        )
+        grad_x = grad_x + grad_pooled
+    return (
+        grad_x,
+        grad_reduce_weight,
+        grad_norm_weight,
+        grad_norm_bias,
+        None,
+        grad_span_weight,
+        grad_span_bias,
+    )
 
 
 def _span(
