@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from involution.ops import registration
+from involution.ops.backends import get_backend
 from involution.ops.checks import autocast, check_dtypes
-from involution.ops.layout import kernels_like
+from involution.ops.layout import kernels_like, pair
 
 __all__ = [
     "KernelBranch",
@@ -142,8 +143,7 @@ class RegeneratedInvolution2d(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         reduced = F.conv2d(_pool(x, branch.stride), reduce_weight)
         normed, mean, invstd = _normalise(reduced, norm_weight, norm_bias, running, branch.eps)
-        kernels = _span(F.relu(normed), span_weight, span_bias, branch)
-        output = _aggregate(x, kernels, branch)
+        output = _aggregate(x, F.relu(normed), span_weight, span_bias, branch)
         # Only the input, the parameters and the statistics: the kernels and the branch's
         # intermediates are regenerated in backward.
         ctx.save_for_backward(
@@ -167,7 +167,8 @@ def layer_gradients(
     regenerated from ``saved``: (x, reduce_weight, norm_weight, norm_bias, running (always
     ``None``), span_weight, span_bias), each ``None`` where ``needs`` (7 flags, in that
     order) is false or the parameter is absent."""
-    x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias, mean, invstd = saved
+    x, reduce_weight, norm_weight, norm_bias, running = saved[:5]
+    mean, invstd = saved.mean, saved.invstd
     pooled = _pool(x, branch.stride)
     reduced = F.conv2d(pooled, reduce_weight)
     if branch.eps is not None:  # the saved statistics: the forward's normalisation
@@ -183,23 +184,11 @@ def layer_gradients(
     else:
         normed = reduced
     activated = F.relu(normed)
-    kernels = _span(activated, span_weight, span_bias, branch)
-    grad_x, grad_kernels = _aggregation_gradients(grad_output, x, kernels, branch, needs[0])
-    del kernels
-    grad_kernels = grad_kernels.flatten(1, 3)  # (B, G*K*K, H_out, W_out)
-    grad_activated, grad_span_weight, grad_span_bias = torch.ops.aten.convolution_backward(
-        grad_kernels,
-        activated,
-        span_weight,
-        None if span_bias is None else [span_bias.shape[0]],
-        [1, 1],
-        [0, 0],
-        [1, 1],
-        False,
-        [0, 0],
-        1,
-        [True, needs[5], span_bias is not None and needs[6]],
-    )
+    if branch.backend == "triton" and x.numel() > 0 and registration.use_eager_path(x, activated):
+        span_grads = _triton_span_gradients(grad_output, x, activated, saved, branch, needs)
+    else:
+        span_grads = _span_gradients(grad_output, x, activated, saved, branch, needs)
+    grad_x, grad_activated, grad_span_weight, grad_span_bias = span_grads
     grad_normed = torch.ops.aten.threshold_backward(grad_activated, activated, 0)
     grad_norm_weight = grad_norm_bias = None
     if branch.eps is None:
@@ -258,20 +247,84 @@ def layer_gradients(
     )
 
 
-def _span(
-    activated: Tensor, span_weight: Tensor, span_bias: Tensor | None, branch: KernelBranch
-) -> Tensor:
-    """The span conv: kernels (B, G, K, K, H_out, W_out) from ``activated`` (B, M, H_out, W_out)."""
+def _span_gradients(
+    grad_output: Tensor,
+    x: Tensor,
+    activated: Tensor,
+    saved: SavedLayer,
+    branch: KernelBranch,
+    needs: Sequence[bool],
+) -> tuple[Tensor | None, ...]:
+    """(grad_x of the aggregation, grad_activated, grad_span_weight, grad_span_bias) with
+    ATen ops: the kernels (B, G, K, K, H_out, W_out) and their gradient materialised, the
+    aggregation's gradients by the backend, the span conv's by ATen."""
+    span_weight, span_bias = saved.span_weight, saved.span_bias
     k = branch.kernel_size
-    return F.conv2d(activated, span_weight, span_bias).unflatten(1, [branch.groups, k, k])
+    kernels = F.conv2d(activated, span_weight, span_bias).unflatten(1, [branch.groups, k, k])
+    grad_x, grad_kernels = _aggregation_gradients(grad_output, x, kernels, branch, needs[0])
+    del kernels
+    grad_kernels = grad_kernels.flatten(1, 3)  # (B, G*K*K, H_out, W_out)
+    grad_activated, grad_span_weight, grad_span_bias = torch.ops.aten.convolution_backward(
+        grad_kernels,
+        activated,
+        span_weight,
+        None if span_bias is None else [span_bias.shape[0]],
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [True, needs[5], span_bias is not None and needs[6]],
+    )
+    return grad_x, grad_activated, grad_span_weight, grad_span_bias
 
 
-def _aggregate(x: Tensor, kernels: Tensor, branch: KernelBranch) -> Tensor:
-    """The aggregation, without autograd: the backend directly in eager mode, the custom op
+def _triton_span_gradients(
+    grad_output: Tensor,
+    x: Tensor,
+    activated: Tensor,
+    saved: SavedLayer,
+    branch: KernelBranch,
+    needs: Sequence[bool],
+) -> tuple[Tensor | None, ...]:
+    """:func:`_span_gradients` by the Triton backend's fused backward, which keeps the kernels
+    and their gradient in registers (:mod:`involution.ops.backends.triton.regeneration`)."""
+    span_weight = saved.span_weight
+    k = branch.kernel_size
+    geometry = (pair(value) for value in branch.conv_args[:3])
+    grad_x, grad_activated, grad_span_weight, grad_span_bias = get_backend("triton").fused_backward(
+        grad_output,
+        x,
+        activated,
+        span_weight.flatten(1),
+        saved.span_bias,
+        (k, k),
+        *geometry,
+        (needs[0], needs[5], needs[6]),
+    )
+    if grad_span_weight is not None:
+        grad_span_weight = grad_span_weight.view_as(span_weight)
+    return grad_x, grad_activated, grad_span_weight, grad_span_bias
+
+
+def _aggregate(
+    x: Tensor,
+    activated: Tensor,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    branch: KernelBranch,
+) -> Tensor:
+    """The aggregation with the kernels ``span(activated)``, without autograd, by the fused op
+    (the ``"triton"`` backend generates the kernels in registers and never stores them; the
+    others run the span conv first): its computation directly in eager mode, the custom op
     where a tracer needs one."""
-    if registration.use_eager_path(x, kernels):
-        return registration.aggregate(x, kernels, *branch.conv_args)
-    return registration.involution2d_op(x, kernels, *branch.conv_args)
+    k = branch.kernel_size
+    stride, padding, dilation, backend = branch.conv_args
+    args = (x, activated, span_weight.flatten(1), span_bias, [k, k], stride, padding, dilation)
+    if registration.use_eager_path(x, activated):
+        return registration.fused_aggregate(*args, branch.groups, backend)
+    return registration.involution2d_fused_op(*args, branch.groups, backend)
 
 
 def _aggregation_gradients(

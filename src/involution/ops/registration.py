@@ -280,7 +280,13 @@ class EagerInvolution2d(torch.autograd.Function):
 def involution2d_fused_op(*args: Any) -> Tensor:
     """Involution of ``input`` with the kernels ``generate_kernels(reduced, span_weight, ...)``;
     ``args``: (input, reduced, span_weight, span_bias, kernel_size, stride, padding, dilation,
-    groups, backend).
+    groups, backend). See :func:`fused_aggregate`."""
+    return fused_aggregate(*args)
+
+
+def fused_aggregate(*args: Any) -> Tensor:
+    """The fused op's computation, which eager callers run without the op's dispatch; ``args``
+    as :func:`involution2d_fused_op`'s.
 
     Backends without a ``fused_forward`` (and empty inputs) get the kernels materialised by the
     span conv and aggregated by :func:`aggregate`.

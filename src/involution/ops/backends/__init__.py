@@ -14,6 +14,11 @@ already-validated arguments (see the front doors in :mod:`involution.ops.functio
   dilation) -> output``, for a backend that generates the kernels inside the aggregation
   (``reduced`` (B, R, H_out, W_out), ``span_weight`` (G*Kh*Kw, R), ``span_bias`` (G*Kh*Kw,) or
   ``None``); without it the fused op runs the span conv, then ``forward``.
+- optional ``fused_backward(grad_output, input, reduced, span_weight, span_bias, kernel_size,
+  stride, padding, dilation, needs) -> (grad_input, grad_reduced, grad_span_weight,
+  grad_span_bias)``: the gradients of ``fused_forward`` without materialising the kernels
+  (``needs``: input, span weight, span bias), which the regenerating training path
+  (:mod:`involution.ops.regenerate`) uses in eager mode; ``"triton"`` has it.
 - optional ``layer_prepare(spec) -> run or None``: the whole Involution2d layer for inference
   (pooled kernel branch, reduce conv + ReLU, span conv, aggregation, optional per-channel
   affine + ReLU, optional 1x1 projection + residual + ReLU) in one pass, for an

@@ -222,19 +222,25 @@ class FusedProblem:
         read) and the empty output (B, C, H_out, W_out) in the memory format of the input.
         """
         input = self.input
-        accumulator(input.dtype)  # rejects unsupported dtypes with a clear message
+        flags = self.flags()
         span_weight = self.span_weight.contiguous()
         output = empty_output(input, self.reduced.shape[-2:])
         bias = self.span_bias if self.span_bias is not None else span_weight
+        return (input, self.reduced, span_weight, bias, output), flags
+
+    def flags(self) -> dict[str, bool]:
+        """The fused kernels' dtype flags (``TypeError`` for an unsupported dtype): ``HAS_BIAS``,
+        ``IEEE_DOT`` (float32 products in full precision, not TF32) and ``DOT_IN_FP32``."""
+        dtype = self.input.dtype
+        accumulator(dtype)  # rejects unsupported dtypes with a clear message
         # The interpreter's tl.dot mishandles bfloat16 operands (NumPy has no bfloat16): there
         # they are upcast, which is exact: products of bfloat16 values are exact in float32.
-        upcast = input.dtype == torch.bfloat16 and interpreter_enabled()
-        flags = {
+        upcast = dtype == torch.bfloat16 and interpreter_enabled()
+        return {
             "HAS_BIAS": self.span_bias is not None,
-            "IEEE_DOT": input.dtype == torch.float32 or upcast,
+            "IEEE_DOT": dtype == torch.float32 or upcast,
             "DOT_IN_FP32": upcast,
         }
-        return (input, self.reduced, span_weight, bias, output), flags
 
 
 def device_guard(tensor: Tensor) -> contextlib.AbstractContextManager:
