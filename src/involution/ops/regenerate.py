@@ -9,6 +9,10 @@ three times ``x`` for K = 7 and 16 channels per group) and the kernel branch's i
 keeps only ``x``, the parameters and the kernel branch's per-channel BatchNorm statistics, and
 regenerates the branch in backward, with explicit gradients (ATen's convolution and BatchNorm
 backward, the registered aggregation gradients), so ``torch.compile(fullgraph=True)`` traces it.
+The forward aggregates through the fused op from the branch's activated features, so the
+``"triton"`` backend never stores the kernels; in eager mode its backward regenerates them in
+registers too (the backend's ``fused_backward``), while the other backends (and traced code)
+materialise the kernels and their gradient while the backward runs.
 It applies to a plain ``nn.BatchNorm2d`` (batch statistics in training, running statistics in
 eval mode, as in the detection backbones' ``norm_eval``) or an identity as the branch's norm,
 and a ReLU (``Involution2d.regeneration_applies``); the running statistics are updated once, in
