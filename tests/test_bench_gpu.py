@@ -46,6 +46,14 @@ def test_dry_run_end_to_end(tmp_path, capsys):
     assert table == report["winners"] and len(table) == len(shapes)
     assert all(set(passes) == set(gpu.PASSES) for passes in table.values())
 
+    regeneration = report["regeneration"]
+    paths = [(t["shape"], t["path"]) for t in regeneration["layers"] if t["ms"] is not None]
+    assert paths == [(shapes[0], "kept"), (shapes[0], "regenerated")]
+    assert [(m["model"], m["path"]) for m in regeneration["models"] if not m["error"]] == [
+        ("rednet26", "kept"),
+        ("rednet26", "regenerated"),
+    ]
+
     models = {(m["model"], m["variant"], m["mode"]) for m in report["models"]}
     assert ("rednet26", "unfused", "train") in models
     assert ("torchvision.resnet18", "-", "infer") in models
@@ -54,6 +62,7 @@ def test_dry_run_end_to_end(tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "| C32 4x4 K3 s1 | forward |" in printed and "winners" in printed
+    assert "| C32 4x4 K3 s1 | regenerated |" in printed
 
 
 def test_variant_verdicts():

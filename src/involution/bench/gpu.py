@@ -2,9 +2,10 @@
 
 One command, meant for one GPU and at most ``--budget`` seconds (8 minutes by default):
 
-1. **tests**: ``pytest tests/test_triton_candidates.py`` in a subprocess (on CUDA every Triton
-   variant, dtype and layout against the reference). A variant named by a failing test, or
-   by no passing one, is kept out of the winner table.
+1. **tests**: ``pytest tests/test_triton_candidates.py tests/test_regen_triton.py`` in a
+   subprocess (on CUDA every Triton variant, dtype and layout against the reference, and the
+   regenerating training path against its ATen composition). A variant named by a failing
+   test, or by no passing one, is kept out of the winner table.
 2. **op**: every distinct involution layer shape of RedNet-50 (read off the model on the meta
    device) at ``--batch`` (128), bfloat16, channels_last, with the kernels in the layout the
    span conv produces: the forward, the backward (both gradients) and the fused forward
@@ -16,7 +17,10 @@ One command, meant for one GPU and at most ``--budget`` seconds (8 minutes by de
 3. **winners**: the fastest eligible variant per (shape, pass), written as a winner table
    (:mod:`involution.ops.backends.triton.winners`) to ``DIR/winners.json``; commit it as
    ``src/involution/ops/backends/triton/winners.json`` and ``backend="auto"`` uses it.
-4. **models**: RedNet-50 (unfused and fused, Triton variants from the new table) against
+4. **regeneration**: the training path that regenerates the kernels in backward against the
+   one that keeps them, forward + backward time and peak memory per RedNet-50 layer shape and
+   for a RedNet-50 training step (:mod:`involution.bench.regeneration`).
+5. **models**: RedNet-50 (unfused and fused, Triton variants from the new table) against
    torchvision's ResNet-50, training and inference images/s and peak memory, bf16 autocast,
    channels_last, eagerly and through ``torch.compile`` (:mod:`involution.bench.model`).
 
@@ -57,7 +61,7 @@ from involution.bench.op import DENSE, DEPTHWISE, times_ms
 
 #: Files under the repository root (a source checkout: the tests are not installed).
 REPO_ROOT = Path(__file__).resolve().parents[3]
-TEST_FILE = Path("tests") / "test_triton_candidates.py"
+TEST_FILES = (Path("tests") / "test_triton_candidates.py", Path("tests") / "test_regen_triton.py")
 #: The issue's targets, checked in the summary.
 TARGETS = {
     "forward_bandwidth": 0.70,
@@ -68,8 +72,9 @@ TARGETS = {
 }
 PASSES = ("forward", "backward", "fused")
 #: Shares of the budget: the tests get 30 % (at most 150 s), the op timings half of what is
-#: left after them, the models the rest.
-TEST_SHARE, TEST_MAX_S, OP_SHARE = 0.3, 150.0, 0.5
+#: left after them, the regeneration step what it needs (about REGEN_S on a GPU), the models
+#: the rest.
+TEST_SHARE, TEST_MAX_S, OP_SHARE, REGEN_S = 0.3, 150.0, 0.5, 90.0
 
 
 @dataclass(frozen=True)
@@ -173,13 +178,21 @@ def variant_verdicts(outcomes: dict[str, str], variants: tuple[str, ...]) -> dic
 
 
 def run_tests(run: RunPlan, budget: Budget, variants: tuple[str, ...]) -> dict[str, Any]:
-    """pytest on :data:`TEST_FILE` in a subprocess, within a share of the budget."""
-    test_file = REPO_ROOT / TEST_FILE
-    if not test_file.is_file():
-        budget.skip("tests", f"{test_file} not found (run from a source checkout)")
+    """pytest on :data:`TEST_FILES` in a subprocess, within a share of the budget."""
+    missing = [str(REPO_ROOT / path) for path in TEST_FILES if not (REPO_ROOT / path).is_file()]
+    if missing:
+        budget.skip("tests", f"{', '.join(missing)} not found (run from a source checkout)")
         return {"verdicts": dict.fromkeys(variants, "untested"), "outcomes": {}}
     limit = max(10.0, min(TEST_SHARE * budget.left(), TEST_MAX_S))
-    command = [sys.executable, "-m", "pytest", str(TEST_FILE), "-v", "-p", "no:cacheprovider"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *map(str, TEST_FILES),
+        "-v",
+        "-p",
+        "no:cacheprovider",
+    ]
     if run.test_selection:
         command += ["-k", run.test_selection]
     env = dict(os.environ)
@@ -463,7 +476,34 @@ def choose_winners(
     return table
 
 
-# --- 4. Models ----------------------------------------------------------------------------
+# --- 4. Kernel regeneration ---------------------------------------------------------------
+
+
+def time_regeneration(
+    run: RunPlan, shapes: list[LayerShape], budget: Budget, winners_path: Path
+) -> dict[str, Any]:
+    """The kept-kernel and regenerating training paths (:mod:`involution.bench.regeneration`)
+    on ``shapes`` at the op batch and RedNet's training step, with the winner table at
+    ``winners_path``. The regenerating backward's kernels run with their fixed tiling (they are
+    first imported here, under ``INVOLUTION_TRITON_AUTOTUNE=0``): autotuning every shape would
+    take minutes of the budget."""
+    from involution.bench import regeneration
+    from involution.ops.backends.triton import winners
+
+    if not budget.allows("regeneration", REGEN_S if run.device.type == "cuda" else 5.0):
+        return {"layers": [], "models": []}
+    with (
+        _environment(winners.WINNERS_ENV, str(winners_path)),
+        _environment("INVOLUTION_TRITON_AUTOTUNE", "0"),
+    ):
+        layers = regeneration.time_layer_paths(
+            shapes, run.batch, run.dtype, run.device, lambda f: _time_ms(f, run.device)
+        )
+        models = regeneration.time_model_paths(run.rednet, _model_settings(run))
+    return {"layers": [asdict(t) for t in layers], "models": models}
+
+
+# --- 5. Models ----------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -479,15 +519,12 @@ def _environment(name: str, value: str) -> Iterator[None]:
             os.environ[name] = old
 
 
-def time_models(run: RunPlan, budget: Budget, winners_path: Path) -> list[dict[str, Any]]:
-    """RedNet (unfused, fused) vs ResNet, train and infer, eager then compiled, within budget.
-
-    ``backend="auto"`` with the winner table at ``winners_path``.
-    """
+def _model_settings(run: RunPlan) -> Any:
+    """The models' :class:`~involution.bench.model.BenchSettings`: the run's model batch and
+    image size, its dtype under autocast on a GPU (float32 on CPU), channels_last."""
     from involution.bench import model as model_bench
-    from involution.ops.backends.triton import winners
 
-    base = model_bench.BenchSettings(
+    return model_bench.BenchSettings(
         device=run.device,
         batch_size=run.model_batch,
         image_size=run.model_image_size,
@@ -496,6 +533,17 @@ def time_models(run: RunPlan, budget: Budget, winners_path: Path) -> list[dict[s
         dtype=run.dtype if run.device.type == "cuda" else torch.float32,
         channels_last=True,
     )
+
+
+def time_models(run: RunPlan, budget: Budget, winners_path: Path) -> list[dict[str, Any]]:
+    """RedNet (unfused, fused) vs ResNet, train and infer, eager then compiled, within budget.
+
+    ``backend="auto"`` with the winner table at ``winners_path``.
+    """
+    from involution.bench import model as model_bench
+    from involution.ops.backends.triton import winners
+
+    base = _model_settings(run)
     # (model, modes, compiled, fused, seconds it needs on a GPU), most important first:
     # eager runs, then compiled training, then compiled inference (compiling a model's
     # training step takes about a minute); compiled RedNets unfused only.
@@ -589,6 +637,13 @@ def summary(report: dict[str, Any]) -> str:
     if report.get("winners"):
         lines += ["", "winners (shape key -> pass: variant):"]
         lines += [f"  {key}: {choice}" for key, choice in report["winners"].items()]
+    regenerated = report.get("regeneration", {})
+    if regenerated.get("layers") or regenerated.get("models"):
+        from involution.bench.regeneration import PathTiming, format_table
+
+        lines += ["", "kernel regeneration (training: kernels kept vs regenerated):"]
+        layers = [PathTiming(**t) for t in regenerated["layers"]]
+        lines += format_table(layers, regenerated["models"])
     models = report.get("models", [])
     if models:
         lines += [
@@ -732,6 +787,9 @@ def bench_gpu(out: Path, dry_run: bool, budget_s: float, batch: int | None) -> d
     winners.write_table(
         winners_path, report["winners"], report["environment"].get("gpu", "cpu"), source
     )
+    write_report(report_path, report)
+
+    report["regeneration"] = time_regeneration(run, shapes, budget, winners_path)
     write_report(report_path, report)
 
     report["models"] = time_models(run, budget, winners_path)

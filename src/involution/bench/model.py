@@ -62,7 +62,9 @@ class BenchSettings:
     ``fuse_inference`` its ``fuse_inference`` switch (the fused CPU inference layer).
     ``compile`` runs each model eagerly (``"off"``), through ``torch.compile`` (``"on"``) or
     both; ``fold_bn`` folds the inference models' BatchNorms; ``baseline`` names the model the
-    ratios are taken against.
+    ratios are taken against; ``keep_kernels`` trains every Involution2d keeping its kernels
+    for backward instead of regenerating them (:func:`~involution.ops.modules.
+    set_kernel_regeneration`).
     """
 
     device: torch.device
@@ -81,6 +83,7 @@ class BenchSettings:
     fuse_inference: bool = True
     baseline: str | None = None
     profile: bool = False
+    keep_kernels: bool = False
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,10 @@ def _prepare(config: Config, settings: BenchSettings) -> tuple[Callable[[], None
     model = create_model(
         config.model, config.fused, settings.backend, settings.num_classes, settings.fuse_inference
     )
+    if settings.keep_kernels:
+        from involution.ops.modules import set_kernel_regeneration
+
+        set_kernel_regeneration(model, False)
     step = _make_step(model, config.mode, settings, config.compiled)
     for _ in range(settings.warmup):
         step()
