@@ -134,6 +134,25 @@ def test_equals_the_aten_composition_per_branch(norm, span_bias, fused_backward_
     _check_equals_aten(layer, geometry, torch.float32, fused_backward_calls)
 
 
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+def test_half_precision_accumulates_in_float32(dtype, tolerance, fused_backward_calls) -> None:
+    """float16/bfloat16 layers (products accumulated in float32, the kernels and dW rounded to
+    the dtype as the unfused path stores them) against the float32 ATen composition: every
+    result within ``tolerance`` of its largest magnitude."""
+    geometry = GEOMETRIES["odd_sizes_groups3"]
+    layer = _layer(geometry, "train", True)
+    aten = copy.deepcopy(layer)
+    aten.backend = "reference"
+    x, grad = _inputs(geometry, torch.float32)
+    ours = _step(layer.to(dtype), x.to(dtype), grad.to(dtype))
+    expected = _step(aten, x, grad)
+    assert fused_backward_calls
+    for index, (actual, wanted) in enumerate(zip(ours, expected, strict=True)):
+        assert actual.dtype == dtype
+        error = (actual.float() - wanted).abs().max() / wanted.abs().max()
+        assert error < tolerance, f"result {index}: {error:.2e}"
+
+
 def test_deterministic_mode_sums_partials_alike(fused_backward_calls) -> None:
     """Under ``torch.use_deterministic_algorithms`` the span gradients are summed from
     per-program partials instead of atomics: the same values up to the summation order."""
