@@ -155,7 +155,8 @@ def test_half_precision_accumulates_in_float32(dtype, tolerance, fused_backward_
 
 def test_deterministic_mode_sums_partials_alike(fused_backward_calls) -> None:
     """Under ``torch.use_deterministic_algorithms`` the span gradients are summed from
-    per-program partials instead of atomics: the same values up to the summation order."""
+    per-program partials instead of atomics (here 2 programs of 2 pixel blocks each): the
+    same values up to the summation order, and the same bits from run to run."""
     geometry = GEOMETRIES["stride2_groups2"]
     layer = _layer(geometry, "train", True)
     x, grad = _inputs(geometry, torch.float32)

@@ -5,7 +5,9 @@ each output value is accumulated in registers from the input and the kernel tens
 float32, float16 and bfloat16 (accumulated in float32) and float64 (accumulated in float64),
 NCHW and channels_last inputs (read and written through their strides, no layout conversion),
 any stride, padding, dilation, rectangular kernel and number of groups. Results are
-deterministic: every output element is written by exactly one program, without atomics.
+deterministic: every output element is written by exactly one program, without atomics (but
+:func:`fused_backward`'s span-parameter gradients, summed by atomics unless
+``torch.use_deterministic_algorithms`` is on).
 
 This module is the backend interface; each pass runs one of three variants
 (:data:`~.winners.VARIANTS`), chosen per call by :func:`choose_variant`, each a module with the

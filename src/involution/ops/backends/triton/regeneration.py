@@ -10,8 +10,10 @@ backward here never writes ``W`` or its gradient ``dW`` either, in two kernels:
   ``grad_reduced = span_w^T . dW`` (accumulated over the groups in a float32 (float64) buffer
   that only this program touches), ``grad_span_w = dW . reduced^T`` and ``grad_span_b =
   sum_p dW``. The span parameters' gradients sum over every program: by float32 (float64)
-  atomics, or, when ``torch.use_deterministic_algorithms`` is on, through per-program partials
-  summed afterwards in a fixed order (deterministic; programs * G*Kh*Kw*R values).
+  atomics (the summation order, so the last bits, vary between GPU runs), or, when
+  ``torch.use_deterministic_algorithms`` is on, through per-program partials summed afterwards
+  in a fixed order (deterministic): fewer programs then, each reducing several pixel blocks,
+  so that the partials stay within :data:`PARTIALS_FRACTION` of the kernel tensor's size.
 - :func:`input_gradient_kernel`, one program per (batch, group, block of input pixels): the
   aggregation's input gradient as a gather (no atomics, as :mod:`~.kernels`), each kernel value
   ``W[g, k, o]`` of the output pixels ``o`` that read the block regenerated from ``reduced`` and
@@ -40,9 +42,12 @@ CONFIGS = launch.autotune_configs(
     ("BLOCK_P", "BLOCK_R"),
     interpreted=[(16, 16, 1, 3)],
     fixed=[(32, 32, 4, 2)],
-    tuned=[(32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 16, 4, 3), (16, 32, 2, 3)],
+    tuned=[(32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 4, 2), (64, 16, 4, 3), (16, 32, 2, 3)],
 )
 KEY = ["C", "CG", "R", "H", "W", "OH", "OW", "stride_h", "stride_w", "KH", "KW"]
+#: Under ``torch.use_deterministic_algorithms`` the span parameters' per-program partials are
+#: kept to at most 1/PARTIALS_FRACTION of the kernel tensor's size.
+PARTIALS_FRACTION = 4
 
 
 @triton.jit
@@ -58,6 +63,16 @@ def _product(a, b, acc, USE_DOT: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_IN_FP
     return acc + tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
 
 
+@triton.jit
+def _add(ptrs, values, mask, PARTIALS: tl.constexpr):
+    """``*ptrs += values`` where ``mask``: by atomics, or, into a program's own partials, by a
+    plain read-modify-write (deterministic)."""
+    if PARTIALS:
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + values, mask=mask)
+    else:
+        tl.atomic_add(ptrs, values, mask=mask)
+
+
 @triton.autotune(configs=CONFIGS, key=KEY, reset_to_zero=["ga_ptr", "gsw_ptr", "gsb_ptr"])
 @triton.jit
 def span_gradients_kernel(  # noqa: PLR0913  (a Triton kernel: one scalar per size)
@@ -68,6 +83,7 @@ def span_gradients_kernel(  # noqa: PLR0913  (a Triton kernel: one scalar per si
     ga_ptr,
     gsw_ptr,
     gsb_ptr,
+    B,
     C,
     G,
     CG,
@@ -112,65 +128,62 @@ def span_gradients_kernel(  # noqa: PLR0913  (a Triton kernel: one scalar per si
     BLOCK_R: tl.constexpr,
 ):
     """grad_reduced (into the zeroed ``ga`` buffer), grad_span_w and grad_span_b (added into
-    the zeroed ``gsw`` (G*Kh*Kw, R) and ``gsb`` (G*Kh*Kw,) buffers, or this program's slice of
-    them when ``PARTIALS``) for one (batch, block of output pixels)."""
+    the zeroed ``gsw`` (G*Kh*Kw, R) and ``gsb`` (G*Kh*Kw,) buffers, or, when ``PARTIALS``, into
+    this program's slice of them) for the (batch, block of output pixels) blocks
+    ``pid, pid + programs, ...``: one each without ``PARTIALS``."""
     pid = tl.program_id(0)
-    b, _, _, _, _, oh, ow, mask_p = pixel_block(pid, OH, OW, 1, 1, BLOCK_P)
+    programs = tl.num_programs(0)
     offs_k = tl.arange(0, KK_PAD)
     mask_k = offs_k < KH * KW
-    ih, inside_h = tap(oh[None, :], stride_h, pad_h, (offs_k // KW)[:, None], dil_h, H)
-    iw, inside_w = tap(ow[None, :], stride_w, pad_w, (offs_k % KW)[:, None], dil_w, W)
-    ok = mask_k[:, None] & mask_p[None, :] & inside_h & inside_w
-    x_taps = x_ptr + b * sx_b + ih * sx_h + iw * sx_w
-    go_pixels = go_ptr + b * sg_b + oh * sg_h + ow * sg_w
-    red_pixels = red_ptr + b * sr_b + (oh * sr_h + ow * sr_w)[None, :]
-    ga_pixels = ga_ptr + b * sa_b + (oh * sa_h + ow * sa_w)[None, :]
     if PARTIALS:  # this program's own (G*Kh*Kw, R) and (G*Kh*Kw,) slices
         gsw_ptr += pid.to(tl.int64) * G * KH * KW * R
         gsb_ptr += pid.to(tl.int64) * G * KH * KW
-    for g in range(G):
-        grad_kernel = tl.zeros((KK_PAD, BLOCK_P), dtype=ACC_DTYPE)
-        for ci in range(CG):
-            chan = g * CG + ci
-            grad = tl.load(go_pixels + chan * sg_c, mask=mask_p, other=0.0)
-            x = tl.load(x_taps + chan * sx_c, mask=ok, other=0.0)
-            grad_kernel += x.to(ACC_DTYPE) * grad.to(ACC_DTYPE)[None, :]
-        # The dtype the unfused backward stores dW in, and the span products' operand dtype.
-        grad_kernel = grad_kernel.to(x_ptr.dtype.element_ty)
-        rows = g * (KH * KW) + offs_k
-        if NEEDS_BIAS:
-            grad_bias = tl.sum(grad_kernel.to(ACC_DTYPE), axis=1)
-            if PARTIALS:
-                tl.store(gsb_ptr + rows, grad_bias, mask=mask_k)
-            else:
-                tl.atomic_add(gsb_ptr + rows, grad_bias, mask=mask_k)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            mask_rp = mask_r[:, None] & mask_p[None, :]
-            span_w = tl.load(
-                span_w_ptr + rows[:, None] * R + offs_r[None, :],
-                mask=mask_k[:, None] & mask_r[None, :],
-                other=0.0,
-            )
-            # This program alone reads and writes these (BLOCK_R, BLOCK_P) values.
-            grad_reduced = tl.load(ga_pixels + offs_r[:, None] * sa_c, mask=mask_rp, other=0.0)
-            grad_reduced = _product(
-                tl.trans(span_w), grad_kernel, grad_reduced, USE_DOT, IEEE_DOT, DOT_IN_FP32
-            )
-            tl.store(ga_pixels + offs_r[:, None] * sa_c, grad_reduced, mask=mask_rp)
-            if NEEDS_WEIGHT:
-                reduced = tl.load(red_pixels + offs_r[:, None] * sr_c, mask=mask_rp, other=0.0)
-                grad_w = tl.zeros((KK_PAD, BLOCK_R), dtype=ACC_DTYPE)
-                grad_w = _product(
-                    grad_kernel, tl.trans(reduced), grad_w, USE_DOT, IEEE_DOT, DOT_IN_FP32
+    for block in range(pid, B * tl.cdiv(OH * OW, BLOCK_P), programs):
+        b, _, _, _, _, oh, ow, mask_p = pixel_block(block, OH, OW, 1, 1, BLOCK_P)
+        ih, inside_h = tap(oh[None, :], stride_h, pad_h, (offs_k // KW)[:, None], dil_h, H)
+        iw, inside_w = tap(ow[None, :], stride_w, pad_w, (offs_k % KW)[:, None], dil_w, W)
+        ok = mask_k[:, None] & mask_p[None, :] & inside_h & inside_w
+        x_taps = x_ptr + b * sx_b + ih * sx_h + iw * sx_w
+        go_pixels = go_ptr + b * sg_b + oh * sg_h + ow * sg_w
+        red_pixels = red_ptr + b * sr_b + (oh * sr_h + ow * sr_w)[None, :]
+        ga_pixels = ga_ptr + b * sa_b + (oh * sa_h + ow * sa_w)[None, :]
+        for g in range(G):
+            grad_kernel = tl.zeros((KK_PAD, BLOCK_P), dtype=ACC_DTYPE)
+            for ci in range(CG):
+                chan = g * CG + ci
+                grad = tl.load(go_pixels + chan * sg_c, mask=mask_p, other=0.0)
+                x = tl.load(x_taps + chan * sx_c, mask=ok, other=0.0)
+                grad_kernel += x.to(ACC_DTYPE) * grad.to(ACC_DTYPE)[None, :]
+            # The dtype the unfused backward stores dW in, and the span products' operands'.
+            grad_kernel = grad_kernel.to(x_ptr.dtype.element_ty)
+            rows = g * (KH * KW) + offs_k
+            if NEEDS_BIAS:
+                grad_bias = tl.sum(grad_kernel.to(ACC_DTYPE), axis=1)
+                _add(gsb_ptr + rows, grad_bias, mask_k, PARTIALS)
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                mask_r = offs_r < R
+                mask_rp = mask_r[:, None] & mask_p[None, :]
+                span_w = tl.load(
+                    span_w_ptr + rows[:, None] * R + offs_r[None, :],
+                    mask=mask_k[:, None] & mask_r[None, :],
+                    other=0.0,
                 )
-                grad_w_ptrs = gsw_ptr + rows[:, None] * R + offs_r[None, :]
-                mask_kr = mask_k[:, None] & mask_r[None, :]
-                if PARTIALS:
-                    tl.store(grad_w_ptrs, grad_w, mask=mask_kr)
-                else:
-                    tl.atomic_add(grad_w_ptrs, grad_w, mask=mask_kr)
+                # This program alone reads and writes these (BLOCK_R, BLOCK_P) values.
+                ga_ptrs = ga_pixels + offs_r[:, None] * sa_c
+                grad_reduced = tl.load(ga_ptrs, mask=mask_rp, other=0.0)
+                grad_reduced = _product(
+                    tl.trans(span_w), grad_kernel, grad_reduced, USE_DOT, IEEE_DOT, DOT_IN_FP32
+                )
+                tl.store(ga_ptrs, grad_reduced, mask=mask_rp)
+                if NEEDS_WEIGHT:
+                    reduced = tl.load(red_pixels + offs_r[:, None] * sr_c, mask=mask_rp, other=0.0)
+                    grad_w = tl.zeros((KK_PAD, BLOCK_R), dtype=ACC_DTYPE)
+                    grad_w = _product(
+                        grad_kernel, tl.trans(reduced), grad_w, USE_DOT, IEEE_DOT, DOT_IN_FP32
+                    )
+                    grad_w_ptrs = gsw_ptr + rows[:, None] * R + offs_r[None, :]
+                    _add(grad_w_ptrs, grad_w, mask_k[:, None] & mask_r[None, :], PARTIALS)
 
 
 @triton.autotune(configs=CONFIGS, key=KEY)
@@ -276,13 +289,16 @@ def fused_backward(
     accumulation = launch.accumulator(dtype)
     pixels = sizes.out_h * sizes.out_w
 
-    def output_programs(meta: dict) -> int:
-        return sizes.batch * launch.cdiv(pixels, meta["BLOCK_P"])
-
-    # The autotuner may try several tilings, so the partials are sized for the smallest block.
     partials = torch.are_deterministic_algorithms_enabled()
-    slices = sizes.batch * launch.cdiv(pixels, min(c.kwargs["BLOCK_P"] for c in CONFIGS))
+    # Partials: one slice per program, so few programs that the slices stay a fraction of the
+    # kernel tensor (B*H_out*W_out*G*Kh*Kw values), each program reducing several pixel blocks.
+    slices = max(1, sizes.batch * pixels // (PARTIALS_FRACTION * reduced.shape[1]))
     slices = slices if partials else 1
+
+    def output_programs(meta: dict) -> int:
+        blocks = sizes.batch * launch.cdiv(pixels, meta["BLOCK_P"])
+        return min(blocks, slices) if partials else blocks
+
     grad_reduced = torch.zeros_like(reduced, dtype=acc_dtype, memory_format=torch.preserve_format)
     grad_weight = input.new_zeros(
         (slices, *span_weight.shape) if needs_weight else 1, dtype=acc_dtype
@@ -294,7 +310,7 @@ def fused_backward(
         span_gradients_kernel,
         output_programs,
         (grad_output, input, reduced, span_weight, grad_reduced, grad_weight, grad_bias),
-        dims,
+        (sizes.batch, *dims),
         (grad_output, input, reduced, grad_reduced),
         problem.geometry,
         **kernel_size,
