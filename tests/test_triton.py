@@ -345,19 +345,27 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from involution.ops.backends.triton import fused, kernels
+from involution.ops.backends.triton import fused, kernels, regeneration
 
 FUSED = {"KK_PAD": 64, "HAS_BIAS": True, "IEEE_DOT": False, "DOT_IN_FP32": False}
+SPAN = {"KK_PAD": 64, "ACC_DTYPE": tl.float32, "USE_DOT": True, "IEEE_DOT": False,
+        "DOT_IN_FP32": False, "NEEDS_WEIGHT": True, "NEEDS_BIAS": True}
+# The regenerating backward's float32 accumulation buffers.
+FLOAT32 = ("ga_ptr", "gsw_ptr", "gsb_ptr")
 for kernel, extra in (
     (kernels.forward_kernel, {"ACC_DTYPE": tl.float32}),
     (kernels.backward_input_kernel, {"ACC_DTYPE": tl.float32}),
     (kernels.backward_weight_kernel, {"ACC_DTYPE": tl.float32}),
     (fused.fused_forward_kernel, FUSED),
+    (regeneration.span_gradients_kernel, {**SPAN, "PARTIALS": False}),
+    (regeneration.span_gradients_kernel, {**SPAN, "PARTIALS": True}),
+    (regeneration.input_gradient_kernel, {"CG_PAD": 16, "ACC_DTYPE": tl.float32, "HAS_BIAS": True}),
 ):
     function, config = kernel.fn, kernel.configs[0]
     constexprs = {"KH": 7, "KW": 7, **extra, **config.kwargs}
     signature = {
-        arg: "constexpr" if arg in constexprs else "*bf16" if arg.endswith("_ptr") else "i32"
+        arg: "constexpr" if arg in constexprs
+        else "*fp32" if arg in FLOAT32 else "*bf16" if arg.endswith("_ptr") else "i32"
         for arg in function.arg_names
     }
     indexed = {(function.arg_names.index(arg),): value for arg, value in constexprs.items()}
@@ -386,4 +394,4 @@ def test_kernels_compile_for_hopper():
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 4
+    assert result.stdout.count("compiled") == 7
