@@ -52,12 +52,15 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from involution.bench.op import DENSE, DEPTHWISE, times_ms
+
+if TYPE_CHECKING:
+    from involution.bench.model import BenchSettings
 
 #: Files under the repository root (a source checkout: the tests are not installed).
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -519,7 +522,7 @@ def _environment(name: str, value: str) -> Iterator[None]:
             os.environ[name] = old
 
 
-def _model_settings(run: RunPlan) -> Any:
+def _model_settings(run: RunPlan) -> BenchSettings:
     """The models' :class:`~involution.bench.model.BenchSettings`: the run's model batch and
     image size, its dtype under autocast on a GPU (float32 on CPU), channels_last."""
     from involution.bench import model as model_bench

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from involution.bench.model import BenchSettings
 
 #: The two training paths: (label, Involution2d.regenerate_kernels).
 PATHS = (("kept", False), ("regenerated", True))
@@ -112,10 +115,9 @@ def time_layer_paths(
     return timings
 
 
-def time_model_paths(model_name: str, settings: Any) -> list[dict[str, Any]]:
+def time_model_paths(model_name: str, settings: BenchSettings) -> list[dict[str, Any]]:
     """``model_name``'s training step (unfused Involution2d layers) both ways, as records of
-    :class:`~involution.bench.model.BenchResult` with the path added; ``settings`` a
-    :class:`~involution.bench.model.BenchSettings`."""
+    :class:`~involution.bench.model.BenchResult` with the path added."""
     from involution.bench import model as model_bench
 
     records = []
