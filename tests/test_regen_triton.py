@@ -86,6 +86,13 @@ def _step(layer: nn.Module, x: Tensor, grad: Tensor) -> list[Tensor]:
     return [output.detach(), x.grad, *(p.grad for p in layer.parameters())]
 
 
+@pytest.fixture(autouse=True)
+def _full_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    # cuDNN may otherwise run the ATen side's span conv in TF32 on a GPU, while the Triton
+    # kernels compute their products in full float32.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 @pytest.fixture
 def fused_backward_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the Triton backend's fused backward calls (so a silent fallback fails)."""
