@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from involution.models.cfgs import rednet_cfg
 from involution.ops.modules import OFFICIAL_KEY_PREFIXES as OFFICIAL_INVOLUTION_PREFIXES
 from involution.ops.modules import Involution2d, relu_inplace
+from involution.ops.regenerate_norm_act import involution_norm_act
 from involution.serialization import load_tensor_file
 
 __all__ = ["MODEL_DEPTHS", "Bottleneck", "RedNet", "RedNetStem", "conv3x3"]
@@ -170,7 +171,13 @@ class RedNetStem(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
-        x = self.act2(self.bn2(self.inv(x)))
+        # The involution's BatchNorm + ReLU in its training op where that applies
+        # (involution_norm_act: its output, the BatchNorm's input, is not kept for backward).
+        # TorchScript compiles only the modules (a bare is_scripting() test skips the rest).
+        if torch.jit.is_scripting():
+            x = self.act2(self.bn2(self.inv(x)))
+        else:
+            x = involution_norm_act(self.inv, self.bn2, self.act2, x)
         return self.act3(self.bn3(self.conv2(x)))
 
 
@@ -227,7 +234,10 @@ class Bottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
-        x = self.act2(self.bn2(self.conv2(x)))
+        if torch.jit.is_scripting():  # as in RedNetStem.forward
+            x = self.act2(self.bn2(self.conv2(x)))
+        else:
+            x = involution_norm_act(self.conv2, self.bn2, self.act2, x)
         x = self.bn3(self.conv3(x))
         x += shortcut  # in place, like the ReLUs: one activation-sized allocation less per block
         return self.act3(x)

@@ -25,7 +25,11 @@ from involution.ops.functional import (
 from involution.ops.layer import LayerArguments, LayerRun
 from involution.ops.layout import tensor_states
 from involution.ops.lowering import exporting_to_onnx, involution2d_lowered
-from involution.ops.regenerate import recompute_layer, regenerate_involution2d
+from involution.ops.regenerate import (
+    is_frozen_batchnorm,
+    recompute_layer,
+    regenerate_involution2d,
+)
 
 # FX symbolic tracing (torch.fx, torchvision's and timm's feature extraction) records each call
 # of the front doors from this module as one node, instead of tracing into their checks.
@@ -144,6 +148,15 @@ class Involution2d(KernelBranchLayer):
     Set ``layer.regenerate_kernels = False`` (or :func:`set_kernel_regeneration` on a model)
     for the kept-kernel path; ``fused`` and ``exportable`` layers keep their own paths.
 
+    Followed by a BatchNorm2d and a ReLU (``fuse_norm_act``, a class attribute, ``True``): where
+    a model calls the three through :func:`~involution.ops.regenerate_norm_act.
+    involution_norm_act` (RedNet's bottlenecks and stem), in training with regenerated kernels
+    and batch statistics, they run as one op that keeps the layer's input and the ReLU's output
+    only, not the involution's output (the BatchNorm's input), which backward regenerates
+    (:mod:`involution.ops.regenerate_norm_act`): RedNet-50 then keeps 0.99x ResNet-50's
+    activations. ``layer.fuse_norm_act = False`` (or ``set_kernel_regeneration(model, True,
+    fuse_norm_act=False)``) keeps the BatchNorm and the ReLU as modules.
+
     TorchScript (``torch.jit.script``) and FX (``torch.fx.symbolic_trace``) see the kernel
     branch and one call of the op (:func:`~involution.ops.involution2d` or
     :func:`~involution.ops.involution2d_fused`).
@@ -155,6 +168,8 @@ class Involution2d(KernelBranchLayer):
     #: Regenerate the kernels in backward when training (see above). A class attribute, not a
     #: constructor argument, so modules pickled before it existed have it too.
     regenerate_kernels: bool = True
+    #: Fuse a following BatchNorm2d + ReLU into the regenerating training op (see above).
+    fuse_norm_act: bool = True
 
     # The layer's hyper-parameters are its public keyword arguments, as nn.Conv2d's are (timm's
     # layer config and the official checkpoints' builders pass them by name).
@@ -225,7 +240,8 @@ class Involution2d(KernelBranchLayer):
     def regeneration_applies(self) -> bool:
         """Whether the kernel branch is as built, so :func:`~involution.ops.regenerate.
         regenerate_involution2d` computes the layer: average pool (or identity), 1x1 convs
-        without a reduce bias, a plain ``nn.BatchNorm2d`` (or identity), ReLU,
+        without a reduce bias, a plain ``nn.BatchNorm2d``, torchvision's ``FrozenBatchNorm2d``
+        (or identity), ReLU,
         ``generate_kernels`` and ``reduce_features`` not overridden."""
         cls = type(self)
         return (
@@ -234,18 +250,17 @@ class Involution2d(KernelBranchLayer):
             and self.reduce.bias is None
             and type(self.span) is nn.Conv2d
             and type(self.act) is nn.ReLU
-            and type(self.norm) in (nn.BatchNorm2d, nn.Identity)
+            and (type(self.norm) in (nn.BatchNorm2d, nn.Identity) or is_frozen_batchnorm(self.norm))
             and cls.generate_kernels is Involution2d.generate_kernels
             and cls.reduce_features is Involution2d.reduce_features
         )
 
-    def forward_training(self, x: Tensor) -> Tensor | None:
-        """The layer keeping only ``x`` for backward (see ``regenerate_kernels``), or ``None``
-        where that does not apply (not training, gradients disabled, switched off, ``fused`` or
-        ``exportable``, hooks on the kernel branch's modules, which expect one call each, or a
-        kernel branch that only checkpointing handles under ``torch.compile``)."""
+    def training_regenerates(self) -> bool:
+        """Whether a call now keeps only the input for backward (see ``regenerate_kernels``):
+        training with gradients, switched on, not ``fused`` or ``exportable``, no hooks on the
+        kernel branch's modules (they expect one call each)."""
         submodules = (self.pool, self.reduce, self.norm, self.act, self.span)
-        if not (
+        return (
             self.regenerate_kernels
             and self.training
             and torch.is_grad_enabled()
@@ -253,7 +268,14 @@ class Involution2d(KernelBranchLayer):
             and not self.exportable
             and not exporting_to_onnx()
             and not any(m._forward_hooks or m._forward_pre_hooks for m in submodules)
-        ):
+        )
+
+    def forward_training(self, x: Tensor) -> Tensor | None:
+        """The layer keeping only ``x`` for backward (see ``regenerate_kernels``), or ``None``
+        where that does not apply (not training, gradients disabled, switched off, ``fused`` or
+        ``exportable``, hooks on the kernel branch's modules, which expect one call each, or a
+        kernel branch that only checkpointing handles under ``torch.compile``)."""
+        if not self.training_regenerates():
             return None
         if self.regeneration_applies():
             return regenerate_involution2d(self, x, resolve_backend(self.backend, x.device))
@@ -421,12 +443,17 @@ class Involution2d(KernelBranchLayer):
         )
 
 
-def set_kernel_regeneration(model: nn.Module, enabled: bool) -> nn.Module:
+def set_kernel_regeneration(
+    model: nn.Module, enabled: bool, fuse_norm_act: bool | None = None
+) -> nn.Module:
     """Set ``regenerate_kernels`` on every :class:`Involution2d` of ``model`` (returned): the
-    switch between regenerating the kernels in backward (default) and keeping them."""
+    switch between regenerating the kernels in backward (default) and keeping them; and
+    ``fuse_norm_act`` unless ``None`` (a following BatchNorm + ReLU in the regenerating op)."""
     for module in model.modules():
         if isinstance(module, Involution2d):
             module.regenerate_kernels = enabled
+            if fuse_norm_act is not None:
+                module.fuse_norm_act = fuse_norm_act
     return model
 
 

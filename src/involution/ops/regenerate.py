@@ -14,7 +14,8 @@ The forward aggregates through the fused op from the branch's activated features
 registers too (the backend's ``fused_backward``), while the other backends (and traced code)
 materialise the kernels and their gradient while the backward runs.
 It applies to a plain ``nn.BatchNorm2d`` (batch statistics in training, running statistics in
-eval mode, as in the detection backbones' ``norm_eval``) or an identity as the branch's norm,
+eval mode, as in the detection backbones' ``norm_eval``), torchvision's ``FrozenBatchNorm2d``
+(the detection backbones' ``frozen_bn``) or an identity as the branch's norm,
 and a ReLU (``Involution2d.regeneration_applies``); the running statistics are updated once, in
 forward (:func:`update_running_stats`), as ``nn.BatchNorm2d`` updates them.
 
@@ -25,8 +26,9 @@ restored after the recomputation, so they too are updated once.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -44,7 +46,12 @@ __all__ = [
     "KernelBranch",
     "RegeneratedInvolution2d",
     "SavedLayer",
+    "autocast_off",
+    "check_batch_size",
+    "is_frozen_batchnorm",
     "layer_gradients",
+    "layer_inputs",
+    "layer_output",
     "recompute_layer",
     "regenerate_involution2d",
     "update_running_stats",
@@ -145,9 +152,9 @@ class RegeneratedInvolution2d(torch.autograd.Function):
         span_bias: Tensor | None,
         branch: KernelBranch,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        reduced = F.conv2d(_pool(x, branch.stride), reduce_weight)
-        normed, mean, invstd = _normalise(reduced, norm_weight, norm_bias, running, branch.eps)
-        output = _aggregate(x, F.relu(normed), span_weight, span_bias, branch)
+        output, mean, invstd = layer_output(
+            x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias, branch
+        )
         # Only the input, the parameters and the statistics: the kernels and the branch's
         # intermediates are regenerated in backward.
         ctx.save_for_backward(
@@ -162,6 +169,24 @@ class RegeneratedInvolution2d(torch.autograd.Function):
         # ctx.saved_tensors read once: an enclosing checkpoint allows one unpacking.
         saved = SavedLayer(*ctx.saved_tensors)
         return (*layer_gradients(grad_output, saved, ctx.branch, ctx.needs_input_grad[:7]), None)
+
+
+def layer_output(
+    x: Tensor,
+    reduce_weight: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    running: Tensor | None,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    branch: KernelBranch,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The layer's output (B, C, H_out, W_out) and its kernel branch's batch statistics (M,)
+    each (empty without them), without autograd; the arguments are
+    :class:`RegeneratedInvolution2d`'s."""
+    reduced = F.conv2d(_pool(x, branch.stride), reduce_weight)
+    normed, mean, invstd = _normalise(reduced, norm_weight, norm_bias, running, branch.eps)
+    return _aggregate(x, F.relu(normed), span_weight, span_bias, branch), mean, invstd
 
 
 def layer_gradients(
@@ -350,13 +375,30 @@ def regenerate_involution2d(layer: nn.Module, x: Tensor, backend: str) -> Tensor
     """``layer(x)`` in training through :class:`RegeneratedInvolution2d` (requires
     ``layer.regeneration_applies()``), the norm's running statistics updated once.
 
-    ``backend`` is the concrete aggregation backend. Under autocast the input and the convs'
-    parameters are cast to the autocast dtype (as the convs and the op cast them on the kept
-    path), the BatchNorm's parameters are not. Shapes as :class:`~involution.ops.Involution2d`.
+    ``backend`` is the concrete aggregation backend. Shapes as
+    :class:`~involution.ops.Involution2d`.
+    """
+    inputs, batch_stats = layer_inputs(layer, x, backend)
+    with autocast_off(x):
+        output, mean, invstd = RegeneratedInvolution2d.apply(*inputs)
+    if batch_stats:
+        update_running_stats(
+            layer.norm, mean, invstd, output.shape[0] * output.shape[2] * output.shape[3]
+        )
+    return output
+
+
+def layer_inputs(layer: nn.Module, x: Tensor, backend: str) -> tuple[tuple, bool]:
+    """(:class:`RegeneratedInvolution2d`'s arguments for ``layer(x)``, from ``x`` to the
+    :class:`KernelBranch`; whether the kernel branch's norm uses batch statistics).
+
+    Under autocast the input and the convs' parameters are cast to the autocast dtype (as the
+    convs and the op cast them on the kept path), the BatchNorm's parameters are not.
     """
     norm = layer.norm
-    batch_norm = type(norm) is nn.BatchNorm2d
-    batch_stats = batch_norm and (norm.training or norm.running_mean is None)
+    # torchvision's FrozenBatchNorm2d is an eval-mode BatchNorm whose affine is buffers.
+    batch_norm = type(norm) is nn.BatchNorm2d or is_frozen_batchnorm(norm)
+    batch_stats = type(norm) is nn.BatchNorm2d and (norm.training or norm.running_mean is None)
     running = None
     if batch_norm and not batch_stats:
         running = torch.stack([norm.running_mean, norm.running_var])
@@ -373,28 +415,37 @@ def regenerate_involution2d(layer: nn.Module, x: Tensor, backend: str) -> Tensor
         backend=backend,
     )
     if batch_stats:
-        _check_batch_size(x, layer.stride)
+        check_batch_size(x, layer.stride)
+    inputs = (
+        x_cast,
+        reduce_weight,
+        norm.weight if batch_norm else None,
+        norm.bias if batch_norm else None,
+        running,
+        span_weight,
+        span_bias,
+        branch,
+    )
+    return inputs, batch_stats
+
+
+def autocast_off(x: Tensor) -> AbstractContextManager:
+    """Autocast disabled on ``x``'s device (a no-op context on the meta device): the
+    regenerating ops get their tensors already cast."""
     device_type = x.device.type
-    off = torch.autocast(device_type, enabled=False) if device_type != "meta" else nullcontext()
-    with off:
-        output, mean, invstd = RegeneratedInvolution2d.apply(
-            x_cast,
-            reduce_weight,
-            norm.weight if batch_norm else None,
-            norm.bias if batch_norm else None,
-            running,
-            span_weight,
-            span_bias,
-            branch,
-        )
-    if batch_stats:
-        update_running_stats(
-            norm, mean, invstd, output.shape[0] * output.shape[2] * output.shape[3]
-        )
-    return output
+    if device_type == "meta":
+        return nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
-def _check_batch_size(x: Tensor, stride: int) -> None:
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` is torchvision's ``FrozenBatchNorm2d`` (exactly), without importing
+    torchvision for it: no instance exists before torchvision is imported."""
+    misc = sys.modules.get("torchvision.ops.misc")
+    return misc is not None and type(module) is misc.FrozenBatchNorm2d
+
+
+def check_batch_size(x: Tensor, stride: int) -> None:
     """``nn.BatchNorm2d``'s check: more than one value per channel in training."""
     height, width = (-(-size // stride) for size in x.shape[2:])
     if x.shape[0] * height * width == 1:

@@ -1,0 +1,301 @@
+"""Involution -> BatchNorm2d -> ReLU in one training op (ops/regenerate_norm_act.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from involution.models.rednet import RedNet
+from involution.ops import Involution2d
+from involution.ops.modules import set_kernel_regeneration
+from involution.ops.regenerate_norm_act import (
+    RegeneratedInvolutionNormAct,
+    involution_norm_act,
+)
+
+# (channels, stride, dilation, group_channels, height, width)
+GEOMETRIES = [
+    (16, 1, 1, 4, 7, 5),
+    (16, 2, 1, 8, 9, 7),
+    (8, 2, 2, 2, 7, 6),
+]
+
+
+class Block(nn.Module):
+    """An involution, a BatchNorm and a ReLU, called as RedNet calls its ``conv2``/``bn2``/
+    ``act2``."""
+
+    def __init__(
+        self,
+        channels: int,
+        stride: int,
+        dilation: int,
+        group_channels: int,
+        norm: nn.Module | None = None,
+        act: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.inv = Involution2d(
+            channels,
+            3,
+            stride=stride,
+            dilation=dilation,
+            group_channels=group_channels,
+            reduction_ratio=2,
+        )
+        self.bn = nn.BatchNorm2d(channels) if norm is None else norm
+        self.act = nn.ReLU(inplace=True) if act is None else act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return involution_norm_act(self.inv, self.bn, self.act, x)
+
+
+def _block(geometry=GEOMETRIES[1], **kwargs) -> Block:
+    channels, stride, dilation, group_channels, _, _ = geometry
+    torch.manual_seed(0)
+    block = Block(channels, stride, dilation, group_channels, **kwargs)
+    with torch.no_grad():  # affine weights and statistics away from their initial values
+        for norm in (block.inv.norm, block.bn):
+            if getattr(norm, "weight", None) is not None:
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+            if getattr(norm, "running_mean", None) is not None:
+                norm.running_mean.uniform_(-0.2, 0.2)
+                norm.running_var.uniform_(0.5, 2.0)
+    return block.train()
+
+
+def _unfused(block: nn.Module) -> nn.Module:
+    """A copy running the modules one by one (the kernels still regenerated)."""
+    return set_kernel_regeneration(copy.deepcopy(block), True, fuse_norm_act=False)
+
+
+def _input(geometry=GEOMETRIES[1], batch: int = 3) -> Tensor:
+    channels, _, _, _, height, width = geometry
+    return torch.randn(batch, channels, height, width)
+
+
+def _step(model: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+    x = x.detach().clone().requires_grad_()
+    output = model(x)
+    output.backward(grad)
+    return output.detach(), x.grad, [p.grad for p in model.parameters()]
+
+
+def _assert_same_step(model: nn.Module, reference: nn.Module, x: Tensor, **tolerances) -> None:
+    grad = torch.randn_like(reference(x.clone()))
+    reference.load_state_dict(model.state_dict())  # that call updated the running statistics
+    out, grad_x, grads = _step(model, x, grad)
+    out_ref, grad_x_ref, grads_ref = _step(reference, x, grad)
+    torch.testing.assert_close(out, out_ref, **tolerances)
+    torch.testing.assert_close(grad_x, grad_x_ref, **tolerances)
+    names = [name for name, _ in model.named_parameters()]
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, msg=lambda m, n=name: f"{n}: {m}", **tolerances)
+    for (name, b), b_ref in zip(model.named_buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(b, b_ref, msg=lambda m, n=name: f"{n}: {m}", **tolerances)
+
+
+def _counting(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = RegeneratedInvolutionNormAct.apply
+    monkeypatch.setattr(
+        RegeneratedInvolutionNormAct, "apply", lambda *a: calls.append(1) or original(*a)
+    )
+    return calls
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradcheck_float64_batch_statistics(geometry, channels_last: bool, monkeypatch) -> None:
+    calls = _counting(monkeypatch)
+    block = _block(geometry).double()
+    x = _input(geometry, batch=2).double()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    params = list(block.parameters())  # perturbed in place by gradcheck: the block sees them
+
+    def run(x: Tensor, *_: Tensor) -> Tensor:
+        return block(x)
+
+    assert torch.autograd.gradcheck(run, (x, *params), fast_mode=True)
+    assert calls
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize(
+    "variant", ["train", "branch_eval", "branch_identity", "cumulative", "no_stats", "no_affine"]
+)
+def test_equals_the_unfused_modules(geometry, variant: str, monkeypatch) -> None:
+    calls = _counting(monkeypatch)
+    norm = {
+        "cumulative": nn.BatchNorm2d(geometry[0], momentum=None),
+        "no_stats": nn.BatchNorm2d(geometry[0], track_running_stats=False),
+        "no_affine": nn.BatchNorm2d(geometry[0], affine=False),
+    }.get(variant)
+    block = _block(geometry, norm=norm)
+    if variant == "branch_eval":  # the kernel branch's norm frozen, the outer one training
+        block.inv.norm.eval()
+    elif variant == "branch_identity":
+        block.inv.norm = nn.Identity()
+    reference = _unfused(block)
+    x = _input(geometry)
+    for _ in range(2):  # twice: the cumulative average's second step
+        _assert_same_step(block, reference, x)
+    assert len(calls) == 2
+    if variant == "train":
+        assert block.bn.num_batches_tracked.item() == 2  # once per forward
+        assert block.inv.norm.num_batches_tracked.item() == 2
+
+
+def test_zero_batchnorm_weight_is_exact() -> None:
+    block = _block()
+    with torch.no_grad():  # a zero and a tiny weight beside a large bias: y holds no x_hat
+        block.bn.weight[:4] = 0.0
+        block.bn.weight[4:8] = 1e-9
+        block.bn.bias[:8] = 3.0
+    reference = _unfused(block)
+    _assert_same_step(block, reference, _input())
+    assert reference.bn.weight.grad[:8].abs().min() > 0  # gradients that y alone cannot give
+
+
+def test_running_statistics_updated_once_as_batchnorm_does() -> None:
+    block = _block()
+    x = _input()
+    norm = copy.deepcopy(block.bn)
+    with torch.no_grad():
+        reference_output = set_kernel_regeneration(copy.deepcopy(block.inv), False)(x)
+        norm(reference_output)
+    block(x).sum().backward()
+    assert block.bn.num_batches_tracked.item() == 1
+    torch.testing.assert_close(block.bn.running_mean, norm.running_mean)
+    torch.testing.assert_close(block.bn.running_var, norm.running_var)
+
+
+def _saved_storages(run) -> tuple[dict[int, int], Tensor]:
+    """{data pointer: numel} of every storage autograd keeps during ``run()``."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes() // tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = run()
+    return storages, result
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_involution_output_is_not_kept(fused: bool) -> None:
+    block = _block(GEOMETRIES[0])  # stride 1: the output has the input's size
+    if not fused:
+        block = _unfused(block)
+    x = _input(GEOMETRIES[0]).requires_grad_()
+    storages, y = _saved_storages(lambda: block(x))
+    large = {ptr for ptr, numel in storages.items() if numel >= y.numel()}
+    others = large - {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
+    # Fused: the input and the output only. The modules keep the BatchNorm's input too, the
+    # involution's output: that the measure sees it is what makes the fused case a test.
+    assert len(others) == (0 if fused else 1)
+
+
+def test_compiled_training_step_fullgraph_channels_last() -> None:
+    block = _block().to(memory_format=torch.channels_last)
+    reference = _unfused(block)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = _input().to(memory_format=torch.channels_last)
+    grad = torch.randn_like(reference(x)).to(memory_format=torch.channels_last)
+    reference.load_state_dict(block.state_dict())
+    out, grad_x, grads = _step(compiled, x, grad)
+    out_ref, grad_x_ref, grads_ref = _step(reference, x, grad)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(grad_x, grad_x_ref)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref)
+    assert block.bn.num_batches_tracked.item() == 1
+    torch.testing.assert_close(block.bn.running_var, reference.bn.running_var)
+
+
+def test_gradient_accumulation_and_bfloat16_autocast(monkeypatch) -> None:
+    calls = _counting(monkeypatch)
+    block = _block()
+    reference = _unfused(block)
+    x = _input(batch=4)
+    for model in (block, reference):
+        for half in x.chunk(2):  # two micro-batches, one optimizer step
+            model(half).square().sum().backward()
+    for p, p_ref in zip(block.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad)
+    for model in (block, reference):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+    for p, p_ref in zip(block.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=0.05, rtol=0.02)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize(
+    "case", ["switched_off", "regeneration_off", "eval_norm", "sync_norm", "gelu", "hook", "eval"]
+)
+def test_other_modules_and_modes_keep_the_modules(case: str, monkeypatch) -> None:
+    calls = _counting(monkeypatch)
+    block = _block(
+        norm=nn.SyncBatchNorm(16) if case == "sync_norm" else None,
+        act=nn.GELU() if case == "gelu" else None,
+    )
+    if case == "switched_off":
+        block.inv.fuse_norm_act = False
+    elif case == "regeneration_off":
+        block.inv.regenerate_kernels = False
+    elif case == "eval_norm":  # running statistics (a detection backbone's norm_eval)
+        block.bn.eval()
+    elif case == "hook":
+        block.bn.register_forward_hook(lambda *_: None)
+    elif case == "eval":
+        block.eval()
+    x = _input()
+    if case == "sync_norm":  # SyncBatchNorm trains only in a process group: its eval twin
+        block.bn.eval()
+    reference = copy.deepcopy(block)
+    out = block(x)
+    torch.testing.assert_close(out, reference.act(reference.bn(reference.inv(x))))
+    assert calls == []
+
+
+def _rednet() -> RedNet:
+    torch.manual_seed(0)
+    model = RedNet((1, 1), num_classes=5, stage_widths=(16, 32), stem_width=32)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5)
+    return model.train()
+
+
+def test_rednet_bottlenecks_and_stem_use_the_op_and_match(monkeypatch) -> None:
+    calls = _counting(monkeypatch)
+    model = _rednet()
+    reference = _unfused(model)
+    x = torch.randn(2, 3, 32, 32)
+    grad = torch.randn(2, 5)
+    out, grad_x, grads = _step(model, x, grad)
+    assert len(calls) == 3  # the stem and two bottlenecks
+    out_ref, grad_x_ref, grads_ref = _step(reference, x, grad)
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(grad_x, grad_x_ref)
+    names = [name for name, _ in model.named_parameters()]
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, msg=lambda m, n=name: f"{n}: {m}")
+    state, state_ref = model.state_dict(), reference.state_dict()
+    assert state.keys() == state_ref.keys()  # the modules' names (bn2, act2, ...) unchanged
+    for name, b in state.items():
+        torch.testing.assert_close(b, state_ref[name], msg=lambda m, n=name: f"{n}: {m}")
