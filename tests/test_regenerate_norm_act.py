@@ -299,3 +299,30 @@ def test_rednet_bottlenecks_and_stem_use_the_op_and_match(monkeypatch) -> None:
     assert state.keys() == state_ref.keys()  # the modules' names (bn2, act2, ...) unchanged
     for name, b in state.items():
         torch.testing.assert_close(b, state_ref[name], msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_frozen_batchnorm_kernel_branch_regenerates_as_kept(monkeypatch) -> None:
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from involution.ops.regenerate import RegeneratedInvolution2d
+
+    calls: list[int] = []
+    original = RegeneratedInvolution2d.apply
+    monkeypatch.setattr(
+        RegeneratedInvolution2d, "apply", lambda *a: calls.append(1) or original(*a)
+    )
+    torch.manual_seed(0)
+    layer = Involution2d(16, 3, stride=2, group_channels=4, norm_layer=FrozenBatchNorm2d)
+    with torch.no_grad():
+        for buffer in layer.norm.buffers():
+            buffer.uniform_(0.5, 1.5)
+    kept = set_kernel_regeneration(copy.deepcopy(layer), False)
+    x, grad = torch.randn(2, 16, 9, 9), torch.randn(2, 16, 5, 5)
+    out, grad_x, grads = _step(layer.train(), x, grad)
+    out_kept, grad_x_kept, grads_kept = _step(kept.train(), x, grad)
+    assert calls == [1]
+    # FrozenBatchNorm2d folds its statistics into a scale and a shift: another rounding.
+    torch.testing.assert_close(out, out_kept, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_x, grad_x_kept, rtol=1e-4, atol=1e-5)
+    for g, g_kept in zip(grads, grads_kept, strict=True):
+        torch.testing.assert_close(g, g_kept, rtol=1e-4, atol=1e-4)
