@@ -242,6 +242,20 @@ def test_frozen_stages_and_statistics_survive_an_optimizer_step(
     assert not torch.equal(model.backbone.fpn.layer_blocks[0].norm.running_mean, neck_stats)
 
 
+def test_frozen_bn_body_is_torchvisions_and_its_involutions_regenerate() -> None:
+    torch.manual_seed(0)
+    small = dict(SMALL, frozen_bn=True)
+    model = retinanet_rednet_fpn(26, **dict(FAST_RETINANET, backbone_kwargs=small)).train()
+    body = model.backbone.body
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in body.modules())
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in body.modules()) > 0
+    involutions = [m for m in body.modules() if isinstance(m, Involution2d)]
+    assert involutions and all(m.regeneration_applies() for m in involutions)
+    images = [torch.rand(3, height, width) for height, width in IMAGE_SIZES]
+    sum(model(images, _targets(IMAGE_SIZES, masks=False)).values()).backward()
+    assert body.layer4[0].conv2.span.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("norm_layer", [nn.BatchNorm2d, FrozenBatchNorm2d])
 def test_official_classification_checkpoint_loads_with_one_warning(norm_layer: type) -> None:
     path = CONFORMANCE / "rednet26_official_random.pth"
@@ -331,6 +345,12 @@ def test_registry_holds_every_depth_and_the_resnet50_baselines() -> None:
             "returned_layers",
         ),
         (lambda: rednet_fpn_backbone(27), "depth"),
+        (
+            lambda: rednet_fpn_backbone(
+                26, backbone_kwargs=dict(SMALL, frozen_bn=True, norm_layer=nn.BatchNorm2d)
+            ),
+            "frozen_bn",
+        ),
     ],
 )
 def test_bad_arguments_are_refused(build: Callable[[], nn.Module], match: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
 from involution.models.convert import check_state_dict, read_rednet_state_dict
@@ -42,7 +42,11 @@ _STEM_SPAN_KEYS = ("stem.inv.span.weight", "stem.inv.span.bias")
 
 
 def rednet_backbone(
-    depth: int = 50, *, weights: str | PathLike | None = None, **kwargs: Any
+    depth: int = 50,
+    *,
+    weights: str | PathLike | None = None,
+    frozen_bn: bool = False,
+    **kwargs: Any,
 ) -> RedNet:
     """The det/seg RedNet: stem involution kernel 7, no classifier (``num_classes=0``).
 
@@ -50,6 +54,11 @@ def rednet_backbone(
         depth: one of :data:`~involution.models.rednet.MODEL_DEPTHS` (26, 38, 50, 101, 152).
         weights: an official (mmcls) or converted RedNet checkpoint, loaded with
             :func:`load_backbone_weights`.
+        frozen_bn: every BatchNorm (the involutions' kernel branches' included) is
+            torchvision's ``FrozenBatchNorm2d``: statistics and affine fixed, nothing kept for
+            backward, as in torchvision's ResNet-FPN backbones for a pretrained body. Not the
+            official setting (``norm_eval``, whose affine weights still learn); exclusive with a
+            ``norm_layer`` in ``kwargs``.
         kwargs: further :class:`~involution.models.rednet.RedNet` arguments; ``layers`` or
             ``stem_kernel_size`` given here override the depth's and the det/seg default.
 
@@ -60,6 +69,10 @@ def rednet_backbone(
         raise ValueError(f"depth must be one of {sorted(MODEL_DEPTHS)}, got {depth!r}")
     if "num_classes" in kwargs:
         raise ValueError("a det/seg backbone has no classifier: do not pass num_classes")
+    if frozen_bn:
+        if "norm_layer" in kwargs:
+            raise ValueError("frozen_bn=True sets the norm layer: do not pass norm_layer")
+        kwargs["norm_layer"] = FrozenBatchNorm2d
     arguments = {
         "layers": MODEL_DEPTHS[depth],
         "stem_kernel_size": DETSEG_STEM_KERNEL_SIZE,

@@ -227,8 +227,9 @@ class Bottleneck(nn.Module):
             )
 
     def zero_init_last(self) -> None:
-        """Start the residual branch at zero so each block begins as (nearly) the identity."""
-        if getattr(self.bn3, "weight", None) is not None:
+        """Start the residual branch at zero so each block begins as (nearly) the identity; not
+        with a frozen norm (e.g. FrozenBatchNorm2d: a weight that is a buffer would stay 0)."""
+        if isinstance(getattr(self.bn3, "weight", None), nn.Parameter):
             nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: Tensor) -> Tensor:

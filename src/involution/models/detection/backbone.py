@@ -19,7 +19,10 @@ Official settings (d-li14/involution ``det/`` configs), all arguments:
   because this is exactly the official behaviour (``FrozenBatchNorm2d`` would also freeze the
   affine weights of the trainable stages), the state dict keeps the classification checkpoint's
   keys (``num_batches_tracked`` included) and the parameters are counted as the official
-  table counts them;
+  table counts them. ``backbone_kwargs={"frozen_bn": True}`` swaps in ``FrozenBatchNorm2d``
+  (torchvision's choice for a pretrained body, see :func:`~involution.models.fpn.
+  rednet_backbone`), e.g. to compare with torchvision's ResNet-50-FPN like for like: an
+  eval-mode BatchNorm whose weight learns keeps its input for backward, a frozen one nothing;
 - RetinaNet's P6 is computed from C5 (:class:`LastLevelP6P7FromC5`).
 """
 
@@ -161,8 +164,8 @@ def rednet_fpn_backbone(
         backbone_weights: a RedNet checkpoint (official ``.pth`` or converted), loaded with
             :func:`involution.models.fpn.load_backbone_weights`.
         backbone_kwargs: :class:`RedNet` arguments (``layers`` overrides the depth's;
-            ``stage_widths``, ``stem_width``, ``norm_layer``, ``backend``, ...), see
-            :func:`involution.models.fpn.rednet_backbone`.
+            ``stage_widths``, ``stem_width``, ``norm_layer``, ``backend``, ...) and
+            ``frozen_bn``, see :func:`involution.models.fpn.rednet_backbone`.
 
     Shape:
         (B, 3, H, W) -> ordered dict ``"0"``.. of (B, fpn_channels, H / 4, W / 4) .. and extras.
