@@ -326,3 +326,39 @@ def test_frozen_batchnorm_kernel_branch_regenerates_as_kept(monkeypatch) -> None
     torch.testing.assert_close(grad_x, grad_x_kept, rtol=1e-4, atol=1e-5)
     for g, g_kept in zip(grads, grads_kept, strict=True):
         torch.testing.assert_close(g, g_kept, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_memory_cases_name_each_variant_and_pairing() -> None:
+    import argparse
+
+    from involution.bench.memory import Case, add_arguments, cases
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--models",
+            "rednet26",
+            "--batch-sizes",
+            "8",
+            "--dtypes",
+            "float32",
+            "--layouts",
+            "nchw",
+            "--detectors",
+            "retinanet",
+            "--regenerate",
+            "all",
+        ]
+    )
+    detector = "retinanet_rednet50_fpn_inv_neck"
+    assert cases(args) == [
+        Case("resnet26", 8, "float32", "nchw", None),
+        *(Case("rednet26", 8, "float32", "nchw", v) for v in ("regen", "unfused", "kept")),
+        Case("retinanet_resnet50_fpn", 2, "float32", "nchw", None, "frozen"),
+        *(
+            Case(detector, 2, "float32", "nchw", v, norm)
+            for norm in ("frozen", "norm_eval")
+            for v in ("regen", "unfused", "kept")
+        ),
+    ]

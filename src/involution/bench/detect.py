@@ -37,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -98,10 +99,13 @@ def baseline_of(name: str) -> str:
     return name.split("_", 1)[0] + "_resnet50_fpn"
 
 
-def build_detector(name: str, height: int, width: int, device: torch.device) -> nn.Module:
+def build_detector(
+    name: str, height: int, width: int, device: torch.device, **kwargs: Any
+) -> nn.Module:
     """A random-weight detector (seed 0) whose transform keeps H x W images at their size and
     whose post-processing keeps no detection (score threshold 1), so that no model's latency
-    depends on how many boxes its random weights happen to score high."""
+    depends on how many boxes its random weights happen to score high. ``kwargs`` go to the
+    builder (e.g. ``backbone_kwargs``)."""
     from involution.models.loading import create_model
 
     torch.manual_seed(0)
@@ -112,6 +116,7 @@ def build_detector(name: str, height: int, width: int, device: torch.device) -> 
         min_size=min(height, width),
         max_size=max(height, width),
         **{threshold: 1.0},
+        **kwargs,
     )
     return model.to(device)
 

@@ -12,13 +12,20 @@ For each model, training mode, random inputs, one SGD step at a time:
   update) after one untimed step, and ``CPU ms`` the process's CPU time per step (all threads:
   other jobs on a shared machine inflate it far less than the wall-clock time).
 
-Each RedNet runs twice: with its Involution2d layers regenerating the kernels in backward
-(``regen``, the default) and keeping them (``kept``, ``regenerate_kernels = False``).
-``ratio`` is a row's saved bytes over its ResNet baseline's (rednet26 -> resnet26, rednetN ->
-torchvision.resnetN; a RedNet detector -> the detector's ResNet-50-FPN). Classifiers run at
-every ``--batch-sizes`` x ``--dtypes`` (float32, or bfloat16 autocast) x ``--layouts``;
-detectors (``--detectors``, the RedNet-50-FPN with the involution neck against the
-ResNet-50-FPN) at ``--det-size`` with ``--det-batch`` images, float32 NCHW.
+Each RedNet runs as its ``--regenerate`` variants (:data:`VARIANTS`): its Involution2d layers
+regenerating the kernels in backward with the following BatchNorm + ReLU in the same op
+(``regen``, the default), regenerating them with the BatchNorm and ReLU as modules
+(``unfused``, ``fuse_norm_act = False``), and keeping the kernels (``kept``,
+``regenerate_kernels = False``). ``ratio`` is a row's saved bytes over its ResNet baseline's
+(rednet26 -> resnet26, rednetN -> torchvision.resnetN; a RedNet detector -> the detector's
+ResNet-50-FPN). Classifiers run at every ``--batch-sizes`` x ``--dtypes`` (float32, or
+bfloat16 autocast) x ``--layouts``; detectors (``--detectors``, the RedNet-50-FPN with the
+involution neck against torchvision's ResNet-50-FPN) at ``--det-size`` with ``--det-batch``
+images, float32 NCHW, once per ``--det-norms``: the ``norm`` column says which BatchNorms the
+backbone bodies have (``frozen``: torchvision's FrozenBatchNorm2d, the baseline's, like for
+like; ``norm_eval``: the official RedNet setting, eval-mode BatchNorms whose affine weights
+learn, against the same FrozenBatchNorm2d baseline). Classifiers' BatchNorms use the batch's
+statistics (``batch``).
 """
 
 from __future__ import annotations
@@ -51,7 +58,21 @@ from involution.ops.modules import set_kernel_regeneration
 CLASSIFIERS = ("rednet26", "rednet50", "rednet101")
 DETECTORS = ("retinanet", "fasterrcnn")
 LAYOUTS = ("nchw", "channels_last")
-REGENERATE_CHOICES = ("both", "on", "off")
+#: RedNet variant -> (``regenerate_kernels``, ``fuse_norm_act``) of its Involution2d layers.
+VARIANTS: dict[str, tuple[bool, bool]] = {
+    "regen": (True, True),
+    "unfused": (True, False),
+    "kept": (False, False),
+}
+#: ``--regenerate`` -> the RedNet variants run.
+REGENERATE_CHOICES: dict[str, tuple[str, ...]] = {
+    "both": ("regen", "kept"),
+    "all": ("regen", "unfused", "kept"),
+    "on": ("regen",),
+    "off": ("kept",),
+}
+#: The detectors' backbone norms (see the module docstring); the ResNet baseline's is frozen.
+DET_NORMS = ("frozen", "norm_eval")
 
 
 def baseline_of(name: str) -> str:
@@ -64,19 +85,23 @@ def baseline_of(name: str) -> str:
 
 @dataclass(frozen=True)
 class Case:
-    """One measured configuration; ``regenerate`` is ``None`` for a ResNet."""
+    """One measured configuration; ``variant`` (a key of :data:`VARIANTS`) is ``None`` for a
+    ResNet; ``norm`` is ``"batch"`` for a classifier, one of :data:`DET_NORMS` for a detector.
+    """
 
     model: str
     batch_size: int
     dtype: str
     layout: str
-    regenerate: bool | None
+    variant: str | None
+    norm: str = "batch"
 
 
 @dataclass(frozen=True)
 class MemoryResult:
     """One configuration's figures (MiB and milliseconds); ``ratio`` is the saved bytes over the
-    baseline's in the same setting (``None`` for a baseline or where it was not run)."""
+    baseline's in the same setting (``None`` for a baseline or where it was not run); ``norm``
+    as :class:`Case`'s."""
 
     model: str
     variant: str
@@ -89,6 +114,7 @@ class MemoryResult:
     step_ms: float
     step_cpu_ms: float
     ratio: float | None = None
+    norm: str = "batch"
 
 
 def saved_bytes(run: Callable[[], Any], exclude: Sequence[Tensor] = ()) -> tuple[int, Any]:
@@ -140,11 +166,15 @@ def peak_rss_delta(run: Callable[[], None]) -> float | None:
 def _build(case: Case, device: torch.device, det_size: tuple[int, int]) -> nn.Module:
     torch.manual_seed(0)
     if "_" in case.model:
-        model = build_detector(case.model, *det_size, device)
+        rednet = case.variant is not None
+        kwargs = (
+            {"backbone_kwargs": {"frozen_bn": True}} if rednet and case.norm == "frozen" else {}
+        )
+        model = build_detector(case.model, *det_size, device, **kwargs)
     else:
         model = create_model(case.model, None).to(device)
-    if case.regenerate is not None:
-        set_kernel_regeneration(model, case.regenerate)
+    if case.variant is not None:
+        set_kernel_regeneration(model, *VARIANTS[case.variant])
     if case.layout == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     return model.train()
@@ -214,10 +244,9 @@ def measure(
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
         cpu_times.append((time.process_time() - start_cpu) * 1e3)
-    variant = "-" if case.regenerate is None else ("regen" if case.regenerate else "kept")
     return MemoryResult(
         model=case.model,
-        variant=variant,
+        variant=case.variant or "-",
         batch_size=case.batch_size,
         dtype=case.dtype,
         layout=case.layout,
@@ -226,23 +255,25 @@ def measure(
         cuda_peak_mib=cuda_peak,
         step_ms=statistics.median(times),
         step_cpu_ms=statistics.median(cpu_times),
+        norm=case.norm,
     )
 
 
 def cases(args: argparse.Namespace) -> list[Case]:
     """Every configuration the arguments ask for, each RedNet's baseline first."""
-    regenerate = {"both": (True, False), "on": (True,), "off": (False,)}[args.regenerate]
+    variants = REGENERATE_CHOICES[args.regenerate]
     result = []
     for batch in args.batch_sizes:
         for dtype in args.dtypes:
             for layout in args.layouts:
                 for name in args.models:
                     result.append(Case(baseline_of(name), batch, dtype, layout, None))
-                    result += [Case(name, batch, dtype, layout, r) for r in regenerate]
+                    result += [Case(name, batch, dtype, layout, v) for v in variants]
     for detector in args.detectors:
         name = f"{detector}_rednet50_fpn_inv_neck"
-        result.append(Case(baseline_of(name), args.det_batch, "float32", "nchw", None))
-        result += [Case(name, args.det_batch, "float32", "nchw", r) for r in regenerate]
+        setting = (args.det_batch, "float32", "nchw")
+        result.append(Case(baseline_of(name), *setting, None, "frozen"))
+        result += [Case(name, *setting, v, norm) for norm in args.det_norms for v in variants]
     return result
 
 
@@ -266,13 +297,13 @@ def format_table(results: Sequence[MemoryResult]) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     lines = [
-        "| model | variant | batch | dtype | layout | saved MiB | ratio | peak RSS MiB "
+        "| model | variant | norm | batch | dtype | layout | saved MiB | ratio | peak RSS MiB "
         "| CUDA peak MiB | step ms | CPU ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r.model} | {r.variant} | {r.batch_size} | {r.dtype} | {r.layout} "
+            f"| {r.model} | {r.variant} | {r.norm} | {r.batch_size} | {r.dtype} | {r.layout} "
             f"| {r.saved_mib:.0f} | {number(r.ratio, 3)} | {number(r.peak_rss_mib)} "
             f"| {number(r.cuda_peak_mib)} | {r.step_ms:.0f} | {r.step_cpu_ms:.0f} |"
         )
@@ -303,9 +334,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--layouts", type=csv_list, default=list(LAYOUTS), help="nchw,channels_last"
     )
     parser.add_argument(
-        "--regenerate", choices=REGENERATE_CHOICES, default="both", help="RedNet variants"
+        "--regenerate",
+        choices=tuple(REGENERATE_CHOICES),
+        default="both",
+        help="RedNet variants: both (regen, kept), all (regen, unfused, kept), on, off",
     )
     parser.add_argument("--detectors", type=csv_list, default=list(DETECTORS), help="'' for none")
+    parser.add_argument(
+        "--det-norms", type=csv_list, default=list(DET_NORMS), help="frozen,norm_eval"
+    )
     parser.add_argument("--det-size", type=_size, default=(800, 1333), help="HxW (800x1333)")
     parser.add_argument("--det-batch", type=int, default=2, help="detector images per step (2)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per model (2)")
@@ -320,6 +357,7 @@ def memory_command(args: argparse.Namespace) -> int:
     problems += [f"unknown detector {d!r}" for d in args.detectors if d not in DETECTORS]
     problems += [f"unknown dtype {d!r}" for d in args.dtypes if d not in ("float32", "bfloat16")]
     problems += [f"unknown layout {layout!r}" for layout in args.layouts if layout not in LAYOUTS]
+    problems += [f"unknown detector norm {n!r}" for n in args.det_norms if n not in DET_NORMS]
     if device.type == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda requested but CUDA is not available")
     if args.steps < 1 or args.det_batch < 1 or min(args.batch_sizes, default=1) < 1:
@@ -332,7 +370,8 @@ def memory_command(args: argparse.Namespace) -> int:
     for case in cases(args):
         result = measure(case, device, args.steps, args.det_size)
         print(
-            f"{case.model} {result.variant} b{case.batch_size} {case.dtype} {case.layout}: "
+            f"{case.model} {result.variant} {case.norm} b{case.batch_size} {case.dtype} "
+            f"{case.layout}: "
             f"{result.saved_mib:.0f} MiB saved, {result.step_ms:.0f} ms/step",
             file=sys.stderr,
         )
