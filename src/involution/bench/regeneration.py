@@ -15,29 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from involution.bench.gpu import LayerShape
     from involution.bench.model import BenchSettings
 
 #: The two training paths: (label, Involution2d.regenerate_kernels).
 PATHS = (("kept", False), ("regenerated", True))
-
-
-class Shape(Protocol):
-    """A layer shape as :class:`involution.bench.gpu.LayerShape` describes it."""
-
-    channels: int
-    height: int
-    width: int
-    kernel: int
-    stride: int
-    groups: int
-    reduced: int
-    label: str
 
 
 @dataclass(frozen=True)
@@ -65,7 +53,7 @@ def _peak_mib(function: Callable[[], Any], device: torch.device) -> float | None
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def _training_step(shape: Shape, batch: int, dtype: torch.dtype, device: torch.device):
+def _training_step(shape: LayerShape, batch: int, dtype: torch.dtype, device: torch.device):
     """(step, layer): a forward and backward of a training Involution2d of ``shape``."""
     from involution.ops import Involution2d
 
@@ -90,7 +78,7 @@ def _training_step(shape: Shape, batch: int, dtype: torch.dtype, device: torch.d
 
 
 def time_layer_paths(
-    shapes: list[Shape],
+    shapes: list[LayerShape],
     batch: int,
     dtype: torch.dtype,
     device: torch.device,
