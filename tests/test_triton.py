@@ -352,6 +352,8 @@ SPAN = {"KK_PAD": 64, "ACC_DTYPE": tl.float32, "USE_DOT": True, "IEEE_DOT": Fals
         "DOT_IN_FP32": False, "NEEDS_WEIGHT": True, "NEEDS_BIAS": True}
 # The regenerating backward's float32 accumulation buffers.
 FLOAT32 = ("ga_ptr", "gsw_ptr", "gsb_ptr")
+# Tuple arguments: (stride, padding, dilation) pairs; feature maps' strides sx, sg, ... (4).
+TUPLES = {"geometry": (("i32", "i32"),) * 3}
 for kernel, extra in (
     (kernels.forward_kernel, {"ACC_DTYPE": tl.float32}),
     (kernels.backward_input_kernel, {"ACC_DTYPE": tl.float32}),
@@ -364,7 +366,8 @@ for kernel, extra in (
     function, config = kernel.fn, kernel.configs[0]
     constexprs = {"KH": 7, "KW": 7, **extra, **config.kwargs}
     signature = {
-        arg: "constexpr" if arg in constexprs
+        arg: "constexpr" if arg in constexprs else TUPLES.get(arg, ("i32",) * 4)
+        if arg == "geometry" or arg.startswith("s") and len(arg) == 2
         else "*fp32" if arg in FLOAT32 else "*bf16" if arg.endswith("_ptr") else "i32"
         for arg in function.arg_names
     }

@@ -307,35 +307,47 @@ from triton.compiler import ASTSource
 
 from involution.ops.backends.triton import tiled_kernels
 
-# Strides equal to 1 on channels_last features and pixel-major kernels (Triton specialises them).
+# Strides equal to 1 on channels_last features and pixel-major kernels (Triton specialises
+# them): (tuple argument, index) - the channel stride of a (B, C, H, W) feature map's (b, c, h,
+# w) strides, the kw or w stride of the kernels' (b, g, kh, kw, h, w) strides.
 UNIT = {
-    "forward_kernel": ("sx_c", "so_c", "sw_kw"),
-    "backward_input_kernel": ("sg_c", "si_c", "sw_kw"),
-    "backward_weight_kernel": ("sg_c", "sx_c", "sw_w"),
-    "fused_forward_kernel": ("sx_c", "so_c", "sr_c"),
+    "forward_kernel": (("sx", 1), ("so", 1), ("sw", 3)),
+    "backward_input_kernel": (("sg", 1), ("si", 1), ("sw", 3)),
+    "backward_weight_kernel": (("sg", 1), ("sx", 1), ("sw", 5)),
+    "fused_forward_kernel": (("sx", 1), ("so", 1), ("sr", 1)),
 }
-FEATURE_STRIDES = ("sx_", "so_", "sg_", "si_", "sr_")
+FEATURE_STRIDES = ("sx", "so", "sg", "si", "sr")
 FUSED = {"R_PAD": 128, "HAS_BIAS": True, "IEEE_DOT": False, "DOT_IN_FP32": False}
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 for name, units in UNIT.items():
     kernel = getattr(tiled_kernels, name)
     function, config = kernel.fn, kernel.configs[0]
+    names = function.arg_names
     extra = FUSED if name.startswith("fused") else {"ACC_DTYPE": tl.float32}
-    constexprs = {"KH": 7, "KW": 7, "CGP": 16, **extra, **config.kwargs, **dict.fromkeys(units, 1)}
-    signature = {
-        arg: "constexpr" if arg in constexprs else "*bf16" if arg.endswith("_ptr") else "i32"
-        for arg in function.arg_names
-    }
-    # Pointers, C/G = 16 and feature-map strides (sx_b, so_h, ...) are multiples of 16 for
-    # RedNet's shapes; the kernel tensor's strides (sw_*) involve K*K = 49 and are not.
-    aligned = {
-        (i,): [["tt.divisibility", 16]]
-        for i, arg in enumerate(function.arg_names)
-        if arg not in constexprs
-        and (arg.endswith("_ptr") or arg == "CG" or arg[:3] in FEATURE_STRIDES)
-    }
+    constexprs = {"KH": 7, "KW": 7, "CGP": 16, **extra, **config.kwargs}
+    unit_paths = {(names.index(arg), i): 1 for arg, i in units}
+
+    def arg_type(position, arg):
+        if arg in constexprs:
+            return "constexpr"
+        if arg == "geometry":
+            return (("i32", "i32"),) * 3
+        if arg == "sw" or arg in FEATURE_STRIDES:
+            size = 6 if arg == "sw" else 4
+            return tuple("constexpr" if (position, i) in unit_paths else "i32" for i in range(size))
+        return "*bf16" if arg.endswith("_ptr") else "i32"
+
+    signature = {arg: arg_type(position, arg) for position, arg in enumerate(names)}
+    # Pointers, C/G = 16 and feature-map strides (sx, so, ...) are multiples of 16 for RedNet's
+    # shapes; the kernel tensor's strides (sw) involve K*K = 49 and are not.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(names)
+               if arg.endswith("_ptr") or arg == "CG"}
+    aligned.update(
+        {(i, j): [["tt.divisibility", 16]] for i, arg in enumerate(names)
+         if arg in FEATURE_STRIDES for j in range(4) if (i, j) not in unit_paths}
+    )
     compiled = triton.compile(
-        ASTSource(function, signature, constexprs=constexprs, attrs=aligned),
+        ASTSource(function, signature, constexprs={**constexprs, **unit_paths}, attrs=aligned),
         target=GPUTarget("cuda", 90, 32),
         options={"num_warps": config.num_warps, "num_stages": config.num_stages},
     )

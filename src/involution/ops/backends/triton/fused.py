@@ -14,7 +14,7 @@ import triton.language as tl
 
 from involution.ops.backends.triton.kernels import pixel_block
 from involution.ops.backends.triton.launch import autotune_configs
-from involution.ops.backends.triton.taps import tap
+from involution.ops.backends.triton.taps import spatial_offsets, tap
 
 #: (block of pixels, block of the reduced width, warps, stages).
 CONFIGS = autotune_configs(
@@ -48,24 +48,10 @@ def fused_forward_kernel(
     W,
     OH,
     OW,
-    sx_b,
-    sx_c,
-    sx_h,
-    sx_w,
-    sr_b,
-    sr_c,
-    sr_h,
-    sr_w,
-    so_b,
-    so_c,
-    so_h,
-    so_w,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    dil_h,
-    dil_w,
+    sx,
+    sr,
+    so,
+    geometry,
     KH: tl.constexpr,
     KW: tl.constexpr,
     KK_PAD: tl.constexpr,
@@ -88,7 +74,7 @@ def fused_forward_kernel(
 
     # Kernel tile (KK_PAD, BLOCK_P) = span_w[rows, :] @ reduced[b, :, pixels], fp32 accumulation.
     kernel = tl.zeros((KK_PAD, BLOCK_P), dtype=tl.float32)
-    red_pixels = red_ptr + b * sr_b + (oh * sr_h + ow * sr_w)[None, :]
+    red_pixels = red_ptr + b * sr[0] + spatial_offsets(sr, oh, ow)[None, :]
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
@@ -98,7 +84,7 @@ def fused_forward_kernel(
             other=0.0,
         )
         reduced = tl.load(
-            red_pixels + offs_r[:, None] * sr_c, mask=mask_r[:, None] & mask_p[None, :], other=0.0
+            red_pixels + offs_r[:, None] * sr[1], mask=mask_r[:, None] & mask_p[None, :], other=0.0
         )
         if DOT_IN_FP32:
             span_w = span_w.to(tl.float32)
@@ -114,13 +100,13 @@ def fused_forward_kernel(
 
     kh = offs_k // KW
     kw = offs_k % KW
-    ih, inside_h = tap(oh[None, :], stride_h, pad_h, kh[:, None], dil_h, H)
-    iw, inside_w = tap(ow[None, :], stride_w, pad_w, kw[:, None], dil_w, W)
+    ih, inside_h = tap(oh[None, :], geometry, 0, kh[:, None], H)
+    iw, inside_w = tap(ow[None, :], geometry, 1, kw[:, None], W)
     ok = mask_k[:, None] & mask_p[None, :] & inside_h & inside_w
-    x_taps = x_ptr + b * sx_b + ih * sx_h + iw * sx_w
-    out_pixels = out_ptr + b * so_b + oh * so_h + ow * so_w
+    x_taps = x_ptr + b * sx[0] + ih * sx[2] + iw * sx[3]
+    out_pixels = out_ptr + b * so[0] + oh * so[2] + ow * so[3]
     for ci in range(CG):
         chan = g * CG + ci
-        x = tl.load(x_taps + chan * sx_c, mask=ok, other=0.0)
+        x = tl.load(x_taps + chan * sx[1], mask=ok, other=0.0)
         out = tl.sum(x.to(tl.float32) * kernel, axis=0)
-        tl.store(out_pixels + chan * so_c, out.to(out_ptr.dtype.element_ty), mask=mask_p)
+        tl.store(out_pixels + chan * so[1], out.to(out_ptr.dtype.element_ty), mask=mask_p)

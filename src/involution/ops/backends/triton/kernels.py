@@ -3,7 +3,9 @@
 Layouts: ``input``, ``output``, ``grad_output`` and ``grad_input`` are addressed through their
 strides, so NCHW and channels_last tensors are read and written in place without a copy (the
 channel block of a program is then contiguous for channels_last and the pixel block for NCHW).
-``weight`` and ``grad_weight`` are contiguous (B, G, Kh, Kw, H_out, W_out).
+``weight`` and ``grad_weight`` are contiguous (B, G, Kh, Kw, H_out, W_out). Each strided tensor
+comes with one tuple of its (b, c, h, w) strides (``sx`` for ``x``, ...), and the convolution
+as ``geometry``, ((stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w)), read by :mod:`~.taps`.
 
 Every program owns a disjoint block of the tensor it writes and accumulates in registers
 (float32, or float64 for float64 tensors), so there are no atomics and results are bitwise
@@ -18,7 +20,7 @@ import triton
 import triton.language as tl
 
 from involution.ops.backends.triton.launch import autotune_configs
-from involution.ops.backends.triton.taps import adjoint_tap, tap
+from involution.ops.backends.triton.taps import adjoint_tap, spatial_offsets, tap
 
 #: Autotune search space on a GPU: (block of pixels, block of channels, warps, stages).
 CONFIGS = autotune_configs(
@@ -38,7 +40,7 @@ CONFIGS = autotune_configs(
 )
 
 #: Autotune key: the shape and convolution parameters that change the best tiling.
-KEY = ["C", "CG", "H", "W", "OH", "OW", "stride_h", "stride_w", "KH", "KW"]
+KEY = ["C", "CG", "H", "W", "OH", "OW", "geometry", "KH", "KW"]
 
 
 @triton.jit
@@ -93,20 +95,9 @@ def forward_kernel(
     W,
     OH,
     OW,
-    sx_b,
-    sx_c,
-    sx_h,
-    sx_w,
-    so_b,
-    so_c,
-    so_h,
-    so_w,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    dil_h,
-    dil_w,
+    sx,
+    so,
+    geometry,
     KH: tl.constexpr,
     KW: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -120,20 +111,20 @@ def forward_kernel(
     )
     chan, mask_c = _channel_block(pid_c, g, CG, BLOCK_C)
 
-    x_rows = x_ptr + b * sx_b + chan[:, None] * sx_c
+    x_rows = x_ptr + b * sx[0] + chan[:, None] * sx[1]
     w_base = w_ptr + pid_bg.to(tl.int64) * (KH * KW * OH * OW) + offs_p
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC_DTYPE)
     for kh in range(KH):
-        ih, inside_h = tap(oh, stride_h, pad_h, kh, dil_h, H)
+        ih, inside_h = tap(oh, geometry, 0, kh, H)
         ok_h = mask_p & inside_h
         for kw in tl.static_range(KW):
-            iw, inside_w = tap(ow, stride_w, pad_w, kw, dil_w, W)
+            iw, inside_w = tap(ow, geometry, 1, kw, W)
             kernel = tl.load(w_base + (kh * KW + kw) * OH * OW, mask=mask_p, other=0.0)
-            pixels = ih * sx_h + iw * sx_w
+            pixels = spatial_offsets(sx, ih, iw)
             acc = _accumulate_tap(acc, x_rows, pixels, mask_c, ok_h & inside_w, kernel, ACC_DTYPE)
 
-    out_pixels = oh * so_h + ow * so_w
-    _store_block(out_ptr + b * so_b, chan * so_c, out_pixels, acc, mask_c, mask_p)
+    out_pixels = spatial_offsets(so, oh, ow)
+    _store_block(out_ptr + b * so[0], chan * so[1], out_pixels, acc, mask_c, mask_p)
 
 
 @triton.autotune(configs=CONFIGS, key=KEY)
@@ -149,20 +140,9 @@ def backward_input_kernel(
     W,
     OH,
     OW,
-    sg_b,
-    sg_c,
-    sg_h,
-    sg_w,
-    si_b,
-    si_c,
-    si_h,
-    si_w,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    dil_h,
-    dil_w,
+    sg,
+    si,
+    geometry,
     KH: tl.constexpr,
     KW: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -180,21 +160,21 @@ def backward_input_kernel(
     )
     chan, mask_c = _channel_block(pid_c, g, CG, BLOCK_C)
 
-    go_rows = go_ptr + b * sg_b + chan[:, None] * sg_c
+    go_rows = go_ptr + b * sg[0] + chan[:, None] * sg[1]
     w_base = w_ptr + pid_bg.to(tl.int64) * (KH * KW * OH * OW)
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC_DTYPE)
     for kh in range(KH):
-        oh, reads_h = adjoint_tap(ih, stride_h, pad_h, kh, dil_h, OH)
+        oh, reads_h = adjoint_tap(ih, geometry, 0, kh, OH)
         ok_h = mask_p & reads_h
         for kw in tl.static_range(KW):
-            ow, reads_w = adjoint_tap(iw, stride_w, pad_w, kw, dil_w, OW)
+            ow, reads_w = adjoint_tap(iw, geometry, 1, kw, OW)
             ok = ok_h & reads_w
             kernel = tl.load(w_base + (kh * KW + kw) * OH * OW + oh * OW + ow, mask=ok, other=0.0)
-            pixels = oh * sg_h + ow * sg_w
+            pixels = spatial_offsets(sg, oh, ow)
             acc = _accumulate_tap(acc, go_rows, pixels, mask_c, ok, kernel, ACC_DTYPE)
 
-    in_pixels = ih * si_h + iw * si_w
-    _store_block(gi_ptr + b * si_b, chan * si_c, in_pixels, acc, mask_c, mask_p)
+    in_pixels = spatial_offsets(si, ih, iw)
+    _store_block(gi_ptr + b * si[0], chan * si[1], in_pixels, acc, mask_c, mask_p)
 
 
 @triton.autotune(configs=CONFIGS, key=KEY)
@@ -210,20 +190,9 @@ def backward_weight_kernel(
     W,
     OH,
     OW,
-    sg_b,
-    sg_c,
-    sg_h,
-    sg_w,
-    sx_b,
-    sx_c,
-    sx_h,
-    sx_w,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    dil_h,
-    dil_w,
+    sg,
+    sx,
+    geometry,
     KH: tl.constexpr,
     KW: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -237,14 +206,14 @@ def backward_weight_kernel(
     """
     pid = tl.program_id(0)
     b, g, pid_bg, _, offs_p, oh, ow, mask_p = pixel_block(pid, OH, OW, 1, G, BLOCK_P)
-    go_pixels = go_ptr + b * sg_b + (oh * sg_h + ow * sg_w)[None, :]
-    x_batch = x_ptr + b * sx_b
+    go_pixels = go_ptr + b * sg[0] + spatial_offsets(sg, oh, ow)[None, :]
+    x_batch = x_ptr + b * sx[0]
     gw_base = gw_ptr + pid_bg.to(tl.int64) * (KH * KW * OH * OW) + offs_p
     for kh in range(KH):
-        ih, inside_h = tap(oh, stride_h, pad_h, kh, dil_h, H)
+        ih, inside_h = tap(oh, geometry, 0, kh, H)
         ok_h = mask_p & inside_h
         for kw in tl.static_range(KW):
-            iw, inside_w = tap(ow, stride_w, pad_w, kw, dil_w, W)
+            iw, inside_w = tap(ow, geometry, 1, kw, W)
             ok = ok_h & inside_w
             acc = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
             for c0 in range(0, CG, BLOCK_C):
@@ -252,10 +221,10 @@ def backward_weight_kernel(
                 mask_c = offs_c < CG
                 chan = (g * CG + offs_c)[:, None]
                 grad = tl.load(
-                    go_pixels + chan * sg_c, mask=mask_c[:, None] & mask_p[None, :], other=0.0
+                    go_pixels + chan * sg[1], mask=mask_c[:, None] & mask_p[None, :], other=0.0
                 )
                 x = tl.load(
-                    x_batch + chan * sx_c + (ih * sx_h + iw * sx_w)[None, :],
+                    x_batch + chan * sx[1] + spatial_offsets(sx, ih, iw)[None, :],
                     mask=mask_c[:, None] & ok[None, :],
                     other=0.0,
                 )

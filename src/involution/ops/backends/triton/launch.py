@@ -3,7 +3,8 @@
 Settings read from the environment, the autotuner's tilings, the accumulation dtype, the
 problem's sizes, the tensor a pass writes, the fused forward's operands and flags, and the
 launch itself: a 1-D grid, on the operands' GPU, with the arguments in the order every kernel
-of this package takes them (pointers, sizes, strides, stride/padding/dilation, constexprs).
+of this package takes them (pointers, sizes, a tuple of strides per strided tensor, the
+(stride, padding, dilation) pairs as one tuple, constexprs).
 
 Triton is imported lazily, so that the backend interface, which reads the settings, works
 without it.
@@ -260,10 +261,12 @@ def run_kernel(
     """Run ``kernel`` on a 1-D grid of ``programs(meta)`` programs on the GPU of ``pointers``.
 
     The arguments go in the order every kernel of this package takes: the ``pointers``, the
-    ``sizes``, the strides of each ``strided`` tensor, stride, padding and dilation (h, w each),
-    then the ``constexprs`` by name (the autotuner adds the tiling).
+    ``sizes``, the strides of each ``strided`` tensor (one tuple each), the ``geometry`` (a
+    tuple of (h, w) tuples, as :mod:`~.taps` reads it), then the ``constexprs`` by name (the
+    autotuner adds the tiling). Triton specialises the entries of a tuple as it does scalar
+    arguments (a unit stride becomes a constant).
     """
-    strides = [step for tensor in strided for step in tensor.stride()]
-    conv = [value for pair in geometry for value in pair]
+    strides = [tuple(tensor.stride()) for tensor in strided]
+    conv = tuple(tuple(pair) for pair in geometry)
     with device_guard(pointers[0]):
-        kernel[lambda meta: (programs(meta),)](*pointers, *sizes, *strides, *conv, **constexprs)
+        kernel[lambda meta: (programs(meta),)](*pointers, *sizes, *strides, conv, **constexprs)

@@ -34,7 +34,7 @@ from torch import Tensor
 from involution.ops.backends.triton import launch
 from involution.ops.backends.triton.kernels import _accumulate_tap, _store_block, pixel_block
 from involution.ops.backends.triton.launch import FusedProblem
-from involution.ops.backends.triton.taps import adjoint_tap, tap
+from involution.ops.backends.triton.taps import adjoint_tap, spatial_offsets, tap
 from involution.ops.layout import memory_format_of
 
 #: (block of pixels, block of the reduced width, warps, stages).
@@ -44,7 +44,7 @@ CONFIGS = launch.autotune_configs(
     fixed=[(32, 32, 4, 2)],
     tuned=[(32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 4, 2), (64, 16, 4, 3), (16, 32, 2, 3)],
 )
-KEY = ["C", "CG", "R", "H", "W", "OH", "OW", "stride_h", "stride_w", "KH", "KW"]
+KEY = ["C", "CG", "R", "H", "W", "OH", "OW", "geometry", "KH", "KW"]
 #: Under ``torch.use_deterministic_algorithms`` the span parameters' per-program partials are
 #: kept to at most 1/PARTIALS_FRACTION of the kernel tensor's size.
 PARTIALS_FRACTION = 4
@@ -92,28 +92,11 @@ def span_gradients_kernel(  # noqa: PLR0913  (a Triton kernel: one scalar per si
     W,
     OH,
     OW,
-    sg_b,
-    sg_c,
-    sg_h,
-    sg_w,
-    sx_b,
-    sx_c,
-    sx_h,
-    sx_w,
-    sr_b,
-    sr_c,
-    sr_h,
-    sr_w,
-    sa_b,
-    sa_c,
-    sa_h,
-    sa_w,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    dil_h,
-    dil_w,
+    sg,
+    sx,
+    sr,
+    sa,
+    geometry,
     KH: tl.constexpr,
     KW: tl.constexpr,
     KK_PAD: tl.constexpr,
@@ -140,19 +123,19 @@ def span_gradients_kernel(  # noqa: PLR0913  (a Triton kernel: one scalar per si
         gsb_ptr += pid.to(tl.int64) * G * KH * KW
     for block in range(pid, B * tl.cdiv(OH * OW, BLOCK_P), programs):
         b, _, _, _, _, oh, ow, mask_p = pixel_block(block, OH, OW, 1, 1, BLOCK_P)
-        ih, inside_h = tap(oh[None, :], stride_h, pad_h, (offs_k // KW)[:, None], dil_h, H)
-        iw, inside_w = tap(ow[None, :], stride_w, pad_w, (offs_k % KW)[:, None], dil_w, W)
+        ih, inside_h = tap(oh[None, :], geometry, 0, (offs_k // KW)[:, None], H)
+        iw, inside_w = tap(ow[None, :], geometry, 1, (offs_k % KW)[:, None], W)
         ok = mask_k[:, None] & mask_p[None, :] & inside_h & inside_w
-        x_taps = x_ptr + b * sx_b + ih * sx_h + iw * sx_w
-        go_pixels = go_ptr + b * sg_b + oh * sg_h + ow * sg_w
-        red_pixels = red_ptr + b * sr_b + (oh * sr_h + ow * sr_w)[None, :]
-        ga_pixels = ga_ptr + b * sa_b + (oh * sa_h + ow * sa_w)[None, :]
+        x_taps = x_ptr + b * sx[0] + ih * sx[2] + iw * sx[3]
+        go_pixels = go_ptr + b * sg[0] + oh * sg[2] + ow * sg[3]
+        red_pixels = red_ptr + b * sr[0] + spatial_offsets(sr, oh, ow)[None, :]
+        ga_pixels = ga_ptr + b * sa[0] + spatial_offsets(sa, oh, ow)[None, :]
         for g in range(G):
             grad_kernel = tl.zeros((KK_PAD, BLOCK_P), dtype=ACC_DTYPE)
             for ci in range(CG):
                 chan = g * CG + ci
-                grad = tl.load(go_pixels + chan * sg_c, mask=mask_p, other=0.0)
-                x = tl.load(x_taps + chan * sx_c, mask=ok, other=0.0)
+                grad = tl.load(go_pixels + chan * sg[1], mask=mask_p, other=0.0)
+                x = tl.load(x_taps + chan * sx[1], mask=ok, other=0.0)
                 grad_kernel += x.to(ACC_DTYPE) * grad.to(ACC_DTYPE)[None, :]
             # The dtype the unfused backward stores dW in, and the span products' operands'.
             grad_kernel = grad_kernel.to(x_ptr.dtype.element_ty)
@@ -170,14 +153,14 @@ def span_gradients_kernel(  # noqa: PLR0913  (a Triton kernel: one scalar per si
                     other=0.0,
                 )
                 # This program alone reads and writes these (BLOCK_R, BLOCK_P) values.
-                ga_ptrs = ga_pixels + offs_r[:, None] * sa_c
+                ga_ptrs = ga_pixels + offs_r[:, None] * sa[1]
                 grad_reduced = tl.load(ga_ptrs, mask=mask_rp, other=0.0)
                 grad_reduced = _product(
                     tl.trans(span_w), grad_kernel, grad_reduced, USE_DOT, IEEE_DOT, DOT_IN_FP32
                 )
                 tl.store(ga_ptrs, grad_reduced, mask=mask_rp)
                 if NEEDS_WEIGHT:
-                    reduced = tl.load(red_pixels + offs_r[:, None] * sr_c, mask=mask_rp, other=0.0)
+                    reduced = tl.load(red_pixels + offs_r[:, None] * sr[1], mask=mask_rp, other=0.0)
                     grad_w = tl.zeros((KK_PAD, BLOCK_R), dtype=ACC_DTYPE)
                     grad_w = _product(
                         grad_kernel, tl.trans(reduced), grad_w, USE_DOT, IEEE_DOT, DOT_IN_FP32
@@ -202,24 +185,10 @@ def input_gradient_kernel(  # noqa: PLR0913
     W,
     OH,
     OW,
-    sg_b,
-    sg_c,
-    sg_h,
-    sg_w,
-    sr_b,
-    sr_c,
-    sr_h,
-    sr_w,
-    si_b,
-    si_c,
-    si_h,
-    si_w,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    dil_h,
-    dil_w,
+    sg,
+    sr,
+    si,
+    geometry,
     KH: tl.constexpr,
     KW: tl.constexpr,
     CG_PAD: tl.constexpr,
@@ -235,24 +204,24 @@ def input_gradient_kernel(  # noqa: PLR0913
     offs_c = tl.arange(0, CG_PAD)
     mask_c = offs_c < CG
     chan = g * CG + offs_c
-    go_rows = go_ptr + b * sg_b + chan[:, None] * sg_c
-    red_batch = red_ptr + b * sr_b
+    go_rows = go_ptr + b * sg[0] + chan[:, None] * sg[1]
+    red_batch = red_ptr + b * sr[0]
     acc = tl.zeros((CG_PAD, BLOCK_P), dtype=ACC_DTYPE)
     for kh in range(KH):
-        oh, reads_h = adjoint_tap(ih, stride_h, pad_h, kh, dil_h, OH)
+        oh, reads_h = adjoint_tap(ih, geometry, 0, kh, OH)
         ok_h = mask_p & reads_h
         for kw in range(KW):
-            ow, reads_w = adjoint_tap(iw, stride_w, pad_w, kw, dil_w, OW)
+            ow, reads_w = adjoint_tap(iw, geometry, 1, kw, OW)
             ok = ok_h & reads_w
             row = g * (KH * KW) + kh * KW + kw
-            red_pixels = red_batch + (oh * sr_h + ow * sr_w)[None, :]
+            red_pixels = red_batch + spatial_offsets(sr, oh, ow)[None, :]
             kernel = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
             for r0 in range(0, R, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 mask_r = offs_r < R
                 span_w = tl.load(span_w_ptr + row * R + offs_r, mask=mask_r, other=0.0)
                 reduced = tl.load(
-                    red_pixels + offs_r[:, None] * sr_c,
+                    red_pixels + offs_r[:, None] * sr[1],
                     mask=mask_r[:, None] & ok[None, :],
                     other=0.0,
                 )
@@ -261,10 +230,10 @@ def input_gradient_kernel(  # noqa: PLR0913
                 kernel += tl.load(span_b_ptr + row).to(ACC_DTYPE)
             # The forward's rounding of the kernel value to the tensor dtype.
             kernel = kernel.to(gi_ptr.dtype.element_ty).to(ACC_DTYPE)
-            pixels = oh * sg_h + ow * sg_w
+            pixels = spatial_offsets(sg, oh, ow)
             acc = _accumulate_tap(acc, go_rows, pixels, mask_c, ok, kernel, ACC_DTYPE)
-    in_pixels = ih * si_h + iw * si_w
-    _store_block(gi_ptr + b * si_b, chan * si_c, in_pixels, acc, mask_c, mask_p)
+    in_pixels = spatial_offsets(si, ih, iw)
+    _store_block(gi_ptr + b * si[0], chan * si[1], in_pixels, acc, mask_c, mask_p)
 
 
 def fused_backward(

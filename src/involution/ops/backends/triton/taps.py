@@ -1,31 +1,43 @@
-"""``@triton.jit`` helpers every kernel of the backend shares: where a kernel tap reads.
+"""``@triton.jit`` helpers every kernel of the backend shares: where a kernel tap reads, and
+where a pixel lies in a strided tensor.
 
 Triton inlines a jit function into the kernel that calls it, so these cost nothing at run time;
 they take and return tensors of any shape (broadcasting as the caller arranges its operands).
+``geometry`` is the kernels' (stride, padding, dilation) argument: a tuple of three tuples with
+one entry per spatial axis, ``AXIS`` (a constexpr) picking one.
 """
 
 from __future__ import annotations
 
 import triton
-import triton.language as tl  # noqa: F401  (Triton requires it in a jit function's globals)
+import triton.language as tl
 
 
 @triton.jit
-def tap(out_pos, stride, pad, k, dil, size):
+def tap(out_pos, geometry, AXIS: tl.constexpr, k, size):
     """(input position, inside [0, size)) that tap ``k`` of output position ``out_pos`` reads,
-    along one axis: ``out_pos * stride - pad + k * dil``."""
-    pos = out_pos * stride - pad + k * dil
+    along axis ``AXIS``: ``out_pos * stride - pad + k * dil``."""
+    stride, pad, dil = geometry
+    pos = out_pos * stride[AXIS] - pad[AXIS] + k * dil[AXIS]
     return pos, (pos >= 0) & (pos < size)
 
 
 @triton.jit
-def adjoint_tap(in_pos, stride, pad, k, dil, out_size):
-    """(output position, whether it exists) whose tap ``k`` reads input position ``in_pos``.
+def adjoint_tap(in_pos, geometry, AXIS: tl.constexpr, k, out_size):
+    """(output position, whether it exists) whose tap ``k`` reads input position ``in_pos``
+    along axis ``AXIS``.
 
     ``o = (in_pos + pad - k * dil) / stride`` when that division is exact and
     ``0 <= o < out_size``; the gradient of the input gathers over these, without atomics.
     """
-    shifted = in_pos + pad - k * dil
-    pos = shifted // stride
+    stride, pad, dil = geometry
+    shifted = in_pos + pad[AXIS] - k * dil[AXIS]
+    pos = shifted // stride[AXIS]
     # shifted >= 0 is tested as well: the rounding of // and % on negatives does not matter then.
-    return pos, (shifted >= 0) & (shifted % stride == 0) & (pos < out_size)
+    return pos, (shifted >= 0) & (shifted % stride[AXIS] == 0) & (pos < out_size)
+
+
+@triton.jit
+def spatial_offsets(strides, row, col):
+    """Offsets of pixels (``row``, ``col``) in a (B, C, H, W) tensor of ``strides``."""
+    return row * strides[2] + col * strides[3]

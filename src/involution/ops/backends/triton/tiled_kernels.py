@@ -28,6 +28,8 @@ query tiles, expressed in Triton):
   0/1 (16, BLOCK_C) matrix that copies each group's value to its channels (exact: one non-zero
   term per sum). The (B, G*K*K, H, W) kernel tensor is never written.
 
+Strides arrive as one tuple per tensor: (b, c, h, w) for the features (``sx`` for ``x``, ...),
+(b, g, kh, kw, h, w) for the kernels (``sw``); the convolution as ``geometry`` (:mod:`~.taps`).
 Every output element is written by one program, without atomics: results are deterministic.
 Accumulation is float32 (float64 for float64 tensors). The launchers are in :mod:`~.tiled`.
 """
@@ -38,7 +40,7 @@ import triton
 import triton.language as tl
 
 from involution.ops.backends.triton.launch import autotune_configs
-from involution.ops.backends.triton.taps import adjoint_tap, tap
+from involution.ops.backends.triton.taps import adjoint_tap, spatial_offsets, tap
 
 _TILE = ("TILE_H", "TILE_W", "BLOCK_C")
 
@@ -77,10 +79,10 @@ FUSED_CONFIGS = autotune_configs(
     ],
 )
 
-#: Autotune key: the shape and convolution parameters that change the best tiling. A channel
-#: stride and a kernel-tap stride tell the memory layouts apart (NCHW or channels_last
-#: features, contiguous or pixel-major kernels).
-KEY = ["G", "CG", "H", "W", "OH", "OW", "stride_h", "stride_w", "KH", "KW", "sw_kw"]
+#: Autotune key: the shape and convolution parameters that change the best tiling. The
+#: strides of the kernels and (added per kernel) of a feature map tell the memory layouts apart
+#: (NCHW or channels_last features, contiguous or pixel-major kernels).
+KEY = ["G", "CG", "H", "W", "OH", "OW", "geometry", "KH", "KW", "sw"]
 
 #: The fused kernel's group slots: tl.dot needs N >= 16, and a program holds whole groups.
 FUSED_SLOTS = 16
@@ -158,7 +160,7 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b, input_precision="ieee") if IEEE else tl.dot(a, b)
 
 
-@triton.autotune(configs=CONFIGS, key=[*KEY, "sx_c"])
+@triton.autotune(configs=CONFIGS, key=[*KEY, "sx"])
 @triton.jit
 def forward_kernel(
     x_ptr,
@@ -171,26 +173,10 @@ def forward_kernel(
     OH,
     OW,
     ROWS,
-    sx_b,
-    sx_c,
-    sx_h,
-    sx_w,
-    sw_b,
-    sw_g,
-    sw_kh,
-    sw_kw,
-    sw_h,
-    sw_w,
-    so_b,
-    so_c,
-    so_h,
-    so_w,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    dil_h,
-    dil_w,
+    sx,
+    sw,
+    so,
+    geometry,
     KH: tl.constexpr,
     KW: tl.constexpr,
     CGP: tl.constexpr,
@@ -205,23 +191,23 @@ def forward_kernel(
     b, oh, ow, valid, pid_c = _tile_pixels(tl.program_id(0), ROWS, OW, OH, TILE_H, TILE_W)
     group, chan, ok_g, ok_gc = _channel_block(pid_c, G, CG, CC, GB)
 
-    x_chan = (x_ptr + b * sx_b)[:, None, None] + (chan * sx_c)[None, :, :]
-    w_pix = (w_ptr + b * sw_b + oh * sw_h + ow * sw_w)[:, None] + (group * sw_g)[None, :]
+    x_chan = (x_ptr + b * sx[0])[:, None, None] + (chan * sx[1])[None, :, :]
+    w_pix = (w_ptr + b * sw[0] + oh * sw[4] + ow * sw[5])[:, None] + (group * sw[1])[None, :]
     acc = tl.zeros((TILE_H * TILE_W, GB, CC), dtype=ACC_DTYPE)
     for kh in range(KH):
-        ih, inside_h = tap(oh, stride_h, pad_h, kh, dil_h, H)
+        ih, inside_h = tap(oh, geometry, 0, kh, H)
         ok_h = valid & inside_h
         for kw in range(KW):
-            iw, inside_w = tap(ow, stride_w, pad_w, kw, dil_w, W)
-            kernels = w_pix + kh * sw_kh + kw * sw_kw
-            features = x_chan + (ih * sx_h + iw * sx_w)[:, None, None]
+            iw, inside_w = tap(ow, geometry, 1, kw, W)
+            kernels = w_pix + kh * sw[2] + kw * sw[3]
+            features = x_chan + spatial_offsets(sx, ih, iw)[:, None, None]
             acc = _accumulate_tap(acc, kernels, features, ok_h & inside_w, ok_g, ok_gc, ACC_DTYPE)
 
-    out_pixels = b * so_b + oh * so_h + ow * so_w
-    _store_tile(out_ptr, out_pixels, chan * so_c, acc, valid[:, None, None] & ok_gc)
+    out_pixels = b * so[0] + oh * so[2] + ow * so[3]
+    _store_tile(out_ptr, out_pixels, chan * so[1], acc, valid[:, None, None] & ok_gc)
 
 
-@triton.autotune(configs=CONFIGS, key=[*KEY, "sg_c"])
+@triton.autotune(configs=CONFIGS, key=[*KEY, "sg"])
 @triton.jit
 def backward_input_kernel(
     go_ptr,
@@ -234,26 +220,10 @@ def backward_input_kernel(
     OH,
     OW,
     ROWS,
-    sg_b,
-    sg_c,
-    sg_h,
-    sg_w,
-    sw_b,
-    sw_g,
-    sw_kh,
-    sw_kw,
-    sw_h,
-    sw_w,
-    si_b,
-    si_c,
-    si_h,
-    si_w,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    dil_h,
-    dil_w,
+    sg,
+    sw,
+    si,
+    geometry,
     KH: tl.constexpr,
     KW: tl.constexpr,
     CGP: tl.constexpr,
@@ -272,23 +242,23 @@ def backward_input_kernel(
     b, ih, iw, valid, pid_c = _tile_pixels(tl.program_id(0), ROWS, W, H, TILE_H, TILE_W)
     group, chan, ok_g, ok_gc = _channel_block(pid_c, G, CG, CC, GB)
 
-    go_chan = (go_ptr + b * sg_b)[:, None, None] + (chan * sg_c)[None, :, :]
-    w_batch = (w_ptr + b * sw_b)[:, None] + (group * sw_g)[None, :]
+    go_chan = (go_ptr + b * sg[0])[:, None, None] + (chan * sg[1])[None, :, :]
+    w_batch = (w_ptr + b * sw[0])[:, None] + (group * sw[1])[None, :]
     acc = tl.zeros((TILE_H * TILE_W, GB, CC), dtype=ACC_DTYPE)
     for kh in range(KH):
-        oh, reads_h = adjoint_tap(ih, stride_h, pad_h, kh, dil_h, OH)
+        oh, reads_h = adjoint_tap(ih, geometry, 0, kh, OH)
         ok_h = valid & reads_h
         for kw in range(KW):
-            ow, reads_w = adjoint_tap(iw, stride_w, pad_w, kw, dil_w, OW)
-            kernels = w_batch + (kh * sw_kh + kw * sw_kw + oh * sw_h + ow * sw_w)[:, None]
-            grads = go_chan + (oh * sg_h + ow * sg_w)[:, None, None]
+            ow, reads_w = adjoint_tap(iw, geometry, 1, kw, OW)
+            kernels = w_batch + (kh * sw[2] + kw * sw[3] + oh * sw[4] + ow * sw[5])[:, None]
+            grads = go_chan + spatial_offsets(sg, oh, ow)[:, None, None]
             acc = _accumulate_tap(acc, kernels, grads, ok_h & reads_w, ok_g, ok_gc, ACC_DTYPE)
 
-    in_pixels = b * si_b + ih * si_h + iw * si_w
-    _store_tile(gi_ptr, in_pixels, chan * si_c, acc, valid[:, None, None] & ok_gc)
+    in_pixels = b * si[0] + ih * si[2] + iw * si[3]
+    _store_tile(gi_ptr, in_pixels, chan * si[1], acc, valid[:, None, None] & ok_gc)
 
 
-@triton.autotune(configs=CONFIGS, key=[*KEY, "sx_c"])
+@triton.autotune(configs=CONFIGS, key=[*KEY, "sx"])
 @triton.jit
 def backward_weight_kernel(
     go_ptr,
@@ -301,26 +271,10 @@ def backward_weight_kernel(
     OH,
     OW,
     ROWS,
-    sg_b,
-    sg_c,
-    sg_h,
-    sg_w,
-    sx_b,
-    sx_c,
-    sx_h,
-    sx_w,
-    sw_b,
-    sw_g,
-    sw_kh,
-    sw_kw,
-    sw_h,
-    sw_w,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    dil_h,
-    dil_w,
+    sg,
+    sx,
+    sw,
+    geometry,
     KH: tl.constexpr,
     KW: tl.constexpr,
     CGP: tl.constexpr,
@@ -343,24 +297,24 @@ def backward_weight_kernel(
     ok_g = group < G
     within = tl.arange(0, CC)
 
-    go_pix = (go_ptr + b * sg_b + oh * sg_h + ow * sg_w)[:, None, None]
-    x_batch = (x_ptr + b * sx_b)[:, None, None]
-    gw_pix = (gw_ptr + b * sw_b + oh * sw_h + ow * sw_w)[:, None] + (group * sw_g)[None, :]
+    go_pix = (go_ptr + b * sg[0] + oh * sg[2] + ow * sg[3])[:, None, None]
+    x_batch = (x_ptr + b * sx[0])[:, None, None]
+    gw_pix = (gw_ptr + b * sw[0] + oh * sw[4] + ow * sw[5])[:, None] + (group * sw[1])[None, :]
     if ONE_CHUNK:
         chan = group[:, None] * CG + within[None, :]
         ok_gc = (ok_g[:, None] & (within < CG)[None, :])[None, :, :]
         grad = tl.load(
-            go_pix + (chan * sg_c)[None, :, :], mask=valid[:, None, None] & ok_gc, other=0.0
+            go_pix + (chan * sg[1])[None, :, :], mask=valid[:, None, None] & ok_gc, other=0.0
         ).to(ACC_DTYPE)
     for kh in range(KH):
-        ih, inside_h = tap(oh, stride_h, pad_h, kh, dil_h, H)
+        ih, inside_h = tap(oh, geometry, 0, kh, H)
         ok_h = valid & inside_h
         for kw in range(KW):
-            iw, inside_w = tap(ow, stride_w, pad_w, kw, dil_w, W)
+            iw, inside_w = tap(ow, geometry, 1, kw, W)
             ok = (ok_h & inside_w)[:, None, None]
-            x_pix = x_batch + (ih * sx_h + iw * sx_w)[:, None, None]
+            x_pix = x_batch + spatial_offsets(sx, ih, iw)[:, None, None]
             if ONE_CHUNK:
-                x = tl.load(x_pix + (chan * sx_c)[None, :, :], mask=ok & ok_gc, other=0.0)
+                x = tl.load(x_pix + (chan * sx[1])[None, :, :], mask=ok & ok_gc, other=0.0)
                 dot = tl.sum(grad * x.to(ACC_DTYPE), axis=2)
             else:
                 dot = tl.zeros((TILE_H * TILE_W, GB), dtype=ACC_DTYPE)
@@ -368,14 +322,14 @@ def backward_weight_kernel(
                     chan_c = group[:, None] * CG + (c0 + within)[None, :]
                     ok_c = (ok_g[:, None] & (c0 + within < CG)[None, :])[None, :, :]
                     grad_c = tl.load(
-                        go_pix + (chan_c * sg_c)[None, :, :],
+                        go_pix + (chan_c * sg[1])[None, :, :],
                         mask=valid[:, None, None] & ok_c,
                         other=0.0,
                     )
-                    x = tl.load(x_pix + (chan_c * sx_c)[None, :, :], mask=ok & ok_c, other=0.0)
+                    x = tl.load(x_pix + (chan_c * sx[1])[None, :, :], mask=ok & ok_c, other=0.0)
                     dot += tl.sum(grad_c.to(ACC_DTYPE) * x.to(ACC_DTYPE), axis=2)
             tl.store(
-                gw_pix + kh * sw_kh + kw * sw_kw,
+                gw_pix + kh * sw[2] + kw * sw[3],
                 dot.to(gw_ptr.dtype.element_ty),
                 mask=valid[:, None] & ok_g[None, :],
             )
@@ -383,7 +337,7 @@ def backward_weight_kernel(
 
 @triton.autotune(
     configs=FUSED_CONFIGS,
-    key=[*KEY[:-1], "R", "sx_c"],
+    key=[*KEY[:-1], "R", "sx"],
     prune_configs_by={"early_config_prune": _prune_fused},
 )
 @triton.jit
@@ -401,24 +355,10 @@ def fused_forward_kernel(
     OH,
     OW,
     ROWS,
-    sx_b,
-    sx_c,
-    sx_h,
-    sx_w,
-    sr_b,
-    sr_c,
-    sr_h,
-    sr_w,
-    so_b,
-    so_c,
-    so_h,
-    so_w,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    dil_h,
-    dil_w,
+    sx,
+    sr,
+    so,
+    geometry,
     KH: tl.constexpr,
     KW: tl.constexpr,
     CGP: tl.constexpr,
@@ -452,7 +392,7 @@ def fused_forward_kernel(
     # The reduced features of the tile, (pixels, R_PAD), loaded once.
     offs_r = tl.arange(0, R_PAD)
     reduced = tl.load(
-        (red_ptr + b * sr_b + oh * sr_h + ow * sr_w)[:, None] + (offs_r * sr_c)[None, :],
+        (red_ptr + b * sr[0] + oh * sr[2] + ow * sr[3])[:, None] + (offs_r * sr[1])[None, :],
         mask=valid[:, None] & (offs_r < R)[None, :],
         other=0.0,
     )
@@ -464,12 +404,12 @@ def fused_forward_kernel(
     else:
         copy = copy.to(out_ptr.dtype.element_ty)
 
-    x_pix = (x_ptr + b * sx_b)[:, None] + (chan * sx_c)[None, :]
+    x_pix = (x_ptr + b * sx[0])[:, None] + (chan * sx[1])[None, :]
     span_rows = span_w_ptr + ((group0 + slot) * (KH * KW) * R)[None, :] + offs_r[:, None]
     ok_span = (offs_r < R)[:, None] & ok_slot[None, :]
     acc = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=tl.float32)
     for kh in range(KH):
-        ih, inside_h = tap(oh, stride_h, pad_h, kh, dil_h, H)
+        ih, inside_h = tap(oh, geometry, 0, kh, H)
         ok_h = valid & inside_h
         for kw in range(KW):
             k = kh * KW + kw
@@ -487,13 +427,13 @@ def fused_forward_kernel(
                 kernel = kernel.to(tl.float32)
             # (pixels, SLOTS) @ (SLOTS, BLOCK_C): each channel gets its group's value, exactly.
             kernel_c = _dot(kernel, copy, IEEE_DOT)
-            iw, inside_w = tap(ow, stride_w, pad_w, kw, dil_w, W)
+            iw, inside_w = tap(ow, geometry, 1, kw, W)
             x = tl.load(
-                x_pix + (ih * sx_h + iw * sx_w)[:, None],
+                x_pix + spatial_offsets(sx, ih, iw)[:, None],
                 mask=(ok_h & inside_w)[:, None] & ok_c[None, :],
                 other=0.0,
             )
             acc += x.to(tl.float32) * kernel_c
 
-    out = (out_ptr + b * so_b + oh * so_h + ow * so_w)[:, None] + (chan * so_c)[None, :]
+    out = (out_ptr + b * so[0] + oh * so[2] + ow * so[3])[:, None] + (chan * so[1])[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & ok_c[None, :])
