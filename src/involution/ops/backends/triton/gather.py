@@ -87,20 +87,12 @@ def fused_forward(problem: FusedProblem) -> Tensor:
 
     The caller checks :func:`fused_supported` first.
     """
-    pointers, flags = replace(problem, input=_dense(problem.input)).operands()
     sizes = problem.sizes
     reduced_channels = problem.reduced.shape[1]
-    launch.run_kernel(
+    return replace(problem, input=_dense(problem.input)).launch(
         fused.fused_forward_kernel,
         lambda meta: _programs(sizes, sizes.out_h * sizes.out_w, False, meta),
-        pointers,
         (sizes.channels, sizes.groups, sizes.group_channels, reduced_channels, *sizes.spatial),
-        (pointers[0], pointers[1], pointers[-1]),
-        problem.geometry,
-        KH=sizes.kernel_h,
-        KW=sizes.kernel_w,
         # tl.dot needs every tile dimension to be at least 16.
         KK_PAD=max(16, launch.pow2(sizes.kernel_h * sizes.kernel_w)),
-        **flags,
     )
-    return pointers[-1]

@@ -215,19 +215,38 @@ class FusedProblem:
         weight_shape = (self.input.shape[0], groups, kernel_h, kernel_w, *self.reduced.shape[-2:])
         return Sizes.of(self.input.shape, weight_shape)
 
-    def operands(self) -> tuple[tuple[Tensor, ...], dict[str, bool]]:
-        """The fused kernels' pointer arguments and dtype flags.
+    def launch(
+        self,
+        kernel: Any,
+        programs: Callable[[dict[str, Any]], int],
+        dims: tuple[int, ...],
+        **constexprs: Any,
+    ) -> Tensor:
+        """:func:`run_kernel` of a fused forward kernel; returns the output (B, C, H_out, W_out),
+        in the memory format of the input.
 
         Pointers: the input, ``reduced``, the span weight made contiguous, the span bias (the
         span weight stands in when there is none: ``HAS_BIAS`` is then false and it is never
-        read) and the empty output (B, C, H_out, W_out) in the memory format of the input.
+        read) and the output; strides: the input's, ``reduced``'s and the output's. The kernel
+        size and the dtype flags (:meth:`flags`) are added to ``constexprs``.
         """
-        input = self.input
         flags = self.flags()
         span_weight = self.span_weight.contiguous()
-        output = empty_output(input, self.reduced.shape[-2:])
+        output = empty_output(self.input, self.reduced.shape[-2:])
         bias = self.span_bias if self.span_bias is not None else span_weight
-        return (input, self.reduced, span_weight, bias, output), flags
+        run_kernel(
+            kernel,
+            programs,
+            (self.input, self.reduced, span_weight, bias, output),
+            dims,
+            (self.input, self.reduced, output),
+            self.geometry,
+            KH=self.kernel_size[0],
+            KW=self.kernel_size[1],
+            **flags,
+            **constexprs,
+        )
+        return output
 
     def flags(self) -> dict[str, bool]:
         """The fused kernels' dtype flags (``TypeError`` for an unsupported dtype): ``HAS_BIAS``,

@@ -32,9 +32,10 @@ import triton.language as tl
 from torch import Tensor
 
 from involution.ops.backends.triton import launch
+from involution.ops.backends.triton.fused import kernel_taps, product, span_tile
 from involution.ops.backends.triton.kernels import _accumulate_tap, _store_block, pixel_block
 from involution.ops.backends.triton.launch import FusedProblem
-from involution.ops.backends.triton.taps import adjoint_tap, spatial_offsets, tap
+from involution.ops.backends.triton.taps import adjoint_tap, spatial_offsets
 from involution.ops.layout import memory_format_of
 
 #: (block of pixels, block of the reduced width, warps, stages).
@@ -48,19 +49,6 @@ KEY = ["C", "CG", "R", "H", "W", "OH", "OW", "geometry", "KH", "KW"]
 #: Under ``torch.use_deterministic_algorithms`` the span parameters' per-program partials are
 #: kept to at most 1/PARTIALS_FRACTION of the kernel tensor's size.
 PARTIALS_FRACTION = 4
-
-
-@triton.jit
-def _product(a, b, acc, USE_DOT: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """``acc + a @ b`` for tiles a (M, N) and b (N, L), each dimension at least 16."""
-    if USE_DOT:
-        if DOT_IN_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE_DOT:
-            return tl.dot(a, b, acc, input_precision="ieee")
-        return tl.dot(a, b, acc)
-    return acc + tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
 
 
 @triton.jit
@@ -123,9 +111,7 @@ def span_gradients_kernel(  # noqa: PLR0913  (a Triton kernel: one scalar per si
         gsb_ptr += pid.to(tl.int64) * G * KH * KW
     for block in range(pid, B * tl.cdiv(OH * OW, BLOCK_P), programs):
         b, _, _, _, _, oh, ow, mask_p = pixel_block(block, OH, OW, 1, 1, BLOCK_P)
-        ih, inside_h = tap(oh[None, :], geometry, 0, (offs_k // KW)[:, None], H)
-        iw, inside_w = tap(ow[None, :], geometry, 1, (offs_k % KW)[:, None], W)
-        ok = mask_k[:, None] & mask_p[None, :] & inside_h & inside_w
+        ih, iw, ok = kernel_taps(oh, ow, mask_p, geometry, H, W, KH, KW, KK_PAD)
         x_taps = x_ptr + b * sx[0] + ih * sx[2] + iw * sx[3]
         go_pixels = go_ptr + b * sg[0] + oh * sg[2] + ow * sg[3]
         red_pixels = red_ptr + b * sr[0] + spatial_offsets(sr, oh, ow)[None, :]
@@ -144,25 +130,19 @@ def span_gradients_kernel(  # noqa: PLR0913  (a Triton kernel: one scalar per si
                 grad_bias = tl.sum(grad_kernel.to(ACC_DTYPE), axis=1)
                 _add(gsb_ptr + rows, grad_bias, mask_k, PARTIALS)
             for r0 in range(0, R, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                mask_r = offs_r < R
+                span_w, offs_r, mask_r = span_tile(span_w_ptr, rows, mask_k, r0, R, BLOCK_R)
                 mask_rp = mask_r[:, None] & mask_p[None, :]
-                span_w = tl.load(
-                    span_w_ptr + rows[:, None] * R + offs_r[None, :],
-                    mask=mask_k[:, None] & mask_r[None, :],
-                    other=0.0,
-                )
                 # This program alone reads and writes these (BLOCK_R, BLOCK_P) values.
                 ga_ptrs = ga_pixels + offs_r[:, None] * sa[1]
                 grad_reduced = tl.load(ga_ptrs, mask=mask_rp, other=0.0)
-                grad_reduced = _product(
+                grad_reduced = product(
                     tl.trans(span_w), grad_kernel, grad_reduced, USE_DOT, IEEE_DOT, DOT_IN_FP32
                 )
                 tl.store(ga_ptrs, grad_reduced, mask=mask_rp)
                 if NEEDS_WEIGHT:
                     reduced = tl.load(red_pixels + offs_r[:, None] * sr[1], mask=mask_rp, other=0.0)
                     grad_w = tl.zeros((KK_PAD, BLOCK_R), dtype=ACC_DTYPE)
-                    grad_w = _product(
+                    grad_w = product(
                         grad_kernel, tl.trans(reduced), grad_w, USE_DOT, IEEE_DOT, DOT_IN_FP32
                     )
                     grad_w_ptrs = gsw_ptr + rows[:, None] * R + offs_r[None, :]

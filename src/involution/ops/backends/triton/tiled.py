@@ -97,21 +97,13 @@ def fused_forward(problem: FusedProblem) -> Tensor:
     ``problem.input`` is read through its strides. The caller checks :func:`fused_supported`
     first.
     """
-    pointers, flags = problem.operands()
     sizes = problem.sizes
     rows, reduced_channels = sizes.batch * sizes.out_h, problem.reduced.shape[1]
     # The pruned tilings hold whole groups: a program covers BLOCK_C / CGP of them.
-    launch.run_kernel(
+    return problem.launch(
         tiled_kernels.fused_forward_kernel,
         lambda meta: _programs(rows, sizes.out_w, sizes, False, meta),
-        pointers,
         (sizes.groups, sizes.group_channels, reduced_channels, *sizes.spatial, rows),
-        (pointers[0], pointers[1], pointers[-1]),
-        problem.geometry,
-        KH=sizes.kernel_h,
-        KW=sizes.kernel_w,
         CGP=launch.pow2(sizes.group_channels),
         R_PAD=max(16, launch.pow2(reduced_channels)),
-        **flags,
     )
-    return pointers[-1]
