@@ -213,8 +213,21 @@ def layer_gradients(
     else:
         normed = reduced
     activated = F.relu(normed)
+    cpu_span_backward = _cpu_span_backward(x, branch)
     if branch.backend == "triton" and x.numel() > 0 and registration.use_eager_path(x, activated):
         span_grads = _triton_span_gradients(grad_output, x, activated, saved, branch, needs)
+    elif cpu_span_backward is not None:
+        span_grads = cpu_span_backward(
+            grad_output,
+            x,
+            activated,
+            saved.span_weight,
+            saved.span_bias,
+            branch.kernel_size,
+            branch.stride,
+            branch.dilation,
+            (needs[0], needs[5], needs[6]),
+        )
     else:
         span_grads = _span_gradients(grad_output, x, activated, saved, branch, needs)
     grad_x, grad_activated, grad_span_weight, grad_span_bias = span_grads
@@ -307,6 +320,15 @@ def _span_gradients(
         [True, needs[5], span_bias is not None and needs[6]],
     )
     return grad_x, grad_activated, grad_span_weight, grad_span_bias
+
+
+def _cpu_span_backward(x: Tensor, branch: KernelBranch) -> Callable | None:
+    """The cpu backend's fused ``span_backward`` (the kernels regenerated per band of rows,
+    never stored whole; a registered op, so traced code runs it too) where it applies: float32
+    or float64 and a non-empty input. ``None`` otherwise."""
+    if branch.backend != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
+        return None
+    return getattr(get_backend("cpu"), "span_backward", None)
 
 
 def _triton_span_gradients(

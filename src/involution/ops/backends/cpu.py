@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from involution.ops.layer import Involution2dLayerSpec, LayerRun
-from involution.ops.layout import Pair, tensor_states
+from involution.ops.layout import Pair, memory_format_of, tensor_states
 
 #: Stride, padding or dilation of the 3-D op: (depth, height, width).
 Triple = tuple[int, int, int]
@@ -140,3 +140,65 @@ def backward3d(*args: Tensor | Triple | bool) -> tuple[Tensor | None, Tensor | N
     (grad_output, input, weight, stride, padding, dilation, needs_input, needs_weight; see
     :mod:`involution.ops.registration_nd`), both in one parallel region."""
     return torch.ops.involution_nd_cpu.backward3d(*args)
+
+
+def span_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    activated: Tensor,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    kernel_size: int,
+    stride: int,
+    dilation: int,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, ...]:
+    """The Involution2d layer's backward through its aggregation and span conv, the kernels
+    regenerated per band of rows from ``activated`` and never stored whole
+    (``src/involution/csrc/involution_regen_cpu.cpp``); float32 and float64.
+
+    grad_output (B, C, H_out, W_out), input (B, C, H, W), activated (B, M, H_out, W_out) (the
+    kernel branch's ReLU output), span_weight (G*K*K, M, 1, 1), span_bias (G*K*K,) or ``None``;
+    padding ``dilation * (kernel_size - 1) // 2``. Returns (the aggregation's grad_input in the
+    input's layout, grad_activated (B, M, H_out, W_out), grad_span_weight shaped as
+    span_weight, grad_span_bias), each of the first, third and fourth ``None`` where ``needs``
+    (input, span weight, span bias) says it is not needed or the bias is absent.
+    """
+    grad_input, grad_activated, grad_span_weight, grad_span_bias = (
+        torch.ops.involution_regen_cpu.span_backward(
+            grad_output,
+            input,
+            activated,
+            span_weight,
+            span_bias,
+            kernel_size,
+            stride,
+            dilation,
+            needs[0],
+        )
+    )
+    return (
+        grad_input if needs[0] else None,
+        grad_activated,
+        grad_span_weight.view(span_weight.shape) if needs[1] else None,
+        grad_span_bias if needs[2] and span_bias is not None else None,
+    )
+
+
+if _C is not None:  # the op is registered when the extension loads
+
+    @torch.library.register_fake("involution_regen_cpu::span_backward")
+    def _(grad_output, input, activated, span_weight, span_bias, *args):
+        needs_input = args[-1]
+        grad_input = (
+            torch.empty_like(input, memory_format=memory_format_of(input))
+            if needs_input
+            else input.new_empty(0)
+        )
+        kernels, reduced = span_weight.shape[0], activated.shape[1]
+        return (
+            grad_input,
+            torch.empty_like(activated, memory_format=torch.channels_last),
+            span_weight.new_empty(kernels, reduced),
+            span_weight.new_empty(kernels),
+        )
