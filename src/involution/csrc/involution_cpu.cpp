@@ -159,49 +159,9 @@ INVOLUTION_INLINE void store_row(
 
 #ifdef INVOLUTION_VECTOR_KERNELS
 using involution_common::for_column_blocks;
+using involution_common::lane_sums;
 using involution_common::load16;
 using involution_common::V16;
-
-// One step of the transposing reduction. a and b hold segments of `SEGMENT` lanes, each the
-// partial sums of one dot product; the result holds a's then b's dot products in segments of
-// half the size: the low halves of the segments plus their high halves.
-template <int SEGMENT, typename V>
-INVOLUTION_INLINE V fold(V a, V b) {
-  if constexpr (SEGMENT == 16) {
-    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                                   31);
-  } else if constexpr (SEGMENT == 8) {
-    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
-                                   31);
-  } else if constexpr (SEGMENT == 4) {
-    return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
-                                   31);
-  } else {
-    static_assert(SEGMENT == 2);
-    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
-                                   30) +
-           __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29,
-                                   31);
-  }
-}
-
-// Folds the N (<= 16) vectors in v down to one whose first N lanes are their lane sums, in order
-// (an odd vector out is folded with itself; its duplicate lands past the first N lanes).
-template <int N, int SEGMENT = 16, typename V>
-INVOLUTION_INLINE V lane_sums(V* v) {
-  if constexpr (SEGMENT == 1) {
-    return v[0];
-  } else {
-    constexpr int kHalf = (N + 1) / 2;
-    for (int k = 0; k < kHalf; ++k) {
-      v[k] = fold<SEGMENT>(v[2 * k], 2 * k + 1 < N ? v[2 * k + 1] : v[2 * k]);
-    }
-    return lane_sums<kHalf, SEGMENT / 2>(v);
-  }
-}
 
 // y[b, i, j0 .. j0+NJ, g-slice] of one output row, accumulated in registers over the taps.
 // `x` points at the padded input's (b, row 0, column 0, g-slice), `w` at weight[b, g, 0, 0, i, 0].

@@ -39,6 +39,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -55,6 +56,8 @@ struct SpanGeometry {
   int64_t kernels;  // G*K*K
   int64_t band_rows, bands;
   std::vector<ColumnRange> columns;  // per kernel column kw: the output columns inside
+  // columns[kw] in near-equal blocks of at most 16: the kernel gradient's register blocks.
+  std::vector<std::vector<int64_t>> tap_blocks;
   bool channels_last_result;
 
   int64_t input_row(int64_t i, int64_t kh) const { return i * stride - pad + kh * dil; }
@@ -93,6 +96,29 @@ Band band_of(const SpanGeometry& geo, int64_t task, bool needs_input) {
   return band;
 }
 
+#ifdef INVOLUTION_VECTOR_KERNELS
+// grad_h at one tap of group g for the NJ pixels j0.. of an output row (16 channels per group):
+// their 16-channel products of grad_y and the input reduced together (lane_sums), about one add
+// per value instead of a horizontal sum each. `gy_row` points at the row's grad_y (group g),
+// `in` at the input pixel read by output column 0, `gh_tap` at the tap's grad_h of column 0.
+template <typename T, int NJ>
+INVOLUTION_INLINE void kernel_gradient_block16(
+    const SpanGeometry& geo, const T* __restrict gy_row, const T* __restrict in, int64_t j0,
+    T* __restrict gh_tap) {
+  using involution_common::load16;
+  using involution_common::V16;
+  const int64_t pixel = geo.channels;
+  V16<T> products[NJ];
+  for (int n = 0; n < NJ; ++n) {
+    products[n] = load16(gy_row + (j0 + n) * pixel) * load16(in + (j0 + n) * geo.stride * pixel);
+  }
+  const V16<T> sums = involution_common::lane_sums<NJ>(products);
+  for (int n = 0; n < NJ; ++n) {
+    gh_tap[(j0 + n) * geo.kernels] = sums[n];
+  }
+}
+#endif
+
 // grad_h[p, g, kh, kw] = sum_{c in g} grad_y[b, i, j, c] * x[b, ih, iw, c] (zero where the tap
 // reads padding) for the pixels p = (i - i0) * W_out + j of the output rows [i0, i1) of image b,
 // and grad_b1 += grad_h summed over them. `x` and `grad_y` are channels_last.
@@ -104,34 +130,50 @@ INVOLUTION_INLINE void kernel_gradient_rows_impl(
   const int64_t pixel = geo.channels;
   const int64_t k = geo.kernel;
   for (int64_t i = i0; i < i1; ++i) {
-    for (int64_t j = 0; j < geo.out_w; ++j) {
-      T* __restrict gh = grad_h + ((i - i0) * geo.out_w + j) * geo.kernels;
-      const T* __restrict gy = grad_y + ((b * geo.out_h + i) * geo.out_w + j) * pixel;
-      for (int64_t g = 0; g < geo.groups; ++g) {
-        const T* __restrict gy_group = gy + g * cg;
-        T* __restrict gh_group = gh + g * geo.taps;
-        for (int64_t kh = 0; kh < k; ++kh) {
-          const int64_t ih = geo.input_row(i, kh);
-          T* __restrict gh_row = gh_group + kh * k;
-          if (ih < 0 || ih >= geo.height) {
-            std::fill_n(gh_row, k, T(0));
+    T* __restrict gh_row = grad_h + (i - i0) * geo.out_w * geo.kernels;
+    for (int64_t g = 0; g < geo.groups; ++g) {
+      const T* gy_row = grad_y + ((b * geo.out_h + i) * geo.out_w) * pixel + g * cg;
+      for (int64_t kh = 0; kh < k; ++kh) {
+        const int64_t ih = geo.input_row(i, kh);
+        const bool row_inside = ih >= 0 && ih < geo.height;
+        const T* x_row = x + ((b * geo.height + ih) * geo.width) * pixel + g * cg;
+        for (int64_t kw = 0; kw < k; ++kw) {
+          T* gh_tap = gh_row + g * geo.taps + kh * k + kw;
+          const ColumnRange cols = row_inside ? geo.columns[kw] : ColumnRange{0, 0};
+          for (int64_t j = 0; j < cols.lo; ++j) {
+            gh_tap[j * geo.kernels] = T(0);
+          }
+          for (int64_t j = cols.hi; j < geo.out_w; ++j) {
+            gh_tap[j * geo.kernels] = T(0);
+          }
+          if (cols.lo >= cols.hi) {
             continue;
           }
-          const T* __restrict x_row = x + ((b * geo.height + ih) * geo.width) * pixel + g * cg;
-          for (int64_t kw = 0; kw < k; ++kw) {
-            const ColumnRange cols = geo.columns[kw];
-            gh_row[kw] = j >= cols.lo && j < cols.hi
-                             ? involution_common::dot(
-                                   gy_group, x_row + (j * geo.stride - geo.pad + kw * geo.dil) * pixel,
-                                   cg)
-                             : T(0);
+          // The input pixel read by output column j: in + j * stride * pixel.
+          const T* in = x_row + (kw * geo.dil - geo.pad) * pixel;
+#ifdef INVOLUTION_VECTOR_KERNELS
+          if constexpr (CG == 16) {
+            involution_common::for_column_blocks<16>(
+                geo.tap_blocks[kw], [&](auto nj, int64_t j0) INVOLUTION_LAMBDA_INLINE {
+                  kernel_gradient_block16<T, decltype(nj)::value>(geo, gy_row, in,
+                                                                  cols.lo + j0, gh_tap);
+                });
+            continue;
+          }
+#endif
+          for (int64_t j = cols.lo; j < cols.hi; ++j) {
+            gh_tap[j * geo.kernels] =
+                involution_common::dot(gy_row + j * pixel, in + j * geo.stride * pixel, cg);
           }
         }
       }
+    }
+  }
+  for (int64_t p = 0; p < (i1 - i0) * geo.out_w; ++p) {
+    const T* __restrict gh = grad_h + p * geo.kernels;
 #pragma omp simd
-      for (int64_t n = 0; n < geo.kernels; ++n) {
-        grad_b1[n] += gh[n];
-      }
+    for (int64_t n = 0; n < geo.kernels; ++n) {
+      grad_b1[n] += gh[n];
     }
   }
 }
@@ -154,15 +196,19 @@ INVOLUTION_INLINE void input_gradient_row_impl(
     }
     const T* __restrict gy_row = grad_y + ((b * geo.out_h + i) * geo.out_w) * pixel;
     const T* __restrict h_row = h + (i - lo) * geo.out_w * geo.kernels + kh * k;
-    for (int64_t kw = 0; kw < k; ++kw) {
-      const ColumnRange cols = geo.columns[kw];
-      const int64_t offset = kw * geo.dil - geo.pad;
-      for (int64_t j = cols.lo; j < cols.hi; ++j) {
-        T* __restrict acc = row + (j * geo.stride + offset) * pixel;
-        const T* __restrict gy = gy_row + j * pixel;
-        const T* __restrict h_tap = h_row + j * geo.kernels + kw;
+    // Pixel by pixel, its kernel row's taps together: a pixel's kernels are contiguous.
+    for (int64_t j = 0; j < geo.out_w; ++j) {
+      const T* __restrict gy = gy_row + j * pixel;
+      const T* __restrict h_pixel = h_row + j * geo.kernels;
+      for (int64_t kw = 0; kw < k; ++kw) {
+        const ColumnRange cols = geo.columns[kw];
+        if (j < cols.lo || j >= cols.hi) {
+          continue;
+        }
+        T* __restrict acc = row + (j * geo.stride - geo.pad + kw * geo.dil) * pixel;
         for (int64_t g = 0; g < geo.groups; ++g) {
-          involution_common::accumulate(acc + g * cg, h_tap[g * geo.taps], gy + g * cg, cg);
+          involution_common::accumulate(acc + g * cg, h_pixel[g * geo.taps + kw], gy + g * cg,
+                                        cg);
         }
       }
     }
@@ -340,6 +386,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> span_backward(
   geo.group_channels = geo.channels / geo.groups;
   geo.columns = involution_common::kernel_columns(geo.kernel, stride, geo.pad, dilation,
                                                   geo.width, geo.out_w);
+  for (const ColumnRange& cols : geo.columns) {
+    geo.tap_blocks.push_back(involution_common::column_blocks(cols.hi - cols.lo, 16));
+  }
   // ops.layout.memory_format_of: channels_last only when not also contiguous.
   geo.channels_last_result =
       !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast);

@@ -19,6 +19,10 @@ eval mode, as in the detection backbones' ``norm_eval``), torchvision's ``Frozen
 and a ReLU (``Involution2d.regeneration_applies``); the running statistics are updated once, in
 forward (:func:`update_running_stats`), as ``nn.BatchNorm2d`` updates them.
 
+On the ``"cpu"`` backend (float32, float64) the backward through the span conv and the
+aggregation is one fused op that regenerates the kernels per band of rows and never stores them
+or their gradient whole (:func:`layer_gradients`).
+
 Every other kernel branch (SyncBatchNorm, other norms or activations, subclasses) trains through
 :func:`recompute_layer`: activation checkpointing of the whole layer with the branch's buffers
 restored after the recomputation, so they too are updated once.

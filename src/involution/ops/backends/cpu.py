@@ -13,6 +13,9 @@ copies in training), else contiguous.
 
 :func:`layer_prepare` gives the whole Involution2d layer for inference in one kernel (see
 ``src/involution/csrc/involution_layer_cpu.cpp``): the kernel tensor is never stored.
+:func:`span_backward` is the training layer's backward through the span conv and the
+aggregation with the kernels regenerated per band of rows, likewise never stored whole
+(``src/involution/csrc/involution_regen_cpu.cpp``).
 """
 
 from __future__ import annotations
