@@ -38,6 +38,7 @@
 #include "common.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -261,13 +262,13 @@ void store_input_row(const SpanGeometry& geo, const T* __restrict row, T* __rest
 // The operands of one call: feature maps channels_last in the compute dtype, as (pixels,
 // channels) matrices where the dense steps read them.
 struct SpanOperands {
-  at::Tensor x, grad_y;          // (B, H, W, C), (B, H_out, W_out, C) in memory
-  at::Tensor activated;          // (B*H_out*W_out, M)
-  at::Tensor span_weight;        // (G*K*K, M)
+  at::Tensor x, grad_y;                 // (B, H, W, C), (B, H_out, W_out, C) in memory
+  at::Tensor activated;                 // (B*H_out*W_out, M)
+  at::Tensor span_weight;               // (G*K*K, M)
   std::optional<at::Tensor> span_bias;  // (G*K*K,)
-  at::Tensor grad_x;             // (B, C, H, W) in the result layout, or undefined
-  at::Tensor grad_activated;        // (B*H_out*W_out, M): channels_last (B, M, H_out, W_out)
-  at::Tensor grad_w1, grad_b1;   // (tasks, G*K*K, M), (tasks, G*K*K): per-task partials
+  at::Tensor grad_x;                    // (B, C, H, W) in the result layout, or undefined
+  at::Tensor grad_activated;            // (B*H_out*W_out, M): (B, M, H_out, W_out) channels_last
+  at::Tensor grad_w1, grad_b1;          // (tasks, G*K*K, M), (tasks, G*K*K): per-task partials
 };
 
 // Rows of grad_h computed together: about 256 KiB of scratch, so it stays in L2 between the
@@ -284,8 +285,7 @@ void run_band(const SpanGeometry& geo, const SpanOperands& ops, int64_t task) {
   // task, since the guard is thread-local.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Band band = band_of(geo, task, ops.grad_x.defined());
-  const int64_t plane = geo.out_h * geo.out_w;
-  const int64_t first_pixel = band.b * plane;
+  const int64_t first_pixel = band.b * geo.out_h * geo.out_w;
   // The band's kernels h (rows lo..hi, pixel-major) for grad_x: one matrix product.
   at::Tensor h;
   if (ops.grad_x.defined()) {
@@ -378,9 +378,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> span_backward(
               "involution span_backward: span_weight ", span_weight.sizes(), " does not match ",
               geo.reduced, " reduced channels, kernel size ", kernel_size, " and ", geo.channels,
               " channels");
-  TORCH_CHECK(activated.sizes() == at::IntArrayRef({geo.batch, geo.reduced, geo.out_h, geo.out_w}) &&
-                  grad_output.sizes() ==
-                      at::IntArrayRef({geo.batch, geo.channels, geo.out_h, geo.out_w}),
+  const std::array<int64_t, 4> activated_size{geo.batch, geo.reduced, geo.out_h, geo.out_w};
+  const std::array<int64_t, 4> output_size{geo.batch, geo.channels, geo.out_h, geo.out_w};
+  TORCH_CHECK(activated.sizes() == at::IntArrayRef(activated_size) &&
+                  grad_output.sizes() == at::IntArrayRef(output_size),
               "involution span_backward: activated ", activated.sizes(), " or grad_output ",
               grad_output.sizes(), " does not match input ", input.sizes());
   geo.group_channels = geo.channels / geo.groups;
