@@ -19,6 +19,10 @@ from involution.ops import Involution2d
 from involution.ops.modules import set_kernel_regeneration
 from involution.ops.regenerate import RegeneratedInvolution2d
 
+# Gradients of the regenerated path against the kept one in float32: the cpu backend's fused
+# backward (involution_regen_cpu) sums in another order, which BatchNorm's backward amplifies.
+GRAD_TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
+
 # (channels, stride, dilation, group_channels, height, width)
 GEOMETRIES = [
     (16, 1, 1, 4, 7, 5),
@@ -113,9 +117,9 @@ def test_equals_the_kept_kernel_path(geometry, norm: str) -> None:
         out, grad_x, grads = _step(layer, x, grad)
         out_kept, grad_x_kept, grads_kept = _step(kept, x, grad)
     torch.testing.assert_close(out, out_kept)
-    torch.testing.assert_close(grad_x, grad_x_kept)
+    torch.testing.assert_close(grad_x, grad_x_kept, **GRAD_TOLERANCE)
     for g, g_kept in zip(grads, grads_kept, strict=True):
-        torch.testing.assert_close(g, g_kept)
+        torch.testing.assert_close(g, g_kept, **GRAD_TOLERANCE)
     for (name, b), b_kept in zip(layer.named_buffers(), kept.buffers(), strict=True):
         torch.testing.assert_close(b, b_kept, msg=name)
     if norm == "train":
@@ -192,7 +196,7 @@ def test_gradient_accumulation_and_bfloat16_autocast() -> None:
         for half in x.chunk(2):  # two micro-batches, one optimizer step
             model(half).square().sum().backward()
     for p, p_kept in zip(layer.parameters(), kept.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, p_kept.grad)
+        torch.testing.assert_close(p.grad, p_kept.grad, **GRAD_TOLERANCE)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
         out_kept = kept(x)
