@@ -11,17 +11,16 @@ regenerates the branch in backward, with explicit gradients (ATen's convolution 
 backward, the registered aggregation gradients), so ``torch.compile(fullgraph=True)`` traces it.
 The forward aggregates through the fused op from the branch's activated features, so the
 ``"triton"`` backend never stores the kernels; in eager mode its backward regenerates them in
-registers too (the backend's ``fused_backward``), while the other backends (and traced code)
-materialise the kernels and their gradient while the backward runs.
+registers too (the backend's ``fused_backward``). On the ``"cpu"`` backend (float32, float64,
+traced code too) the backward through the span conv and the aggregation is one registered op
+that regenerates the kernels per band of rows (the backend's ``span_backward``). The other
+backends (and traced Triton code) materialise the kernels and their gradient while the backward
+runs.
 It applies to a plain ``nn.BatchNorm2d`` (batch statistics in training, running statistics in
 eval mode, as in the detection backbones' ``norm_eval``), torchvision's ``FrozenBatchNorm2d``
 (the detection backbones' ``frozen_bn``) or an identity as the branch's norm,
 and a ReLU (``Involution2d.regeneration_applies``); the running statistics are updated once, in
 forward (:func:`update_running_stats`), as ``nn.BatchNorm2d`` updates them.
-
-On the ``"cpu"`` backend (float32, float64) the backward through the span conv and the
-aggregation is one fused op that regenerates the kernels per band of rows and never stores them
-or their gradient whole (:func:`layer_gradients`).
 
 Every other kernel branch (SyncBatchNorm, other norms or activations, subclasses) trains through
 :func:`recompute_layer`: activation checkpointing of the whole layer with the branch's buffers

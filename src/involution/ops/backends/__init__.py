@@ -27,10 +27,11 @@ already-validated arguments (see the front doors in :mod:`involution.ops.functio
   ``None`` where it does not handle them (e.g. the dtype), and the layer op composes the steps
   instead.
 - optional ``span_backward(grad_output, input, activated, span_weight, span_bias, kernel_size,
-  stride, dilation, needs_input) -> (grad_input or None, grad_normed, grad_span_weight,
-  grad_span_bias)``: the training layer's backward through its aggregation and span conv with
-  the kernels regenerated from ``activated`` (the kernel branch's ReLU output) and never stored
-  whole (:func:`involution.ops.regenerate.layer_gradients` uses it; ``"cpu"`` has it).
+  stride, dilation, needs) -> (grad_input, grad_activated, grad_span_weight, grad_span_bias)``:
+  ``fused_backward``'s gradients for the layer's square, "same"-padded geometry, as a
+  registered op with a fake implementation, so traced code runs it too (``needs``: input, span
+  weight, span bias); :func:`involution.ops.regenerate.layer_gradients` uses it, ``"cpu"`` has
+  it (float32, float64).
 - optional ``forward3d`` and ``backward3d``: the 3-D op (and so the 1-D one), see
   :mod:`involution.ops.registration_nd`; ``reference``, ``cpu`` and ``triton`` have them.
 
