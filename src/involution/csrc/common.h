@@ -1,8 +1,9 @@
 // One home for what the CPU kernels share (involution_cpu.cpp, involution_nd_cpu.cpp,
-// involution_layer_cpu.cpp): compiler attributes, the 16-lane vector type, the valid output
-// columns of a kernel column, column blocks, the per-tap accumulate loops, the compute dtype and
-// the dynamic scheduling of rows over the intra-op threads. Everything here is inline or a
-// template, so the kernels' hot loops compile exactly as if it were written in place.
+// involution_layer_cpu.cpp, involution_regen_cpu.cpp): compiler attributes, the 16-lane vector
+// type and its transposing lane reduction, the valid output columns of a kernel column, column
+// blocks, the per-tap accumulate loops, the compute dtype and the dynamic scheduling of rows over
+// the intra-op threads. Everything here is inline or a template, so the kernels' hot loops
+// compile exactly as if it were written in place.
 #pragma once
 
 #include <ATen/ATen.h>
