@@ -336,24 +336,42 @@ def test_bench_op_bandwidth_column():
     assert "bandwidth" not in format_op_table(results)
 
 
-# Compiles every kernel for sm_90 (PTX, then cubin with Triton's bundled ptxas); needs no GPU.
-# Run in a fresh process: with TRITON_INTERPRET=1 (this process) Triton's code generator
-# dispatches to the interpreter's implementations.
+# Compiles the gather, fused, regenerating and 3-D kernels for sm_90 (PTX, then cubin with
+# Triton's bundled ptxas; the tiled ones: test_triton_candidates.py); needs no GPU. Run in a
+# fresh process: with TRITON_INTERPRET=1 (this process) Triton's code generator dispatches to
+# the interpreter's implementations.
 _COMPILE_FOR_HOPPER = """
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from involution.ops.backends.triton import fused, kernels, regeneration
+from involution.ops.backends.triton import fused, kernels, nd, regeneration
 
 FUSED = {"KK_PAD": 64, "HAS_BIAS": True, "IEEE_DOT": False, "DOT_IN_FP32": False}
 SPAN = {"KK_PAD": 64, "ACC_DTYPE": tl.float32, "USE_DOT": True, "IEEE_DOT": False,
         "DOT_IN_FP32": False, "NEEDS_WEIGHT": True, "NEEDS_BIAS": True}
+# The 3-D kernels: a stride and a dilation of 2 (the adjoint taps' exact division).
+ND = {"GEOMETRY": ((2, 1, 1), (1, 0, 1), (1, 2, 1)), "KD": 3, "KH": 1, "KW": 3,
+      "ACC": tl.float32, "BLOCK_P": nd.BLOCK_P, "BLOCK_C": nd.BLOCK_C}
 # The regenerating backward's float32 accumulation buffers.
 FLOAT32 = ("ga_ptr", "gsw_ptr", "gsb_ptr")
-# Tuple arguments: (stride, padding, dilation) pairs; feature maps' strides sx, sg, ... (4).
-TUPLES = {"geometry": (("i32", "i32"),) * 3}
+# Tuple arguments: the (stride, padding, dilation) pairs, the 3-D kernels' (D, H, W) sizes and
+# a feature map's (b, c, h, w) strides.
+TUPLES = {"geometry": (("i32", "i32"),) * 3, "size": ("i32",) * 3, "out_size": ("i32",) * 3}
+FEATURE_STRIDES = ("sx", "so", "sg", "si", "sr", "sa")
+
+
+def arg_type(arg):
+    if arg in TUPLES:
+        return TUPLES[arg]
+    if arg in FEATURE_STRIDES:
+        return ("i32",) * 4
+    if arg.endswith("_ptr"):
+        return "*fp32" if arg in FLOAT32 else "*bf16"
+    return "i32"
+
+
 for kernel, extra in (
     (kernels.forward_kernel, {"ACC_DTYPE": tl.float32}),
     (kernels.backward_input_kernel, {"ACC_DTYPE": tl.float32}),
@@ -362,14 +380,18 @@ for kernel, extra in (
     (regeneration.span_gradients_kernel, {**SPAN, "PARTIALS": False}),
     (regeneration.span_gradients_kernel, {**SPAN, "PARTIALS": True}),
     (regeneration.input_gradient_kernel, {"CG_PAD": 16, "ACC_DTYPE": tl.float32, "HAS_BIAS": True}),
+    (nd._forward_kernel, ND),
+    (nd._backward_input_kernel, ND),
+    (nd._backward_weight_kernel, ND),
 ):
-    function, config = kernel.fn, kernel.configs[0]
+    # The 2-D kernels are autotuned (compiled in their first tiling), the 3-D ones launch with
+    # 4 warps.
+    tuned = isinstance(kernel, triton.runtime.Autotuner)
+    function = kernel.fn if tuned else kernel
+    config = kernel.configs[0] if tuned else triton.Config({}, num_warps=4)
     constexprs = {"KH": 7, "KW": 7, **extra, **config.kwargs}
     signature = {
-        arg: "constexpr" if arg in constexprs else TUPLES.get(arg, ("i32",) * 4)
-        if arg == "geometry" or arg.startswith("s") and len(arg) == 2
-        else "*fp32" if arg in FLOAT32 else "*bf16" if arg.endswith("_ptr") else "i32"
-        for arg in function.arg_names
+        arg: "constexpr" if arg in constexprs else arg_type(arg) for arg in function.arg_names
     }
     indexed = {(function.arg_names.index(arg),): value for arg, value in constexprs.items()}
     compiled = triton.compile(
@@ -397,4 +419,4 @@ def test_kernels_compile_for_hopper():
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 7
+    assert result.stdout.count("compiled") == 10

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from involution.ops.backends.triton.taps import adjoint_tap, tap
+
 Triple = tuple[int, int, int]
 
 BLOCK_P = 64
@@ -24,9 +26,42 @@ BLOCK_C = 16
 
 
 @triton.jit
-def _coordinates(p, out_h, out_w):
-    """(d, h, w) of the flat voxel indices ``p`` in a (D, out_h, out_w) volume."""
-    return p // (out_h * out_w), (p // out_w) % out_h, p % out_w
+def _coordinates(p, size):
+    """(d, h, w) of the flat voxel indices ``p`` in a volume of ``size`` (D, H, W)."""
+    return p // (size[1] * size[2]), (p // size[2]) % size[1], p % size[2]
+
+
+@triton.jit
+def _numel(size):
+    """The voxels of a volume of ``size`` (D, H, W)."""
+    return size[0] * size[1] * size[2]
+
+
+@triton.jit
+def _tap_offsets(
+    out_voxel, valid, k, GEOMETRY: tl.constexpr, size, KH: tl.constexpr, KW: tl.constexpr
+):
+    """(flat offsets in a volume of ``size``, ``valid`` and inside it) of what tap ``k`` =
+    (kd * KH + kh) * KW + kw of the output voxels ``out_voxel`` ((d, h, w) tensors) reads."""
+    od, oh, ow = out_voxel
+    id_, inside_d = tap(od, GEOMETRY, 0, k // (KH * KW), size[0])
+    ih, inside_h = tap(oh, GEOMETRY, 1, (k // KW) % KH, size[1])
+    iw, inside_w = tap(ow, GEOMETRY, 2, k % KW, size[2])
+    return (id_ * size[1] + ih) * size[2] + iw, valid & inside_d & inside_h & inside_w
+
+
+@triton.jit
+def _adjoint_tap_offsets(
+    in_voxel, valid, k, GEOMETRY: tl.constexpr, out_size, KH: tl.constexpr, KW: tl.constexpr
+):
+    """(flat offsets in an output volume of ``out_size``, 0 where none, ``valid`` and one
+    exists) of the output voxels whose tap ``k`` reads the input voxels ``in_voxel``."""
+    id_, ih, iw = in_voxel
+    od, reads_d = adjoint_tap(id_, GEOMETRY, 0, k // (KH * KW), out_size[0])
+    oh, reads_h = adjoint_tap(ih, GEOMETRY, 1, (k // KW) % KH, out_size[1])
+    ow, reads_w = adjoint_tap(iw, GEOMETRY, 2, k % KW, out_size[2])
+    reads = valid & reads_d & reads_h & reads_w
+    return tl.where(reads, (od * out_size[1] + oh) * out_size[2] + ow, 0), reads
 
 
 @triton.jit
@@ -62,109 +97,75 @@ def _store_tile(ptr, acc, channel, size, p, p_ok, c_ok):
     )
 
 
+# The kernels take the input's (D, H, W) ``size``, the output's ``out_size`` and GEOMETRY,
+# the (stride, padding, dilation) triples, as in :mod:`~.taps`; the taps are unrolled.
 @triton.jit
-def _forward_kernel(  # noqa: PLR0913  (a Triton kernel: one scalar per size)
-    x_ptr, w_ptr, y_ptr, C, CG, G, D, H, W, OD, OH, OW,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+def _forward_kernel(  # noqa: PLR0913  (a Triton kernel: its arguments are its schema)
+    x_ptr, w_ptr, y_ptr, C, CG, G, size, out_size, GEOMETRY: tl.constexpr,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    out_size = OD * OH * OW
-    bg, p, p_ok, channel, c_ok = _tile(out_size, C, CG, G, BLOCK_P, BLOCK_C)
-    od, oh, ow = _coordinates(p, OH, OW)
-    w_base = w_ptr + (bg * (KD * KH * KW)).to(tl.int64) * out_size + p
+    out_numel = _numel(out_size)
+    bg, p, p_ok, channel, c_ok = _tile(out_numel, C, CG, G, BLOCK_P, BLOCK_C)
+    out_voxel = _coordinates(p, out_size)
+    w_base = w_ptr + (bg * (KD * KH * KW)).to(tl.int64) * out_numel + p
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-    for kd in tl.static_range(KD):
-        id_ = od * SD - PD + kd * DD
-        for kh in tl.static_range(KH):
-            ih = oh * SH - PH + kh * DH
-            for kw in tl.static_range(KW):
-                iw = ow * SW - PW + kw * DW
-                inside = p_ok & (id_ >= 0) & (id_ < D) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                tap = (kd * KH + kh) * KW + kw
-                weight = tl.load(w_base + tap * out_size, mask=p_ok, other=0.0).to(ACC)
-                offset = (id_ * H + ih) * W + iw
-                values = _load_tile(x_ptr, channel, D * H * W, offset, inside, c_ok, ACC)
-                acc += weight[:, None] * values
-    _store_tile(y_ptr, acc, channel, out_size, p, p_ok, c_ok)
+    for k in tl.static_range(KD * KH * KW):
+        offset, inside = _tap_offsets(out_voxel, p_ok, k, GEOMETRY, size, KH, KW)
+        weight = tl.load(w_base + k * out_numel, mask=p_ok, other=0.0).to(ACC)
+        values = _load_tile(x_ptr, channel, _numel(size), offset, inside, c_ok, ACC)
+        acc += weight[:, None] * values
+    _store_tile(y_ptr, acc, channel, out_numel, p, p_ok, c_ok)
 
 
 @triton.jit
 def _backward_input_kernel(  # noqa: PLR0913
-    gy_ptr, w_ptr, gx_ptr, C, CG, G, D, H, W, OD, OH, OW,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    gy_ptr, w_ptr, gx_ptr, C, CG, G, size, out_size, GEOMETRY: tl.constexpr,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    in_size, out_size = D * H * W, OD * OH * OW
-    bg, p, p_ok, channel, c_ok = _tile(in_size, C, CG, G, BLOCK_P, BLOCK_C)
-    id_, ih, iw = _coordinates(p, H, W)
-    w_base = w_ptr + (bg * (KD * KH * KW)).to(tl.int64) * out_size
+    in_numel, out_numel = _numel(size), _numel(out_size)
+    bg, p, p_ok, channel, c_ok = _tile(in_numel, C, CG, G, BLOCK_P, BLOCK_C)
+    in_voxel = _coordinates(p, size)
+    w_base = w_ptr + (bg * (KD * KH * KW)).to(tl.int64) * out_numel
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-    for kd in tl.static_range(KD):
-        sd = id_ + PD - kd * DD
-        od = sd // SD
-        d_ok = (sd >= 0) & (sd % SD == 0) & (od < OD)
-        for kh in tl.static_range(KH):
-            sh = ih + PH - kh * DH
-            oh = sh // SH
-            h_ok = (sh >= 0) & (sh % SH == 0) & (oh < OH)
-            for kw in tl.static_range(KW):
-                sw = iw + PW - kw * DW
-                ow = sw // SW
-                ok = p_ok & d_ok & h_ok & (sw >= 0) & (sw % SW == 0) & (ow < OW)
-                o = tl.where(ok, (od * OH + oh) * OW + ow, 0)
-                tap = (kd * KH + kh) * KW + kw
-                weight = tl.load(w_base + tap * out_size + o, mask=ok, other=0.0).to(ACC)
-                grads = _load_tile(gy_ptr, channel, out_size, o, ok, c_ok, ACC)
-                acc += weight[:, None] * grads
-    _store_tile(gx_ptr, acc, channel, in_size, p, p_ok, c_ok)
+    for k in tl.static_range(KD * KH * KW):
+        o, ok = _adjoint_tap_offsets(in_voxel, p_ok, k, GEOMETRY, out_size, KH, KW)
+        weight = tl.load(w_base + k * out_numel + o, mask=ok, other=0.0).to(ACC)
+        grads = _load_tile(gy_ptr, channel, out_numel, o, ok, c_ok, ACC)
+        acc += weight[:, None] * grads
+    _store_tile(gx_ptr, acc, channel, in_numel, p, p_ok, c_ok)
 
 
 @triton.jit
 def _backward_weight_kernel(  # noqa: PLR0913
-    gy_ptr, x_ptr, gw_ptr, C, CG, G, D, H, W, OD, OH, OW,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    gy_ptr, x_ptr, gw_ptr, C, CG, G, size, out_size, GEOMETRY: tl.constexpr,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    bg, pid_p = tl.program_id(0), tl.program_id(1)
+    out_numel = _numel(out_size)
+    # A 2-D grid: the program reduces over all of its group's channels.
+    bg, p, p_ok, _, _ = _tile(out_numel, C, CG, G, BLOCK_P, BLOCK_C)
     b, g = bg // G, bg % G
-    out_size = OD * OH * OW
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < out_size
-    od, oh, ow = _coordinates(p, OH, OW)
-    gw_base = gw_ptr + (bg * (KD * KH * KW)).to(tl.int64) * out_size + p
-    for kd in tl.static_range(KD):
-        id_ = od * SD - PD + kd * DD
-        for kh in tl.static_range(KH):
-            ih = oh * SH - PH + kh * DH
-            for kw in tl.static_range(KW):
-                iw = ow * SW - PW + kw * DW
-                inside = p_ok & (id_ >= 0) & (id_ < D) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                offset = (id_ * H + ih) * W + iw
-                total = tl.zeros((BLOCK_P,), dtype=ACC)
-                for c0 in range(0, CG, BLOCK_C):
-                    cc = c0 + tl.arange(0, BLOCK_C)
-                    channel = (b * C + g * CG + cc).to(tl.int64)
-                    c_ok = cc < CG
-                    grads = _load_tile(gy_ptr, channel, out_size, p, p_ok, c_ok, ACC)
-                    values = _load_tile(x_ptr, channel, D * H * W, offset, inside, c_ok, ACC)
-                    total += tl.sum(grads * values, axis=1)
-                tap = (kd * KH + kh) * KW + kw
-                tl.store(gw_base + tap * out_size, total.to(gw_ptr.dtype.element_ty), mask=p_ok)
+    out_voxel = _coordinates(p, out_size)
+    gw_base = gw_ptr + (bg * (KD * KH * KW)).to(tl.int64) * out_numel + p
+    for k in tl.static_range(KD * KH * KW):
+        offset, inside = _tap_offsets(out_voxel, p_ok, k, GEOMETRY, size, KH, KW)
+        total = tl.zeros((BLOCK_P,), dtype=ACC)
+        for c0 in range(0, CG, BLOCK_C):
+            # Recomputed per block: an int64 channel vector kept across the taps costs registers.
+            cc = c0 + tl.arange(0, BLOCK_C)
+            channel = (b * C + g * CG + cc).to(tl.int64)
+            c_ok = cc < CG
+            grads = _load_tile(gy_ptr, channel, out_numel, p, p_ok, c_ok, ACC)
+            values = _load_tile(x_ptr, channel, _numel(size), offset, inside, c_ok, ACC)
+            total += tl.sum(grads * values, axis=1)
+        tl.store(gw_base + k * out_numel, total.to(gw_ptr.dtype.element_ty), mask=p_ok)
 
 
 def _launch(kernel, grid, tensors, geometry, input: Tensor, weight: Tensor) -> None:
     """Launches ``kernel`` over ``grid`` with the sizes of ``input``/``weight`` and the
     (stride, padding, dilation) triples of ``geometry``."""
-    stride, padding, dilation = geometry
     channels, size = input.shape[1], input.shape[2:]
     groups, kernel_size, out_size = weight.shape[1], weight.shape[2:5], weight.shape[5:]
     acc = tl.float64 if input.dtype == torch.float64 else tl.float32
@@ -173,11 +174,9 @@ def _launch(kernel, grid, tensors, geometry, input: Tensor, weight: Tensor) -> N
         channels,
         channels // groups,
         groups,
-        *size,
-        *out_size,
-        *stride,
-        *padding,
-        *dilation,
+        tuple(size),
+        tuple(out_size),
+        tuple(tuple(triple) for triple in geometry),
         *kernel_size,
         ACC=acc,
         BLOCK_P=BLOCK_P,

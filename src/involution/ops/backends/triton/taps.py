@@ -4,7 +4,8 @@ where a pixel lies in a strided tensor.
 Triton inlines a jit function into the kernel that calls it, so these cost nothing at run time;
 they take and return tensors of any shape (broadcasting as the caller arranges its operands).
 ``geometry`` is the kernels' (stride, padding, dilation) argument: a tuple of three tuples with
-one entry per spatial axis, ``AXIS`` (a constexpr) picking one.
+one entry per spatial axis, ``AXIS`` (a constexpr) picking one. The helpers index it rather than
+unpack it: the 3-D kernels pass it as a constexpr, and Triton 3.6 cannot unpack a constexpr tuple.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import triton.language as tl
 def tap(out_pos, geometry, AXIS: tl.constexpr, k, size):
     """(input position, inside [0, size)) that tap ``k`` of output position ``out_pos`` reads,
     along axis ``AXIS``: ``out_pos * stride - pad + k * dil``."""
-    stride, pad, dil = geometry
-    pos = out_pos * stride[AXIS] - pad[AXIS] + k * dil[AXIS]
+    stride, pad, dil = geometry[0][AXIS], geometry[1][AXIS], geometry[2][AXIS]
+    pos = out_pos * stride - pad + k * dil
     return pos, (pos >= 0) & (pos < size)
 
 
@@ -30,11 +31,11 @@ def adjoint_tap(in_pos, geometry, AXIS: tl.constexpr, k, out_size):
     ``o = (in_pos + pad - k * dil) / stride`` when that division is exact and
     ``0 <= o < out_size``; the gradient of the input gathers over these, without atomics.
     """
-    stride, pad, dil = geometry
-    shifted = in_pos + pad[AXIS] - k * dil[AXIS]
-    pos = shifted // stride[AXIS]
+    stride, pad, dil = geometry[0][AXIS], geometry[1][AXIS], geometry[2][AXIS]
+    shifted = in_pos + pad - k * dil
+    pos = shifted // stride
     # shifted >= 0 is tested as well: the rounding of // and % on negatives does not matter then.
-    return pos, (shifted >= 0) & (shifted % stride[AXIS] == 0) & (pos < out_size)
+    return pos, (shifted >= 0) & (shifted % stride == 0) & (pos < out_size)
 
 
 @triton.jit
