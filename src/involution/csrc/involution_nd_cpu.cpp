@@ -1,5 +1,6 @@
 // CPU kernels of the 3-D involution operator (forward and both gradients); 1-D runs through them
-// on (B, C, 1, 1, L) views.
+// on (B, C, 1, 1, L) views, which contiguous inputs take to kernels of their own (the
+// "Sequences" section below: rows read in place, no channels-last copies).
 //
 // Shapes: input x (B, C, D, H, W), weight w (B, G, Kd, Kh, Kw, D_out, H_out, W_out), output y
 // (B, C, D_out, H_out, W_out); channel c belongs to group c / (C / G).
@@ -15,6 +16,7 @@
 //   column, computed once per call. Rows (d, h) outside the volume are skipped whole.
 // - Results are written in the input's layout (NCDHW or channels_last_3d); float16/bfloat16 are
 //   computed in float32.
+// - Sequences ((B, C, 1, 1, L) in the contiguous layout) are (B, C, L) rows: see below.
 // - Registered as torch.ops.involution_nd_cpu.{forward3d, backward3d} (TORCH_LIBRARY), beside
 //   the 2-D kernels' pybind11 functions in the same extension.
 
