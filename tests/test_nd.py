@@ -311,6 +311,7 @@ def test_twin_nets_differ_only_in_their_mixers(dims):
         )
     depthwise = next(m for m in nets["depthwise"].modules() if getattr(m, "groups", 1) > 1)
     assert depthwise.groups == depthwise.in_channels == 16
+    assert mixer("involution", dims, 32, kernel, group_channels=8).groups == 4
     with pytest.raises(ValueError, match="mixer must be one of"):
         mixer("attention", dims, 16, kernel)
 

@@ -27,15 +27,18 @@ _LAYERS = {
 }
 
 
-def mixer(kind: str, dims: int, channels: int, kernel: int | tuple[int, ...]) -> nn.Module:
+def mixer(
+    kind: str, dims: int, channels: int, kernel: int | tuple[int, ...], group_channels: int = 16
+) -> nn.Module:
     """The spatial mixer of a bottleneck: ``channels`` -> ``channels``, stride 1, same size.
 
-    ``kind``: ``"involution"`` (16 channels per group), ``"conv"`` (a dense convolution) or
-    ``"depthwise"`` (a convolution with ``groups=channels``), of kernel ``kernel``.
+    ``kind``: ``"involution"`` (``group_channels`` channels per group), ``"conv"`` (a dense
+    convolution) or ``"depthwise"`` (a convolution with ``groups=channels``), of kernel
+    ``kernel``.
     """
     conv, _, involution = _LAYERS[dims]
     if kind == "involution":
-        return involution(channels, kernel)
+        return involution(channels, kernel, group_channels=group_channels)
     if kind not in MIXERS:
         raise ValueError(f"mixer must be one of {MIXERS}, got {kind!r}")
     sizes = (kernel,) * dims if isinstance(kernel, int) else tuple(kernel)
