@@ -100,6 +100,44 @@ def test_backend_matches_reference(dims, backend, group_channels, dtype):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize(
+    ("length", "kernel", "stride", "padding", "dilation"),
+    [(1037, 7, 1, None, 1), (601, 4, 2, 2, 2), (530, 5, 3, 1, 1), (300, 1, 1, 0, 2)],
+)
+def test_long_sequences_match_reference(backend, length, kernel, stride, padding, dilation):
+    """Lengths over several of the C++ kernels' tiles of positions, 16 and 3 channels per
+    group, in the (B, C, L) layout and channels-last (B, L, C) strides."""
+    for group_channels, layout in ((16, "contiguous"), (3, "contiguous"), (16, "channels-last")):
+        pad = dilation * (kernel - 1) // 2 if padding is None else padding
+        out = output_size(length, kernel, stride, pad, dilation)
+        x = torch.randn(2, 2 * group_channels, length, dtype=torch.float64)
+        if layout == "channels-last":
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        x.requires_grad_(True)
+        w = torch.randn(2, 2, kernel, out, dtype=torch.float64, requires_grad=True)
+        grad = torch.randn(2, 2 * group_channels, out, dtype=torch.float64)
+        results = []
+        for name in ("reference", backend):
+            y = involution1d(x, w, stride, padding, dilation, backend=name)
+            results.append((y, *torch.autograd.grad(y, (x, w), grad)))
+        for ref, got in zip(*results, strict=True):
+            torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+def test_sequence_half_and_gradcheck_without_input_gradient(backend):
+    x = torch.randn(2, 32, 300)
+    w = torch.randn(2, 2, 5, 300)
+    y16 = involution1d(x.bfloat16(), w.bfloat16(), backend=backend)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        y16.float(), involution1d(x, w, backend="reference"), rtol=0.05, atol=0.1
+    )
+    x, w = x[:1, :16, :20].double(), w[:1, :1, :, :20].double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda w: involution1d(x, w, backend=backend), (w,))
+
+
 @pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
 def test_channels_last_3d_and_half(backend):
     x = torch.randn(2, 32, 5, 6, 7).contiguous(memory_format=torch.channels_last_3d)
@@ -227,6 +265,13 @@ def test_bench_shift_and_accumulate_is_the_op():
     torch.testing.assert_close(shift_and_accumulate(x, w), involution3d(x, w, backend="reference"))
 
 
+def test_bench_roofline_bytes_of_each_pass():
+    from involution.bench.op_nd import pass_bytes
+
+    x, w = torch.empty(2, 16, 10), torch.empty(2, 1, 3, 10)  # 1280 and 240 bytes
+    assert pass_bytes(x, w) == {"forward": 2800, "forward+backward": 7120}
+
+
 def test_moving_clips_keep_the_item_inside_and_label_item_and_direction():
     import numpy as np
 
@@ -241,3 +286,54 @@ def test_moving_clips_keep_the_item_inside_and_label_item_and_direction():
         dy, dx = DIRECTIONS[label % len(DIRECTIONS)][1]
         ys, xs = np.nonzero(clip[0, 0]), np.nonzero(clip[0, -1])
         assert (xs[1].min() - ys[1].min(), xs[0].min() - ys[0].min()) == (10 * dx, 10 * dy)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_twin_nets_differ_only_in_their_mixers(dims):
+    from involution.models.twins_nd import MIXERS, mixer, twin_net
+
+    kernel, size = (5, (40,)) if dims == 1 else ((3, 3, 3), (4, 8, 8))
+    stem = (3, 2) if dims == 1 else ((1, 3, 3), (1, 2, 2))
+    nets = {
+        kind: twin_net(dims, 2, (32, 64), stem, lambda c, k=kind: mixer(k, dims, c, kernel), 7)
+        for kind in MIXERS
+    }
+    x = torch.randn(3, 2, *size)
+    shared = None
+    for kind, net in nets.items():
+        assert net(x).shape == (3, 7)
+        mixers = [m for m in net.modules() if m.__class__.__name__.startswith(("Conv", "Inv"))]
+        names = {n for n, _ in net.named_parameters() if ".mix.0." not in n}
+        shared = names if shared is None else shared
+        assert names == shared, kind  # every other layer is the same
+        assert any(type(m).__name__.startswith("Involution") for m in mixers) == (
+            kind == "involution"
+        )
+    depthwise = next(m for m in nets["depthwise"].modules() if getattr(m, "groups", 1) > 1)
+    assert depthwise.groups == depthwise.in_channels == 16
+    assert mixer("involution", dims, 32, kernel, group_channels=8).groups == 4
+    with pytest.raises(ValueError, match="mixer must be one of"):
+        mixer("attention", dims, 16, kernel)
+
+
+def test_compare_trains_each_network_on_the_same_data():
+    """A separable task: both networks learn it; the table has their rows."""
+    from involution.models.twins_nd import mixer, twin_net
+    from involution.train.compare import Data, compare, example_parser, markdown_table
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(192, 1, 32, generator=generator)
+    y = (x.mean(dim=(1, 2)) > 0).long()
+    x = x + 2.0 * (2 * y - 1).float()[:, None, None]
+    data = Data(x[:128], y[:128], x[128:], y[128:])
+    args = example_parser("Test.", train=128, test=64, epochs=3, batch=16).parse_args([])
+    builders = {
+        kind: lambda kind=kind: twin_net(1, 1, (32,), (3, 1), lambda c: mixer(kind, 1, c, 3), 2)
+        for kind in ("involution", "conv")
+    }
+    results = compare(builders, data, args)
+    assert [r.name for r in results] == ["involution", "conv"]
+    assert all(r.accuracy > 0.9 and r.macs > 0 and r.seconds > 0 for r in results)
+    assert results[0].params < results[1].params
+    table = markdown_table(results, "sequence")
+    assert "MACs/sequence" in table and f"| conv | {results[1].params:,} |" in table

@@ -9,7 +9,9 @@ kernel 7; 16 channels per group, stride 1), the forward and forward+backward pas
 - a depthwise convolution of the same kernel size (``nn.Conv3d``/``nn.Conv1d``, groups=C),
 
 timed like ``involution bench op`` (median and minimum of ``--repeats`` calls after
-``--warmup``; gradients of input and kernels, or of input and conv parameters).
+``--warmup``; gradients of input and kernels, or of input and conv parameters), and a
+``memory roofline`` row: the least time each involution pass can take, that of a ``copy_``
+that moves the bytes the pass must move (:func:`pass_bytes`), measured in the same run.
 """
 
 from __future__ import annotations
@@ -53,6 +55,38 @@ def shift_and_accumulate(input: Tensor, weight: Tensor) -> Tensor:
     return output.reshape(input.shape)
 
 
+def pass_bytes(input: Tensor, weight: Tensor) -> dict[str, int]:
+    """Compulsory memory traffic of each pass at stride 1 (output as large as the input): the
+    forward reads x and w and writes y; the backward reads grad_y, x and w and writes grad_x
+    and grad_w."""
+    x, w = input.nbytes, weight.nbytes
+    return {"forward": 2 * x + w, "forward+backward": 5 * x + 3 * w}
+
+
+def roofline_rows(
+    input: Tensor, weight: Tensor, times_ms: Callable, warmup: int, repeats: int
+) -> list[dict[str, Any]]:
+    """The ``memory roofline`` rows: per pass, the fastest of ``repeats`` ``copy_`` calls that
+    move as many bytes as the pass must (:func:`pass_bytes`: half read, half written), so
+    caches help the copy as much as they can help the pass."""
+    rows = []
+    for name, nbytes in pass_bytes(input, weight).items():
+        source = torch.randn(nbytes // 2 // input.element_size())
+        target = torch.empty_like(source)
+        copy = min(
+            times_ms(lambda t=target, s=source: t.copy_(s), torch.device("cpu"), warmup, repeats)
+        )
+        rows.append(
+            {
+                "method": f"memory roofline (copy_ of {nbytes / 2**20:.0f} MiB)",
+                "pass": name,
+                "median_ms": copy,
+                "min_ms": copy,
+            }
+        )
+    return rows
+
+
 def _methods(dims: int, backends: list[str]) -> dict[str, tuple[Callable, bool]]:
     """Method name -> (function of (input, weight or conv), is_involution)."""
     front_door = involution3d if dims == 3 else involution1d
@@ -68,7 +102,8 @@ def _methods(dims: int, backends: list[str]) -> dict[str, tuple[Callable, bool]]
 def run(
     dims: int, backends: list[str], warmup: int, repeats: int, times_ms: Callable
 ) -> list[dict[str, Any]]:
-    """One row per (method, pass): median and minimum milliseconds on CPU, float32."""
+    """One row per (method, pass): median and minimum milliseconds on CPU, float32; the
+    roofline rows last."""
     batch, channels, size, kernel = PROBLEMS[dims]
     torch.manual_seed(0)
     device = torch.device("cpu")
@@ -99,7 +134,7 @@ def run(
                     "min_ms": min(times),
                 }
             )
-    return rows
+    return rows + roofline_rows(input, weight, times_ms, warmup, repeats)
 
 
 def format_table(dims: int, rows: list[dict[str, Any]]) -> str:

@@ -1,5 +1,6 @@
 // CPU kernels of the 3-D involution operator (forward and both gradients); 1-D runs through them
-// on (B, C, 1, 1, L) views.
+// on (B, C, 1, 1, L) views, which contiguous inputs take to kernels of their own (the
+// "Sequences" section below: rows read in place, no channels-last copies).
 //
 // Shapes: input x (B, C, D, H, W), weight w (B, G, Kd, Kh, Kw, D_out, H_out, W_out), output y
 // (B, C, D_out, H_out, W_out); channel c belongs to group c / (C / G).
@@ -15,6 +16,7 @@
 //   column, computed once per call. Rows (d, h) outside the volume are skipped whole.
 // - Results are written in the input's layout (NCDHW or channels_last_3d); float16/bfloat16 are
 //   computed in float32.
+// - Sequences ((B, C, 1, 1, L) in the contiguous layout) are (B, C, L) rows: see below.
 // - Registered as torch.ops.involution_nd_cpu.{forward3d, backward3d} (TORCH_LIBRARY), beside
 //   the 2-D kernels' pybind11 functions in the same extension.
 
@@ -27,6 +29,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace involution_nd_cpu {
@@ -286,6 +289,264 @@ INVOLUTION_INLINE void backward_weight_rows_impl(const Geometry3d& geo,
 // of 16 channels get kernels where that width is a compile-time constant.
 INVOLUTION_DEFINE_KERNELS(Geometry3d, forward_rows, backward_input_rows, backward_weight_rows)
 
+// ---- Sequences: (B, C, 1, 1, L) maps in the contiguous layout --------------------------------
+// The 1-D op's views (and any volume of depth and height 1 with a 1x1xK kernel) are read in
+// place as (B, C, L) rows, without the channels-last copies: each task takes a tile of
+// kSequenceTile positions of one group, whose kernels (K x tile) stay in L1 while the group's
+// channels stream past once. At stride 1 the positions where every tap is inside the sequence
+// are computed in registers, 16 positions to a vector: the forward and grad_input sum the taps
+// of up to 64 positions at a time, grad_weight sums the group's channels for up to 8 taps of 16
+// positions. The rest (the ends, other strides) runs one tap at a time over the tile's
+// positions, accumulating in the result row (in L1).
+
+constexpr int64_t kSequenceTile = 1024;
+
+struct Geometry1d {
+  int64_t batch, channels, groups, group_channels;
+  int64_t length, kernel, out, stride, pad, dil;
+  std::vector<ColumnRange> columns;  // per tap k: the outputs whose input is inside
+  // At stride 1, the outputs (inner_out) and inputs (inner_in) whose every tap is inside; empty
+  // at other strides.
+  ColumnRange inner_out, inner_in;
+
+  int64_t tiles(int64_t positions) const {
+    return (positions + kSequenceTile - 1) / kSequenceTile;
+  }
+  // Offset of the first channel row of group g: x[b, g * C/G, :] (rows of `positions`).
+  int64_t group_row(int64_t b, int64_t g, int64_t positions) const {
+    return (b * channels + g * group_channels) * positions;
+  }
+  // Offset of w[b, g, 0, :].
+  int64_t weight_rows(int64_t b, int64_t g) const { return (b * groups + g) * kernel * out; }
+  // Input position read by output o through tap k: o * stride + offset(k).
+  int64_t offset(int64_t k) const { return k * dil - pad; }
+  int64_t tile_work() const { return group_channels * kernel * kSequenceTile; }
+};
+
+Geometry1d make_sequence_geometry(const Geometry3d& geo) {
+  Geometry1d seq{geo.batch,   geo.channels,  geo.groups, geo.group_channels,
+                 geo.size[2], geo.kernel[2], geo.out[2], geo.stride[2],
+                 geo.pad[2],  geo.dil[2],    geo.columns, {0, 0}, {0, 0}};
+  if (seq.stride == 1) {
+    // Output o reads o + offset(k); input i is read by output i - offset(k).
+    const int64_t first = seq.offset(0), last = seq.offset(seq.kernel - 1);
+    seq.inner_out = {std::max<int64_t>(0, -first), std::min(seq.out, seq.length - last)};
+    seq.inner_in = {std::max<int64_t>(0, last), std::min(seq.length, seq.out + first)};
+    for (ColumnRange* r : {&seq.inner_out, &seq.inner_in}) {
+      r->hi = std::max(r->lo, r->hi);
+    }
+  }
+  return seq;
+}
+
+// (b, g, first position) of tile task t, over tiles of `positions`.
+INVOLUTION_INLINE std::array<int64_t, 3> tile_item(const Geometry1d& geo, int64_t t,
+                                                   int64_t positions) {
+  const int64_t tiles = geo.tiles(positions);
+  const int64_t bg = t / tiles;
+  return {bg / geo.groups, bg % geo.groups, (t % tiles) * kSequenceTile};
+}
+
+// The part of [lo, hi) inside `inner` whose length is a multiple of 16 (the register-blocked
+// positions); the rest of [lo, hi) takes the one-tap-at-a-time loops.
+INVOLUTION_INLINE ColumnRange vector_range(const ColumnRange& inner, int64_t lo, int64_t hi) {
+#ifdef INVOLUTION_VECTOR_TYPES
+  const int64_t a = std::max(inner.lo, lo), b = std::min(inner.hi, hi);
+  return b <= a ? ColumnRange{lo, lo} : ColumnRange{a, a + (b - a) / 16 * 16};
+#else
+  return {lo, lo};
+#endif
+}
+
+// The outputs of tap k inside [lo, hi) (and valid).
+INVOLUTION_INLINE ColumnRange clip(const ColumnRange& cols, int64_t lo, int64_t hi) {
+  const int64_t a = std::max(cols.lo, lo), b = std::min(cols.hi, hi);
+  return {a, std::max(a, b)};
+}
+
+// acc[j * acc_step] += a[j] * b[j * b_step] for j < n; unit steps (stride 1) vectorise.
+template <typename T>
+INVOLUTION_INLINE void multiply_add(T* __restrict acc, int64_t acc_step, const T* __restrict a,
+                                    const T* __restrict b, int64_t b_step, int64_t n) {
+  if (acc_step == 1 && b_step == 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      acc[j] += a[j] * b[j];
+    }
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    acc[j * acc_step] += a[j] * b[j * b_step];
+  }
+}
+
+#ifdef INVOLUTION_VECTOR_TYPES
+// out[j] = sum_k a[k * a_tap + j] * b[k * b_tap + j] for j < 16 * NV, in registers.
+template <typename T, int NV>
+INVOLUTION_INLINE void tap_sum_block(T* __restrict out, const T* __restrict a, int64_t a_tap,
+                                     const T* __restrict b, int64_t b_tap, int64_t taps) {
+  V16<T> acc[NV] = {};
+  for (int64_t k = 0; k < taps; ++k) {
+    for (int n = 0; n < NV; ++n) {
+      acc[n] += load16(a + k * a_tap + 16 * n) * load16(b + k * b_tap + 16 * n);
+    }
+  }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+// tap_sum_block over [r.lo, r.hi) (a multiple of 16 long): out[p] = sum_k a[k * a_tap + p] *
+// b[k * b_tap + p], 64 positions at a time.
+template <typename T>
+INVOLUTION_INLINE void tap_sums(const ColumnRange& r, T* __restrict out, const T* __restrict a,
+                                int64_t a_tap, const T* __restrict b, int64_t b_tap,
+                                int64_t taps) {
+  int64_t p = r.lo;
+  for (; p + 64 <= r.hi; p += 64) {
+    tap_sum_block<T, 4>(out + p, a + p, a_tap, b + p, b_tap, taps);
+  }
+  for (; p < r.hi; p += 16) {
+    tap_sum_block<T, 1>(out + p, a + p, a_tap, b + p, b_tap, taps);
+  }
+}
+
+// grad_w[k0 + n, o:o+16] = sum over the group's cg channels of grad_y[c, o:o+16] *
+// x[c, o + offset(k0 + n):...] for n < NK, in registers (stride 1, every tap inside).
+// `gy`/`x` point at the group's first rows, `gw` at w[b, g, 0, 0].
+template <typename T, int NK>
+INVOLUTION_INLINE void weight_block(const Geometry1d& geo, const T* __restrict gy,
+                                    const T* __restrict x, T* __restrict gw, int64_t k0,
+                                    int64_t o, int64_t cg) {
+  V16<T> acc[NK] = {};
+  const T* __restrict x_taps = x + o + geo.offset(k0);
+  for (int64_t c = 0; c < cg; ++c) {
+    const V16<T> g = load16(gy + c * geo.out + o);
+    for (int n = 0; n < NK; ++n) {
+      acc[n] += g * load16(x_taps + c * geo.length + n * geo.dil);
+    }
+  }
+  for (int n = 0; n < NK; ++n) {
+    std::memcpy(gw + (k0 + n) * geo.out + o, &acc[n], sizeof(acc[n]));
+  }
+}
+#endif
+
+// y[b, c, o] = sum_k w[b, g, k, o] * x[b, c, o * stride + offset(k)] for the output tiles
+// [begin, end).
+template <typename T, int64_t CG>
+INVOLUTION_INLINE void sequence_forward_impl(const Geometry1d& geo, const T* __restrict x,
+                                             const T* __restrict w, T* __restrict y,
+                                             int64_t begin, int64_t end) {
+  const int64_t cg = CG > 0 ? CG : geo.group_channels;
+  for (int64_t t = begin; t < end; ++t) {
+    const auto [b, g, o0] = tile_item(geo, t, geo.out);
+    const int64_t o1 = std::min(geo.out, o0 + kSequenceTile);
+    const ColumnRange vec = vector_range(geo.inner_out, o0, o1);
+    const T* __restrict w_rows = w + geo.weight_rows(b, g);
+    for (int64_t c = 0; c < cg; ++c) {
+      const T* __restrict x_row = x + geo.group_row(b, g, geo.length) + c * geo.length;
+      T* __restrict y_row = y + geo.group_row(b, g, geo.out) + c * geo.out;
+#ifdef INVOLUTION_VECTOR_TYPES
+      tap_sums(vec, y_row, w_rows, geo.out, x_row - geo.pad, geo.dil, geo.kernel);
+#endif
+      for (const auto [lo, hi] : {ColumnRange{o0, vec.lo}, ColumnRange{vec.hi, o1}}) {
+        std::fill(y_row + lo, y_row + hi, T(0));
+        for (int64_t k = 0; k < geo.kernel; ++k) {
+          const ColumnRange r = clip(geo.columns[k], lo, hi);
+          multiply_add(y_row + r.lo, 1, w_rows + k * geo.out + r.lo,
+                       x_row + r.lo * geo.stride + geo.offset(k), geo.stride, r.hi - r.lo);
+        }
+      }
+    }
+  }
+}
+
+// grad_x[b, c, i] = sum over the (k, o) with o * stride + offset(k) = i of w[b, g, k, o] *
+// grad_y[b, c, o], for the input tiles [begin, end).
+template <typename T, int64_t CG>
+INVOLUTION_INLINE void sequence_backward_input_impl(const Geometry1d& geo,
+                                                    const T* __restrict grad_y,
+                                                    const T* __restrict w,
+                                                    T* __restrict grad_x, int64_t begin,
+                                                    int64_t end) {
+  const int64_t cg = CG > 0 ? CG : geo.group_channels;
+  const int64_t s = geo.stride;
+  for (int64_t t = begin; t < end; ++t) {
+    const auto [b, g, i0] = tile_item(geo, t, geo.length);
+    const int64_t i1 = std::min(geo.length, i0 + kSequenceTile);
+    const ColumnRange vec = vector_range(geo.inner_in, i0, i1);
+    const T* __restrict w_rows = w + geo.weight_rows(b, g);
+    for (int64_t c = 0; c < cg; ++c) {
+      const T* __restrict gy_row = grad_y + geo.group_row(b, g, geo.out) + c * geo.out;
+      T* __restrict gx_row = grad_x + geo.group_row(b, g, geo.length) + c * geo.length;
+#ifdef INVOLUTION_VECTOR_TYPES
+      // Input i takes tap k from output i - offset(k) (stride 1).
+      tap_sums(vec, gx_row, w_rows + geo.pad, geo.out - geo.dil, gy_row + geo.pad, -geo.dil,
+               geo.kernel);
+#endif
+      for (const auto [lo, hi] : {ColumnRange{i0, vec.lo}, ColumnRange{vec.hi, i1}}) {
+        std::fill(gx_row + lo, gx_row + hi, T(0));
+        for (int64_t k = 0; k < geo.kernel; ++k) {
+          // The outputs o whose input o * s + offset(k) lies in [lo, hi): from ceil((i -
+          // offset) / s) for i = lo, hi.
+          const int64_t shift = geo.offset(k);
+          const auto first_output = [&](int64_t i) {
+            return i - shift <= 0 ? -((shift - i) / s) : (i - shift + s - 1) / s;
+          };
+          const ColumnRange r = clip(geo.columns[k], first_output(lo), first_output(hi));
+          multiply_add(gx_row + r.lo * s + shift, s, w_rows + k * geo.out + r.lo, gy_row + r.lo,
+                       1, r.hi - r.lo);
+        }
+      }
+    }
+  }
+}
+
+// grad_w[b, g, k, o] = sum over the group's channels of grad_y[b, c, o] * x[b, c, o * stride +
+// offset(k)] (zero where that is padding), for the output tiles [begin, end).
+template <typename T, int64_t CG>
+INVOLUTION_INLINE void sequence_backward_weight_impl(const Geometry1d& geo,
+                                                     const T* __restrict grad_y,
+                                                     const T* __restrict x,
+                                                     T* __restrict grad_w, int64_t begin,
+                                                     int64_t end) {
+  const int64_t cg = CG > 0 ? CG : geo.group_channels;
+  for (int64_t t = begin; t < end; ++t) {
+    const auto [b, g, o0] = tile_item(geo, t, geo.out);
+    const int64_t o1 = std::min(geo.out, o0 + kSequenceTile);
+    const ColumnRange vec = vector_range(geo.inner_out, o0, o1);
+    const T* __restrict gy_rows = grad_y + geo.group_row(b, g, geo.out);
+    const T* __restrict x_rows = x + geo.group_row(b, g, geo.length);
+    T* __restrict gw_rows = grad_w + geo.weight_rows(b, g);
+#ifdef INVOLUTION_VECTOR_TYPES
+    for (int64_t o = vec.lo; o < vec.hi; o += 16) {
+      for (int64_t k0 = 0; k0 < geo.kernel; k0 += 8) {
+        involution_common::call_block<8>(
+            std::min<int64_t>(8, geo.kernel - k0), k0,
+            [&](auto nk, int64_t first) INVOLUTION_LAMBDA_INLINE {
+              weight_block<T, decltype(nk)::value>(geo, gy_rows, x_rows, gw_rows, first, o, cg);
+            });
+      }
+    }
+#endif
+    for (const auto [lo, hi] : {ColumnRange{o0, vec.lo}, ColumnRange{vec.hi, o1}}) {
+      for (int64_t k = 0; k < geo.kernel; ++k) {
+        std::fill(gw_rows + k * geo.out + lo, gw_rows + k * geo.out + hi, T(0));
+      }
+      for (int64_t c = 0; c < cg; ++c) {
+        for (int64_t k = 0; k < geo.kernel; ++k) {
+          const ColumnRange r = clip(geo.columns[k], lo, hi);
+          multiply_add(gw_rows + k * geo.out + r.lo, 1, gy_rows + c * geo.out + r.lo,
+                       x_rows + c * geo.length + r.lo * geo.stride + geo.offset(k), geo.stride,
+                       r.hi - r.lo);
+        }
+      }
+    }
+  }
+}
+
+INVOLUTION_DEFINE_KERNELS(Geometry1d, sequence_forward, sequence_backward_input,
+                          sequence_backward_weight)
+
 bool is_channels_last_3d(const at::Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
 }
@@ -335,6 +596,20 @@ Geometry3d make_geometry(const at::Tensor& input, const at::Tensor& weight,
   geo.blocks8 = involution_common::column_blocks(geo.out[2], 8);
   geo.channels_last_result = is_channels_last_3d(input);
   return geo;
+}
+
+// The sequence geometry of `geo` when its maps are (B, C, 1, 1, L) rows in the contiguous
+// layout read through 1x1xK kernels (the 1-D op), else nothing: the channels-last kernels.
+std::optional<Geometry1d> sequence_geometry(const Geometry3d& geo) {
+  for (int dim = 0; dim < 2; ++dim) {
+    if (geo.size[dim] != 1 || geo.kernel[dim] != 1 || geo.out[dim] != 1) {
+      return std::nullopt;
+    }
+  }
+  if (geo.channels_last_result) {
+    return std::nullopt;
+  }
+  return make_sequence_geometry(geo);
 }
 
 at::ScalarType compute_type(at::ScalarType dtype) {
@@ -407,10 +682,50 @@ at::MemoryFormat result_format(const Geometry3d& geo) {
                                   : at::MemoryFormat::Contiguous;
 }
 
+at::Tensor sequence_forward3d(const at::Tensor& input, const at::Tensor& weight,
+                              const Geometry1d& geo, at::ScalarType dtype) {
+  const at::Tensor x = input.to(dtype).contiguous();
+  const at::Tensor w = weight.to(dtype).contiguous();
+  at::Tensor y = at::empty({geo.batch, geo.channels, 1, 1, geo.out}, x.options());
+  involution_common::run_forward(x, w, y, geo.batch * geo.groups * geo.tiles(geo.out),
+                                 geo.tile_work(),
+                                 [&](auto... args) { sequence_forward(geo, args...); });
+  return y.to(input.scalar_type());
+}
+
+// backward3d of the sequence kernels.
+std::tuple<at::Tensor, at::Tensor> sequence_backward3d(const at::Tensor& grad_output,
+                                                       const at::Tensor& input,
+                                                       const at::Tensor& weight,
+                                                       const Geometry1d& geo,
+                                                       std::array<bool, 2> needs) {
+  const at::ScalarType dtype = compute_type(input.scalar_type());
+  const at::Tensor grad_y = grad_output.to(dtype).contiguous();
+  at::Tensor w, x, grad_x, grad_w;
+  if (needs[0]) {
+    w = weight.to(dtype).contiguous();
+    grad_x = at::empty(input.sizes(), grad_y.options());
+  }
+  if (needs[1]) {
+    x = input.to(dtype).contiguous();
+    grad_w = at::empty(weight.sizes(), grad_y.options());
+  }
+  const int64_t tiles = geo.batch * geo.groups;
+  return involution_common::run_gradients(
+      {grad_y, w, x, grad_x, grad_w}, needs[0] ? tiles * geo.tiles(geo.length) : 0,
+      needs[1] ? tiles * geo.tiles(geo.out) : 0, geo.tile_work(),
+      [&](auto... args) { sequence_backward_input(geo, args...); },
+      [&](auto... args) { sequence_backward_weight(geo, args...); },
+      {input.scalar_type(), weight.scalar_type()});
+}
+
 at::Tensor forward3d(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation) {
   const Geometry3d geo = make_geometry(input, weight, stride, padding, dilation);
   const at::ScalarType dtype = compute_type(input.scalar_type());
+  if (const auto seq = sequence_geometry(geo)) {
+    return sequence_forward3d(input, weight, *seq, dtype);
+  }
   const at::Tensor x = padded_input(input, geo, dtype);
   const at::Tensor w = weight.to(dtype).contiguous();
   at::Tensor y = at::empty({geo.batch, geo.channels, geo.out[0], geo.out[1], geo.out[2]},
@@ -431,6 +746,9 @@ std::tuple<at::Tensor, at::Tensor> backward3d(const at::Tensor& grad_output,
   TORCH_CHECK(grad_output.sizes() ==
                   at::IntArrayRef({geo.batch, geo.channels, geo.out[0], geo.out[1], geo.out[2]}),
               "involution3d: grad_output ", grad_output.sizes(), " does not match the output");
+  if (const auto seq = sequence_geometry(geo)) {
+    return sequence_backward3d(grad_output, input, weight, *seq, {needs_input, needs_weight});
+  }
   const at::ScalarType dtype = compute_type(input.scalar_type());
   const at::Tensor grad_y = channels_last(grad_output, dtype);
   at::Tensor w, x, grad_x, grad_w;
