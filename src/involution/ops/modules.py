@@ -446,13 +446,14 @@ class Involution2d(KernelBranchLayer):
 def set_kernel_regeneration(
     model: nn.Module, enabled: bool, fuse_norm_act: bool | None = None
 ) -> nn.Module:
-    """Set ``regenerate_kernels`` on every :class:`Involution2d` of ``model`` (returned): the
-    switch between regenerating the kernels in backward (default) and keeping them; and
-    ``fuse_norm_act`` unless ``None`` (a following BatchNorm + ReLU in the regenerating op)."""
+    """Set ``regenerate_kernels`` on every involution layer of ``model`` (returned; 1-D, 2-D
+    and 3-D): the switch between regenerating the kernels in backward (default) and keeping
+    them; and ``fuse_norm_act`` of every :class:`Involution2d` unless ``None`` (a following
+    BatchNorm + ReLU in the regenerating op)."""
     for module in model.modules():
-        if isinstance(module, Involution2d):
+        if isinstance(module, KernelBranchLayer):
             module.regenerate_kernels = enabled
-            if fuse_norm_act is not None:
+            if fuse_norm_act is not None and isinstance(module, Involution2d):
                 module.fuse_norm_act = fuse_norm_act
     return model
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from involution.ops.branch import KernelBranchLayer
 from involution.ops.modules import relu_inplace
 from involution.ops.nd import as_tuple, involution1d, involution3d
+from involution.ops.regenerate import recompute_layer
 
 # FX symbolic tracing records each call of the front doors as one node.
 torch.fx.wrap("involution1d")
@@ -26,6 +27,10 @@ class _InvolutionNd(KernelBranchLayer):
     """The kernel branch and the aggregation of a ``dims``-D involution layer."""
 
     dims: int
+    #: In training with gradients, keep only the input for backward and recompute the layer
+    #: there (:func:`~involution.ops.regenerate.recompute_layer`), in eager mode; ``False``
+    #: keeps the kernels. A class attribute, as :class:`~involution.ops.Involution2d`'s.
+    regenerate_kernels: bool = True
 
     def __init__(
         self,
@@ -63,6 +68,31 @@ class _InvolutionNd(KernelBranchLayer):
         layers = (conv, pool, norm if norm_layer is None else norm_layer, act_layer)
         args = (channels, kernel, strides, dilations, group_channels, reduction_ratio)
         self._init_kernel_branch(*args, layers, backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # TorchScript and FX record the layer as it is; under torch.compile the partitioner
+        # decides what is kept. Two ifs: TorchScript skips a block only on a bare test.
+        if not torch.jit.is_scripting():  # noqa: SIM102
+            if not isinstance(x, torch.fx.Proxy) and self.training_recomputes():
+                return recompute_layer(self, self.forward_kept, x)
+        return self.forward_kept(x)
+
+    def training_recomputes(self) -> bool:
+        """Whether a call now keeps only the input for backward: training with gradients,
+        ``regenerate_kernels`` on, eager mode, no hooks on the kernel branch's modules (they
+        expect one call each)."""
+        submodules = (self.pool, self.reduce, self.norm, self.act, self.span)
+        return (
+            self.regenerate_kernels
+            and self.training
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in submodules)
+        )
+
+    def forward_kept(self, x: Tensor) -> Tensor:
+        """The kernel branch, then the op: autograd keeps the kernels."""
+        raise NotImplementedError
 
     def generate_kernels(self, x: Tensor) -> Tensor:
         """Per-position kernels (B, G, *K, *S_out) for ``x`` (B, C, *S)."""
@@ -102,7 +132,7 @@ class Involution3d(_InvolutionNd):
 
     dims = 3
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_kept(self, x: Tensor) -> Tensor:
         kernels = self.generate_kernels(x)
         return involution3d(x, kernels, self.stride, None, self.dilation, self.backend)
 
@@ -121,6 +151,6 @@ class Involution1d(_InvolutionNd):
 
     dims = 1
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_kept(self, x: Tensor) -> Tensor:
         kernels = self.generate_kernels(x)
         return involution1d(x, kernels, self.stride[0], None, self.dilation[0], self.backend)

@@ -155,14 +155,11 @@ class RegeneratedInvolution2d(torch.autograd.Function):
         span_bias: Tensor | None,
         branch: KernelBranch,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        output, mean, invstd = layer_output(
-            x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias, branch
-        )
+        layer = (x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias)
+        output, mean, invstd = layer_output(layer, branch)
         # Only the input, the parameters and the statistics: the kernels and the branch's
         # intermediates are regenerated in backward.
-        ctx.save_for_backward(
-            x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias, mean, invstd
-        )
+        ctx.save_for_backward(*layer, mean, invstd)
         ctx.branch = branch
         ctx.mark_non_differentiable(mean, invstd)
         return output, mean, invstd
@@ -175,18 +172,13 @@ class RegeneratedInvolution2d(torch.autograd.Function):
 
 
 def layer_output(
-    x: Tensor,
-    reduce_weight: Tensor,
-    norm_weight: Tensor | None,
-    norm_bias: Tensor | None,
-    running: Tensor | None,
-    span_weight: Tensor,
-    span_bias: Tensor | None,
-    branch: KernelBranch,
+    layer: Sequence[Tensor | None], branch: KernelBranch
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The layer's output (B, C, H_out, W_out) and its kernel branch's batch statistics (M,)
-    each (empty without them), without autograd; the arguments are
-    :class:`RegeneratedInvolution2d`'s."""
+    each (empty without them), without autograd. ``layer``: the first seven arguments of
+    :class:`RegeneratedInvolution2d` (x, reduce_weight, norm_weight, norm_bias, running,
+    span_weight, span_bias)."""
+    x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias = layer
     reduced = F.conv2d(_pool(x, branch.stride), reduce_weight)
     normed, mean, invstd = _normalise(reduced, norm_weight, norm_bias, running, branch.eps)
     return _aggregate(x, F.relu(normed), span_weight, span_bias, branch), mean, invstd

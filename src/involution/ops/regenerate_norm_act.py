@@ -88,7 +88,7 @@ class RegeneratedInvolutionNormAct(torch.autograd.Function):
         config: NormAct,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         layer = (x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias)
-        output, mean, invstd = layer_output(*layer, config.branch)
+        output, mean, invstd = layer_output(layer, config.branch)
         weight, bias = (None, None) if out_affine is None else out_affine.unbind()
         y, out_mean, out_invstd = torch.native_batch_norm(
             output, weight, bias, None, None, True, 0.0, config.eps
@@ -106,7 +106,7 @@ class RegeneratedInvolutionNormAct(torch.autograd.Function):
         layer = SavedLayer(*saved[:9])
         y, out_affine, out_mean, out_invstd = saved[9:]
         config = ctx.config
-        output = layer_output(*layer[:7], config.branch)[0]
+        output = layer_output(layer[:7], config.branch)[0]
         needs_affine = ctx.needs_input_grad[7]
         grad_output, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             torch.ops.aten.threshold_backward(grad_y, y, 0),
