@@ -557,3 +557,19 @@ def test_bench_op_runs_and_prints_a_table(tmp_path, capsys):
     results = json.loads(path.read_text())["results"]
     assert len(results) == len(rows)
     assert all(r["median_ms"] > 0 and r["peak_bytes"] > 0 for r in results)
+
+
+def test_cli_help_imports_neither_the_ops_nor_the_compiler():
+    """``involution --help`` builds every command's parser without importing the op
+    registration or torch._dynamo (slow imports: the help stays within about import torch)."""
+    code = (
+        "import sys\n"
+        "from involution.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "slow = {'involution.ops.registration', 'torch._dynamo'} & set(sys.modules)\n"
+        "assert not slow, slow\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

@@ -53,7 +53,6 @@ from involution.bench.options import (
     chosen_device,
 )
 from involution.cli_utils import csv_list, user_error
-from involution.ops.modules import set_kernel_regeneration
 
 CLASSIFIERS = ("rednet26", "rednet50", "rednet101")
 DETECTORS = ("retinanet", "fasterrcnn")
@@ -164,6 +163,10 @@ def peak_rss_delta(run: Callable[[], None]) -> float | None:
 
 
 def _build(case: Case, device: torch.device, det_size: tuple[int, int]) -> nn.Module:
+    # Imported here: the command line imports this module for its --help, and the ops are slow
+    # to import.
+    from involution.ops.modules import set_kernel_regeneration
+
     torch.manual_seed(0)
     if "_" in case.model:
         rednet = case.variant is not None
