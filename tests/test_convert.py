@@ -96,7 +96,7 @@ def test_schema_keys_convert_one_to_one(schema: dict, name: str) -> None:
     assert kwargs["stem_kernel_size"] == (7 if name.endswith("stem7") else 3)
     assert kwargs["num_classes"] == (0 if name.endswith("stem7") else 1000)
     with torch.device("meta"):
-        model = RedNet(**kwargs)
+        model = RedNet.from_kwargs(kwargs)
     check_state_dict(converted, model)  # every key of ours filled, with the right shape
     params = sum(p.numel() for p in model.parameters())
     assert params == schema["param_counts"][name]["params_total"]

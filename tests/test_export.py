@@ -25,7 +25,13 @@ import involution
 from involution.cli import main
 from involution.export.onnx import check_onnx, export_onnx, relative_difference
 from involution.models.rednet import Bottleneck
-from involution.ops import Involution2d, involution2d, involution2d_fused, lowering
+from involution.ops import (
+    Involution2d,
+    involution2d,
+    involution2d_fused,
+    lowering,
+    set_kernel_regeneration,
+)
 from involution.ops.backends import get_backend
 
 CPU = torch.device("cpu")
@@ -195,6 +201,16 @@ def test_scripted_layer_calls_the_registered_op(backend: str, device, fused: boo
     torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-5)
 
 
+def test_layer_with_its_switches_set_on_the_instance_scripts() -> None:
+    # The switches are class attributes; set on an instance, TorchScript infers their type.
+    layer = set_kernel_regeneration(_randomise(Involution2d(16, 3, group_channels=8)), False)
+    layer.fuse_inference = False
+    layer.exportable = True
+    scripted = torch.jit.script(layer.eval())
+    x = torch.randn(1, 16, 9, 9)
+    torch.testing.assert_close(scripted(x), layer(x))
+
+
 def test_scripted_functional_front_doors() -> None:
     @torch.jit.script
     def both(x: torch.Tensor, w: torch.Tensor, reduced: torch.Tensor, span: torch.Tensor):
@@ -278,7 +294,8 @@ def test_export_keeps_the_op_and_onnx_translates_it(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", sorted(lowering.LOWERINGS))
 def test_exportable_layers_in_onnxruntime(name: str, tmp_path: Path) -> None:
     # Involution2d(exportable=True): the ATen formulation, traced by the exporter
-    layer = Involution2d(16, 3, stride=2, dilation=2, group_channels=8, exportable=True)
+    layer = Involution2d(16, 3, stride=2, dilation=2, group_channels=8)
+    layer.exportable = True
     layer = _randomise(layer).eval()
     dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
     path = tmp_path / f"{name}.onnx"
@@ -290,13 +307,16 @@ def test_exportable_layers_in_onnxruntime(name: str, tmp_path: Path) -> None:
 
 
 def test_rednet_onnx_matches_eager_at_other_sizes(tmp_path: Path) -> None:
-    # The feature map, not pooled logits: its every pixel depends on the input.
+    # The feature map, not pooled logits: its every pixel depends on the input. Float32
+    # through 26 layers in another summation order: over random initialisations the largest
+    # relative difference was 2e-5 to 1.2e-4 (seeds 0-5), so a seeded model and 3e-4.
+    torch.manual_seed(0)
     model = timm.create_model("rednet26", num_classes=0, global_pool="")
     model = _calibrated(model, (1, 3, 64, 64))
     path = export_onnx(model, tmp_path / "rednet26.onnx", (64, 64))
     parities = check_onnx(path, model, [(1, 3, 64, 64), (2, 3, 96, 80), (1, 3, 65, 49)], 1)
     for parity in parities:
-        assert parity.max_relative_diff < 1e-4, parity
+        assert parity.max_relative_diff < 3e-4, parity
 
 
 def test_export_cli_checks_parity(tmp_path: Path, capsys) -> None:

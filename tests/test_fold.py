@@ -66,7 +66,7 @@ def compare(model: nn.Module, x: torch.Tensor) -> None:
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_folded_rednet_matches_unfolded(dtype, channels_last):
     torch.manual_seed(0)  # the same weights whatever ran before in this process
-    model = randomize_norms(RedNet(**TINY).to(dtype))
+    model = randomize_norms(RedNet.from_kwargs(TINY).to(dtype))
     x = torch.randn(2, 3, 27, 25, dtype=dtype)  # odd sizes: ceil-mode strides everywhere
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -75,7 +75,7 @@ def test_folded_rednet_matches_unfolded(dtype, channels_last):
 
 
 def test_every_batchnorm_is_folded_and_the_original_is_untouched():
-    model = randomize_norms(RedNet(**TINY))
+    model = randomize_norms(RedNet.from_kwargs(TINY))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folded = fold_batchnorm(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
@@ -89,7 +89,7 @@ def test_every_batchnorm_is_folded_and_the_original_is_untouched():
 
 
 def test_conv_twin_and_features_only_backbone_fold():
-    twin = randomize_norms(RedNet(mixer="conv", **TINY).double())
+    twin = randomize_norms(RedNet.from_kwargs({**TINY, "mixer": "conv"}).double())
     compare(twin, torch.randn(1, 3, 25, 27, dtype=torch.float64))
     backbone = timm.create_model(
         "rednet26", features_only=True, stage_widths=(16, 32, 32, 64), stem_width=32
@@ -99,7 +99,7 @@ def test_conv_twin_and_features_only_backbone_fold():
 
 def test_folded_model_differentiates_like_the_original():
     # With gradients enabled the folded model takes the differentiable (unfused) path.
-    model = randomize_norms(RedNet(**TINY).double())
+    model = randomize_norms(RedNet.from_kwargs(TINY).double())
     folded = fold_batchnorm(model)
     affine = folded.layer1[0].conv2
     assert isinstance(affine, Involution2dAffine)
@@ -182,7 +182,7 @@ def test_conv_act_takes_inference_tensor_weights():
 def test_folded_rednet_compiles_without_graph_breaks():
     # A graph break inside ConvAct made Dynamo recompile the rest of its forward for every conv
     # shape, past its recompile limit: the compiled folded RedNet-50 ran 1.3x slower than eager.
-    model = fold_batchnorm(randomize_norms(RedNet(**TINY)))
+    model = fold_batchnorm(randomize_norms(RedNet.from_kwargs(TINY)))
     x = torch.randn(2, 3, 27, 25)
     torch._dynamo.reset()
     with torch.no_grad():

@@ -12,7 +12,7 @@ from torch import nn
 
 import involution  # noqa: F401  (registers the models with timm)
 from involution import Involution2d
-from involution.models import MODEL_DEPTHS, Bottleneck, RedNet
+from involution.models import MODEL_DEPTHS, Bottleneck, RedNet, RedNetArch
 
 #: Official totals with the 1000-class head (conformance README; official README for 26..101).
 PARAM_COUNTS = {
@@ -38,7 +38,7 @@ def test_parameter_counts_match_official(depth: int) -> None:
 
 def test_detection_backbone_parameter_count() -> None:
     with torch.device("meta"):
-        model = RedNet(MODEL_DEPTHS[50], num_classes=0, stem_kernel_size=7)
+        model = RedNet(RedNetArch(MODEL_DEPTHS[50], stem_kernel_size=7), num_classes=0)
     assert _num_params(model) == 13_492_526
     assert isinstance(model.fc, nn.Identity)
 
@@ -80,10 +80,10 @@ def test_zero_init_last_makes_blocks_start_as_identity() -> None:
     x = torch.randn(1, 64, 8, 8)
     with torch.no_grad():
         assert torch.equal(block(x), torch.relu(block.downsample(x)))
-    model = RedNet((1, 1), stage_widths=(16, 32), stem_width=32, num_classes=3)
+    model = RedNet(RedNetArch((1, 1), stage_widths=(16, 32), stem_width=32), num_classes=3)
     bn3_weights = [m.bn3.weight for m in model.modules() if isinstance(m, Bottleneck)]
     assert all(torch.count_nonzero(w) == 0 for w in bn3_weights)
-    other = RedNet((1, 1), stage_widths=(16, 32), stem_width=32, zero_init_last=False)
+    other = RedNet(RedNetArch((1, 1), stage_widths=(16, 32), stem_width=32), zero_init_last=False)
     assert all(torch.all(m.bn3.weight == 1) for m in other.modules() if isinstance(m, Bottleneck))
 
 
@@ -102,10 +102,10 @@ def test_bottleneck_builds_its_spatial_layer_with_the_factory() -> None:
 
 @pytest.mark.parametrize("mixer", ["involution", "conv"])
 def test_compact_stem_runs_on_28x28(mixer: str) -> None:
-    model = RedNet(
-        (1, 2, 1), stage_widths=(16, 32, 64), stem_width=32, stem_type="compact", in_chans=1,
-        num_classes=10, mixer=mixer,
-    )  # fmt: skip
+    arch = RedNetArch(
+        (1, 2, 1), stage_widths=(16, 32, 64), stem_width=32, stem_type="compact", mixer=mixer
+    )
+    model = RedNet(arch, in_chans=1, num_classes=10)
     assert [info["reduction"] for info in model.feature_info] == [2, 2, 4, 8]
     assert isinstance(model.maxpool, nn.Identity)
     mixers = [m.conv2 for m in model.modules() if isinstance(m, Bottleneck)]
@@ -121,9 +121,8 @@ def test_compact_stem_runs_on_28x28(mixer: str) -> None:
 
 def test_grad_checkpointing_gives_the_same_gradients() -> None:
     torch.manual_seed(0)
-    model = RedNet(
-        (1, 1), stage_widths=(16, 32), stem_width=32, num_classes=3, zero_init_last=False
-    )
+    arch = RedNetArch((1, 1), stage_widths=(16, 32), stem_width=32)
+    model = RedNet(arch, num_classes=3, zero_init_last=False)
     x = torch.randn(2, 3, 32, 32)
     grads = []
     for enable in (False, True):
@@ -185,14 +184,14 @@ def test_pretrained_file_loads_through_timm(tmp_path: Path) -> None:
 )
 def test_invalid_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match), torch.device("meta"):
-        RedNet(**kwargs)
+        RedNet.from_kwargs(kwargs)
 
 
 def test_fused_flag_reaches_every_involution_and_keeps_outputs() -> None:
     torch.manual_seed(0)
-    kwargs = dict(stage_widths=(16, 32), stem_width=32, num_classes=3, zero_init_last=False)
-    plain = RedNet((1, 1), **kwargs).eval()
-    fused = RedNet((1, 1), fused=True, **kwargs).eval()
+    kwargs = dict(layers=(1, 1), stage_widths=(16, 32), stem_width=32, num_classes=3)
+    plain = RedNet.from_kwargs({**kwargs, "zero_init_last": False}).eval()
+    fused = RedNet.from_kwargs({**kwargs, "fused": True}).eval()
     fused.load_state_dict(plain.state_dict())
     assert all(m.fused for m in fused.modules() if isinstance(m, Involution2d))
     x = torch.randn(1, 3, 32, 32)
@@ -201,7 +200,8 @@ def test_fused_flag_reaches_every_involution_and_keeps_outputs() -> None:
 
 
 def test_forward_intermediates_match_the_feature_hooks() -> None:
-    model = RedNet((1, 1), stage_widths=(16, 32), stem_width=32, zero_init_last=False).eval()
+    arch = RedNetArch((1, 1), stage_widths=(16, 32), stem_width=32)
+    model = RedNet(arch, zero_init_last=False).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         final, intermediates = model.forward_intermediates(x)

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import involution  # noqa: F401  (registers the models with timm)
 from involution import Involution2d, involution2d
 from involution.cli import main
-from involution.models import RedNet
+from involution.models import RedNet, RedNetArch
 from involution.models.profile import PAPER_GMACS, format_profile, profile_model
 
 
@@ -113,7 +113,7 @@ def test_cli_profile_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_fused_involution_counts_like_the_unfused_one() -> None:
     def build(fused: bool):
-        return lambda: RedNet((1, 1), stage_widths=(16, 32), stem_width=32, fused=fused)
+        return lambda: RedNet(RedNetArch((1, 1), stage_widths=(16, 32), stem_width=32, fused=fused))
 
     unfused = profile_model(build(False), input_size=32)
     fused = profile_model(build(True), input_size=32)

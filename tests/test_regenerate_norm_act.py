@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from involution.models.rednet import RedNet
+from involution.models.rednet import RedNet, RedNetArch
 from involution.ops import Involution2d
 from involution.ops.modules import set_kernel_regeneration
 from involution.ops.regenerate_norm_act import (
@@ -273,7 +273,7 @@ def test_other_modules_and_modes_keep_the_modules(case: str, monkeypatch) -> Non
 
 def _rednet() -> RedNet:
     torch.manual_seed(0)
-    model = RedNet((1, 1), num_classes=5, stage_widths=(16, 32), stem_width=32)
+    model = RedNet(RedNetArch((1, 1), stage_widths=(16, 32), stem_width=32), num_classes=5)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             with torch.no_grad():

@@ -19,12 +19,19 @@ from involution.lazy import lazy_getattr
 if TYPE_CHECKING:  # for type checkers and the API reference; imported on first read below
     from involution.models.convert import load_checkpoint, rednet_from_checkpoint
     from involution.models.fold import fold_batchnorm
-    from involution.models.rednet import MODEL_DEPTHS, Bottleneck, RedNet, RedNetStem
+    from involution.models.rednet import (
+        MODEL_DEPTHS,
+        Bottleneck,
+        RedNet,
+        RedNetArch,
+        RedNetStem,
+    )
 
 __all__ = [
     "MODEL_DEPTHS",
     "Bottleneck",
     "RedNet",
+    "RedNetArch",
     "RedNetStem",
     "fold_batchnorm",
     "load_checkpoint",
@@ -36,7 +43,13 @@ __all__ = [
 __getattr__ = lazy_getattr(
     __name__,
     {
-        "involution.models.rednet": ("MODEL_DEPTHS", "Bottleneck", "RedNet", "RedNetStem"),
+        "involution.models.rednet": (
+            "MODEL_DEPTHS",
+            "Bottleneck",
+            "RedNet",
+            "RedNetArch",
+            "RedNetStem",
+        ),
         "involution.models.fold": ("fold_batchnorm",),
         "involution.models.convert": ("load_checkpoint", "rednet_from_checkpoint"),
     },

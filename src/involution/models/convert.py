@@ -111,7 +111,7 @@ def _not_a_rednet(state_dict: Mapping[str, Tensor], reason: str) -> CheckpointMi
     best: tuple[int, int, dict[str, Tensor]] | None = None
     for depth, layers in MODEL_DEPTHS.items():
         with torch.device("meta"):
-            expected = RedNet(layers=layers).state_dict()
+            expected = RedNet(layers).state_dict()
         shared = len(expected.keys() & state_dict.keys())
         if best is None or shared > best[0]:
             best = (shared, depth, expected)
@@ -237,7 +237,7 @@ def rednet_from_checkpoint(path: str | PathLike, **kwargs: Any) -> RedNet:
     """
     state_dict = read_rednet_state_dict(path)
     group_channels = kwargs.get("group_channels", 16)
-    model = RedNet(**{**infer_rednet_kwargs(state_dict, group_channels), **kwargs})
+    model = RedNet.from_kwargs({**infer_rednet_kwargs(state_dict, group_channels), **kwargs})
     check_state_dict(state_dict, model)
     model.load_state_dict(state_dict)
     return model
@@ -253,7 +253,7 @@ def convert_checkpoint(src: str | PathLike, dst: str | PathLike) -> dict[str, An
     state_dict = read_rednet_state_dict(src)
     kwargs = infer_rednet_kwargs(state_dict)
     with torch.device("meta"):
-        expected = RedNet(**kwargs).state_dict()
+        expected = RedNet.from_kwargs(kwargs).state_dict()
     check_state_dict(state_dict, expected)
     tensors = {key: value.contiguous() for key, value in state_dict.items()}
     save_file(tensors, Path(dst), metadata={CONVERTED_KEY: json.dumps(kwargs)})

@@ -79,7 +79,7 @@ def rednet_backbone(
         "global_pool": "",
         **kwargs,
     }
-    backbone = RedNet(num_classes=0, **arguments)
+    backbone = RedNet.from_kwargs({**arguments, "num_classes": 0})
     if weights is not None:
         load_backbone_weights(backbone, weights)
     return backbone

@@ -10,7 +10,8 @@ model, as timm's FX feature extractor does) cannot resolve postponed, string ann
 """
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any
 
@@ -32,7 +33,7 @@ from involution.ops.modules import Involution2d, relu_inplace
 from involution.ops.regenerate_norm_act import involution_norm_act
 from involution.serialization import load_tensor_file
 
-__all__ = ["MODEL_DEPTHS", "Bottleneck", "RedNet", "RedNetStem", "conv3x3"]
+__all__ = ["MODEL_DEPTHS", "Bottleneck", "RedNet", "RedNetArch", "RedNetStem", "conv3x3"]
 
 # timm's FX tracers (features_only with feature_cls="fx", its FX model tests) keep each
 # involution as one module call, so the traced model runs exactly the eager layer (including
@@ -127,6 +128,13 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
 def conv3x3(channels: int, stride: int = 1) -> nn.Conv2d:
     """The convolution twin's spatial layer: a bias-free 3x3 conv, ``channels`` in and out."""
     return nn.Conv2d(channels, channels, 3, stride=stride, padding=1, bias=False)
+
+
+def _involution(channels: int, exportable: bool, **kwargs: Any) -> Involution2d:
+    """An :class:`Involution2d` (``kwargs``: its arguments) with its ``exportable`` switch set."""
+    layer = Involution2d(channels, **kwargs)
+    layer.exportable = exportable
+    return layer
 
 
 class RedNetStem(nn.Module):
@@ -244,6 +252,78 @@ class Bottleneck(nn.Module):
         return self.act3(x)
 
 
+@dataclass(frozen=True)
+class RedNetArch:
+    """A RedNet's architecture: its stages, stem and spatial layers.
+
+    The fields are the flat keyword arguments that ``timm.create_model("rednet50", ...)``, the
+    det/seg backbones, the converted checkpoints' metadata and run configs use; they are checked
+    here, once. :meth:`split` takes them out of such a mapping.
+
+    Args:
+        layers: blocks per stage, e.g. ``(3, 4, 6, 3)`` for RedNet-50 (1 to 4 stages).
+        stage_widths: bottleneck widths per stage; stage outputs are 4x these.
+        stem_width: stem output channels (the stem involution has ``stem_width // 2``).
+        stem_type: "deep" (official: stride-2 conv and 3x3/2 max-pool, 4x downsampling) or
+            "compact" (stride-2 conv, no max-pool: 2x downsampling, for 28-32 px images).
+        stem_kernel_size: K of the stem involution (3 in the classifier, 7 in det/seg backbones).
+        mixer: "involution", or "conv" for the 3x3-convolution twin (a plain ResNet; the stem
+            keeps its involution).
+        kernel_size, group_channels, reduction_ratio: of the bottleneck involutions.
+        backend: involution backend, see :func:`involution.ops.involution2d`.
+        fused: fuse each involution's span conv into the aggregation (opt-in), see
+            :class:`involution.Involution2d`; same state dict.
+        exportable: involutions in standard operators only (``Involution2d.exportable``);
+            ``None`` follows timm's layer config (``timm.layers.set_layer_config(exportable=True)``)
+            when the model is built.
+    """
+
+    layers: tuple[int, ...]
+    stage_widths: tuple[int, ...] = (64, 128, 256, 512)
+    stem_width: int = 64
+    stem_type: str = "deep"
+    stem_kernel_size: int = 3
+    mixer: str = "involution"
+    kernel_size: int = 7
+    group_channels: int = 16
+    reduction_ratio: int = 4
+    backend: str = "auto"
+    fused: bool = False
+    exportable: bool | None = None
+
+    def __post_init__(self) -> None:
+        layers, widths = tuple(self.layers), tuple(self.stage_widths)
+        if not layers or not all(_is_int(n, 1) for n in layers + widths):
+            raise ValueError(
+                "layers and stage_widths must be non-empty sequences of positive ints, "
+                f"got {layers} and {widths}"
+            )
+        if len(layers) > MAX_STAGES:
+            raise ValueError(f"RedNet has 1 to {MAX_STAGES} stages, got layers={layers}")
+        if len(layers) != len(widths):
+            raise ValueError(f"layers has {len(layers)} stages but stage_widths has {len(widths)}")
+        if self.stem_type not in STEM_TYPES:
+            raise ValueError(f"stem_type must be one of {STEM_TYPES}, got {self.stem_type!r}")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
+        if not _is_int(self.stem_width, 2) or self.stem_width % 2:
+            raise ValueError(f"stem_width must be an even int >= 2, got {self.stem_width}")
+        # Lists from YAML/JSON configs: tuples, so that the frozen architecture hashes.
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "stage_widths", widths)
+
+    @classmethod
+    def split(cls, kwargs: Mapping[str, Any]) -> tuple["RedNetArch", dict[str, Any]]:
+        """(the architecture, the other arguments) of flat keyword arguments, ``layers``
+        required: e.g. ``dict(layers=(3, 4, 6, 3), stem_width=32, num_classes=10)`` ->
+        ``(RedNetArch((3, 4, 6, 3), stem_width=32), dict(num_classes=10))``."""
+        if "layers" not in kwargs:
+            raise ValueError(f"RedNet needs layers (blocks per stage), got {sorted(kwargs)}")
+        names = {field.name for field in fields(cls)}
+        arch = cls(**{key: value for key, value in kwargs.items() if key in names})
+        return arch, {key: value for key, value in kwargs.items() if key not in names}
+
+
 class RedNet(nn.Module):
     """RedNet classifier / backbone with timm's model interface.
 
@@ -251,27 +331,17 @@ class RedNet(nn.Module):
     (:class:`RedNetStem`), ``maxpool``, ``layer1`` .. ``layer4``, ``global_pool``, ``fc``.
 
     Args:
-        layers: blocks per stage, e.g. ``(3, 4, 6, 3)`` for RedNet-50.
+        arch: the architecture (:class:`RedNetArch`), or just its ``layers``, blocks per stage
+            (e.g. ``MODEL_DEPTHS[50]``), with the other fields at their defaults.
+            ``timm.create_model`` and :meth:`from_kwargs` take its fields as flat keyword
+            arguments.
         num_classes: classifier outputs; 0 gives a backbone whose ``fc`` is the identity.
         in_chans: input image channels.
-        stage_widths: bottleneck widths per stage; stage outputs are 4x these.
-        stem_width: stem output channels (the stem involution has ``stem_width // 2``).
-        stem_type: "deep" (official: stride-2 conv and 3x3/2 max-pool, 4x downsampling) or
-            "compact" (stride-2 conv, no max-pool: 2x downsampling, for 28-32 px images).
-        stem_kernel_size: K of the stem involution (3 in the classifier, 7 in det/seg backbones).
-        mixer: "involution", or "conv" for the 3x3-convolution twin (a plain ResNet).
-        kernel_size, group_channels, reduction_ratio: of the bottleneck involutions.
         drop_rate: dropout before the classifier.
         global_pool: timm pooling type ("avg", "max", "avgmax", "" for none, ...).
         norm_layer, act_layer: normalisation and activation factories (BatchNorm2d, in-place
             ReLU).
         zero_init_last: zero-initialise each block's last BN.
-        backend: involution backend, see :func:`involution.ops.involution2d`.
-        fused: fuse each involution's span conv into the aggregation (opt-in), see
-            :class:`involution.Involution2d`; same state dict.
-        exportable: involutions in standard operators only (see
-            :class:`involution.Involution2d`); ``None`` follows timm's layer config
-            (``timm.layers.set_layer_config(exportable=True)``).
 
     Works with ``torch.jit.script``, ``torch.fx`` symbolic tracing (timm's and torchvision's
     feature extraction), ``torch.compile``, ``torch.export`` and ``torch.onnx.export``.
@@ -281,80 +351,53 @@ class RedNet(nn.Module):
         (B, 4 * stage_widths[-1], H / 32, W / 32) with the deep stem (H / 16 compact).
     """
 
-    # timm.create_model passes a variant's hyper-parameters as keyword arguments: they are the
-    # constructor's public signature, as in timm's ResNet.
-    def __init__(  # noqa: PLR0913
+    def __init__(
         self,
-        layers: Sequence[int],
+        arch: RedNetArch | Sequence[int],
         num_classes: int = 1000,
         in_chans: int = 3,
-        stage_widths: Sequence[int] = (64, 128, 256, 512),
-        stem_width: int = 64,
-        stem_type: str = "deep",
-        stem_kernel_size: int = 3,
-        mixer: str = "involution",
-        kernel_size: int = 7,
-        group_channels: int = 16,
-        reduction_ratio: int = 4,
         drop_rate: float = 0.0,
         global_pool: str = "avg",
         norm_layer: NormFactory = nn.BatchNorm2d,
         act_layer: ActFactory = relu_inplace,
         zero_init_last: bool = True,
-        backend: str = "auto",
-        fused: bool = False,
-        exportable: bool | None = None,
     ) -> None:
         super().__init__()
-        layers = tuple(layers)
-        stage_widths = tuple(stage_widths)
-        if not layers or not all(_is_int(n, 1) for n in layers + stage_widths):
-            raise ValueError(
-                "layers and stage_widths must be non-empty sequences of positive ints, "
-                f"got {layers} and {stage_widths}"
-            )
-        if len(layers) > MAX_STAGES:
-            raise ValueError(f"RedNet has 1 to {MAX_STAGES} stages, got layers={layers}")
-        if len(layers) != len(stage_widths):
-            raise ValueError(
-                f"layers has {len(layers)} stages but stage_widths has {len(stage_widths)}"
-            )
-        if stem_type not in STEM_TYPES:
-            raise ValueError(f"stem_type must be one of {STEM_TYPES}, got {stem_type!r}")
-        if mixer not in MIXERS:
-            raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
+        if not isinstance(arch, RedNetArch):
+            arch = RedNetArch(tuple(arch))
         if not _is_int(num_classes, 0):
             raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
-        if not _is_int(stem_width, 2) or stem_width % 2:
-            raise ValueError(f"stem_width must be an even int >= 2, got {stem_width}")
 
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        deep = stem_type == "deep"
+        deep = arch.stem_type == "deep"
         # The layer factories, built once: the stem keeps an involution in the conv twin too.
         involution = partial(
-            Involution2d,
-            group_channels=group_channels,
-            reduction_ratio=reduction_ratio,
+            _involution,
+            exportable=is_exportable() if arch.exportable is None else arch.exportable,
+            group_channels=arch.group_channels,
+            reduction_ratio=arch.reduction_ratio,
             norm_layer=norm_layer,
             act_layer=act_layer,
-            backend=backend,
-            fused=fused,
-            exportable=is_exportable() if exportable is None else exportable,
+            backend=arch.backend,
+            fused=arch.fused,
         )
         mixer_layer = (
-            partial(involution, kernel_size=kernel_size) if mixer == "involution" else conv3x3
+            partial(involution, kernel_size=arch.kernel_size)
+            if arch.mixer == "involution"
+            else conv3x3
         )
         block = partial(
             Bottleneck, mixer_layer=mixer_layer, norm_layer=norm_layer, act_layer=act_layer
         )
+        stem_width = arch.stem_width
         self.stem = RedNetStem(
             in_chans,
             stem_width,
-            partial(involution, kernel_size=stem_kernel_size),
+            partial(involution, kernel_size=arch.stem_kernel_size),
             norm_layer=norm_layer,
             act_layer=act_layer,
         )
@@ -366,7 +409,7 @@ class RedNet(nn.Module):
         reduction *= 2 if deep else 1
 
         in_chs = stem_width
-        for index, (depth, width) in enumerate(zip(layers, stage_widths, strict=True)):
+        for index, (depth, width) in enumerate(zip(arch.layers, arch.stage_widths, strict=True)):
             stride = 1 if index == 0 else 2
             reduction *= stride
             blocks = []
@@ -376,11 +419,18 @@ class RedNet(nn.Module):
             name = f"layer{index + 1}"
             self.add_module(name, nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=name))
-        self.stage_names = [f"layer{i + 1}" for i in range(len(layers))]
+        self.stage_names = [f"layer{i + 1}" for i in range(len(arch.layers))]
 
         self.num_features = self.head_hidden_size = in_chs
         self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
         self.init_weights(zero_init_last=zero_init_last)
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> "RedNet":
+        """A RedNet from flat keyword arguments: :class:`RedNetArch`'s fields (``layers``
+        required) and this class's other arguments."""
+        arch, rest = RedNetArch.split(kwargs)
+        return cls(arch, **rest)
 
     def init_weights(self, zero_init_last: bool = True) -> None:
         """Kaiming-normal (fan_out) convs with zero bias, BN weight 1 / bias 0."""
@@ -517,10 +567,10 @@ def _create_rednet(variant: str, pretrained: bool = False, **kwargs: Any) -> Red
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     if pretrained and overlay.get("file"):
         load_tensor_file(overlay["file"])
+    arch, kwargs = RedNetArch.split(kwargs)
     # features_only: the stem and every stage by default (timm's default, 0..4, assumes four).
-    stages = len(kwargs.get("layers", ()))
     feature_cfg = {
-        "out_indices": tuple(range(stages + 1)),
+        "out_indices": tuple(range(len(arch.layers) + 1)),
         **(kwargs.pop("feature_cfg", None) or {}),
     }
     return build_model_with_cfg(
@@ -529,6 +579,7 @@ def _create_rednet(variant: str, pretrained: bool = False, **kwargs: Any) -> Red
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=feature_cfg,
+        arch=arch,
         **kwargs,
     )
 

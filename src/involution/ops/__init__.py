@@ -28,7 +28,7 @@ import importlib.util
 from involution.ops import flops  # noqa: F401  (registers the ops' flop formulas)
 from involution.ops.backends import BACKENDS
 from involution.ops.functional import involution2d, involution2d_fused, involution2d_layer
-from involution.ops.modules import Involution2d, Involution2dAffine
+from involution.ops.modules import Involution2d, Involution2dAffine, set_kernel_regeneration
 from involution.ops.modules_nd import Involution1d, Involution3d
 from involution.ops.nd import involution1d, involution3d
 
@@ -48,4 +48,5 @@ __all__ = [
     "involution2d_fused",
     "involution2d_layer",
     "involution3d",
+    "set_kernel_regeneration",
 ]

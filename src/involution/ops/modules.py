@@ -125,16 +125,19 @@ class Involution2d(KernelBranchLayer):
             stored. Opt-in: on an H100 it lowered RedNet-50's peak training memory (6.5 vs
             7.5 GiB at batch 128) but ran slower (inference 2,688 vs 5,002 images/s). The state
             dict is the same either way.
-        fuse_inference: in eval mode with gradients disabled, on the ``"cpu"`` backend (CPU,
-            float32/float64), with a BatchNorm2d (or an identity) as ``norm`` and ReLU as
-            ``act``, compute the whole layer in one op (:meth:`forward_layer`): the kernel
-            tensor is never stored, and the output is the same within float rounding. Also an
-            attribute, to switch it off on a built model (e.g. to time both paths).
-        exportable: aggregate with standard PyTorch operators only
-            (:func:`involution.ops.lowering.involution2d_lowered`), for tracers and exporters
-            that cannot run the custom op (``torch.jit.trace``, ``torch.export`` for other
-            runtimes); slower. timm's ``set_layer_config(exportable=True)`` sets it in RedNet.
-            ``torch.onnx.export`` lowers the op without it.
+
+    Switches (class attributes, set on an instance to change one layer):
+
+    - ``fuse_inference`` (``True``): in eval mode with gradients disabled, on the ``"cpu"``
+      backend (CPU, float32/float64), with a BatchNorm2d (or an identity) as ``norm`` and ReLU
+      as ``act``, compute the whole layer in one op (:meth:`forward_layer`): the kernel tensor
+      is never stored, and the output is the same within float rounding. ``False`` e.g. to time
+      both paths.
+    - ``exportable`` (``False``): aggregate with standard PyTorch operators only
+      (:func:`involution.ops.lowering.involution2d_lowered`), for tracers and exporters that
+      cannot run the custom op (``torch.jit.trace``, ``torch.export`` for other runtimes);
+      slower. timm's ``set_layer_config(exportable=True)`` sets it in RedNet.
+      ``torch.onnx.export`` lowers the op without it.
 
     Training (``regenerate_kernels``, a class attribute, ``True``): with gradients enabled in
     training mode the layer keeps only its input (and the kernel branch's BatchNorm batch
@@ -165,15 +168,21 @@ class Involution2d(KernelBranchLayer):
         input (B, C, H, W) -> output (B, C, ceil(H / stride), ceil(W / stride)).
     """
 
-    #: Regenerate the kernels in backward when training (see above). A class attribute, not a
-    #: constructor argument, so modules pickled before it existed have it too.
-    regenerate_kernels: bool = True
+    # The switches below are class attributes, not constructor arguments, so modules pickled
+    # before they existed have them too. Unannotated: TorchScript would read a (postponed,
+    # string) class annotation for an instance that sets one, and cannot resolve it.
+    #: Regenerate the kernels in backward when training (see above).
+    regenerate_kernels = True
     #: Fuse a following BatchNorm2d + ReLU into the regenerating training op (see above).
-    fuse_norm_act: bool = True
+    fuse_norm_act = True
+    #: The fused CPU inference op (see above).
+    fuse_inference = True
+    #: Standard operators only (see above).
+    exportable = False
 
-    # The layer's hyper-parameters are its public keyword arguments, as nn.Conv2d's are (timm's
-    # layer config and the official checkpoints' builders pass them by name).
-    def __init__(  # noqa: PLR0913
+    # The layer's hyper-parameters are its public keyword arguments, as nn.Conv2d's are (the
+    # official checkpoints' builders pass them by name).
+    def __init__(
         self,
         channels: int,
         kernel_size: int = 7,
@@ -185,8 +194,6 @@ class Involution2d(KernelBranchLayer):
         act_layer: Callable[[], nn.Module] = relu_inplace,
         backend: str = "auto",
         fused: bool = False,
-        fuse_inference: bool = True,
-        exportable: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -208,8 +215,6 @@ class Involution2d(KernelBranchLayer):
         args = (channels, kernel_size, stride, dilation, group_channels, reduction_ratio)
         self._init_kernel_branch(*args, layers, backend)
         self.fused = fused
-        self.fuse_inference = fuse_inference
-        self.exportable = exportable
         # (key, run) of the fused inference op prepared for the last call (see forward_layer).
         self._prepared_layer: tuple[tuple, LayerRun] | None = None
 
@@ -390,19 +395,20 @@ class Involution2d(KernelBranchLayer):
         return state
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.exportable and not torch.jit.is_scripting():
-            padding = self.dilation * (self.kernel_size - 1) // 2
-            return involution2d_lowered(
-                x,
-                self.generate_kernels(x),
-                (self.stride, self.stride),
-                (padding, padding),
-                (self.dilation, self.dilation),
-            )
-        # The fused inference op depends on run-time state (grad mode, dtype, device) that
-        # TorchScript and FX tracing cannot capture: they record the layer below. Two ifs:
-        # TorchScript skips a block only on a bare is_scripting() test.
-        if not torch.jit.is_scripting():  # noqa: SIM102
+        # TorchScript compiles only the kernel branch and the op (the last line): it skips a
+        # block only on a bare is_scripting() test, and it sees no class attributes (the
+        # switches). The fused inference op depends on run-time state (grad mode, dtype,
+        # device) that TorchScript and FX tracing cannot capture: they record the layer below.
+        if not torch.jit.is_scripting():
+            if self.exportable:
+                padding = self.dilation * (self.kernel_size - 1) // 2
+                return involution2d_lowered(
+                    x,
+                    self.generate_kernels(x),
+                    (self.stride, self.stride),
+                    (padding, padding),
+                    (self.dilation, self.dilation),
+                )
             if not isinstance(x, torch.fx.Proxy):
                 backend = self.layer_inference_backend(x)
                 if backend is not None:
