@@ -13,12 +13,13 @@ Only types here (backends import them): no checks, no backends.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 from torch import Tensor
 
-from involution.ops.layout import IntOrPair, Pair
+from involution.ops.layout import IntOrPair, Pair, pair
 
 __all__ = ["Involution2dLayerSpec", "LayerArguments", "LayerRun"]
 
@@ -104,3 +105,17 @@ class Involution2dLayerSpec:
     out_shift: Tensor | None
     proj_weight: Tensor | None
     proj_bias: Tensor | None
+
+    def op_arguments(self) -> dict[str, Any]:
+        """The fields by name: the custom op ``involution::involution2d_layer`` takes them as
+        its arguments (with ``input`` and ``residual``)."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+    @classmethod
+    def from_op_arguments(cls, arguments: Mapping[str, Any]) -> Involution2dLayerSpec:
+        """The spec the custom op's ``arguments`` (by name; others ignored) carry, its geometry
+        back in pairs (the schema's lists arrive as lists)."""
+        values = {field.name: arguments[field.name] for field in fields(cls)}
+        for name in ("kernel_size", "stride", "padding", "dilation"):
+            values[name] = pair(values[name])
+        return cls(**values)

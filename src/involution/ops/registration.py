@@ -411,26 +411,7 @@ def run_layer(spec: Involution2dLayerSpec, input: Tensor, residual: Tensor | Non
     # the input alone decides.
     if use_eager_path(input, input):
         return prepare_layer(spec)(input, residual)
-    return involution2d_layer_op(
-        input,
-        spec.reduce_weight,
-        spec.reduce_bias,
-        spec.span_weight,
-        spec.span_bias,
-        spec.kernel_size,
-        spec.stride,
-        spec.padding,
-        spec.dilation,
-        spec.groups,
-        spec.out_scale,
-        spec.out_shift,
-        spec.out_relu,
-        spec.proj_weight,
-        spec.proj_bias,
-        residual,
-        spec.proj_relu,
-        spec.backend,
-    )
+    return involution2d_layer_op(input=input, residual=residual, **spec.op_arguments())
 
 
 # The op's schema is its signature, one argument per field of the flattened spec.
@@ -457,24 +438,7 @@ def involution2d_layer_op(  # noqa: PLR0913
 ) -> Tensor:
     """The whole Involution2d layer for inference as a custom op: the flattened
     :class:`~involution.ops.layer.Involution2dLayerSpec`, gathered again and run once."""
-    spec = Involution2dLayerSpec(
-        kernel_size=pair(kernel_size),
-        stride=pair(stride),
-        padding=pair(padding),
-        dilation=pair(dilation),
-        groups=groups,
-        backend=backend,
-        out_relu=out_relu,
-        proj_relu=proj_relu,
-        reduce_weight=reduce_weight,
-        reduce_bias=reduce_bias,
-        span_weight=span_weight,
-        span_bias=span_bias,
-        out_scale=out_scale,
-        out_shift=out_shift,
-        proj_weight=proj_weight,
-        proj_bias=proj_bias,
-    )
+    spec = Involution2dLayerSpec.from_op_arguments(locals())  # the arguments by name
     return prepare_layer(spec)(input, residual)
 
 
