@@ -359,7 +359,7 @@ FLOAT32 = ("ga_ptr", "gsw_ptr", "gsb_ptr")
 # Tuple arguments: the (stride, padding, dilation) pairs, the 3-D kernels' (D, H, W) sizes and
 # a feature map's (b, c, h, w) strides.
 TUPLES = {"geometry": (("i32", "i32"),) * 3, "size": ("i32",) * 3, "out_size": ("i32",) * 3}
-FEATURE_STRIDES = ("sx", "so", "sg", "si", "sr", "sa")
+FEATURE_STRIDES = ("sx", "so", "sg", "si", "sr", "sa", "ss", "sd")
 
 
 def arg_type(arg):
@@ -373,15 +373,15 @@ def arg_type(arg):
 
 
 for kernel, extra in (
-    (kernels.forward_kernel, {"ACC_DTYPE": tl.float32}),
-    (kernels.backward_input_kernel, {"ACC_DTYPE": tl.float32}),
+    (kernels.aggregate_kernel, {"ACC_DTYPE": tl.float32, "ADJOINT": False}),
+    (kernels.aggregate_kernel, {"ACC_DTYPE": tl.float32, "ADJOINT": True}),
     (kernels.backward_weight_kernel, {"ACC_DTYPE": tl.float32}),
     (fused.fused_forward_kernel, FUSED),
     (regeneration.span_gradients_kernel, {**SPAN, "PARTIALS": False}),
     (regeneration.span_gradients_kernel, {**SPAN, "PARTIALS": True}),
     (regeneration.input_gradient_kernel, {"CG_PAD": 16, "ACC_DTYPE": tl.float32, "HAS_BIAS": True}),
-    (nd._forward_kernel, ND),
-    (nd._backward_input_kernel, ND),
+    (nd._aggregate_kernel, {**ND, "ADJOINT": False}),
+    (nd._aggregate_kernel, {**ND, "ADJOINT": True}),
     (nd._backward_weight_kernel, ND),
 ):
     # The 2-D kernels are autotuned (compiled in their first tiling), the 3-D ones launch with
