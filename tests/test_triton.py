@@ -336,6 +336,21 @@ def test_bench_op_bandwidth_column():
     assert "bandwidth" not in format_op_table(results)
 
 
+def test_every_tiling_has_a_value_per_name_then_warps_and_stages():
+    # On a CPU only the interpreted rows are built: a malformed GPU row would fail on a GPU only.
+    from involution.ops.backends.triton import launch
+
+    tilings = json.loads(launch.TILINGS_PATH.read_text())
+    families = {name: entry for name, entry in tilings.items() if isinstance(entry, dict)}
+    assert set(families) == {"gather", "gather_fused", "regeneration", "tiled", "tiled_fused"}
+    for name, entry in families.items():
+        for mode in ("interpreted", "fixed", "tuned"):
+            assert entry[mode], (name, mode)
+            for row in entry[mode]:
+                assert len(row) == len(entry["names"]) + 2, (name, mode, row)
+                assert all(isinstance(value, int) and value > 0 for value in row), (name, row)
+
+
 # Compiles the gather, fused, regenerating and 3-D kernels for sm_90 (PTX, then cubin with
 # Triton's bundled ptxas; the tiled ones: test_triton_candidates.py); needs no GPU. Run in a
 # fresh process: with TRITON_INTERPRET=1 (this process) Triton's code generator dispatches to

@@ -23,22 +23,8 @@ import triton.language as tl
 from involution.ops.backends.triton.launch import autotune_configs
 from involution.ops.backends.triton.taps import source, spatial_offsets, tap
 
-#: Autotune search space on a GPU: (block of pixels, block of channels, warps, stages).
-CONFIGS = autotune_configs(
-    ("BLOCK_P", "BLOCK_C"),
-    interpreted=[(32, 4, 1, 3)],
-    fixed=[(64, 16, 4, 3)],
-    tuned=[
-        (32, 16, 2, 3),
-        (64, 8, 4, 3),
-        (64, 16, 4, 3),
-        (128, 8, 4, 3),
-        (128, 16, 8, 3),
-        (256, 4, 4, 3),
-        (256, 8, 8, 3),
-        (32, 32, 4, 3),
-    ],
-)
+#: Autotune search space: (block of pixels, block of channels) tilings.
+CONFIGS = autotune_configs("gather")
 
 #: Autotune key: the shape and convolution parameters that change the best tiling.
 KEY = ["C", "CG", "H", "W", "OH", "OW", "geometry", "KH", "KW"]

@@ -42,42 +42,15 @@ import triton.language as tl
 from involution.ops.backends.triton.launch import autotune_configs
 from involution.ops.backends.triton.taps import source, spatial_offsets, tap
 
-_TILE = ("TILE_H", "TILE_W", "BLOCK_C")
-
 #: Aggregation tilings (TILE_H, TILE_W, BLOCK_C, warps, stages): 8-32 elements per thread,
 #: 64-256 B channel vectors in bf16; compiled for sm_90 with channels_last strides each uses
 #: 85-126 registers without spills (ptxas -v, Triton 3.8). The kernels loop over the taps at
 #: run time: unrolling the 7 columns let the compiler hoist 7 tiles of loads and spill. The
 #: interpreter gets one small tile that still exercises several tiles per image, partial
 #: tiles, several groups per program and groups split across programs in the test shapes.
-CONFIGS = autotune_configs(
-    _TILE,
-    interpreted=[(4, 4, 8, 1, 2)],
-    fixed=[(8, 8, 64, 4, 2)],
-    tuned=[
-        (8, 8, 64, 4, 2),
-        (8, 8, 64, 8, 2),
-        (4, 16, 64, 4, 2),
-        (4, 8, 64, 4, 2),
-        (2, 32, 64, 8, 2),
-        (8, 8, 128, 8, 2),
-        (4, 8, 128, 4, 2),
-        (8, 16, 32, 4, 2),
-    ],
-)
+CONFIGS = autotune_configs("tiled")
 #: The fused kernel's tilings, pruned per call to those that hold whole groups.
-FUSED_CONFIGS = autotune_configs(
-    _TILE,
-    interpreted=[(4, 4, 16, 1, 2)],
-    fixed=[(8, 8, 64, 4, 2)],
-    tuned=[
-        (8, 8, 64, 4, 2),
-        (4, 8, 128, 4, 2),
-        (4, 8, 256, 8, 2),
-        (8, 8, 128, 8, 3),
-        (8, 16, 64, 8, 2),
-    ],
-)
+FUSED_CONFIGS = autotune_configs("tiled_fused")
 
 #: Autotune key: the shape and convolution parameters that change the best tiling. The
 #: strides of the kernels and (added per kernel) of a feature map tell the memory layouts apart
