@@ -336,6 +336,21 @@ def test_bench_op_bandwidth_column():
     assert "bandwidth" not in format_op_table(results)
 
 
+def test_every_tiling_has_a_value_per_name_then_warps_and_stages():
+    # On a CPU only the interpreted rows are built: a malformed GPU row would fail on a GPU only.
+    from involution.ops.backends.triton import launch
+
+    tilings = json.loads(launch.TILINGS_PATH.read_text())
+    families = {name: entry for name, entry in tilings.items() if isinstance(entry, dict)}
+    assert set(families) == {"gather", "gather_fused", "regeneration", "tiled", "tiled_fused"}
+    for name, entry in families.items():
+        for mode in ("interpreted", "fixed", "tuned"):
+            assert entry[mode], (name, mode)
+            for row in entry[mode]:
+                assert len(row) == len(entry["names"]) + 2, (name, mode, row)
+                assert all(isinstance(value, int) and value > 0 for value in row), (name, row)
+
+
 # Compiles the gather, fused, regenerating and 3-D kernels for sm_90 (PTX, then cubin with
 # Triton's bundled ptxas; the tiled ones: test_triton_candidates.py); needs no GPU. Run in a
 # fresh process: with TRITON_INTERPRET=1 (this process) Triton's code generator dispatches to
@@ -359,7 +374,7 @@ FLOAT32 = ("ga_ptr", "gsw_ptr", "gsb_ptr")
 # Tuple arguments: the (stride, padding, dilation) pairs, the 3-D kernels' (D, H, W) sizes and
 # a feature map's (b, c, h, w) strides.
 TUPLES = {"geometry": (("i32", "i32"),) * 3, "size": ("i32",) * 3, "out_size": ("i32",) * 3}
-FEATURE_STRIDES = ("sx", "so", "sg", "si", "sr", "sa")
+FEATURE_STRIDES = ("sx", "so", "sg", "si", "sr", "sa", "ss", "sd")
 
 
 def arg_type(arg):
@@ -373,15 +388,15 @@ def arg_type(arg):
 
 
 for kernel, extra in (
-    (kernels.forward_kernel, {"ACC_DTYPE": tl.float32}),
-    (kernels.backward_input_kernel, {"ACC_DTYPE": tl.float32}),
+    (kernels.aggregate_kernel, {"ACC_DTYPE": tl.float32, "ADJOINT": False}),
+    (kernels.aggregate_kernel, {"ACC_DTYPE": tl.float32, "ADJOINT": True}),
     (kernels.backward_weight_kernel, {"ACC_DTYPE": tl.float32}),
     (fused.fused_forward_kernel, FUSED),
     (regeneration.span_gradients_kernel, {**SPAN, "PARTIALS": False}),
     (regeneration.span_gradients_kernel, {**SPAN, "PARTIALS": True}),
     (regeneration.input_gradient_kernel, {"CG_PAD": 16, "ACC_DTYPE": tl.float32, "HAS_BIAS": True}),
-    (nd._forward_kernel, ND),
-    (nd._backward_input_kernel, ND),
+    (nd._aggregate_kernel, {**ND, "ADJOINT": False}),
+    (nd._aggregate_kernel, {**ND, "ADJOINT": True}),
     (nd._backward_weight_kernel, ND),
 ):
     # The 2-D kernels are autotuned (compiled in their first tiling), the 3-D ones launch with

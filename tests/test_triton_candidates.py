@@ -310,20 +310,21 @@ from involution.ops.backends.triton import tiled_kernels
 # Strides equal to 1 on channels_last features and pixel-major kernels (Triton specialises
 # them): (tuple argument, index) - the channel stride of a (B, C, H, W) feature map's (b, c, h,
 # w) strides, the kw or w stride of the kernels' (b, g, kh, kw, h, w) strides.
-UNIT = {
-    "forward_kernel": (("sx", 1), ("so", 1), ("sw", 3)),
-    "backward_input_kernel": (("sg", 1), ("si", 1), ("sw", 3)),
-    "backward_weight_kernel": (("sg", 1), ("sx", 1), ("sw", 5)),
-    "fused_forward_kernel": (("sx", 1), ("so", 1), ("sr", 1)),
-}
-FEATURE_STRIDES = ("sx", "so", "sg", "si", "sr")
+AGGREGATE = (("ss", 1), ("sd", 1), ("sw", 3))
 FUSED = {"R_PAD": 128, "HAS_BIAS": True, "IEEE_DOT": False, "DOT_IN_FP32": False}
+ACC = {"ACC_DTYPE": tl.float32}
+KERNELS = (  # (kernel, its constexprs, its unit strides)
+    ("aggregate_kernel", {**ACC, "ADJOINT": False}, AGGREGATE),
+    ("aggregate_kernel", {**ACC, "ADJOINT": True}, AGGREGATE),
+    ("backward_weight_kernel", ACC, (("sg", 1), ("sx", 1), ("sw", 5))),
+    ("fused_forward_kernel", FUSED, (("sx", 1), ("so", 1), ("sr", 1))),
+)
+FEATURE_STRIDES = ("sx", "so", "sg", "sr", "ss", "sd")
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-for name, units in UNIT.items():
+for name, extra, units in KERNELS:
     kernel = getattr(tiled_kernels, name)
     function, config = kernel.fn, kernel.configs[0]
     names = function.arg_names
-    extra = FUSED if name.startswith("fused") else {"ACC_DTYPE": tl.float32}
     constexprs = {"KH": 7, "KW": 7, "CGP": 16, **extra, **config.kwargs}
     unit_paths = {(names.index(arg), i): 1 for arg, i in units}
 

@@ -226,28 +226,19 @@ def fused_forward(
 
 
 def fused_backward(
-    grad_output: Tensor,
-    input: Tensor,
-    reduced: Tensor,
-    span_weight: Tensor,
-    span_bias: Tensor | None,
-    kernel_size: Pair,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    needs: tuple[bool, bool, bool],
+    grad_output: Tensor, *args: Tensor | Pair | tuple[bool, bool, bool] | None
 ) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor | None]:
     """Gradients of :func:`fused_forward` without the kernel tensor or its gradient in memory.
 
     (grad_input (B, C, H, W), grad_reduced (B, R, H_out, W_out), grad_span_weight
-    (G*Kh*Kw, R), grad_span_bias (G*Kh*Kw,)) from ``grad_output`` (B, C, H_out, W_out) and
-    :func:`fused_forward`'s arguments; ``needs`` flags (input, span weight, span bias), a false
-    one (or an absent bias) giving ``None``. One implementation for every variant:
-    :mod:`~.regeneration` (imported on the first call).
+    (G*Kh*Kw, R), grad_span_bias (G*Kh*Kw,)) from ``grad_output`` (B, C, H_out, W_out), then
+    ``args``: :func:`fused_forward`'s arguments (input, reduced, span_weight, span_bias,
+    kernel_size, stride, padding, dilation; no variant) and ``needs``, flags (input, span
+    weight, span bias), a false one (or an absent bias) giving ``None``. One implementation for
+    every variant: :mod:`~.regeneration` (imported on the first call).
     """
-    problem = FusedProblem(
-        input, reduced, span_weight, span_bias, kernel_size, (stride, padding, dilation)
-    )
+    input, reduced, span_weight, span_bias, kernel_size, *geometry, needs = args
+    problem = FusedProblem(input, reduced, span_weight, span_bias, kernel_size, tuple(geometry))
     module = importlib.import_module("involution.ops.backends.triton.regeneration")
     return module.fused_backward(grad_output, problem, needs)
 

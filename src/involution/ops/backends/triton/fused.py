@@ -18,20 +18,8 @@ from involution.ops.backends.triton.kernels import pixel_block
 from involution.ops.backends.triton.launch import autotune_configs
 from involution.ops.backends.triton.taps import spatial_offsets, tap
 
-#: (block of pixels, block of the reduced width, warps, stages).
-CONFIGS = autotune_configs(
-    ("BLOCK_P", "BLOCK_R"),
-    interpreted=[(16, 16, 1, 3)],
-    fixed=[(64, 32, 4, 2)],
-    tuned=[
-        (32, 32, 4, 2),
-        (64, 32, 4, 2),
-        (64, 64, 4, 3),
-        (128, 32, 8, 2),
-        (32, 64, 2, 3),
-        (128, 16, 4, 2),
-    ],
-)
+#: Autotune search space: (block of pixels, block of the reduced width) tilings.
+CONFIGS = autotune_configs("gather_fused")
 
 
 @triton.jit

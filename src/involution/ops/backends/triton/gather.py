@@ -18,11 +18,11 @@ from involution.ops.backends.triton import fused, kernels, launch
 from involution.ops.backends.triton.launch import FusedProblem, Geometry, Sizes
 from involution.ops.layout import Pair, memory_format_of
 
-#: The kernel of each aggregation pass.
+#: The kernel of each aggregation pass, and the constexprs that choose the pass.
 KERNELS = {
-    "forward": kernels.forward_kernel,
-    "backward_input": kernels.backward_input_kernel,
-    "backward_weight": kernels.backward_weight_kernel,
+    "forward": (kernels.aggregate_kernel, {"ADJOINT": False}),
+    "backward_input": (kernels.aggregate_kernel, {"ADJOINT": True}),
+    "backward_weight": (kernels.backward_weight_kernel, {}),
 }
 
 
@@ -44,13 +44,15 @@ def _aggregate(
     """Run the kernel of aggregation pass ``pass_name``; returns the tensor it wrote."""
     job = launch.Aggregation.of(pass_name, input, weight, grad_output)
     sizes, (rows, columns) = job.sizes, job.pixels
+    kernel, constexprs = KERNELS[pass_name]
     return job.launch(
-        KERNELS[pass_name],
+        kernel,
         lambda meta: _programs(sizes, rows * columns, job.split_channels, meta),
         (sizes.channels, sizes.groups, sizes.group_channels, *sizes.spatial),
         # The features' strides: the kernel tensor is contiguous, indexed without them.
         tuple(tensor for tensor in job.pointers if tensor.dim() == 4),
         geometry,
+        **constexprs,
     )
 
 

@@ -11,7 +11,8 @@ Every program owns a disjoint block of the tensor it writes and accumulates in r
 (float32, or float64 for float64 tensors), so there are no atomics and results are bitwise
 reproducible. Programs are laid out on a 1-D grid with the pixel block varying fastest, so
 neighbouring programs share their input halo in L2, and no grid dimension can overflow.
-The launchers are in :mod:`~.gather`.
+The forward and the gradient of the input are one kernel, :func:`aggregate_kernel`, the latter
+its adjoint gather. The launchers are in :mod:`~.gather`.
 """
 
 from __future__ import annotations
@@ -20,24 +21,10 @@ import triton
 import triton.language as tl
 
 from involution.ops.backends.triton.launch import autotune_configs
-from involution.ops.backends.triton.taps import adjoint_tap, spatial_offsets, tap
+from involution.ops.backends.triton.taps import source, spatial_offsets, tap
 
-#: Autotune search space on a GPU: (block of pixels, block of channels, warps, stages).
-CONFIGS = autotune_configs(
-    ("BLOCK_P", "BLOCK_C"),
-    interpreted=[(32, 4, 1, 3)],
-    fixed=[(64, 16, 4, 3)],
-    tuned=[
-        (32, 16, 2, 3),
-        (64, 8, 4, 3),
-        (64, 16, 4, 3),
-        (128, 8, 4, 3),
-        (128, 16, 8, 3),
-        (256, 4, 4, 3),
-        (256, 8, 8, 3),
-        (32, 32, 4, 3),
-    ],
-)
+#: Autotune search space: (block of pixels, block of channels) tilings.
+CONFIGS = autotune_configs("gather")
 
 #: Autotune key: the shape and convolution parameters that change the best tiling.
 KEY = ["C", "CG", "H", "W", "OH", "OW", "geometry", "KH", "KW"]
@@ -82,12 +69,12 @@ def _accumulate_tap(acc, rows, pixels, mask_c, ok, kernel, ACC_DTYPE: tl.constex
     return acc + values.to(ACC_DTYPE) * kernel.to(ACC_DTYPE)[None, :]
 
 
-@triton.autotune(configs=CONFIGS, key=KEY)
+@triton.autotune(configs=CONFIGS, key=[*KEY, "ADJOINT"])
 @triton.jit
-def forward_kernel(
-    x_ptr,
+def aggregate_kernel(
+    src_ptr,
     w_ptr,
-    out_ptr,
+    dst_ptr,
     C,
     G,
     CG,
@@ -95,86 +82,52 @@ def forward_kernel(
     W,
     OH,
     OW,
-    sx,
-    so,
+    ss,
+    sd,
     geometry,
     KH: tl.constexpr,
     KW: tl.constexpr,
+    ADJOINT: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """out[b, c, p] = sum_{kh,kw} w[b, g, kh, kw, p] * x[b, c, ih, iw] for a (C, P) block."""
-    pid = tl.program_id(0)
-    b, g, pid_bg, pid_c, offs_p, oh, ow, mask_p = pixel_block(
-        pid, OH, OW, tl.cdiv(CG, BLOCK_C), G, BLOCK_P
-    )
-    chan, mask_c = _channel_block(pid_c, g, CG, BLOCK_C)
-
-    x_rows = x_ptr + b * sx[0] + chan[:, None] * sx[1]
-    w_base = w_ptr + pid_bg.to(tl.int64) * (KH * KW * OH * OW) + offs_p
-    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC_DTYPE)
-    for kh in range(KH):
-        ih, inside_h = tap(oh, geometry, 0, kh, H)
-        ok_h = mask_p & inside_h
-        for kw in tl.static_range(KW):
-            iw, inside_w = tap(ow, geometry, 1, kw, W)
-            kernel = tl.load(w_base + (kh * KW + kw) * OH * OW, mask=mask_p, other=0.0)
-            pixels = spatial_offsets(sx, ih, iw)
-            acc = _accumulate_tap(acc, x_rows, pixels, mask_c, ok_h & inside_w, kernel, ACC_DTYPE)
-
-    out_pixels = spatial_offsets(so, oh, ow)
-    _store_block(out_ptr + b * so[0], chan * so[1], out_pixels, acc, mask_c, mask_p)
-
-
-@triton.autotune(configs=CONFIGS, key=KEY)
-@triton.jit
-def backward_input_kernel(
-    go_ptr,
-    w_ptr,
-    gi_ptr,
-    C,
-    G,
-    CG,
-    H,
-    W,
-    OH,
-    OW,
-    sg,
-    si,
-    geometry,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """grad_x[b, c, ih, iw] = sum over the (kh, kw, oh, ow) that read it: a gather, no atomics.
+    """A (C, P) block of ``dst`` gathered from ``src`` through the taps: the forward
+    out[b, c, p] = sum_{kh,kw} w[b, g, kh, kw, p] * x[b, c, tap (kh, kw) of p] (``src`` x,
+    ``dst`` out), or when ``ADJOINT`` its adjoint (``src`` grad_y, ``dst`` grad_x): grad_x[b, c,
+    ih, iw] = sum over the (kh, kw, oh, ow) that read it, a gather, no atomics.
 
     Input pixel ``ih`` is read by tap ``kh`` of output row ``oh = (ih + pad - kh * dil) / stride``
     when that division is exact and ``0 <= oh < OH`` (likewise for columns).
     """
     pid = tl.program_id(0)
-    b, g, pid_bg, pid_c, _, ih, iw, mask_p = pixel_block(
-        pid, H, W, tl.cdiv(CG, BLOCK_C), G, BLOCK_P
+    b, g, pid_bg, pid_c, offs_p, row, col, mask_p = pixel_block(
+        pid, H if ADJOINT else OH, W if ADJOINT else OW, tl.cdiv(CG, BLOCK_C), G, BLOCK_P
     )
     chan, mask_c = _channel_block(pid_c, g, CG, BLOCK_C)
 
-    go_rows = go_ptr + b * sg[0] + chan[:, None] * sg[1]
+    src_rows = src_ptr + b * ss[0] + chan[:, None] * ss[1]
+    # The kernel values of dst's own pixels, or for the adjoint those of the pixels read.
     w_base = w_ptr + pid_bg.to(tl.int64) * (KH * KW * OH * OW)
+    if not ADJOINT:
+        w_base += offs_p
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC_DTYPE)
     for kh in range(KH):
-        oh, reads_h = adjoint_tap(ih, geometry, 0, kh, OH)
+        src_h, reads_h = source(row, geometry, 0, kh, H, OH, ADJOINT)
         ok_h = mask_p & reads_h
         for kw in tl.static_range(KW):
-            ow, reads_w = adjoint_tap(iw, geometry, 1, kw, OW)
+            src_w, reads_w = source(col, geometry, 1, kw, W, OW, ADJOINT)
             ok = ok_h & reads_w
-            kernel = tl.load(w_base + (kh * KW + kw) * OH * OW + oh * OW + ow, mask=ok, other=0.0)
-            pixels = spatial_offsets(sg, oh, ow)
-            acc = _accumulate_tap(acc, go_rows, pixels, mask_c, ok, kernel, ACC_DTYPE)
+            w_tap = w_base + (kh * KW + kw) * OH * OW
+            if ADJOINT:
+                kernel = tl.load(w_tap + src_h * OW + src_w, mask=ok, other=0.0)
+            else:
+                kernel = tl.load(w_tap, mask=mask_p, other=0.0)
+            pixels = spatial_offsets(ss, src_h, src_w)
+            acc = _accumulate_tap(acc, src_rows, pixels, mask_c, ok, kernel, ACC_DTYPE)
 
-    in_pixels = spatial_offsets(si, ih, iw)
-    _store_block(gi_ptr + b * si[0], chan * si[1], in_pixels, acc, mask_c, mask_p)
+    dst_pixels = spatial_offsets(sd, row, col)
+    _store_block(dst_ptr + b * sd[0], chan * sd[1], dst_pixels, acc, mask_c, mask_p)
 
 
 @triton.autotune(configs=CONFIGS, key=KEY)

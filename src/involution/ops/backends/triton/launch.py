@@ -1,10 +1,10 @@
 """What every Triton launcher does around its kernel, written once for all the variants.
 
-Settings read from the environment, the autotuner's tilings, the accumulation dtype, the
-problem's sizes, the tensor a pass writes, the fused forward's operands and flags, and the
-launch itself: a 1-D grid, on the operands' GPU, with the arguments in the order every kernel
-of this package takes them (pointers, sizes, a tuple of strides per strided tensor, the
-(stride, padding, dilation) pairs as one tuple, constexprs).
+Settings read from the environment, the autotuner's tilings (read from ``tilings.json``), the
+accumulation dtype, the problem's sizes, the tensor a pass writes, the fused forward's operands
+and flags, and the launch itself: a 1-D grid, on the operands' GPU, with the arguments in the
+order every kernel of this package takes them (pointers, sizes, a tuple of strides per strided
+tensor, the (stride, padding, dilation) pairs as one tuple, constexprs).
 
 Triton is imported lazily, so that the backend interface, which reads the settings, works
 without it.
@@ -13,9 +13,11 @@ without it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,13 +46,14 @@ def autotune_enabled() -> bool:
     return setting not in ("0", "false", "off", "no")
 
 
-def autotune_configs(
-    names: tuple[str, ...],
-    interpreted: Sequence[tuple[int, ...]],
-    fixed: Sequence[tuple[int, ...]],
-    tuned: Sequence[tuple[int, ...]],
-) -> list[Any]:
-    """A kernel's ``triton.Config`` candidates from rows of (value per name..., warps, stages).
+#: The kernels' autotune search spaces, data beside this module (see :func:`autotune_configs`).
+TILINGS_PATH = Path(__file__).with_name("tilings.json")
+
+
+def autotune_configs(family: str) -> list[Any]:
+    """The ``triton.Config`` candidates of the kernels of ``family``, an entry of
+    :data:`TILINGS_PATH`: the tiling's constexpr ``names`` and rows of (value per name...,
+    warps, stages).
 
     The interpreter cannot benchmark, so it gets the ``interpreted`` rows (one small tiling
     that still exercises partial blocks in the test shapes); with autotuning off a GPU gets the
@@ -59,12 +62,14 @@ def autotune_configs(
     import triton
     from triton import knobs
 
+    tilings = json.loads(TILINGS_PATH.read_text())[family]
     if knobs.runtime.interpret:
-        rows = interpreted
+        rows = tilings["interpreted"]
     elif not autotune_enabled():
-        rows = fixed
+        rows = tilings["fixed"]
     else:
-        rows = tuned
+        rows = tilings["tuned"]
+    names = tilings["names"]
     configs = []
     for row in rows:
         warps, stages = row[len(names) :]

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from involution.ops.backends.triton.taps import adjoint_tap, tap
+from involution.ops.backends.triton.taps import source
 
 Triple = tuple[int, int, int]
 
@@ -38,30 +38,29 @@ def _numel(size):
 
 
 @triton.jit
-def _tap_offsets(
-    out_voxel, valid, k, GEOMETRY: tl.constexpr, size, KH: tl.constexpr, KW: tl.constexpr
+def _source_offsets(
+    voxel,
+    valid,
+    k,
+    GEOMETRY: tl.constexpr,
+    size,
+    out_size,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    ADJOINT: tl.constexpr,
 ):
-    """(flat offsets in a volume of ``size``, ``valid`` and inside it) of what tap ``k`` =
-    (kd * KH + kh) * KW + kw of the output voxels ``out_voxel`` ((d, h, w) tensors) reads."""
-    od, oh, ow = out_voxel
-    id_, inside_d = tap(od, GEOMETRY, 0, k // (KH * KW), size[0])
-    ih, inside_h = tap(oh, GEOMETRY, 1, (k // KW) % KH, size[1])
-    iw, inside_w = tap(ow, GEOMETRY, 2, k % KW, size[2])
-    return (id_ * size[1] + ih) * size[2] + iw, valid & inside_d & inside_h & inside_w
-
-
-@triton.jit
-def _adjoint_tap_offsets(
-    in_voxel, valid, k, GEOMETRY: tl.constexpr, out_size, KH: tl.constexpr, KW: tl.constexpr
-):
-    """(flat offsets in an output volume of ``out_size``, 0 where none, ``valid`` and one
-    exists) of the output voxels whose tap ``k`` reads the input voxels ``in_voxel``."""
-    id_, ih, iw = in_voxel
-    od, reads_d = adjoint_tap(id_, GEOMETRY, 0, k // (KH * KW), out_size[0])
-    oh, reads_h = adjoint_tap(ih, GEOMETRY, 1, (k // KW) % KH, out_size[1])
-    ow, reads_w = adjoint_tap(iw, GEOMETRY, 2, k % KW, out_size[2])
-    reads = valid & reads_d & reads_h & reads_w
-    return tl.where(reads, (od * out_size[1] + oh) * out_size[2] + ow, 0), reads
+    """(flat offsets, ``valid`` and the voxel exists) of what the voxels ``voxel`` ((d, h, w)
+    tensors) read through tap ``k`` = (kd * KH + kh) * KW + kw: for output voxels the input
+    voxels (offsets in a volume of ``size``), or when ``ADJOINT``, for input voxels, the output
+    voxels whose tap ``k`` reads them (offsets in a volume of ``out_size``, 0 where none)."""
+    d, h, w = voxel
+    src_d, inside_d = source(d, GEOMETRY, 0, k // (KH * KW), size[0], out_size[0], ADJOINT)
+    src_h, inside_h = source(h, GEOMETRY, 1, (k // KW) % KH, size[1], out_size[1], ADJOINT)
+    src_w, inside_w = source(w, GEOMETRY, 2, k % KW, size[2], out_size[2], ADJOINT)
+    ok = valid & inside_d & inside_h & inside_w
+    if ADJOINT:
+        return tl.where(ok, (src_d * out_size[1] + src_h) * out_size[2] + src_w, 0), ok
+    return (src_d * size[1] + src_h) * size[2] + src_w, ok
 
 
 @triton.jit
@@ -100,41 +99,32 @@ def _store_tile(ptr, acc, channel, size, p, p_ok, c_ok):
 # The kernels take the input's (D, H, W) ``size``, the output's ``out_size`` and GEOMETRY,
 # the (stride, padding, dilation) triples, as in :mod:`~.taps`; the taps are unrolled.
 @triton.jit
-def _forward_kernel(  # noqa: PLR0913  (a Triton kernel: its arguments are its schema)
-    x_ptr, w_ptr, y_ptr, C, CG, G, size, out_size, GEOMETRY: tl.constexpr,
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+def _aggregate_kernel(  # noqa: PLR0913  (a Triton kernel: its arguments are its schema)
+    src_ptr, w_ptr, dst_ptr, C, CG, G, size, out_size, GEOMETRY: tl.constexpr,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ADJOINT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    out_numel = _numel(out_size)
-    bg, p, p_ok, channel, c_ok = _tile(out_numel, C, CG, G, BLOCK_P, BLOCK_C)
-    out_voxel = _coordinates(p, out_size)
-    w_base = w_ptr + (bg * (KD * KH * KW)).to(tl.int64) * out_numel + p
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-    for k in tl.static_range(KD * KH * KW):
-        offset, inside = _tap_offsets(out_voxel, p_ok, k, GEOMETRY, size, KH, KW)
-        weight = tl.load(w_base + k * out_numel, mask=p_ok, other=0.0).to(ACC)
-        values = _load_tile(x_ptr, channel, _numel(size), offset, inside, c_ok, ACC)
-        acc += weight[:, None] * values
-    _store_tile(y_ptr, acc, channel, out_numel, p, p_ok, c_ok)
-
-
-@triton.jit
-def _backward_input_kernel(  # noqa: PLR0913
-    gy_ptr, w_ptr, gx_ptr, C, CG, G, size, out_size, GEOMETRY: tl.constexpr,
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+    # The forward (src x, dst y: output voxels gather over their taps) or, when ADJOINT, the
+    # gradient of the input (src grad_y, dst grad_x: input voxels gather over the output voxels
+    # whose taps read them).
     in_numel, out_numel = _numel(size), _numel(out_size)
-    bg, p, p_ok, channel, c_ok = _tile(in_numel, C, CG, G, BLOCK_P, BLOCK_C)
-    in_voxel = _coordinates(p, size)
+    dst_numel = in_numel if ADJOINT else out_numel
+    bg, p, p_ok, channel, c_ok = _tile(dst_numel, C, CG, G, BLOCK_P, BLOCK_C)
+    voxel = _coordinates(p, size if ADJOINT else out_size)
     w_base = w_ptr + (bg * (KD * KH * KW)).to(tl.int64) * out_numel
+    if not ADJOINT:
+        w_base += p
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     for k in tl.static_range(KD * KH * KW):
-        o, ok = _adjoint_tap_offsets(in_voxel, p_ok, k, GEOMETRY, out_size, KH, KW)
-        weight = tl.load(w_base + k * out_numel + o, mask=ok, other=0.0).to(ACC)
-        grads = _load_tile(gy_ptr, channel, out_numel, o, ok, c_ok, ACC)
-        acc += weight[:, None] * grads
-    _store_tile(gx_ptr, acc, channel, in_numel, p, p_ok, c_ok)
+        offset, ok = _source_offsets(voxel, p_ok, k, GEOMETRY, size, out_size, KH, KW, ADJOINT)
+        # The kernel value of dst's own voxel, or for the adjoint that of the voxel read.
+        if ADJOINT:
+            weight = tl.load(w_base + k * out_numel + offset, mask=ok, other=0.0).to(ACC)
+        else:
+            weight = tl.load(w_base + k * out_numel, mask=p_ok, other=0.0).to(ACC)
+        src_numel = out_numel if ADJOINT else in_numel
+        acc += weight[:, None] * _load_tile(src_ptr, channel, src_numel, offset, ok, c_ok, ACC)
+    _store_tile(dst_ptr, acc, channel, dst_numel, p, p_ok, c_ok)
 
 
 @triton.jit
@@ -144,13 +134,15 @@ def _backward_weight_kernel(  # noqa: PLR0913
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     out_numel = _numel(out_size)
-    # A 2-D grid: the program reduces over all of its group's channels.
+    # One channel block: the program reduces over all of its group's channels.
     bg, p, p_ok, _, _ = _tile(out_numel, C, CG, G, BLOCK_P, BLOCK_C)
     b, g = bg // G, bg % G
     out_voxel = _coordinates(p, out_size)
     gw_base = gw_ptr + (bg * (KD * KH * KW)).to(tl.int64) * out_numel + p
     for k in tl.static_range(KD * KH * KW):
-        offset, inside = _tap_offsets(out_voxel, p_ok, k, GEOMETRY, size, KH, KW)
+        offset, inside = _source_offsets(
+            out_voxel, p_ok, k, GEOMETRY, size, out_size, KH, KW, False
+        )
         total = tl.zeros((BLOCK_P,), dtype=ACC)
         for c0 in range(0, CG, BLOCK_C):
             # Recomputed per block: an int64 channel vector kept across the taps costs registers.
@@ -163,12 +155,28 @@ def _backward_weight_kernel(  # noqa: PLR0913
         tl.store(gw_base + k * out_numel, total.to(gw_ptr.dtype.element_ty), mask=p_ok)
 
 
-def _launch(kernel, grid, tensors, geometry, input: Tensor, weight: Tensor) -> None:
-    """Launches ``kernel`` over ``grid`` with the sizes of ``input``/``weight`` and the
-    (stride, padding, dilation) triples of ``geometry``."""
+def _launch(
+    kernel: triton.JITFunction,
+    tensors: tuple[Tensor, Tensor, Tensor],
+    geometry: tuple[Triple, Triple, Triple],
+    input: Tensor,
+    weight: Tensor,
+    **constexprs: bool,
+) -> Tensor:
+    """Launches ``kernel`` on ``tensors`` (two operands, then the result it writes, returned)
+    with the sizes of ``input``/``weight``, the (stride, padding, dilation) triples of
+    ``geometry`` and ``constexprs``: a program per (batch and group, block of the result's
+    voxels, block of the group's channels), the grad_weight kernel's programs each reducing
+    over all of their group's channels."""
     channels, size = input.shape[1], input.shape[2:]
     groups, kernel_size, out_size = weight.shape[1], weight.shape[2:5], weight.shape[5:]
     acc = tl.float64 if input.dtype == torch.float64 else tl.float32
+    reduces = kernel is _backward_weight_kernel
+    grid = (
+        input.shape[0] * groups,
+        triton.cdiv(tensors[-1].shape[-3:].numel(), BLOCK_P),
+        1 if reduces else triton.cdiv(channels // groups, BLOCK_C),
+    )
     kernel[grid](
         *tensors,
         channels,
@@ -181,7 +189,9 @@ def _launch(kernel, grid, tensors, geometry, input: Tensor, weight: Tensor) -> N
         ACC=acc,
         BLOCK_P=BLOCK_P,
         BLOCK_C=BLOCK_C,
+        **constexprs,
     )
+    return tensors[-1]
 
 
 def forward3d(
@@ -189,17 +199,11 @@ def forward3d(
 ) -> Tensor:
     """(B, C, D, H, W), (B, G, Kd, Kh, Kw, D_out, H_out, W_out) -> (B, C, D_out, H_out, W_out)."""
     input, weight = input.contiguous(), weight.contiguous()
-    batch, channels = input.shape[:2]
-    groups, out_size = weight.shape[1], weight.shape[5:]
-    output = input.new_empty(batch, channels, *out_size)
-    grid = (
-        batch * groups,
-        triton.cdiv(out_size.numel(), BLOCK_P),
-        triton.cdiv(channels // groups, BLOCK_C),
-    )
+    output = input.new_empty(*input.shape[:2], *weight.shape[5:])
     geometry = (stride, padding, dilation)
-    _launch(_forward_kernel, grid, (input, weight, output), geometry, input, weight)
-    return output
+    return _launch(
+        _aggregate_kernel, (input, weight, output), geometry, input, weight, ADJOINT=False
+    )
 
 
 def backward3d(
@@ -214,22 +218,12 @@ def backward3d(
 ) -> tuple[Tensor | None, Tensor | None]:
     """(grad_input or ``None``, grad_weight or ``None``), contiguous."""
     grad_output, input, weight = grad_output.contiguous(), input.contiguous(), weight.contiguous()
-    batch, channels = input.shape[:2]
-    groups = weight.shape[1]
     geometry = (stride, padding, dilation)
     grad_input = grad_weight = None
     if needs_input:
-        grad_input = torch.empty_like(input)
-        grid = (
-            batch * groups,
-            triton.cdiv(input.shape[2:].numel(), BLOCK_P),
-            triton.cdiv(channels // groups, BLOCK_C),
-        )
-        tensors = (grad_output, weight, grad_input)
-        _launch(_backward_input_kernel, grid, tensors, geometry, input, weight)
+        tensors = (grad_output, weight, torch.empty_like(input))
+        grad_input = _launch(_aggregate_kernel, tensors, geometry, input, weight, ADJOINT=True)
     if needs_weight:
-        grad_weight = torch.empty_like(weight)
-        grid = (batch * groups, triton.cdiv(weight.shape[5:].numel(), BLOCK_P))
-        tensors = (grad_output, input, grad_weight)
-        _launch(_backward_weight_kernel, grid, tensors, geometry, input, weight)
+        tensors = (grad_output, input, torch.empty_like(weight))
+        grad_weight = _launch(_backward_weight_kernel, tensors, geometry, input, weight)
     return grad_input, grad_weight

@@ -38,13 +38,8 @@ from involution.ops.backends.triton.launch import FusedProblem
 from involution.ops.backends.triton.taps import adjoint_tap, spatial_offsets
 from involution.ops.layout import memory_format_of
 
-#: (block of pixels, block of the reduced width, warps, stages).
-CONFIGS = launch.autotune_configs(
-    ("BLOCK_P", "BLOCK_R"),
-    interpreted=[(16, 16, 1, 3)],
-    fixed=[(32, 32, 4, 2)],
-    tuned=[(32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 4, 2), (64, 16, 4, 3), (16, 32, 2, 3)],
-)
+#: Autotune search space: (block of pixels, block of the reduced width) tilings.
+CONFIGS = launch.autotune_configs("regeneration")
 KEY = ["C", "CG", "R", "H", "W", "OH", "OW", "geometry", "KH", "KW"]
 #: Under ``torch.use_deterministic_algorithms`` the span parameters' per-program partials are
 #: kept to at most 1/PARTIALS_FRACTION of the kernel tensor's size.

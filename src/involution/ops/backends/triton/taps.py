@@ -39,6 +39,17 @@ def adjoint_tap(in_pos, geometry, AXIS: tl.constexpr, k, out_size):
 
 
 @triton.jit
+def source(pos, geometry, AXIS: tl.constexpr, k, size, out_size, ADJOINT: tl.constexpr):
+    """(position, whether it exists) that a gather at position ``pos`` reads through tap ``k``
+    along axis ``AXIS``: the input position :func:`tap` of output position ``pos``, or when
+    ``ADJOINT`` the output position :func:`adjoint_tap` of input position ``pos``. ``size`` and
+    ``out_size`` are the input's and the output's sizes along the axis."""
+    if ADJOINT:
+        return adjoint_tap(pos, geometry, AXIS, k, out_size)
+    return tap(pos, geometry, AXIS, k, size)
+
+
+@triton.jit
 def spatial_offsets(strides, row, col):
     """Offsets of pixels (``row``, ``col``) in a (B, C, H, W) tensor of ``strides``."""
     return row * strides[2] + col * strides[3]

@@ -16,11 +16,11 @@ from involution.ops.backends.triton import launch, tiled_kernels
 from involution.ops.backends.triton.launch import FusedProblem, Geometry, Sizes
 from involution.ops.layout import Pair
 
-#: The kernel of each aggregation pass.
+#: The kernel of each aggregation pass, and the constexprs that choose the pass.
 KERNELS = {
-    "forward": tiled_kernels.forward_kernel,
-    "backward_input": tiled_kernels.backward_input_kernel,
-    "backward_weight": tiled_kernels.backward_weight_kernel,
+    "forward": (tiled_kernels.aggregate_kernel, {"ADJOINT": False}),
+    "backward_input": (tiled_kernels.aggregate_kernel, {"ADJOINT": True}),
+    "backward_weight": (tiled_kernels.backward_weight_kernel, {}),
 }
 #: Largest reduced width the fused kernel holds in registers as one tl.dot operand.
 FUSED_MAX_REDUCED = 256
@@ -42,13 +42,15 @@ def _aggregate(
     job = launch.Aggregation.of(pass_name, input, weight, grad_output)
     sizes, (rows, columns) = job.sizes, job.pixels
     rows *= sizes.batch  # the tall image
+    kernel, constexprs = KERNELS[pass_name]
     return job.launch(
-        KERNELS[pass_name],
+        kernel,
         lambda meta: _programs(rows, columns, sizes, job.split_channels, meta),
         (sizes.groups, sizes.group_channels, *sizes.spatial, rows),
         job.pointers,
         geometry,
         CGP=launch.pow2(sizes.group_channels),
+        **constexprs,
     )
 
 

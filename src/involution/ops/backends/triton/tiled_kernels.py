@@ -40,9 +40,7 @@ import triton
 import triton.language as tl
 
 from involution.ops.backends.triton.launch import autotune_configs
-from involution.ops.backends.triton.taps import adjoint_tap, spatial_offsets, tap
-
-_TILE = ("TILE_H", "TILE_W", "BLOCK_C")
+from involution.ops.backends.triton.taps import source, spatial_offsets, tap
 
 #: Aggregation tilings (TILE_H, TILE_W, BLOCK_C, warps, stages): 8-32 elements per thread,
 #: 64-256 B channel vectors in bf16; compiled for sm_90 with channels_last strides each uses
@@ -50,34 +48,9 @@ _TILE = ("TILE_H", "TILE_W", "BLOCK_C")
 #: run time: unrolling the 7 columns let the compiler hoist 7 tiles of loads and spill. The
 #: interpreter gets one small tile that still exercises several tiles per image, partial
 #: tiles, several groups per program and groups split across programs in the test shapes.
-CONFIGS = autotune_configs(
-    _TILE,
-    interpreted=[(4, 4, 8, 1, 2)],
-    fixed=[(8, 8, 64, 4, 2)],
-    tuned=[
-        (8, 8, 64, 4, 2),
-        (8, 8, 64, 8, 2),
-        (4, 16, 64, 4, 2),
-        (4, 8, 64, 4, 2),
-        (2, 32, 64, 8, 2),
-        (8, 8, 128, 8, 2),
-        (4, 8, 128, 4, 2),
-        (8, 16, 32, 4, 2),
-    ],
-)
+CONFIGS = autotune_configs("tiled")
 #: The fused kernel's tilings, pruned per call to those that hold whole groups.
-FUSED_CONFIGS = autotune_configs(
-    _TILE,
-    interpreted=[(4, 4, 16, 1, 2)],
-    fixed=[(8, 8, 64, 4, 2)],
-    tuned=[
-        (8, 8, 64, 4, 2),
-        (4, 8, 128, 4, 2),
-        (4, 8, 256, 8, 2),
-        (8, 8, 128, 8, 3),
-        (8, 16, 64, 8, 2),
-    ],
-)
+FUSED_CONFIGS = autotune_configs("tiled_fused")
 
 #: Autotune key: the shape and convolution parameters that change the best tiling. The
 #: strides of the kernels and (added per kernel) of a feature map tell the memory layouts apart
@@ -160,12 +133,12 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b, input_precision="ieee") if IEEE else tl.dot(a, b)
 
 
-@triton.autotune(configs=CONFIGS, key=[*KEY, "sx"])
+@triton.autotune(configs=CONFIGS, key=[*KEY, "ADJOINT", "ss"])
 @triton.jit
-def forward_kernel(
-    x_ptr,
+def aggregate_kernel(
+    src_ptr,
     w_ptr,
-    out_ptr,
+    dst_ptr,
     G,
     CG,
     H,
@@ -173,89 +146,56 @@ def forward_kernel(
     OH,
     OW,
     ROWS,
-    sx,
+    ss,
     sw,
-    so,
+    sd,
     geometry,
     KH: tl.constexpr,
     KW: tl.constexpr,
+    ADJOINT: tl.constexpr,
     CGP: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     TILE_H: tl.constexpr,
     TILE_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """out[b, c, p] = sum_{kh,kw} w[b, g(c), kh, kw, p] * x[b, c, tap (kh, kw) of p]."""
-    CC: tl.constexpr = CGP if CGP < BLOCK_C else BLOCK_C
-    GB: tl.constexpr = BLOCK_C // CC
-    b, oh, ow, valid, pid_c = _tile_pixels(tl.program_id(0), ROWS, OW, OH, TILE_H, TILE_W)
-    group, chan, ok_g, ok_gc = _channel_block(pid_c, G, CG, CC, GB)
+    """A tile of ``dst`` gathered from ``src`` through the taps: the forward out[b, c, p] =
+    sum_{kh,kw} w[b, g(c), kh, kw, p] * x[b, c, tap (kh, kw) of p] (``src`` x, ``dst`` out), or
+    when ``ADJOINT`` its adjoint (``src`` grad_y, ``dst`` grad_x): grad_x[b, c, ih, iw] = sum
+    over the taps (kh, kw) whose output pixel reads (ih, iw).
 
-    x_chan = (x_ptr + b * sx[0])[:, None, None] + (chan * sx[1])[None, :, :]
-    w_pix = (w_ptr + b * sw[0] + oh * sw[4] + ow * sw[5])[:, None] + (group * sw[1])[None, :]
-    acc = tl.zeros((TILE_H * TILE_W, GB, CC), dtype=ACC_DTYPE)
-    for kh in range(KH):
-        ih, inside_h = tap(oh, geometry, 0, kh, H)
-        ok_h = valid & inside_h
-        for kw in range(KW):
-            iw, inside_w = tap(ow, geometry, 1, kw, W)
-            kernels = w_pix + kh * sw[2] + kw * sw[3]
-            features = x_chan + spatial_offsets(sx, ih, iw)[:, None, None]
-            acc = _accumulate_tap(acc, kernels, features, ok_h & inside_w, ok_g, ok_gc, ACC_DTYPE)
-
-    out_pixels = b * so[0] + oh * so[2] + ow * so[3]
-    _store_tile(out_ptr, out_pixels, chan * so[1], acc, valid[:, None, None] & ok_gc)
-
-
-@triton.autotune(configs=CONFIGS, key=[*KEY, "sg"])
-@triton.jit
-def backward_input_kernel(
-    go_ptr,
-    w_ptr,
-    gi_ptr,
-    G,
-    CG,
-    H,
-    W,
-    OH,
-    OW,
-    ROWS,
-    sg,
-    sw,
-    si,
-    geometry,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    CGP: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    TILE_H: tl.constexpr,
-    TILE_W: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """grad_x[b, c, ih, iw] = sum over the taps (kh, kw) whose output pixel reads (ih, iw).
-
-    Tiles cover the input (``ROWS`` = B * H). Output row ``oh = (ih + pad - kh * dil) / stride``
-    contributes when the division is exact and ``0 <= oh < OH`` (likewise for columns).
+    Tiles cover ``dst`` (``ROWS`` = B * H_out, or B * H for the adjoint). Output row ``oh = (ih
+    + pad - kh * dil) / stride`` reads input row ``ih`` when the division is exact and ``0 <= oh
+    < OH`` (likewise for columns).
     """
     CC: tl.constexpr = CGP if CGP < BLOCK_C else BLOCK_C
     GB: tl.constexpr = BLOCK_C // CC
-    b, ih, iw, valid, pid_c = _tile_pixels(tl.program_id(0), ROWS, W, H, TILE_H, TILE_W)
+    b, row, col, valid, pid_c = _tile_pixels(
+        tl.program_id(0), ROWS, W if ADJOINT else OW, H if ADJOINT else OH, TILE_H, TILE_W
+    )
     group, chan, ok_g, ok_gc = _channel_block(pid_c, G, CG, CC, GB)
 
-    go_chan = (go_ptr + b * sg[0])[:, None, None] + (chan * sg[1])[None, :, :]
-    w_batch = (w_ptr + b * sw[0])[:, None] + (group * sw[1])[None, :]
+    src_chan = (src_ptr + b * ss[0])[:, None, None] + (chan * ss[1])[None, :, :]
+    # The kernel values of dst's own pixels, or for the adjoint those of the pixels read.
+    w_pix = w_ptr + b * sw[0]
+    if not ADJOINT:
+        w_pix = w_pix + row * sw[4] + col * sw[5]
+    w_pix = w_pix[:, None] + (group * sw[1])[None, :]
     acc = tl.zeros((TILE_H * TILE_W, GB, CC), dtype=ACC_DTYPE)
     for kh in range(KH):
-        oh, reads_h = adjoint_tap(ih, geometry, 0, kh, OH)
+        src_h, reads_h = source(row, geometry, 0, kh, H, OH, ADJOINT)
         ok_h = valid & reads_h
         for kw in range(KW):
-            ow, reads_w = adjoint_tap(iw, geometry, 1, kw, OW)
-            kernels = w_batch + (kh * sw[2] + kw * sw[3] + oh * sw[4] + ow * sw[5])[:, None]
-            grads = go_chan + spatial_offsets(sg, oh, ow)[:, None, None]
-            acc = _accumulate_tap(acc, kernels, grads, ok_h & reads_w, ok_g, ok_gc, ACC_DTYPE)
+            src_w, reads_w = source(col, geometry, 1, kw, W, OW, ADJOINT)
+            if ADJOINT:
+                kernels = w_pix + (kh * sw[2] + kw * sw[3] + src_h * sw[4] + src_w * sw[5])[:, None]
+            else:
+                kernels = w_pix + kh * sw[2] + kw * sw[3]
+            values = src_chan + spatial_offsets(ss, src_h, src_w)[:, None, None]
+            acc = _accumulate_tap(acc, kernels, values, ok_h & reads_w, ok_g, ok_gc, ACC_DTYPE)
 
-    in_pixels = b * si[0] + ih * si[2] + iw * si[3]
-    _store_tile(gi_ptr, in_pixels, chan * si[1], acc, valid[:, None, None] & ok_gc)
+    dst_pixels = b * sd[0] + row * sd[2] + col * sd[3]
+    _store_tile(dst_ptr, dst_pixels, chan * sd[1], acc, valid[:, None, None] & ok_gc)
 
 
 @triton.autotune(configs=CONFIGS, key=[*KEY, "sx"])
