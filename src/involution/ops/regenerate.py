@@ -46,15 +46,20 @@ from involution.ops.checks import autocast, check_dtypes
 from involution.ops.layout import kernels_like, pair
 
 __all__ = [
+    "LAYER_TENSORS",
+    "BranchFeatures",
     "KernelBranch",
     "RegeneratedInvolution2d",
     "SavedLayer",
     "autocast_off",
+    "branch_features",
     "check_batch_size",
+    "features_output",
     "is_frozen_batchnorm",
     "layer_gradients",
     "layer_inputs",
     "layer_output",
+    "pointwise_conv_backward",
     "recompute_layer",
     "regenerate_involution2d",
     "update_running_stats",
@@ -118,7 +123,8 @@ def _normalise(
 
 
 class SavedLayer(NamedTuple):
-    """What :class:`RegeneratedInvolution2d` keeps for backward (shapes in its docstring)."""
+    """What :class:`RegeneratedInvolution2d` keeps for backward (shapes in its docstring): the
+    layer's tensors (:data:`LAYER_TENSORS`) and the kernel branch's batch statistics."""
 
     x: Tensor
     reduce_weight: Tensor
@@ -131,31 +137,26 @@ class SavedLayer(NamedTuple):
     invstd: Tensor
 
 
+#: The layer's tensors, in the order the regenerating ops take them (shapes in
+#: :class:`RegeneratedInvolution2d`'s docstring).
+LAYER_TENSORS = SavedLayer._fields[:7]
+
+
 class RegeneratedInvolution2d(torch.autograd.Function):
     """The :class:`~involution.ops.Involution2d` layer, its kernels regenerated in backward.
 
-    ``forward(x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias,
-    branch) -> (output, mean, invstd)``: x (B, C, H, W); reduce_weight (M, C, 1, 1);
-    norm_weight, norm_bias (M,) or ``None``; running (2, M) (the eval-mode BatchNorm's running
-    mean and variance) or ``None`` (batch statistics); span_weight (G*K*K, M, 1, 1); span_bias
-    (G*K*K,) or ``None``; branch a :class:`KernelBranch`. Returns the output (B, C, H_out,
-    W_out) and the batch statistics (M,) each (empty without them), which are not
-    differentiable. Tensors are already cast for autocast; call it with autocast off.
+    ``forward(branch, x, reduce_weight, norm_weight, norm_bias, running, span_weight,
+    span_bias) -> (output, mean, invstd)``: branch a :class:`KernelBranch`; the layer's tensors
+    (:data:`LAYER_TENSORS`): x (B, C, H, W); reduce_weight (M, C, 1, 1); norm_weight, norm_bias
+    (M,) or ``None``; running (2, M) (the eval-mode BatchNorm's running mean and variance) or
+    ``None`` (batch statistics); span_weight (G*K*K, M, 1, 1); span_bias (G*K*K,) or ``None``.
+    Returns the output (B, C, H_out, W_out) and the batch statistics (M,) each (empty without
+    them), which are not differentiable. Tensors are already cast for autocast; call it with
+    autocast off.
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,
-        reduce_weight: Tensor,
-        norm_weight: Tensor | None,
-        norm_bias: Tensor | None,
-        running: Tensor | None,
-        span_weight: Tensor,
-        span_bias: Tensor | None,
-        branch: KernelBranch,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        layer = (x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias)
+    def forward(ctx, branch: KernelBranch, *layer: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         output, mean, invstd = layer_output(layer, branch)
         # Only the input, the parameters and the statistics: the kernels and the branch's
         # intermediates are regenerated in backward.
@@ -168,46 +169,86 @@ class RegeneratedInvolution2d(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         # ctx.saved_tensors read once: an enclosing checkpoint allows one unpacking.
         saved = SavedLayer(*ctx.saved_tensors)
-        return (*layer_gradients(grad_output, saved, ctx.branch, ctx.needs_input_grad[:7]), None)
+        return (None, *layer_gradients(grad_output, saved, ctx.branch, ctx.needs_input_grad[1:]))
+
+
+class BranchFeatures(NamedTuple):
+    """The kernel branch's tensors that the layer's backward reads: the pooled input (B, C,
+    H_out, W_out) (``x`` itself at stride 1), the reduce conv's output and the ReLU's, (B, M,
+    H_out, W_out) each."""
+
+    pooled: Tensor
+    reduced: Tensor
+    activated: Tensor
+
+
+def branch_features(
+    layer: Sequence[Tensor | None], branch: KernelBranch
+) -> tuple[BranchFeatures, Tensor, Tensor]:
+    """The kernel branch as forward computes it (bitwise: the same ops on the same tensors) and
+    its batch statistics (M,) each (empty without them), without autograd. ``layer``: the
+    layer's tensors (:data:`LAYER_TENSORS`)."""
+    x, reduce_weight, norm_weight, norm_bias, running = layer[:5]
+    pooled = _pool(x, branch.stride)
+    reduced = F.conv2d(pooled, reduce_weight)
+    normed, mean, invstd = _normalise(reduced, norm_weight, norm_bias, running, branch.eps)
+    return BranchFeatures(pooled, reduced, F.relu(normed)), mean, invstd
 
 
 def layer_output(
     layer: Sequence[Tensor | None], branch: KernelBranch
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The layer's output (B, C, H_out, W_out) and its kernel branch's batch statistics (M,)
-    each (empty without them), without autograd. ``layer``: the first seven arguments of
-    :class:`RegeneratedInvolution2d` (x, reduce_weight, norm_weight, norm_bias, running,
-    span_weight, span_bias)."""
-    x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias = layer
-    reduced = F.conv2d(_pool(x, branch.stride), reduce_weight)
-    normed, mean, invstd = _normalise(reduced, norm_weight, norm_bias, running, branch.eps)
-    return _aggregate(x, F.relu(normed), span_weight, span_bias, branch), mean, invstd
+    each (empty without them), without autograd. ``layer``: the layer's tensors
+    (:data:`LAYER_TENSORS`)."""
+    features, mean, invstd = branch_features(layer, branch)
+    return features_output(layer, features, branch), mean, invstd
 
 
-def layer_gradients(
-    grad_output: Tensor, saved: SavedLayer, branch: KernelBranch, needs: Sequence[bool]
-) -> tuple[Tensor | None, ...]:
-    """The layer's gradients from ``grad_output`` (B, C, H_out, W_out), the kernels
-    regenerated from ``saved``: (x, reduce_weight, norm_weight, norm_bias, running (always
-    ``None``), span_weight, span_bias), each ``None`` where ``needs`` (7 flags, in that
-    order) is false or the parameter is absent."""
+def features_output(
+    layer: Sequence[Tensor | None], features: BranchFeatures, branch: KernelBranch
+) -> Tensor:
+    """The layer's output (B, C, H_out, W_out) from its kernel branch's ``features``."""
+    x, span_weight, span_bias = layer[0], layer[5], layer[6]
+    return _aggregate(x, features.activated, span_weight, span_bias, branch)
+
+
+def _saved_features(saved: SavedLayer, branch: KernelBranch) -> BranchFeatures:
+    """The kernel branch from the saved statistics (no second pass over ``reduced`` for
+    them); forward's features within rounding."""
     x, reduce_weight, norm_weight, norm_bias, running = saved[:5]
     mean, invstd = saved.mean, saved.invstd
     pooled = _pool(x, branch.stride)
     reduced = F.conv2d(pooled, reduce_weight)
-    if branch.eps is not None:  # the saved statistics: the forward's normalisation
-        scale = invstd if running is None else torch.rsqrt(running[1] + branch.eps)
-        shift = -(mean if running is None else running[0]) * scale
-        if norm_weight is not None:
-            scale = scale * norm_weight
-            shift = shift * norm_weight
-        if norm_bias is not None:
-            shift = shift + norm_bias
-        normed = torch.addcmul(shift[:, None, None], reduced, scale[:, None, None])
-        normed = normed.to(reduced.dtype)  # a half-precision input's BatchNorm output
-    else:
-        normed = reduced
-    activated = F.relu(normed)
+    if branch.eps is None:
+        return BranchFeatures(pooled, reduced, F.relu(reduced))
+    scale = invstd if running is None else torch.rsqrt(running[1] + branch.eps)
+    shift = -(mean if running is None else running[0]) * scale
+    if norm_weight is not None:
+        scale = scale * norm_weight
+        shift = shift * norm_weight
+    if norm_bias is not None:
+        shift = shift + norm_bias
+    normed = torch.addcmul(shift[:, None, None], reduced, scale[:, None, None])
+    normed = normed.to(reduced.dtype)  # a half-precision input's BatchNorm output
+    return BranchFeatures(pooled, reduced, F.relu(normed))
+
+
+def layer_gradients(
+    grad_output: Tensor,
+    saved: SavedLayer,
+    branch: KernelBranch,
+    needs: Sequence[bool],
+    features: BranchFeatures | None = None,
+) -> tuple[Tensor | None, ...]:
+    """The layer's gradients from ``grad_output`` (B, C, H_out, W_out), the kernels
+    regenerated from ``saved``: (x, reduce_weight, norm_weight, norm_bias, running (always
+    ``None``), span_weight, span_bias), each ``None`` where ``needs`` (7 flags, in that
+    order) is false or the parameter is absent. ``features``: the kernel branch where the
+    caller has it (:func:`branch_features`), else recomputed from the saved statistics."""
+    x, reduce_weight, norm_weight, norm_bias, running = saved[:5]
+    mean, invstd = saved.mean, saved.invstd
+    pooled, reduced, activated = features or _saved_features(saved, branch)
     cpu_span_backward = _cpu_span_backward(x, branch)
     if branch.backend == "triton" and x.numel() > 0 and registration.use_eager_path(x, activated):
         span_grads = _triton_span_gradients(grad_output, x, activated, saved, branch, needs)
@@ -247,18 +288,8 @@ def layer_gradients(
                 norm_bias is not None and needs[3],
             ],
         )
-    grad_pooled, grad_reduce_weight, _ = torch.ops.aten.convolution_backward(
-        grad_reduced,
-        pooled,
-        reduce_weight,
-        None,
-        [1, 1],
-        [0, 0],
-        [1, 1],
-        False,
-        [0, 0],
-        1,
-        [needs[0], needs[1], False],
+    grad_pooled, grad_reduce_weight, _ = pointwise_conv_backward(
+        grad_reduced, pooled, reduce_weight, None, [needs[0], needs[1], False]
     )
     if needs[0]:
         if branch.stride > 1:
@@ -272,7 +303,8 @@ def layer_gradients(
                 True,
                 None,
             )
-        grad_x = grad_x + grad_pooled
+        # In place: grad_x is the span backward's own new tensor.
+        grad_x = grad_x.add_(grad_pooled)
     return (
         grad_x,
         grad_reduce_weight,
@@ -281,6 +313,26 @@ def layer_gradients(
         None,
         grad_span_weight,
         grad_span_bias,
+    )
+
+
+def pointwise_conv_backward(
+    grad: Tensor, input: Tensor, weight: Tensor, bias: Tensor | None, mask: Sequence[bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """ATen's backward of the 1x1 conv ``F.conv2d(input, weight, bias)``: (grad_input,
+    grad_weight, grad_bias), each computed where ``mask`` says."""
+    return torch.ops.aten.convolution_backward(
+        grad,
+        input,
+        weight,
+        None if bias is None else [bias.shape[0]],
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        list(mask),
     )
 
 
@@ -301,17 +353,11 @@ def _span_gradients(
     grad_x, grad_kernels = _aggregation_gradients(grad_output, x, kernels, branch, needs[0])
     del kernels
     grad_kernels = grad_kernels.flatten(1, 3)  # (B, G*K*K, H_out, W_out)
-    grad_activated, grad_span_weight, grad_span_bias = torch.ops.aten.convolution_backward(
+    grad_activated, grad_span_weight, grad_span_bias = pointwise_conv_backward(
         grad_kernels,
         activated,
         span_weight,
-        None if span_bias is None else [span_bias.shape[0]],
-        [1, 1],
-        [0, 0],
-        [1, 1],
-        False,
-        [0, 0],
-        1,
+        span_bias,
         [True, needs[5], span_bias is not None and needs[6]],
     )
     return grad_x, grad_activated, grad_span_weight, grad_span_bias
@@ -395,9 +441,9 @@ def regenerate_involution2d(layer: nn.Module, x: Tensor, backend: str) -> Tensor
     ``backend`` is the concrete aggregation backend. Shapes as
     :class:`~involution.ops.Involution2d`.
     """
-    inputs, batch_stats = layer_inputs(layer, x, backend)
+    tensors, branch, batch_stats = layer_inputs(layer, x, backend)
     with autocast_off(x):
-        output, mean, invstd = RegeneratedInvolution2d.apply(*inputs)
+        output, mean, invstd = RegeneratedInvolution2d.apply(branch, *tensors)
     if batch_stats:
         update_running_stats(
             layer.norm, mean, invstd, output.shape[0] * output.shape[2] * output.shape[3]
@@ -405,9 +451,10 @@ def regenerate_involution2d(layer: nn.Module, x: Tensor, backend: str) -> Tensor
     return output
 
 
-def layer_inputs(layer: nn.Module, x: Tensor, backend: str) -> tuple[tuple, bool]:
-    """(:class:`RegeneratedInvolution2d`'s arguments for ``layer(x)``, from ``x`` to the
-    :class:`KernelBranch`; whether the kernel branch's norm uses batch statistics).
+def layer_inputs(layer: nn.Module, x: Tensor, backend: str) -> tuple[tuple, KernelBranch, bool]:
+    """(the layer's tensors for ``layer(x)`` (:data:`LAYER_TENSORS`), its
+    :class:`KernelBranch`, whether the kernel branch's norm uses batch statistics): the
+    arguments of :class:`RegeneratedInvolution2d`.
 
     Under autocast the input and the convs' parameters are cast to the autocast dtype (as the
     convs and the op cast them on the kept path), the BatchNorm's parameters are not.
@@ -433,7 +480,7 @@ def layer_inputs(layer: nn.Module, x: Tensor, backend: str) -> tuple[tuple, bool
     )
     if batch_stats:
         check_batch_size(x, layer.stride)
-    inputs = (
+    tensors = (
         x_cast,
         reduce_weight,
         norm.weight if batch_norm else None,
@@ -441,9 +488,8 @@ def layer_inputs(layer: nn.Module, x: Tensor, backend: str) -> tuple[tuple, bool
         running,
         span_weight,
         span_bias,
-        branch,
     )
-    return inputs, batch_stats
+    return tensors, branch, batch_stats
 
 
 def autocast_off(x: Tensor) -> AbstractContextManager:

@@ -9,8 +9,9 @@ input ``x``, ``y`` and per-channel statistics only: where ResNet keeps its 3x3 c
 its BatchNorm, RedNet then keeps nothing.
 
 Backward regenerates the involution's output from ``x`` (the kernel branch and the aggregation
-once more), then runs ATen's BatchNorm backward with the forward's statistics, ReLU's mask
-``y > 0`` and :func:`~involution.ops.regenerate.layer_gradients`. The output cannot be
+once more, bitwise forward's), then runs ATen's BatchNorm backward with the forward's
+statistics, ReLU's mask ``y > 0`` and :func:`~involution.ops.regenerate.layer_gradients` on
+the same kernel branch features. The output cannot be
 recovered from ``y`` instead, as in-place activated BatchNorm recovers it through its
 invertible leaky ReLU: with batch statistics, the gradient reaches every input through the
 mean and the variance, those that ReLU zeroed included, and those are lost in ``y``. So the
@@ -25,7 +26,9 @@ The BatchNorm's running statistics are updated once, in forward
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -33,10 +36,13 @@ from torch import Tensor, nn
 from involution.ops.backends import resolve_backend
 from involution.ops.modules import Involution2d
 from involution.ops.regenerate import (
+    BranchFeatures,
     KernelBranch,
     SavedLayer,
     autocast_off,
+    branch_features,
     check_batch_size,
+    features_output,
     layer_gradients,
     layer_inputs,
     layer_output,
@@ -46,9 +52,13 @@ from involution.ops.regenerate import (
 __all__ = [
     "NormAct",
     "RegeneratedInvolutionNormAct",
+    "SavedNormAct",
     "involution_norm_act",
     "norm_act_fusion_applies",
+    "norm_act_gradients",
+    "norm_act_output",
     "regenerate_involution2d_norm_act",
+    "relu_batch_norm",
 ]
 
 
@@ -61,40 +71,36 @@ class NormAct:
     eps: float
 
 
+class SavedNormAct(NamedTuple):
+    """What the fused op's backward reads: the involution's :class:`SavedLayer`, ``y`` (B, C,
+    H_out, W_out), the BatchNorm's affine (2, C) or ``None`` and its batch statistics (C,)
+    each."""
+
+    layer: SavedLayer
+    y: Tensor
+    out_affine: Tensor | None
+    out_mean: Tensor
+    out_invstd: Tensor
+
+
 class RegeneratedInvolutionNormAct(torch.autograd.Function):
     """``relu(batch_norm(involution(x)))`` with batch statistics, keeping ``x`` and the output.
 
-    ``forward(x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias,
-    out_affine, config) -> (y, mean, invstd, out_mean, out_invstd)``: the first seven as
-    :class:`~involution.ops.regenerate.RegeneratedInvolution2d`'s (the involution's, its
-    kernel branch's norm included); ``out_affine`` (2, C): the following BatchNorm's weight and
-    bias, or ``None`` without an affine; ``config`` a :class:`NormAct`. Returns ``y`` (B, C,
-    H_out, W_out), the kernel branch's batch statistics (M,) each (empty without them) and the
-    BatchNorm's (C,) each; the statistics are not differentiable. Tensors are already cast for
-    autocast; call it with autocast off.
+    ``forward(config, out_affine, *layer) -> (y, mean, invstd, out_mean, out_invstd)``:
+    ``config`` a :class:`NormAct`; ``out_affine`` (2, C): the following BatchNorm's weight and
+    bias, or ``None`` without an affine; ``layer``: the involution's tensors
+    (:data:`~involution.ops.regenerate.LAYER_TENSORS`, its kernel branch's norm included).
+    Returns ``y`` (B, C, H_out, W_out), the kernel branch's batch statistics (M,) each (empty
+    without them) and the BatchNorm's (C,) each; the statistics are not differentiable.
+    Tensors are already cast for autocast; call it with autocast off.
     """
 
     @staticmethod
     def forward(
-        ctx,
-        x: Tensor,
-        reduce_weight: Tensor,
-        norm_weight: Tensor | None,
-        norm_bias: Tensor | None,
-        running: Tensor | None,
-        span_weight: Tensor,
-        span_bias: Tensor | None,
-        out_affine: Tensor | None,
-        config: NormAct,
+        ctx, config: NormAct, out_affine: Tensor | None, *layer: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        layer = (x, reduce_weight, norm_weight, norm_bias, running, span_weight, span_bias)
-        output, mean, invstd = layer_output(layer, config.branch)
-        weight, bias = (None, None) if out_affine is None else out_affine.unbind()
-        y, out_mean, out_invstd = torch.native_batch_norm(
-            output, weight, bias, None, None, True, 0.0, config.eps
-        )
-        del output  # the point of the op: not kept, regenerated in backward
-        y = y.relu_()
+        # The involution's output is not kept (the point of the op): regenerated in backward.
+        y, mean, invstd, out_mean, out_invstd = norm_act_output(layer, out_affine, config)
         ctx.save_for_backward(*layer, mean, invstd, y, out_affine, out_mean, out_invstd)
         ctx.config = config
         ctx.mark_non_differentiable(mean, invstd, out_mean, out_invstd)
@@ -104,26 +110,66 @@ class RegeneratedInvolutionNormAct(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors  # read once: an enclosing checkpoint allows one unpacking
         layer = SavedLayer(*saved[:9])
-        y, out_affine, out_mean, out_invstd = saved[9:]
-        config = ctx.config
-        output = layer_output(layer[:7], config.branch)[0]
-        needs_affine = ctx.needs_input_grad[7]
-        grad_output, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            torch.ops.aten.threshold_backward(grad_y, y, 0),
-            output,
-            None if out_affine is None else out_affine[0],
-            None,
-            None,
-            out_mean,
-            out_invstd,
-            True,
-            config.eps,
-            [True, needs_affine, needs_affine],
+        features = branch_features(layer[:7], ctx.config.branch)[0]
+        grads, grad_affine = norm_act_gradients(
+            grad_y,
+            SavedNormAct(layer, *saved[9:]),
+            features_output(layer, features, ctx.config.branch),
+            features,
+            ctx.config,
+            ctx.needs_input_grad[1:],
         )
-        del output
-        grads = layer_gradients(grad_output, layer, config.branch, ctx.needs_input_grad[:7])
-        grad_affine = torch.stack([grad_weight, grad_bias]) if needs_affine else None
-        return (*grads, grad_affine, None)
+        return (None, grad_affine, *grads)
+
+
+def relu_batch_norm(
+    output: Tensor, out_affine: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``relu(batch_norm(output))`` with the batch's statistics: (y, mean, invstd (C,) each),
+    without autograd; the same op again on the same ``output`` gives the same ``y`` bitwise."""
+    weight, bias = (None, None) if out_affine is None else out_affine.unbind()
+    y, mean, invstd = torch.native_batch_norm(output, weight, bias, None, None, True, 0.0, eps)
+    return y.relu_(), mean, invstd
+
+
+def norm_act_output(
+    layer: Sequence[Tensor | None], out_affine: Tensor | None, config: NormAct
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:class:`RegeneratedInvolutionNormAct`'s forward, without autograd."""
+    output, mean, invstd = layer_output(layer, config.branch)
+    y, out_mean, out_invstd = relu_batch_norm(output, out_affine, config.eps)
+    return y, mean, invstd, out_mean, out_invstd
+
+
+def norm_act_gradients(
+    grad_y: Tensor,
+    saved: SavedNormAct,
+    output: Tensor,
+    features: BranchFeatures,
+    config: NormAct,
+    needs: Sequence[bool],
+) -> tuple[tuple[Tensor | None, ...], Tensor | None]:
+    """(the involution's gradients, as :func:`~involution.ops.regenerate.layer_gradients`
+    gives them; the BatchNorm's affine's (2, C) or ``None``) from ``grad_y`` (B, C, H_out,
+    W_out), with the regenerated involution ``output`` and kernel branch ``features``
+    (bitwise forward's). ``needs``: 8 flags, the affine's then the layer's tensors'."""
+    needs_affine = needs[0]
+    grad_output, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+        torch.ops.aten.threshold_backward(grad_y, saved.y, 0),
+        output,
+        None if saved.out_affine is None else saved.out_affine[0],
+        None,
+        None,
+        saved.out_mean,
+        saved.out_invstd,
+        True,
+        config.eps,
+        [True, needs_affine, needs_affine],
+    )
+    del output  # the caller passes it on: freed before the involution's gradients
+    grads = layer_gradients(grad_output, saved.layer, config.branch, needs[1:], features)
+    grad_affine = torch.stack([grad_weight, grad_bias]) if needs_affine else None
+    return grads, grad_affine
 
 
 def norm_act_fusion_applies(layer: nn.Module, norm: nn.Module, act: nn.Module) -> bool:
@@ -163,13 +209,13 @@ def regenerate_involution2d_norm_act(
     :func:`norm_act_fusion_applies`), the running statistics of both BatchNorms (the kernel
     branch's and ``norm``) updated once. ``backend`` is the concrete aggregation backend; under
     autocast the BatchNorms' parameters are not cast, as on the modules."""
-    inputs, batch_stats = layer_inputs(layer, x, backend)
+    tensors, branch, batch_stats = layer_inputs(layer, x, backend)
     check_batch_size(x, layer.stride)  # nn.BatchNorm2d's check, for the output's statistics
     out_affine = None if norm.weight is None else torch.stack([norm.weight, norm.bias])
-    config = NormAct(branch=inputs[-1], eps=norm.eps)
+    config = NormAct(branch=branch, eps=norm.eps)
     with autocast_off(x):
         y, mean, invstd, out_mean, out_invstd = RegeneratedInvolutionNormAct.apply(
-            *inputs[:-1], out_affine, config
+            config, out_affine, *tensors
         )
     count = y.shape[0] * y.shape[2] * y.shape[3]
     if batch_stats:
