@@ -282,13 +282,19 @@ def _rednet() -> RedNet:
 
 
 def test_rednet_bottlenecks_and_stem_use_the_op_and_match(monkeypatch) -> None:
+    from involution.ops.regenerate_stem import RegeneratedStem
+
     calls = _counting(monkeypatch)
+    stem_calls: list[int] = []
+    original = RegeneratedStem.apply
+    monkeypatch.setattr(RegeneratedStem, "apply", lambda *a: stem_calls.append(1) or original(*a))
     model = _rednet()
     reference = _unfused(model)
     x = torch.randn(2, 3, 32, 32)
     grad = torch.randn(2, 5)
     out, grad_x, grads = _step(model, x, grad)
-    assert len(calls) == 3  # the stem and two bottlenecks
+    assert len(calls) == 2  # two bottlenecks
+    assert len(stem_calls) == 1  # the stem, its involution's BatchNorm and ReLU included
     out_ref, grad_x_ref, grads_ref = _step(reference, x, grad)
     torch.testing.assert_close(out, out_ref)
     torch.testing.assert_close(grad_x, grad_x_ref)

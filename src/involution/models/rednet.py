@@ -31,6 +31,7 @@ from involution.models.cfgs import rednet_cfg
 from involution.ops.modules import OFFICIAL_KEY_PREFIXES as OFFICIAL_INVOLUTION_PREFIXES
 from involution.ops.modules import Involution2d, relu_inplace
 from involution.ops.regenerate_norm_act import involution_norm_act
+from involution.ops.regenerate_stem import involution_stem
 from involution.serialization import load_tensor_file
 
 __all__ = ["MODEL_DEPTHS", "Bottleneck", "RedNet", "RedNetArch", "RedNetStem", "conv3x3"]
@@ -178,15 +179,17 @@ class RedNetStem(nn.Module):
         self.act3 = act_layer()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.act1(self.bn1(self.conv1(x)))
-        # The involution's BatchNorm + ReLU in its training op where that applies
-        # (involution_norm_act: its output, the BatchNorm's input, is not kept for backward).
-        # TorchScript compiles only the modules (a bare is_scripting() test skips the rest).
+        # In training, conv1 .. conv2 in one op that keeps only the stem's input for backward
+        # where that applies (involution_stem), else the involution's BatchNorm + ReLU in its
+        # own (involution_norm_act). TorchScript compiles only the modules (a bare
+        # is_scripting() test skips the rest).
         if torch.jit.is_scripting():
-            x = self.act2(self.bn2(self.inv(x)))
+            x = self.act2(self.bn2(self.inv(self.act1(self.bn1(self.conv1(x))))))
+            x = self.conv2(x)
         else:
-            x = involution_norm_act(self.inv, self.bn2, self.act2, x)
-        return self.act3(self.bn3(self.conv2(x)))
+            modules = (self.conv1, self.bn1, self.act1, self.inv, self.bn2, self.act2)
+            x = involution_stem(*modules, self.conv2, x)
+        return self.act3(self.bn3(x))
 
 
 class Bottleneck(nn.Module):
