@@ -14,8 +14,9 @@ from involution.ops.modules import set_kernel_regeneration
 from involution.ops.regenerate_stem import RegeneratedStem, involution_stem
 
 #: float32 tolerances: the gradients reach the first conv summed in another order than through
-#: the modules (the kernel branch's and the aggregation's parts of grad_x, the channels).
-FLOAT32 = {"rtol": 1e-5, "atol": 1e-5}
+#: the modules, and the fused op's output comes from the CPU layer kernel (another rounding);
+#: the losses' gradients are O(100) (within 5e-6 of the largest).
+FLOAT32 = {"rtol": 1e-5, "atol": 1e-4}
 
 
 class Stem(nn.Module):
