@@ -156,7 +156,8 @@ class Involution2d(KernelBranchLayer):
     involution_norm_act` (RedNet's bottlenecks and stem), in training with regenerated kernels
     and batch statistics, they run as one op that keeps the layer's input and the ReLU's output
     only, not the involution's output (the BatchNorm's input), which backward regenerates
-    (:mod:`involution.ops.regenerate_norm_act`): RedNet-50 then keeps 0.99x ResNet-50's
+    (:mod:`involution.ops.regenerate_norm_act`); RedNet's stem runs as one op that keeps its
+    input only (:mod:`involution.ops.regenerate_stem`): RedNet-50 then keeps 0.94x ResNet-50's
     activations. ``layer.fuse_norm_act = False`` (or ``set_kernel_regeneration(model, True,
     fuse_norm_act=False)``) keeps the BatchNorm and the ReLU as modules.
 
