@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from involution.models.rednet import RedNetStem
 from involution.ops import Involution2d
 from involution.ops.modules import set_kernel_regeneration
-from involution.ops.regenerate_stem import RegeneratedStem, involution_stem
+from involution.ops.regenerate_stem import RegeneratedStem, StemModules, involution_stem
 
 #: float32 tolerances: the gradients reach the first conv summed in another order than through
 #: the modules, and the fused op's output comes from the CPU layer kernel (another rounding);
@@ -31,7 +31,9 @@ class Stem(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.stem
-        return involution_stem(s.conv1, s.bn1, s.act1, s.inv, s.bn2, s.act2, s.conv2, x)
+        return involution_stem(
+            StemModules(s.conv1, s.bn1, s.act1, s.inv, s.bn2, s.act2, s.conv2), x
+        )
 
 
 def _stem(**kwargs) -> Stem:

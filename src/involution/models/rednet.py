@@ -31,7 +31,7 @@ from involution.models.cfgs import rednet_cfg
 from involution.ops.modules import OFFICIAL_KEY_PREFIXES as OFFICIAL_INVOLUTION_PREFIXES
 from involution.ops.modules import Involution2d, relu_inplace
 from involution.ops.regenerate_norm_act import involution_norm_act
-from involution.ops.regenerate_stem import involution_stem
+from involution.ops.regenerate_stem import StemModules, involution_stem
 from involution.serialization import load_tensor_file
 
 __all__ = ["MODEL_DEPTHS", "Bottleneck", "RedNet", "RedNetArch", "RedNetStem", "conv3x3"]
@@ -188,7 +188,7 @@ class RedNetStem(nn.Module):
             x = self.conv2(x)
         else:
             modules = (self.conv1, self.bn1, self.act1, self.inv, self.bn2, self.act2)
-            x = involution_stem(*modules, self.conv2, x)
+            x = involution_stem(StemModules(*modules, self.conv2), x)
         return self.act3(self.bn3(x))
 
 

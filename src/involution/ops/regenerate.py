@@ -232,18 +232,24 @@ def features_output(saved: SavedLayer, features: BranchFeatures, branch: KernelB
         dilation=pair(dilation),
         groups=branch.groups,
         backend=backend,
-        out_relu=False,
-        proj_relu=False,
         reduce_weight=reduce_weight,
         reduce_bias=reduce_bias,
         span_weight=saved.span_weight,
         span_bias=saved.span_bias,
-        out_scale=None,
-        out_shift=None,
-        proj_weight=None,
-        proj_bias=None,
+        **_LAYER_ALONE,
     )
     return registration.run_layer(spec, x, None)
+
+
+#: The fused layer kernel's optional steps, all off: the layer's output alone.
+_LAYER_ALONE = {
+    "out_relu": False,
+    "proj_relu": False,
+    "out_scale": None,
+    "out_shift": None,
+    "proj_weight": None,
+    "proj_bias": None,
+}
 
 
 def _norm_affine(saved: SavedLayer, branch: KernelBranch) -> tuple[Tensor, Tensor] | None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,14 @@ from involution.ops.regenerate_norm_act import (
     relu_batch_norm,
 )
 
-__all__ = ["ConvArgs", "RegeneratedStem", "StemConfig", "involution_stem", "stem_fusion_applies"]
+__all__ = [
+    "ConvArgs",
+    "RegeneratedStem",
+    "StemConfig",
+    "StemModules",
+    "involution_stem",
+    "stem_fusion_applies",
+]
 
 
 @dataclass(frozen=True)
@@ -221,49 +229,45 @@ def _plain_conv(conv: nn.Module) -> bool:
     )
 
 
-def stem_fusion_applies(
-    conv1: nn.Module,
-    bn1: nn.Module,
-    act1: nn.Module,
-    layer: nn.Module,
-    bn2: nn.Module,
-    act2: nn.Module,
-    conv2: nn.Module,
-) -> bool:
+class StemModules(NamedTuple):
+    """The stem's modules that :class:`RegeneratedStem` computes, in forward order."""
+
+    conv1: nn.Module
+    bn1: nn.Module
+    act1: nn.Module
+    layer: nn.Module
+    bn2: nn.Module
+    act2: nn.Module
+    conv2: nn.Module
+
+
+def stem_fusion_applies(stem: StemModules) -> bool:
     """Whether :func:`involution_stem` runs :class:`RegeneratedStem`: the involution, ``bn2``
     and ``act2`` fused as :func:`~involution.ops.regenerate_norm_act.norm_act_fusion_applies`
     says (training, kernel regeneration on), ``bn1`` a plain ``nn.BatchNorm2d`` using the
     batch's statistics, ``act1`` ``nn.ReLU``, bias-free ungrouped convs, no hooks."""
+    bn1, act1 = stem.bn1, stem.act1
     return (
-        _plain_conv(conv1)
-        and _plain_conv(conv2)
+        _plain_conv(stem.conv1)
+        and _plain_conv(stem.conv2)
         and type(bn1) is nn.BatchNorm2d
         and (bn1.training or bn1.running_mean is None)
         and type(act1) is nn.ReLU
         and not any(m._forward_hooks or m._forward_pre_hooks for m in (bn1, act1))
-        and norm_act_fusion_applies(layer, bn2, act2)
+        and norm_act_fusion_applies(stem.layer, stem.bn2, stem.act2)
     )
 
 
-def involution_stem(
-    conv1: nn.Module,
-    bn1: nn.Module,
-    act1: nn.Module,
-    layer: nn.Module,
-    bn2: nn.Module,
-    act2: nn.Module,
-    conv2: nn.Module,
-    image: Tensor,
-) -> Tensor:
-    """``conv2(act2(bn2(layer(act1(bn1(conv1(image)))))))``: in one training op keeping only
-    the image where :func:`stem_fusion_applies`, else the modules (the involution's BatchNorm
-    and ReLU through :func:`~involution.ops.regenerate_norm_act.involution_norm_act`), which
-    FX tracers record. Every BatchNorm's running statistics are updated once; under autocast
-    the convs run in the autocast dtype and the BatchNorms' parameters are not cast, as on the
-    modules. Shapes as the modules'."""
-    if isinstance(image, torch.fx.Proxy) or not stem_fusion_applies(
-        conv1, bn1, act1, layer, bn2, act2, conv2
-    ):
+def involution_stem(stem: StemModules, image: Tensor) -> Tensor:
+    """``conv2(act2(bn2(layer(act1(bn1(conv1(image)))))))`` of ``stem``'s modules: in one
+    training op keeping only the image where :func:`stem_fusion_applies`, else the modules (the
+    involution's BatchNorm and ReLU through
+    :func:`~involution.ops.regenerate_norm_act.involution_norm_act`), which FX tracers record.
+    Every BatchNorm's running statistics are updated once; under autocast the convs run in the
+    autocast dtype and the BatchNorms' parameters are not cast, as on the modules. Shapes as
+    the modules'."""
+    conv1, bn1, act1, layer, bn2, act2, conv2 = stem
+    if isinstance(image, torch.fx.Proxy) or not stem_fusion_applies(stem):
         x = act1(bn1(conv1(image)))
         return conv2(involution_norm_act(layer, bn2, act2, x))
     # layer_inputs casts the image as it would the involution's input: the first conv's input.
