@@ -11,7 +11,10 @@ regenerates the branch in backward, with explicit gradients (ATen's convolution 
 backward, the registered aggregation gradients), so ``torch.compile(fullgraph=True)`` traces it.
 The forward aggregates through the fused op from the branch's activated features, so the
 ``"triton"`` backend never stores the kernels; in eager mode its backward regenerates them in
-registers too (the backend's ``fused_backward``). On the ``"cpu"`` backend (float32, float64,
+registers too (the backend's ``fused_backward``). On the ``"cpu"`` backend (float32, float64)
+the output comes from the fused layer kernel, the branch's norm folded in from its statistics
+(:func:`features_output`, which a backward that rebuilds the output calls too: bitwise the
+same output). On the ``"cpu"`` backend (float32, float64,
 traced code too) the backward through the span conv and the aggregation is one registered op
 that regenerates the kernels per band of rows (the backend's ``span_backward``). The other
 backends (and traced Triton code) materialise the kernels and their gradient while the backward
