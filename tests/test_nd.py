@@ -125,6 +125,66 @@ def test_long_sequences_match_reference(backend, length, kernel, stride, padding
             torch.testing.assert_close(got, ref)
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize(
+    ("length", "kernel", "stride", "padding", "dilation"),
+    [
+        (53, 7, 1, None, 1),  # register blocks, taps by lane shifts
+        (61, 5, 1, None, 2),  # register blocks, taps loaded (dilation 2)
+        (70, 11, 1, None, 1),  # two blocks of taps (8 + 3)
+        (67, 4, 1, 2, 1),  # even kernel: one output more than inputs
+        (45, 6, 1, 1, 2),  # even kernel, dilated: fewer outputs than inputs
+        (5, 7, 1, None, 1),  # shorter than the kernel
+        (59, 3, 2, 1, 1),
+        (83, 5, 3, 2, 2),
+    ],
+)
+def test_sequence_gradcheck_each_gradient(backend, length, kernel, stride, padding, dilation):
+    """float64 gradcheck of the sequence kernels (16 channels per group, batch 1) with respect
+    to both operands and to each alone (the backward's three variants)."""
+    pad = dilation * (kernel - 1) // 2 if padding is None else padding
+    out = output_size(length, kernel, stride, pad, dilation)
+    x = torch.randn(1, 32, length, dtype=torch.float64)
+    w = torch.randn(1, 2, kernel, out, dtype=torch.float64)
+
+    def op(x, w):
+        return involution1d(x, w, stride, padding, dilation, backend=backend)
+
+    assert torch.autograd.gradcheck(op, (x.requires_grad_(), w.requires_grad_()), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x: op(x, w.detach()), (x,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda w: op(x.detach(), w), (w,), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize(
+    ("length", "kernel", "padding", "dilation", "needs"),
+    [
+        (1100, 11, None, 2, (True, True)),
+        (2085, 8, 3, 1, (True, True)),  # even kernel: the last tile's inputs and outputs differ
+        (1024, 2, 1, 1, (True, True)),  # one output past the last input tile
+        (1050, 7, None, 1, (True, False)),
+        (1050, 7, None, 1, (False, True)),
+    ],
+)
+def test_long_sequence_gradients_non_contiguous(backend, length, kernel, padding, dilation, needs):
+    """Stride 1 over several tiles, operands and grad_output not contiguous (every other
+    position of longer rows), the gradients asked for alone and together."""
+    pad = dilation * (kernel - 1) // 2 if padding is None else padding
+    out = output_size(length, kernel, 1, pad, dilation)
+    x = torch.randn(1, 48, 2 * length, dtype=torch.float64)[:, :, ::2]
+    w = torch.randn(1, 3, kernel, 2 * out, dtype=torch.float64)[..., ::2]
+    grad = torch.randn(1, 48, 2 * out, dtype=torch.float64)[:, :, ::2]
+    x.requires_grad_(needs[0])
+    w.requires_grad_(needs[1])
+    wrt = [t for t, need in zip((x, w), needs, strict=True) if need]
+    results = []
+    for name in ("reference", backend):
+        y = involution1d(x, w, 1, padding, dilation, backend=name)
+        results.append((y, *torch.autograd.grad(y, wrt, grad)))
+    for ref, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, ref)
+
+
 @pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
 def test_sequence_half_and_gradcheck_without_input_gradient(backend):
     x = torch.randn(2, 32, 300)

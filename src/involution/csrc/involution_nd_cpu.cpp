@@ -30,6 +30,8 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace involution_nd_cpu {
@@ -291,12 +293,13 @@ INVOLUTION_DEFINE_KERNELS(Geometry3d, forward_rows, backward_input_rows, backwar
 
 // ---- Sequences: (B, C, 1, 1, L) maps in the contiguous layout --------------------------------
 // The 1-D op's views (and any volume of depth and height 1 with a 1x1xK kernel) are read in
-// place as (B, C, L) rows, without the channels-last copies: each task takes a tile of
-// kSequenceTile positions of one group, whose kernels (K x tile) stay in L1 while the group's
-// channels stream past once. At stride 1 the positions where every tap is inside the sequence
-// are computed in registers, 16 positions to a vector: the forward and grad_input sum the taps
-// of up to 64 positions at a time, grad_weight sums the group's channels for up to 8 taps of 16
-// positions. The rest (the ends, other strides) runs one tap at a time over the tile's
+// place as (B, C, L) rows, without the channels-last copies. Each task takes a tile of
+// kSequenceTile positions of one group. At stride 1 the positions where every tap is inside
+// the sequence are computed in registers, 16 positions to a vector, the group's channels in
+// the inner loop: the kernels of the taps (w[k, p:p+16], shifted by the tap's offset in the
+// backward) are loaded once for all the channels, and the backward computes both gradients in
+// one pass that reads grad_y, x and w once (grad_weight's sums over the channels stay in
+// registers too). The rest (the ends, other strides) runs one tap at a time over the tile's
 // positions, accumulating in the result row (in L1).
 
 constexpr int64_t kSequenceTile = 1024;
@@ -305,12 +308,23 @@ struct Geometry1d {
   int64_t batch, channels, groups, group_channels;
   int64_t length, kernel, out, stride, pad, dil;
   std::vector<ColumnRange> columns;  // per tap k: the outputs whose input is inside
-  // At stride 1, the outputs (inner_out) and inputs (inner_in) whose every tap is inside; empty
-  // at other strides.
-  ColumnRange inner_out, inner_in;
+  // At stride 1, the outputs whose every tap is inside (inner_out), and those positions p whose
+  // every tap is inside both as an output (input p + offset(k)) and as an input (read by
+  // output p - offset(k)): inner; empty at other strides.
+  ColumnRange inner_out, inner;
 
   int64_t tiles(int64_t positions) const {
     return (positions + kSequenceTile - 1) / kSequenceTile;
+  }
+  // The backward's tiles: tile t holds the outputs [t * T, (t + 1) * T) and the inputs
+  // [t * T * stride, (t + 1) * T * stride), the last one every input left (T = kSequenceTile).
+  int64_t backward_tiles() const { return std::max(tiles(out), tiles(ceil_div(length, stride))); }
+  ColumnRange tile_outputs(int64_t t) const {
+    return {std::min(out, t * kSequenceTile), std::min(out, (t + 1) * kSequenceTile)};
+  }
+  ColumnRange tile_inputs(int64_t t) const {
+    const int64_t end = t + 1 == backward_tiles() ? length : (t + 1) * kSequenceTile * stride;
+    return {std::min(length, t * kSequenceTile * stride), std::min(length, end)};
   }
   // Offset of the first channel row of group g: x[b, g * C/G, :] (rows of `positions`).
   int64_t group_row(int64_t b, int64_t g, int64_t positions) const {
@@ -321,6 +335,9 @@ struct Geometry1d {
   // Input position read by output o through tap k: o * stride + offset(k).
   int64_t offset(int64_t k) const { return k * dil - pad; }
   int64_t tile_work() const { return group_channels * kernel * kSequenceTile; }
+
+ private:
+  static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 };
 
 Geometry1d make_sequence_geometry(const Geometry3d& geo) {
@@ -331,20 +348,20 @@ Geometry1d make_sequence_geometry(const Geometry3d& geo) {
     // Output o reads o + offset(k); input i is read by output i - offset(k).
     const int64_t first = seq.offset(0), last = seq.offset(seq.kernel - 1);
     seq.inner_out = {std::max<int64_t>(0, -first), std::min(seq.out, seq.length - last)};
-    seq.inner_in = {std::max<int64_t>(0, last), std::min(seq.length, seq.out + first)};
-    for (ColumnRange* r : {&seq.inner_out, &seq.inner_in}) {
+    const ColumnRange inner_in{std::max<int64_t>(0, last), std::min(seq.length, seq.out + first)};
+    seq.inner = {std::max(seq.inner_out.lo, inner_in.lo), std::min(seq.inner_out.hi, inner_in.hi)};
+    for (ColumnRange* r : {&seq.inner_out, &seq.inner}) {
       r->hi = std::max(r->lo, r->hi);
     }
   }
   return seq;
 }
 
-// (b, g, first position) of tile task t, over tiles of `positions`.
+// (b, g, tile) of task t over `tiles` tiles per group.
 INVOLUTION_INLINE std::array<int64_t, 3> tile_item(const Geometry1d& geo, int64_t t,
-                                                   int64_t positions) {
-  const int64_t tiles = geo.tiles(positions);
+                                                   int64_t tiles) {
   const int64_t bg = t / tiles;
-  return {bg / geo.groups, bg % geo.groups, (t % tiles) * kSequenceTile};
+  return {bg / geo.groups, bg % geo.groups, t % tiles};
 }
 
 // The part of [lo, hi) inside `inner` whose length is a multiple of 16 (the register-blocked
@@ -356,6 +373,15 @@ INVOLUTION_INLINE ColumnRange vector_range(const ColumnRange& inner, int64_t lo,
 #else
   return {lo, lo};
 #endif
+}
+
+// The parts of `range` before and after `vec` (all of it when `vec` is empty).
+INVOLUTION_INLINE std::array<ColumnRange, 2> outside(const ColumnRange& vec,
+                                                     const ColumnRange& range) {
+  if (vec.lo == vec.hi) {
+    return {range, ColumnRange{range.hi, range.hi}};
+  }
+  return {ColumnRange{range.lo, vec.lo}, ColumnRange{vec.hi, range.hi}};
 }
 
 // The outputs of tap k inside [lo, hi) (and valid).
@@ -380,52 +406,172 @@ INVOLUTION_INLINE void multiply_add(T* __restrict acc, int64_t acc_step, const T
   }
 }
 
-#ifdef INVOLUTION_VECTOR_TYPES
-// out[j] = sum_k a[k * a_tap + j] * b[k * b_tap + j] for j < 16 * NV, in registers.
-template <typename T, int NV>
-INVOLUTION_INLINE void tap_sum_block(T* __restrict out, const T* __restrict a, int64_t a_tap,
-                                     const T* __restrict b, int64_t b_tap, int64_t taps) {
-  V16<T> acc[NV] = {};
-  for (int64_t k = 0; k < taps; ++k) {
-    for (int n = 0; n < NV; ++n) {
-      acc[n] += load16(a + k * a_tap + 16 * n) * load16(b + k * b_tap + 16 * n);
-    }
-  }
-  std::memcpy(out, acc, sizeof(acc));
-}
-
-// tap_sum_block over [r.lo, r.hi) (a multiple of 16 long): out[p] = sum_k a[k * a_tap + p] *
-// b[k * b_tap + p], 64 positions at a time.
+// The operands of the backward: whole tensors, or one group's rows (SequenceData::group);
+// nullptr for the gradient not asked for and the operand only it reads.
 template <typename T>
-INVOLUTION_INLINE void tap_sums(const ColumnRange& r, T* __restrict out, const T* __restrict a,
-                                int64_t a_tap, const T* __restrict b, int64_t b_tap,
-                                int64_t taps) {
-  int64_t p = r.lo;
-  for (; p + 64 <= r.hi; p += 64) {
-    tap_sum_block<T, 4>(out + p, a + p, a_tap, b + p, b_tap, taps);
+struct SequenceData {
+  const T* grad_y;  // (B, C, L_out)
+  const T* x;       // (B, C, L)
+  const T* w;       // (B, G, K, L_out)
+  T* grad_x;
+  T* grad_w;
+
+  // The rows of group g of batch item b: channel c's row at c * L_out (grad_y) or c * L (x,
+  // grad_x), tap k's at k * L_out (w, grad_w).
+  SequenceData group(const Geometry1d& geo, int64_t b, int64_t g) const {
+    const auto at = [](auto* p, int64_t offset) { return p == nullptr ? p : p + offset; };
+    const int64_t x_row = geo.group_row(b, g, geo.length), w_row = geo.weight_rows(b, g);
+    return {grad_y + geo.group_row(b, g, geo.out), at(x, x_row), at(w, w_row),
+            at(grad_x, x_row), at(grad_w, w_row)};
   }
-  for (; p < r.hi; p += 16) {
-    tap_sum_block<T, 1>(out + p, a + p, a_tap, b + p, b_tap, taps);
+};
+
+#ifdef INVOLUTION_VECTOR_TYPES
+#ifdef INVOLUTION_VECTOR_KERNELS
+// Calls f(n) for n = 0, ..., N - 1, each a std::integral_constant (compile-time lane shifts).
+template <typename F, int... N>
+INVOLUTION_INLINE void unroll(const F& f, std::integer_sequence<int, N...>) {
+  (f(std::integral_constant<int, N>{}), ...);
+}
+
+// Lanes [FIRST, FIRST + 16) of a window of 16 + LAST lanes whose first 16 are `lo` and last 16
+// are `hi` (hi starts at lane LAST of the window).
+template <int FIRST, int LAST, typename V, int... LANE>
+INVOLUTION_INLINE V window_lanes(V lo, V hi, std::integer_sequence<int, LANE...>) {
+  return __builtin_shufflevector(lo, hi,
+                                 (FIRST + LANE < 16 ? FIRST + LANE : 16 + FIRST + LANE - LAST)...);
+}
+#endif
+
+// v[m] = row[m * step : m * step + 16] for m < NK. At unit step (UNIT) from the window's first
+// and last vectors and lane shifts: a 16-lane load that does not start a 64-byte line straddles
+// two lines and costs two loads, and the taps' loads were the kernels' bottleneck.
+template <typename T, int NK, bool UNIT>
+INVOLUTION_INLINE void tap_vectors(const T* __restrict row, int64_t step, V16<T> (&v)[NK]) {
+#ifdef INVOLUTION_VECTOR_KERNELS
+  if constexpr (UNIT) {
+    const V16<T> lo = load16(row), hi = load16(row + NK - 1);
+    unroll(
+        [&](auto m) INVOLUTION_LAMBDA_INLINE {
+          v[m] = window_lanes<decltype(m)::value, NK - 1>(lo, hi,
+                                                         std::make_integer_sequence<int, 16>{});
+        },
+        std::make_integer_sequence<int, NK>{});
+    return;
+  }
+#endif
+  for (int m = 0; m < NK; ++m) {
+    v[m] = load16(row + m * step);
   }
 }
 
-// grad_w[k0 + n, o:o+16] = sum over the group's cg channels of grad_y[c, o:o+16] *
-// x[c, o + offset(k0 + n):...] for n < NK, in registers (stride 1, every tap inside).
-// `gy`/`x` point at the group's first rows, `gw` at w[b, g, 0, 0].
-template <typename T, int NK>
-INVOLUTION_INLINE void weight_block(const Geometry1d& geo, const T* __restrict gy,
-                                    const T* __restrict x, T* __restrict gw, int64_t k0,
-                                    int64_t o, int64_t cg) {
-  V16<T> acc[NK] = {};
+// y[c, o:o+16] (+)= sum over the taps [k0, k0 + NK) of w[k, o:o+16] * x[c, o + offset(k):...]
+// for the group's cg channels (rows of `x`, `y`; `w` at w[b, g, 0, 0]), the kernels in
+// registers for all the channels; the first taps' block stores, the others add.
+template <typename T, int NK, bool UNIT>
+INVOLUTION_INLINE void forward_block(const Geometry1d& geo, const T* __restrict x,
+                                     const T* __restrict w, T* __restrict y, int64_t k0,
+                                     int64_t o, int64_t cg) {
+  V16<T> kernels[NK];
+  for (int n = 0; n < NK; ++n) {
+    kernels[n] = load16(w + (k0 + n) * geo.out + o);
+  }
   const T* __restrict x_taps = x + o + geo.offset(k0);
   for (int64_t c = 0; c < cg; ++c) {
-    const V16<T> g = load16(gy + c * geo.out + o);
+    T* __restrict y_c = y + c * geo.out + o;
+    V16<T> taps[NK];
+    tap_vectors<T, NK, UNIT>(x_taps + c * geo.length, geo.dil, taps);
+    V16<T> acc = k0 == 0 ? V16<T>{} : load16(y_c);
     for (int n = 0; n < NK; ++n) {
-      acc[n] += g * load16(x_taps + c * geo.length + n * geo.dil);
+      acc += kernels[n] * taps[n];
+    }
+    std::memcpy(y_c, &acc, sizeof(acc));
+  }
+}
+
+// Both gradients (INPUT: grad_x, WEIGHT: grad_w) at the 16 positions [p, p + 16) for the taps
+// [k0, k0 + NK), over the group's cg channels (`rows`: SequenceData::group):
+//   grad_w[k, p:p+16] = sum_c grad_y[c, p:p+16] * x[c, p + offset(k):...]
+//   grad_x[c, p:p+16] (+)= sum_k w[k, p - offset(k):...] * grad_y[c, p - offset(k):...]
+// with the kernels and grad_w's sums in registers for all the channels (stride 1, p's taps
+// inside as an output and as an input); grad_x: the first taps' block stores, the others add.
+template <typename T, int NK, bool INPUT, bool WEIGHT, bool UNIT>
+INVOLUTION_INLINE void backward_block(const Geometry1d& geo, const SequenceData<T>& rows,
+                                      int64_t k0, int64_t p, int64_t cg) {
+  V16<T> kernels[NK];
+  V16<T> sums[NK] = {};
+  if constexpr (INPUT) {
+    for (int n = 0; n < NK; ++n) {
+      kernels[n] = load16(rows.w + (k0 + n) * geo.out + p - geo.offset(k0 + n));
     }
   }
-  for (int n = 0; n < NK; ++n) {
-    std::memcpy(gw + (k0 + n) * geo.out + o, &acc[n], sizeof(acc[n]));
+  const T* __restrict gy = rows.grad_y;
+  const T* __restrict x_taps = WEIGHT ? rows.x + p + geo.offset(k0) : nullptr;
+  // Tap k0 + n reads grad_y at p - offset(k0) - n * dil: the window from the last tap's.
+  const T* __restrict gy_taps = gy + p - geo.offset(k0 + NK - 1);
+  for (int64_t c = 0; c < cg; ++c) {
+    if constexpr (WEIGHT) {
+      const V16<T> g = load16(gy + c * geo.out + p);
+      V16<T> taps[NK];
+      tap_vectors<T, NK, UNIT>(x_taps + c * geo.length, geo.dil, taps);
+      for (int n = 0; n < NK; ++n) {
+        sums[n] += g * taps[n];
+      }
+    }
+    if constexpr (INPUT) {
+      T* __restrict gx_c = rows.grad_x + c * geo.length + p;
+      V16<T> taps[NK];
+      tap_vectors<T, NK, UNIT>(gy_taps + c * geo.out, geo.dil, taps);
+      V16<T> acc = k0 == 0 ? V16<T>{} : load16(gx_c);
+      for (int n = 0; n < NK; ++n) {
+        acc += kernels[n] * taps[NK - 1 - n];
+      }
+      std::memcpy(gx_c, &acc, sizeof(acc));
+    }
+  }
+  if constexpr (WEIGHT) {
+    for (int n = 0; n < NK; ++n) {
+      std::memcpy(rows.grad_w + (k0 + n) * geo.out + p, &sums[n], sizeof(sums[n]));
+    }
+  }
+}
+
+// Calls block(nk, k0) for the taps in blocks of up to 8 (nk: a std::integral_constant).
+template <typename Block>
+INVOLUTION_INLINE void for_tap_blocks(const Geometry1d& geo, const Block& block) {
+  for (int64_t k0 = 0; k0 < geo.kernel; k0 += 8) {
+    involution_common::call_block<8>(std::min<int64_t>(8, geo.kernel - k0), k0, block);
+  }
+}
+
+// backward_block over the positions [vec.lo, vec.hi) (a multiple of 16 long) for the
+// gradients asked for.
+template <typename T>
+INVOLUTION_INLINE void backward_blocks(const Geometry1d& geo, const SequenceData<T>& rows,
+                                       const ColumnRange& vec, int64_t cg) {
+  const auto run = [&](auto input, auto weight, auto unit) INVOLUTION_LAMBDA_INLINE {
+    for (int64_t p = vec.lo; p < vec.hi; p += 16) {
+      for_tap_blocks(geo, [&](auto nk, int64_t k0) INVOLUTION_LAMBDA_INLINE {
+        backward_block<T, decltype(nk)::value, decltype(input)::value, decltype(weight)::value,
+                       decltype(unit)::value>(geo, rows, k0, p, cg);
+      });
+    }
+  };
+  const auto with_dilation = [&](auto input, auto weight) INVOLUTION_LAMBDA_INLINE {
+    if (geo.dil == 1) {
+      run(input, weight, std::true_type{});
+    } else {
+      run(input, weight, std::false_type{});
+    }
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (rows.grad_x != nullptr && rows.grad_w != nullptr) {
+    with_dilation(Yes{}, Yes{});
+  } else if (rows.grad_x != nullptr) {
+    with_dilation(Yes{}, No{});
+  } else if (rows.grad_w != nullptr) {
+    with_dilation(No{}, Yes{});
   }
 }
 #endif
@@ -438,17 +584,31 @@ INVOLUTION_INLINE void sequence_forward_impl(const Geometry1d& geo, const T* __r
                                              int64_t begin, int64_t end) {
   const int64_t cg = CG > 0 ? CG : geo.group_channels;
   for (int64_t t = begin; t < end; ++t) {
-    const auto [b, g, o0] = tile_item(geo, t, geo.out);
-    const int64_t o1 = std::min(geo.out, o0 + kSequenceTile);
-    const ColumnRange vec = vector_range(geo.inner_out, o0, o1);
+    const auto [b, g, tile] = tile_item(geo, t, geo.tiles(geo.out));
+    const ColumnRange outputs = geo.tile_outputs(tile);
+    const ColumnRange vec = vector_range(geo.inner_out, outputs.lo, outputs.hi);
+    const T* __restrict x_rows = x + geo.group_row(b, g, geo.length);
     const T* __restrict w_rows = w + geo.weight_rows(b, g);
-    for (int64_t c = 0; c < cg; ++c) {
-      const T* __restrict x_row = x + geo.group_row(b, g, geo.length) + c * geo.length;
-      T* __restrict y_row = y + geo.group_row(b, g, geo.out) + c * geo.out;
+    T* __restrict y_rows = y + geo.group_row(b, g, geo.out);
 #ifdef INVOLUTION_VECTOR_TYPES
-      tap_sums(vec, y_row, w_rows, geo.out, x_row - geo.pad, geo.dil, geo.kernel);
+    const auto run = [&](auto unit) INVOLUTION_LAMBDA_INLINE {
+      for (int64_t o = vec.lo; o < vec.hi; o += 16) {
+        for_tap_blocks(geo, [&](auto nk, int64_t k0) INVOLUTION_LAMBDA_INLINE {
+          forward_block<T, decltype(nk)::value, decltype(unit)::value>(geo, x_rows, w_rows,
+                                                                       y_rows, k0, o, cg);
+        });
+      }
+    };
+    if (geo.dil == 1) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
 #endif
-      for (const auto [lo, hi] : {ColumnRange{o0, vec.lo}, ColumnRange{vec.hi, o1}}) {
+    for (const auto [lo, hi] : outside(vec, outputs)) {
+      for (int64_t c = 0; c < cg; ++c) {
+        const T* __restrict x_row = x_rows + c * geo.length;
+        T* __restrict y_row = y_rows + c * geo.out;
         std::fill(y_row + lo, y_row + hi, T(0));
         for (int64_t k = 0; k < geo.kernel; ++k) {
           const ColumnRange r = clip(geo.columns[k], lo, hi);
@@ -461,91 +621,95 @@ INVOLUTION_INLINE void sequence_forward_impl(const Geometry1d& geo, const T* __r
 }
 
 // grad_x[b, c, i] = sum over the (k, o) with o * stride + offset(k) = i of w[b, g, k, o] *
-// grad_y[b, c, o], for the input tiles [begin, end).
-template <typename T, int64_t CG>
-INVOLUTION_INLINE void sequence_backward_input_impl(const Geometry1d& geo,
-                                                    const T* __restrict grad_y,
-                                                    const T* __restrict w,
-                                                    T* __restrict grad_x, int64_t begin,
-                                                    int64_t end) {
-  const int64_t cg = CG > 0 ? CG : geo.group_channels;
+// grad_y[b, c, o] for the inputs [lo, hi) of one group (`rows`), one tap at a time.
+template <typename T>
+INVOLUTION_INLINE void input_gradient(const Geometry1d& geo, const SequenceData<T>& rows,
+                                      int64_t lo, int64_t hi, int64_t cg) {
   const int64_t s = geo.stride;
-  for (int64_t t = begin; t < end; ++t) {
-    const auto [b, g, i0] = tile_item(geo, t, geo.length);
-    const int64_t i1 = std::min(geo.length, i0 + kSequenceTile);
-    const ColumnRange vec = vector_range(geo.inner_in, i0, i1);
-    const T* __restrict w_rows = w + geo.weight_rows(b, g);
-    for (int64_t c = 0; c < cg; ++c) {
-      const T* __restrict gy_row = grad_y + geo.group_row(b, g, geo.out) + c * geo.out;
-      T* __restrict gx_row = grad_x + geo.group_row(b, g, geo.length) + c * geo.length;
-#ifdef INVOLUTION_VECTOR_TYPES
-      // Input i takes tap k from output i - offset(k) (stride 1).
-      tap_sums(vec, gx_row, w_rows + geo.pad, geo.out - geo.dil, gy_row + geo.pad, -geo.dil,
-               geo.kernel);
-#endif
-      for (const auto [lo, hi] : {ColumnRange{i0, vec.lo}, ColumnRange{vec.hi, i1}}) {
-        std::fill(gx_row + lo, gx_row + hi, T(0));
-        for (int64_t k = 0; k < geo.kernel; ++k) {
-          // The outputs o whose input o * s + offset(k) lies in [lo, hi): from ceil((i -
-          // offset) / s) for i = lo, hi.
-          const int64_t shift = geo.offset(k);
-          const auto first_output = [&](int64_t i) {
-            return i - shift <= 0 ? -((shift - i) / s) : (i - shift + s - 1) / s;
-          };
-          const ColumnRange r = clip(geo.columns[k], first_output(lo), first_output(hi));
-          multiply_add(gx_row + r.lo * s + shift, s, w_rows + k * geo.out + r.lo, gy_row + r.lo,
-                       1, r.hi - r.lo);
-        }
-      }
+  for (int64_t c = 0; c < cg; ++c) {
+    const T* __restrict gy_row = rows.grad_y + c * geo.out;
+    T* __restrict gx_row = rows.grad_x + c * geo.length;
+    std::fill(gx_row + lo, gx_row + hi, T(0));
+    for (int64_t k = 0; k < geo.kernel; ++k) {
+      // The outputs o whose input o * s + offset(k) lies in [lo, hi): from ceil((i - offset) /
+      // s) for i = lo, hi.
+      const int64_t shift = geo.offset(k);
+      const auto first_output = [&](int64_t i) {
+        return i - shift <= 0 ? -((shift - i) / s) : (i - shift + s - 1) / s;
+      };
+      const ColumnRange r = clip(geo.columns[k], first_output(lo), first_output(hi));
+      multiply_add(gx_row + r.lo * s + shift, s, rows.w + k * geo.out + r.lo, gy_row + r.lo, 1,
+                   r.hi - r.lo);
     }
   }
 }
 
 // grad_w[b, g, k, o] = sum over the group's channels of grad_y[b, c, o] * x[b, c, o * stride +
-// offset(k)] (zero where that is padding), for the output tiles [begin, end).
+// offset(k)] (zero where that is padding) for the outputs [lo, hi) of one group (`rows`), one
+// tap at a time.
+template <typename T>
+INVOLUTION_INLINE void weight_gradient(const Geometry1d& geo, const SequenceData<T>& rows,
+                                       int64_t lo, int64_t hi, int64_t cg) {
+  for (int64_t k = 0; k < geo.kernel; ++k) {
+    std::fill(rows.grad_w + k * geo.out + lo, rows.grad_w + k * geo.out + hi, T(0));
+  }
+  for (int64_t c = 0; c < cg; ++c) {
+    for (int64_t k = 0; k < geo.kernel; ++k) {
+      const ColumnRange r = clip(geo.columns[k], lo, hi);
+      multiply_add(rows.grad_w + k * geo.out + r.lo, 1, rows.grad_y + c * geo.out + r.lo,
+                   rows.x + c * geo.length + r.lo * geo.stride + geo.offset(k), geo.stride,
+                   r.hi - r.lo);
+    }
+  }
+}
+
+// The gradients asked for (`data`'s non-null grad_x, grad_w) over the backward tiles [begin,
+// end) (Geometry1d::backward_tiles): each tile's inputs and outputs, in one pass over the
+// tile's rows at stride 1.
 template <typename T, int64_t CG>
-INVOLUTION_INLINE void sequence_backward_weight_impl(const Geometry1d& geo,
-                                                     const T* __restrict grad_y,
-                                                     const T* __restrict x,
-                                                     T* __restrict grad_w, int64_t begin,
-                                                     int64_t end) {
+INVOLUTION_INLINE void sequence_backward_impl(const Geometry1d& geo, const SequenceData<T>& data,
+                                              int64_t begin, int64_t end) {
   const int64_t cg = CG > 0 ? CG : geo.group_channels;
   for (int64_t t = begin; t < end; ++t) {
-    const auto [b, g, o0] = tile_item(geo, t, geo.out);
-    const int64_t o1 = std::min(geo.out, o0 + kSequenceTile);
-    const ColumnRange vec = vector_range(geo.inner_out, o0, o1);
-    const T* __restrict gy_rows = grad_y + geo.group_row(b, g, geo.out);
-    const T* __restrict x_rows = x + geo.group_row(b, g, geo.length);
-    T* __restrict gw_rows = grad_w + geo.weight_rows(b, g);
+    const auto [b, g, tile] = tile_item(geo, t, geo.backward_tiles());
+    const SequenceData<T> rows = data.group(geo, b, g);
+    const ColumnRange inputs = geo.tile_inputs(tile), outputs = geo.tile_outputs(tile);
+    // At stride 1 a tile's inputs and outputs are the same positions (but at the sequence's
+    // ends).
+    const ColumnRange vec = vector_range(geo.inner, std::max(inputs.lo, outputs.lo),
+                                         std::min(inputs.hi, outputs.hi));
 #ifdef INVOLUTION_VECTOR_TYPES
-    for (int64_t o = vec.lo; o < vec.hi; o += 16) {
-      for (int64_t k0 = 0; k0 < geo.kernel; k0 += 8) {
-        involution_common::call_block<8>(
-            std::min<int64_t>(8, geo.kernel - k0), k0,
-            [&](auto nk, int64_t first) INVOLUTION_LAMBDA_INLINE {
-              weight_block<T, decltype(nk)::value>(geo, gy_rows, x_rows, gw_rows, first, o, cg);
-            });
+    backward_blocks(geo, rows, vec, cg);
+#endif
+    if (rows.grad_x != nullptr) {
+      for (const auto [lo, hi] : outside(vec, inputs)) {
+        input_gradient(geo, rows, lo, hi, cg);
       }
     }
-#endif
-    for (const auto [lo, hi] : {ColumnRange{o0, vec.lo}, ColumnRange{vec.hi, o1}}) {
-      for (int64_t k = 0; k < geo.kernel; ++k) {
-        std::fill(gw_rows + k * geo.out + lo, gw_rows + k * geo.out + hi, T(0));
-      }
-      for (int64_t c = 0; c < cg; ++c) {
-        for (int64_t k = 0; k < geo.kernel; ++k) {
-          const ColumnRange r = clip(geo.columns[k], lo, hi);
-          multiply_add(gw_rows + k * geo.out + r.lo, 1, gy_rows + c * geo.out + r.lo,
-                       x_rows + c * geo.length + r.lo * geo.stride + geo.offset(k), geo.stride,
-                       r.hi - r.lo);
-        }
+    if (rows.grad_w != nullptr) {
+      for (const auto [lo, hi] : outside(vec, outputs)) {
+        weight_gradient(geo, rows, lo, hi, cg);
       }
     }
   }
 }
 
-INVOLUTION_DEFINE_KERNELS(Geometry1d, sequence_forward, sequence_backward_input,
-                          sequence_backward_weight)
+// Non-template entry points, compiled once per instruction set (see common.h).
+INVOLUTION_DEFINE_KERNEL(sequence_forward, Geometry1d, float, x, w, y)
+INVOLUTION_DEFINE_KERNEL(sequence_forward, Geometry1d, double, x, w, y)
+#define INVOLUTION_SEQUENCE_BACKWARD(T)                                                     \
+  INVOLUTION_TARGET_CLONES void sequence_backward(const Geometry1d& geo,                    \
+                                                  const SequenceData<T>& data,              \
+                                                  int64_t begin, int64_t end) {             \
+    if (geo.group_channels == 16) {                                                         \
+      sequence_backward_impl<T, 16>(geo, data, begin, end);                                 \
+    } else {                                                                                \
+      sequence_backward_impl<T, 0>(geo, data, begin, end);                                  \
+    }                                                                                       \
+  }
+INVOLUTION_SEQUENCE_BACKWARD(float)
+INVOLUTION_SEQUENCE_BACKWARD(double)
+#undef INVOLUTION_SEQUENCE_BACKWARD
 
 bool is_channels_last_3d(const at::Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
@@ -693,7 +857,7 @@ at::Tensor sequence_forward3d(const at::Tensor& input, const at::Tensor& weight,
   return y.to(input.scalar_type());
 }
 
-// backward3d of the sequence kernels.
+// backward3d of the sequence kernels: the gradients asked for in one pass over the tiles.
 std::tuple<at::Tensor, at::Tensor> sequence_backward3d(const at::Tensor& grad_output,
                                                        const at::Tensor& input,
                                                        const at::Tensor& weight,
@@ -710,13 +874,19 @@ std::tuple<at::Tensor, at::Tensor> sequence_backward3d(const at::Tensor& grad_ou
     x = input.to(dtype).contiguous();
     grad_w = at::empty(weight.sizes(), grad_y.options());
   }
-  const int64_t tiles = geo.batch * geo.groups;
-  return involution_common::run_gradients(
-      {grad_y, w, x, grad_x, grad_w}, needs[0] ? tiles * geo.tiles(geo.length) : 0,
-      needs[1] ? tiles * geo.tiles(geo.out) : 0, geo.tile_work(),
-      [&](auto... args) { sequence_backward_input(geo, args...); },
-      [&](auto... args) { sequence_backward_weight(geo, args...); },
-      {input.scalar_type(), weight.scalar_type()});
+  AT_DISPATCH_FLOATING_TYPES(dtype, "involution1d_backward", [&] {
+    const auto data = [](const at::Tensor& t) {
+      return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+    };
+    const SequenceData<scalar_t> all{grad_y.const_data_ptr<scalar_t>(), data(x), data(w),
+                                     data(grad_x), data(grad_w)};
+    involution_common::parallel_work(
+        geo.batch * geo.groups * geo.backward_tiles(), geo.tile_work() * (needs[0] + needs[1]),
+        int64_t{1} << 15,
+        [&](int64_t begin, int64_t end) { sequence_backward(geo, all, begin, end); });
+  });
+  return {grad_x.defined() ? grad_x.to(input.scalar_type()) : grad_x,
+          grad_w.defined() ? grad_w.to(weight.scalar_type()) : grad_w};
 }
 
 at::Tensor forward3d(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
