@@ -299,8 +299,8 @@ INVOLUTION_DEFINE_KERNELS(Geometry3d, forward_rows, backward_input_rows, backwar
 // the inner loop: the kernels of the taps (w[k, p:p+16], shifted by the tap's offset in the
 // backward) are loaded once for all the channels, and the backward computes both gradients in
 // one pass that reads grad_y, x and w once (grad_weight's sums over the channels stay in
-// registers too). The rest (the ends, other strides) runs one tap at a time over the tile's
-// positions, accumulating in the result row (in L1).
+// registers too); the rows are prefetched ahead. The rest (the ends, other strides) runs one
+// tap at a time over the tile's positions, accumulating in the result row (in L1).
 
 constexpr int64_t kSequenceTile = 1024;
 
@@ -465,6 +465,20 @@ INVOLUTION_INLINE void tap_vectors(const T* __restrict row, int64_t step, V16<T>
   }
 }
 
+// How far ahead (positions) the vector blocks request the rows they stream: a group's 16
+// channels of two or three tensors and the taps' kernels are more concurrent streams than the
+// hardware prefetchers follow.
+constexpr int64_t kPrefetchAhead = 128;
+
+// Requests the cache line kPrefetchAhead positions past `p` for reading (WRITE false) or
+// writing; the address may lie past the row's end (a prefetch never faults), so it is formed
+// as an integer.
+template <bool WRITE = false, typename T>
+INVOLUTION_INLINE void prefetch(const T* p) {
+  const auto ahead = reinterpret_cast<std::uintptr_t>(p) + kPrefetchAhead * sizeof(T);
+  __builtin_prefetch(reinterpret_cast<const void*>(ahead), WRITE ? 1 : 0, 3);
+}
+
 // y[c, o:o+16] (+)= sum over the taps [k0, k0 + NK) of w[k, o:o+16] * x[c, o + offset(k):...]
 // for the group's cg channels (rows of `x`, `y`; `w` at w[b, g, 0, 0]), the kernels in
 // registers for all the channels; the first taps' block stores, the others add.
@@ -475,10 +489,13 @@ INVOLUTION_INLINE void forward_block(const Geometry1d& geo, const T* __restrict 
   V16<T> kernels[NK];
   for (int n = 0; n < NK; ++n) {
     kernels[n] = load16(w + (k0 + n) * geo.out + o);
+    prefetch(w + (k0 + n) * geo.out + o);
   }
   const T* __restrict x_taps = x + o + geo.offset(k0);
   for (int64_t c = 0; c < cg; ++c) {
     T* __restrict y_c = y + c * geo.out + o;
+    prefetch(x_taps + c * geo.length);
+    prefetch<true>(y_c);
     V16<T> taps[NK];
     tap_vectors<T, NK, UNIT>(x_taps + c * geo.length, geo.dil, taps);
     V16<T> acc = k0 == 0 ? V16<T>{} : load16(y_c);
@@ -503,6 +520,12 @@ INVOLUTION_INLINE void backward_block(const Geometry1d& geo, const SequenceData<
   if constexpr (INPUT) {
     for (int n = 0; n < NK; ++n) {
       kernels[n] = load16(rows.w + (k0 + n) * geo.out + p - geo.offset(k0 + n));
+      prefetch(rows.w + (k0 + n) * geo.out + p);
+    }
+  }
+  if constexpr (WEIGHT) {
+    for (int n = 0; n < NK; ++n) {
+      prefetch<true>(rows.grad_w + (k0 + n) * geo.out + p);
     }
   }
   const T* __restrict gy = rows.grad_y;
@@ -510,7 +533,9 @@ INVOLUTION_INLINE void backward_block(const Geometry1d& geo, const SequenceData<
   // Tap k0 + n reads grad_y at p - offset(k0) - n * dil: the window from the last tap's.
   const T* __restrict gy_taps = gy + p - geo.offset(k0 + NK - 1);
   for (int64_t c = 0; c < cg; ++c) {
+    prefetch(gy + c * geo.out + p);
     if constexpr (WEIGHT) {
+      prefetch(x_taps + c * geo.length);
       const V16<T> g = load16(gy + c * geo.out + p);
       V16<T> taps[NK];
       tap_vectors<T, NK, UNIT>(x_taps + c * geo.length, geo.dil, taps);
@@ -520,6 +545,7 @@ INVOLUTION_INLINE void backward_block(const Geometry1d& geo, const SequenceData<
     }
     if constexpr (INPUT) {
       T* __restrict gx_c = rows.grad_x + c * geo.length + p;
+      prefetch<true>(gx_c);
       V16<T> taps[NK];
       tap_vectors<T, NK, UNIT>(gy_taps + c * geo.out, geo.dil, taps);
       V16<T> acc = k0 == 0 ? V16<T>{} : load16(gx_c);
