@@ -901,11 +901,13 @@ std::tuple<at::Tensor, at::Tensor> sequence_backward3d(const at::Tensor& grad_ou
     grad_w = at::empty(weight.sizes(), grad_y.options());
   }
   AT_DISPATCH_FLOATING_TYPES(dtype, "involution1d_backward", [&] {
-    const auto data = [](const at::Tensor& t) {
-      return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+    const auto in = [](const at::Tensor& t) {
+      return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
     };
-    const SequenceData<scalar_t> all{grad_y.const_data_ptr<scalar_t>(), data(x), data(w),
-                                     data(grad_x), data(grad_w)};
+    const auto out = [](const at::Tensor& t) {
+      return t.defined() ? t.mutable_data_ptr<scalar_t>() : nullptr;
+    };
+    const SequenceData<scalar_t> all{in(grad_y), in(x), in(w), out(grad_x), out(grad_w)};
     involution_common::parallel_work(
         geo.batch * geo.groups * geo.backward_tiles(), geo.tile_work() * (needs[0] + needs[1]),
         int64_t{1} << 15,
