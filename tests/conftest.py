@@ -23,6 +23,17 @@ if not torch.cuda.is_available():
 os.environ.setdefault("INVOLUTION_TRITON_AUTOTUNE", "0")
 
 
+def gradcheck_module(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Float64 ``gradcheck`` (fast mode) of ``module(x)`` in ``x`` and every parameter of
+    ``module``: gradcheck perturbs the parameters in place, so the module sees them."""
+    params = list(module.parameters())
+
+    def run(x: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
+        return module(x)
+
+    return torch.autograd.gradcheck(run, (x, *params), fast_mode=True)
+
+
 def fashion_mnist_scenes(tmp_path_factory: pytest.TempPathFactory, **params: Any) -> Path:
     """A small Fashion-MNIST scenes set (``involution.datasets.scenes.build_scenes`` with
     ``params``) in a fresh temporary folder; skips the test where Fashion-MNIST is absent."""

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from conftest import gradcheck_module
+from involution.bench.memory import saved_storages
 from involution.ops import Involution2d
 from involution.ops.modules import set_kernel_regeneration
 from involution.ops.regenerate import RegeneratedInvolution2d
@@ -55,20 +57,6 @@ def _layer(
     return layer.train()
 
 
-def _saved_storages(run) -> tuple[list[int], object]:
-    """The numel of every storage autograd keeps during ``run()`` (each counted once)."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes() // tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = run()
-    return list(storages.values()), result
-
-
 def _step(layer: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
     x = x.detach().clone().requires_grad_()
     output = layer(x)
@@ -84,13 +72,7 @@ def test_gradcheck_float64_batch_statistics(geometry, channels_last: bool) -> No
     x = torch.randn(2, channels, height, width, dtype=torch.float64)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    x.requires_grad_()
-    params = list(layer.parameters())  # perturbed in place by gradcheck: the layer sees them
-
-    def run(x: Tensor, *_: Tensor) -> Tensor:
-        return layer(x)
-
-    assert torch.autograd.gradcheck(run, (x, *params), fast_mode=True)
+    assert gradcheck_module(layer, x.requires_grad_())
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES[:2])
@@ -144,12 +126,13 @@ def test_no_tensor_of_the_kernels_size_is_kept(branch: str) -> None:
     layer = Involution2d(16, 7, group_channels=4, act_layer=act).train()
     x = torch.randn(2, 16, 10, 10, requires_grad=True)
     kernel_numel = 2 * 4 * 49 * 10 * 10
-    sizes, output = _saved_storages(lambda: layer(x))
-    assert sizes and max(sizes) < kernel_numel
+    kernel_bytes = kernel_numel * x.element_size()
+    storages, output = saved_storages(lambda: layer(x))
+    assert storages and max(storages.values()) < kernel_bytes
     output.sum().backward()
     kept = set_kernel_regeneration(copy.deepcopy(layer), False)
-    sizes, _ = _saved_storages(lambda: kept(x))
-    assert max(sizes) >= kernel_numel  # the measure sees the kept path's kernels
+    storages, _ = saved_storages(lambda: kept(x))
+    assert max(storages.values()) >= kernel_bytes  # the measure sees the kept path's kernels
 
 
 def test_checkpointed_fallback_equals_the_kept_path_and_updates_once() -> None:

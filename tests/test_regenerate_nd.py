@@ -7,9 +7,9 @@ import copy
 
 import pytest
 import torch
-from torch import Tensor, nn
 
 from involution import Involution1d, Involution3d
+from involution.bench.memory import saved_storages
 from involution.ops.modules import set_kernel_regeneration
 
 # (a builder of the layer, the input shape)
@@ -21,20 +21,6 @@ CASES = [
         id="3d",
     ),
 ]
-
-
-def _kept_storage_sizes(layer: nn.Module, x: Tensor) -> list[int]:
-    """The numel of every storage autograd keeps during ``layer(x)`` (each counted once)."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes() // tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        layer(x)
-    return list(storages.values())
 
 
 @pytest.mark.parametrize(("build", "shape"), CASES)
@@ -67,10 +53,12 @@ def test_recomputed_training_keeps_no_kernel_tensor(build, shape):
     x = torch.randn(shape, requires_grad=True)
     with torch.no_grad():
         kernel_numel = layer.generate_kernels(x).numel()
-    assert _kept_storage_sizes(layer, x) == [x.numel()]  # the input only
+    storages, _ = saved_storages(lambda: layer(x))
+    assert list(storages.values()) == [x.numel() * x.element_size()]  # the input only
     # The check sees the kernels where the layer keeps them.
     set_kernel_regeneration(layer, False)
-    assert kernel_numel in _kept_storage_sizes(layer, x)
+    storages, _ = saved_storages(lambda: layer(x))
+    assert kernel_numel * x.element_size() in storages.values()
 
 
 def test_recompute_only_in_training_with_gradients():

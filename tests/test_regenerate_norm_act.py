@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from conftest import gradcheck_module
+from involution.bench.memory import saved_storages
 from involution.models.rednet import RedNet, RedNetArch
 from involution.ops import Involution2d
 from involution.ops.modules import set_kernel_regeneration
@@ -116,13 +118,7 @@ def test_gradcheck_float64_batch_statistics(geometry, channels_last: bool, monke
     x = _input(geometry, batch=2).double()
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    x.requires_grad_()
-    params = list(block.parameters())  # perturbed in place by gradcheck: the block sees them
-
-    def run(x: Tensor, *_: Tensor) -> Tensor:
-        return block(x)
-
-    assert torch.autograd.gradcheck(run, (x, *params), fast_mode=True)
+    assert gradcheck_module(block, x.requires_grad_())
     assert calls
 
 
@@ -176,28 +172,14 @@ def test_running_statistics_updated_once_as_batchnorm_does() -> None:
     torch.testing.assert_close(block.bn.running_var, norm.running_var)
 
 
-def _saved_storages(run) -> tuple[dict[int, int], Tensor]:
-    """{data pointer: numel} of every storage autograd keeps during ``run()``."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes() // tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = run()
-    return storages, result
-
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_the_involution_output_is_not_kept(fused: bool) -> None:
     block = _block(GEOMETRIES[0])  # stride 1: the output has the input's size
     if not fused:
         block = _unfused(block)
     x = _input(GEOMETRIES[0]).requires_grad_()
-    storages, y = _saved_storages(lambda: block(x))
-    large = {ptr for ptr, numel in storages.items() if numel >= y.numel()}
+    storages, y = saved_storages(lambda: block(x))
+    large = {ptr for ptr, nbytes in storages.items() if nbytes >= y.numel() * y.element_size()}
     others = large - {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
     # Fused: the input and the output only. The modules keep the BatchNorm's input too, the
     # involution's output: that the measure sees it is what makes the fused case a test.

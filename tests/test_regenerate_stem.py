@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from conftest import gradcheck_module
 from involution.models.rednet import RedNetStem
 from involution.ops import Involution2d
 from involution.ops.modules import set_kernel_regeneration
@@ -91,13 +92,7 @@ def test_gradcheck_float64(channels_last: bool, monkeypatch) -> None:
     x = torch.randn(2, 3, 10, 9, dtype=torch.float64)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    x.requires_grad_()
-    params = list(stem.parameters())  # perturbed in place by gradcheck: the stem sees them
-
-    def run(x: Tensor, *_: Tensor) -> Tensor:
-        return stem(x)
-
-    assert torch.autograd.gradcheck(run, (x, *params), fast_mode=True)
+    assert gradcheck_module(stem, x.requires_grad_())
     assert calls
 
 

@@ -116,9 +116,11 @@ class MemoryResult:
     norm: str = "batch"
 
 
-def saved_bytes(run: Callable[[], Any], exclude: Sequence[Tensor] = ()) -> tuple[int, Any]:
-    """(bytes autograd keeps while ``run()`` runs, each storage once, ``exclude``'s storages
-    left out; what ``run`` returned)."""
+def saved_storages(
+    run: Callable[[], Any], exclude: Sequence[Tensor] = ()
+) -> tuple[dict[int, int], Any]:
+    """({data pointer: bytes} of every storage autograd keeps while ``run()`` runs, each once,
+    ``exclude``'s storages left out; what ``run`` returned)."""
     excluded = {t.untyped_storage().data_ptr() for t in exclude}
     storages: dict[int, int] = {}
 
@@ -130,6 +132,13 @@ def saved_bytes(run: Callable[[], Any], exclude: Sequence[Tensor] = ()) -> tuple
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         result = run()
+    return storages, result
+
+
+def saved_bytes(run: Callable[[], Any], exclude: Sequence[Tensor] = ()) -> tuple[int, Any]:
+    """(bytes autograd keeps while ``run()`` runs, each storage once, ``exclude``'s storages
+    left out; what ``run`` returned)."""
+    storages, result = saved_storages(run, exclude)
     return sum(storages.values()), result
 
 
