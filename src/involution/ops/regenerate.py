@@ -51,7 +51,9 @@ from involution.ops.layout import kernels_like, pair
 
 __all__ = [
     "LAYER_TENSORS",
+    "POINTWISE",
     "BranchFeatures",
+    "ConvArgs",
     "KernelBranch",
     "RegeneratedInvolution2d",
     "SavedLayer",
@@ -63,11 +65,59 @@ __all__ = [
     "layer_gradients",
     "layer_inputs",
     "layer_output",
-    "pointwise_conv_backward",
     "recompute_layer",
     "regenerate_involution2d",
     "update_running_stats",
 ]
+
+
+@dataclass(frozen=True)
+class ConvArgs:
+    """An ungrouped conv's stride, padding and dilation, (height, width) each."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> ConvArgs:
+        return cls(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation))
+
+    def output_size(self, size: Sequence[int], kernel_size: Sequence[int]) -> tuple[int, int]:
+        """The output's (height, width) for an input of ``size`` (height, width)."""
+        return tuple(
+            (n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, k, s, p, d in zip(
+                size, kernel_size, self.stride, self.padding, self.dilation, strict=True
+            )
+        )
+
+    def forward(self, input: Tensor, weight: Tensor) -> Tensor:
+        """The bias-free conv's output."""
+        return F.conv2d(input, weight, None, self.stride, self.padding, self.dilation)
+
+    def backward(
+        self, grad: Tensor, input: Tensor, weight: Tensor, bias: Tensor | None, mask: Sequence[bool]
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """ATen's backward of ``F.conv2d(input, weight, bias)`` with these arguments:
+        (grad_input, grad_weight, grad_bias), each computed where ``mask`` says."""
+        return torch.ops.aten.convolution_backward(
+            grad,
+            input,
+            weight,
+            None if bias is None else [bias.shape[0]],
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            False,
+            [0, 0],
+            1,
+            list(mask),
+        )
+
+
+#: A 1x1 conv's arguments (the kernel branch's reduce and span convs).
+POINTWISE = ConvArgs((1, 1), (0, 0), (1, 1))
 
 
 @dataclass(frozen=True)
@@ -339,7 +389,7 @@ def layer_gradients(
                 norm_bias is not None and needs[3],
             ],
         )
-    grad_pooled, grad_reduce_weight, _ = pointwise_conv_backward(
+    grad_pooled, grad_reduce_weight, _ = POINTWISE.backward(
         grad_reduced, pooled, reduce_weight, None, [needs[0], needs[1], False]
     )
     if needs[0]:
@@ -367,26 +417,6 @@ def layer_gradients(
     )
 
 
-def pointwise_conv_backward(
-    grad: Tensor, input: Tensor, weight: Tensor, bias: Tensor | None, mask: Sequence[bool]
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """ATen's backward of the 1x1 conv ``F.conv2d(input, weight, bias)``: (grad_input,
-    grad_weight, grad_bias), each computed where ``mask`` says."""
-    return torch.ops.aten.convolution_backward(
-        grad,
-        input,
-        weight,
-        None if bias is None else [bias.shape[0]],
-        [1, 1],
-        [0, 0],
-        [1, 1],
-        False,
-        [0, 0],
-        1,
-        list(mask),
-    )
-
-
 def _span_gradients(
     grad_output: Tensor,
     x: Tensor,
@@ -404,7 +434,7 @@ def _span_gradients(
     grad_x, grad_kernels = _aggregation_gradients(grad_output, x, kernels, branch, needs[0])
     del kernels
     grad_kernels = grad_kernels.flatten(1, 3)  # (B, G*K*K, H_out, W_out)
-    grad_activated, grad_span_weight, grad_span_bias = pointwise_conv_backward(
+    grad_activated, grad_span_weight, grad_span_bias = POINTWISE.backward(
         grad_kernels,
         activated,
         span_weight,

@@ -26,17 +26,16 @@ statistics are updated once, in forward
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from involution.ops.backends import resolve_backend
 from involution.ops.checks import autocast
 from involution.ops.regenerate import (
+    ConvArgs,
     SavedLayer,
     autocast_off,
     branch_features,
@@ -56,58 +55,12 @@ from involution.ops.regenerate_norm_act import (
 )
 
 __all__ = [
-    "ConvArgs",
     "RegeneratedStem",
     "StemConfig",
     "StemModules",
     "involution_stem",
     "stem_fusion_applies",
 ]
-
-
-@dataclass(frozen=True)
-class ConvArgs:
-    """A bias-free, ungrouped conv's stride, padding and dilation, (height, width) each."""
-
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-
-    @classmethod
-    def of(cls, conv: nn.Conv2d) -> ConvArgs:
-        return cls(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation))
-
-    def output_size(self, size: Sequence[int], kernel_size: Sequence[int]) -> tuple[int, int]:
-        """The output's (height, width) for an input of ``size`` (height, width)."""
-        return tuple(
-            (n + 2 * p - d * (k - 1) - 1) // s + 1
-            for n, k, s, p, d in zip(
-                size, kernel_size, self.stride, self.padding, self.dilation, strict=True
-            )
-        )
-
-    def forward(self, input: Tensor, weight: Tensor) -> Tensor:
-        """The conv's output."""
-        return F.conv2d(input, weight, None, self.stride, self.padding, self.dilation)
-
-    def backward(
-        self, grad: Tensor, input: Tensor, weight: Tensor, needs: tuple[bool, bool]
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """(grad_input, grad_weight), each where ``needs`` says (ATen's conv backward)."""
-        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad,
-            input,
-            weight,
-            None,
-            list(self.stride),
-            list(self.padding),
-            list(self.dilation),
-            False,
-            [0, 0],
-            1,
-            [*needs, False],
-        )
-        return grad_input, grad_weight
 
 
 @dataclass(frozen=True)
@@ -177,8 +130,8 @@ class RegeneratedStem(torch.autograd.Function):
         features = branch_features(layer[:7], branch)[0]
         output = features_output(layer, features, branch)
         y = relu_batch_norm(output, out_affine, config.norm_act.eps)[0]
-        grad_y, grad_conv2_weight = config.conv2.backward(
-            grad_out, y, conv2_weight, (True, needs[5])
+        grad_y, grad_conv2_weight, _ = config.conv2.backward(
+            grad_out, y, conv2_weight, None, (True, needs[5], False)
         )
         grads, grad_out_affine = norm_act_gradients(
             grad_y,
@@ -202,8 +155,8 @@ class RegeneratedStem(torch.autograd.Function):
             config.eps,
             [True, needs_bn1, needs_bn1],
         )
-        grad_image, grad_conv1_weight = config.conv1.backward(
-            grad_front, image, conv1_weight, (needs[1], needs[2])
+        grad_image, grad_conv1_weight, _ = config.conv1.backward(
+            grad_front, image, conv1_weight, None, (needs[1], needs[2], False)
         )
         grad_bn1 = torch.stack([grad_weight, grad_bias]) if needs_bn1 else None
         return (
