@@ -95,16 +95,17 @@ class Involution2dLayerSpec:
     dilation: Pair
     groups: int
     backend: str
-    out_relu: bool
-    proj_relu: bool
     reduce_weight: Tensor
     reduce_bias: Tensor | None
     span_weight: Tensor
     span_bias: Tensor | None
-    out_scale: Tensor | None
-    out_shift: Tensor | None
-    proj_weight: Tensor | None
-    proj_bias: Tensor | None
+    # The optional steps after the involution, off by default: the layer's output alone.
+    out_relu: bool = False
+    proj_relu: bool = False
+    out_scale: Tensor | None = None
+    out_shift: Tensor | None = None
+    proj_weight: Tensor | None = None
+    proj_bias: Tensor | None = None
 
     def op_arguments(self) -> dict[str, Any]:
         """The fields by name: the custom op ``involution::involution2d_layer`` takes them as

@@ -289,20 +289,8 @@ def features_output(saved: SavedLayer, features: BranchFeatures, branch: KernelB
         reduce_bias=reduce_bias,
         span_weight=saved.span_weight,
         span_bias=saved.span_bias,
-        **_LAYER_ALONE,
     )
     return registration.run_layer(spec, x, None)
-
-
-#: The fused layer kernel's optional steps, all off: the layer's output alone.
-_LAYER_ALONE = {
-    "out_relu": False,
-    "proj_relu": False,
-    "out_scale": None,
-    "out_shift": None,
-    "proj_weight": None,
-    "proj_bias": None,
-}
 
 
 def _norm_affine(saved: SavedLayer, branch: KernelBranch) -> tuple[Tensor, Tensor] | None:
