@@ -26,6 +26,12 @@ CASES = [
     (2, 12, 3, 6, 3, 2, 2, 11, 7),
     (1, 8, 8, 4, 5, 1, 2, 13, 6),
     (2, 48, 16, 16, 3, 2, 1, 5, 5),
+    # The register-tiled paths (16 channels per group, unit dilation): several column blocks
+    # beside the border columns, rows past the image, and a map narrower than the kernel.
+    (2, 32, 16, 8, 3, 1, 1, 6, 13),
+    (2, 16, 16, 4, 7, 1, 1, 5, 23),
+    (1, 16, 16, 4, 7, 2, 1, 8, 21),
+    (2, 16, 16, 4, 7, 1, 1, 4, 5),
 ]
 NORMS = ["train", "eval", "none"]
 

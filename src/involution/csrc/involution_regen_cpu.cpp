@@ -23,9 +23,12 @@
 //   grad_W1 and grad_b1, reduced in task order afterwards: deterministic, no atomics.
 // - The dense steps (h = a·W1^T + b1, grad_a = grad_h·W1, grad_W1 += grad_h^T·a) are ATen
 //   matrix products on band-local tensors (run on the calling thread inside the parallel
-//   region); the aggregation's two gradients are the loops below, over channels_last maps so the
-//   innermost loop runs over a group's C/G channels with unit stride (a compile-time 16 for
-//   RedNet).
+//   region), reading and writing the M-channel maps in place in either layout (pixel_rows: a
+//   conversion there would cost more than the products, and would leave grad_a in a layout the
+//   ATen ops after it run slowly on); the aggregation's two gradients are the loops below,
+//   over channels_last x and grad_y so the innermost loop runs over a group's C/G channels with
+//   unit stride (a compile-time 16 for RedNet). NCHW operands are transposed a band's rows at a
+//   time into task-local images (image_rows), which stay in cache for the loops.
 // - Bands are whole images when there are enough images for the threads, else split so that
 //   every thread gets tasks; a band's halo is (K-1)*d/s rows of regenerated kernels.
 // - float32 and float64; grad_x is written in the input's layout (NCHW or channels_last).
@@ -60,6 +63,16 @@ struct SpanGeometry {
   // columns[kw] in near-equal blocks of at most 16: the kernel gradient's register blocks.
   std::vector<std::vector<int64_t>> tap_blocks;
   bool channels_last_result;
+  // The register-blocked paths (16 channels per group, unit dilation, see Tiling). The kernel
+  // gradient reads x with `x_pad` zero columns on each side (x_pad = pad with a tiling, else 0),
+  // so every output column takes the tiled path, in blocks of at most the tiling's width. The
+  // input gradient tiles the input columns whose taps all read output columns inside the map
+  // (unit stride only).
+  int tiling;
+  int64_t x_pad;
+  std::vector<int64_t> out_blocks;
+  ColumnRange inner_in;
+  std::vector<int64_t> inner_in_blocks;
 
   int64_t input_row(int64_t i, int64_t kh) const { return i * stride - pad + kh * dil; }
   // The output row that reads input row ih through kernel row kh, or -1 when none does.
@@ -97,7 +110,32 @@ Band band_of(const SpanGeometry& geo, int64_t task, bool needs_input) {
   return band;
 }
 
+// The register-blocked paths, for 16 channels per group and unit dilation: the kernel size and
+// the column stride are compile-time (RedNet's 7x7 at strides 1 and 2, its stem's 3x3).
+enum Tiling { kGeneral = 0, kK7S1 = 1, kK7S2 = 2, kK3S1 = 3 };
+
+// Maps of at most this many pixels: the M-channel maps go through the matrix products
+// channels_last.
+constexpr int64_t kSmallMap = 256;
+
+// The tiling of a geometry: on maps at least 4 * (K - 1) wide, where most columns are away from
+// the borders (on narrower ones the padded taps and the border pixels cost more than tiling
+// saves).
+Tiling tiling_of(int64_t group_channels, int64_t kernel, int64_t stride, int64_t dilation,
+                 int64_t width) {
+  if (group_channels != 16 || dilation != 1 || width < 4 * (kernel - 1)) {
+    return kGeneral;
+  }
+  if (kernel == 7) {
+    return stride == 1 ? kK7S1 : stride == 2 ? kK7S2 : kGeneral;
+  }
+  return kernel == 3 && stride == 1 ? kK3S1 : kGeneral;
+}
+
 #ifdef INVOLUTION_VECTOR_KERNELS
+using involution_common::load16;
+using involution_common::V16;
+
 // grad_h at one tap of group g for the NJ pixels j0.. of an output row (16 channels per group):
 // their 16-channel products of grad_y and the input reduced together (lane_sums), about one add
 // per value instead of a horizontal sum each. `gy_row` points at the row's grad_y (group g),
@@ -106,8 +144,6 @@ template <typename T, int NJ>
 INVOLUTION_INLINE void kernel_gradient_block16(
     const SpanGeometry& geo, const T* __restrict gy_row, const T* __restrict in, int64_t j0,
     T* __restrict gh_tap) {
-  using involution_common::load16;
-  using involution_common::V16;
   const int64_t pixel = geo.channels;
   V16<T> products[NJ];
   for (int n = 0; n < NJ; ++n) {
@@ -118,55 +154,184 @@ INVOLUTION_INLINE void kernel_gradient_block16(
     gh_tap[(j0 + n) * geo.kernels] = sums[n];
   }
 }
+
+// grad_h of group g at the K taps of one kernel row for NJ output pixels whose windows lie inside
+// the image (K = KW, column stride S, unit dilation): the input pixels of the row that the block
+// reads are loaded once for every tap that reads them, and each pixel's K dot products are
+// reduced together (lane_sums) and stored as one run (a pixel's taps are contiguous in grad_h).
+// `gy` holds the pixels' grad_y, `in` points at the input pixel of pixel 0's tap 0, `gh` at pixel
+// 0's grad_h of the row's tap 0.
+template <typename T, int NJ, int KW, int S>
+INVOLUTION_INLINE void kernel_gradient_row_taps16(const V16<T>* gy, const T* __restrict in,
+                                                  int64_t pixel, T* __restrict gh,
+                                                  int64_t kernels) {
+  V16<T> x[(NJ - 1) * S + KW];
+  for (int q = 0; q < (NJ - 1) * S + KW; ++q) {
+    x[q] = load16(in + q * pixel);
+  }
+  for (int n = 0; n < NJ; ++n) {
+    V16<T> products[KW];
+    for (int kw = 0; kw < KW; ++kw) {
+      products[kw] = gy[n] * x[n * S + kw];
+    }
+    const V16<T> sums = involution_common::lane_sums<KW>(products);
+    std::memcpy(gh + n * kernels, &sums, KW * sizeof(T));
+  }
+}
+
+// grad_h of group g for the NJ output pixels j0.. of row i (kernel_gradient_row_taps16 per kernel
+// row; zero for the rows outside the image). `x_image` is image b's input with x_pad zero
+// columns each side (group g), `gy_row` row i's grad_y (group g), `gh_row` row i's grad_h
+// (group g).
+template <typename T, int NJ, int KW, int S>
+INVOLUTION_INLINE void kernel_gradient_tile16(const SpanGeometry& geo,
+                                              const T* __restrict x_image,
+                                              const T* __restrict gy_row, int64_t i, int64_t j0,
+                                              T* __restrict gh_row) {
+  const int64_t pixel = geo.channels;
+  V16<T> gy[NJ];
+  for (int n = 0; n < NJ; ++n) {
+    gy[n] = load16(gy_row + (j0 + n) * pixel);
+  }
+  for (int kh = 0; kh < KW; ++kh) {
+    const int64_t ih = geo.input_row(i, kh);
+    T* __restrict gh = gh_row + j0 * geo.kernels + kh * KW;
+    if (ih < 0 || ih >= geo.height) {
+      for (int n = 0; n < NJ; ++n) {
+        std::fill_n(gh + n * geo.kernels, KW, T(0));
+      }
+      continue;
+    }
+    // Input column j * S - pad + kw sits at j * S + kw in the padded rows.
+    const T* in = x_image + (ih * (geo.width + 2 * geo.x_pad) + j0 * S) * pixel;
+    kernel_gradient_row_taps16<T, NJ, KW, S>(gy, in, pixel, gh, geo.kernels);
+  }
+}
+
+// grad_x of group g at the NP input pixels iw0.. of input row ih whose taps all read output
+// pixels inside the map (K = KW, unit stride and dilation): the sums stay in registers over the
+// taps, and per kernel row the grad_y of the output pixels the block reads are loaded once for
+// every tap that reads them. `gy_image` is image b's grad_y (group g), `h` the band's kernels
+// from output row lo (group g), `row` the (W, C) scratch (group g).
+template <typename T, int NP, int KW>
+INVOLUTION_INLINE void input_gradient_tile16(const SpanGeometry& geo,
+                                             const T* __restrict gy_image, const T* __restrict h,
+                                             int64_t lo, int64_t ih, int64_t iw0,
+                                             T* __restrict row) {
+  const int64_t pixel = geo.channels;
+  V16<T> acc[NP] = {};
+  for (int kh = 0; kh < KW; ++kh) {
+    const int64_t i = geo.output_row(ih, kh);
+    if (i < 0) {
+      continue;
+    }
+    // Output column of q = 0: pixel n reads output column first + n + KW - 1 - kw at tap kw.
+    const int64_t first = iw0 + geo.pad - (KW - 1);
+    V16<T> gy[NP + KW - 1];
+    for (int q = 0; q < NP + KW - 1; ++q) {
+      gy[q] = load16(gy_image + (i * geo.out_w + first + q) * pixel);
+    }
+    const T* __restrict h_row = h + ((i - lo) * geo.out_w + first) * geo.kernels + kh * KW;
+    for (int kw = 0; kw < KW; ++kw) {
+      for (int n = 0; n < NP; ++n) {
+        const int q = n + KW - 1 - kw;
+        acc[n] += h_row[q * geo.kernels + kw] * gy[q];
+      }
+    }
+  }
+  for (int n = 0; n < NP; ++n) {
+    std::memcpy(row + (iw0 + n) * pixel, &acc[n], sizeof(acc[n]));
+  }
+}
 #endif
+
+// grad_h of group g at every tap of output pixel (i, j), any geometry, x unpadded (zero where a
+// tap reads padding). `x_image`, `gy` (the pixel's grad_y) and `gh` (the pixel's grad_h) at group g.
+template <typename T, int64_t CG>
+INVOLUTION_INLINE void kernel_gradient_pixel(const SpanGeometry& geo, const T* __restrict x_image,
+                                             const T* __restrict gy, int64_t i, int64_t j,
+                                             T* __restrict gh) {
+  const int64_t cg = CG > 0 ? CG : geo.group_channels;
+  for (int64_t kh = 0; kh < geo.kernel; ++kh) {
+    const int64_t ih = geo.input_row(i, kh);
+    const bool row_inside = ih >= 0 && ih < geo.height;
+    for (int64_t kw = 0; kw < geo.kernel; ++kw) {
+      const int64_t iw = j * geo.stride - geo.pad + kw * geo.dil;
+      gh[kh * geo.kernel + kw] =
+          row_inside && iw >= 0 && iw < geo.width
+              ? involution_common::dot(gy, x_image + (ih * geo.width + iw) * geo.channels, cg)
+              : T(0);
+    }
+  }
+}
 
 // grad_h[p, g, kh, kw] = sum_{c in g} grad_y[b, i, j, c] * x[b, ih, iw, c] (zero where the tap
 // reads padding) for the pixels p = (i - i0) * W_out + j of the output rows [i0, i1) of image b,
-// and grad_b1 += grad_h summed over them. `x` and `grad_y` are channels_last.
-template <typename T, int64_t CG>
+// and grad_b1 += grad_h summed over them. `x` and `grad_y` are channels_last, x with x_pad zero
+// columns each side. With a tiling (TILE) every pixel takes the tiled path; otherwise (16
+// channels per group) tap by tap in blocks of 16 pixels (kernel_gradient_block16), or pixel by
+// pixel (kernel_gradient_pixel).
+template <typename T, int64_t CG, int TILE>
 INVOLUTION_INLINE void kernel_gradient_rows_impl(
     const SpanGeometry& geo, const T* __restrict x, const T* __restrict grad_y,
     T* __restrict grad_h, T* __restrict grad_b1, int64_t b, int64_t i0, int64_t i1) {
   const int64_t cg = CG > 0 ? CG : geo.group_channels;
   const int64_t pixel = geo.channels;
-  const int64_t k = geo.kernel;
+  const T* x_batch = x + b * geo.height * geo.width * pixel;
   for (int64_t i = i0; i < i1; ++i) {
     T* __restrict gh_row = grad_h + (i - i0) * geo.out_w * geo.kernels;
     for (int64_t g = 0; g < geo.groups; ++g) {
       const T* gy_row = grad_y + ((b * geo.out_h + i) * geo.out_w) * pixel + g * cg;
-      for (int64_t kh = 0; kh < k; ++kh) {
-        const int64_t ih = geo.input_row(i, kh);
-        const bool row_inside = ih >= 0 && ih < geo.height;
-        const T* x_row = x + ((b * geo.height + ih) * geo.width) * pixel + g * cg;
-        for (int64_t kw = 0; kw < k; ++kw) {
-          T* gh_tap = gh_row + g * geo.taps + kh * k + kw;
-          const ColumnRange cols = row_inside ? geo.columns[kw] : ColumnRange{0, 0};
-          for (int64_t j = 0; j < cols.lo; ++j) {
-            gh_tap[j * geo.kernels] = T(0);
-          }
-          for (int64_t j = cols.hi; j < geo.out_w; ++j) {
-            gh_tap[j * geo.kernels] = T(0);
-          }
-          if (cols.lo >= cols.hi) {
-            continue;
-          }
-          // The input pixel read by output column j: in + j * stride * pixel.
-          const T* in = x_row + (kw * geo.dil - geo.pad) * pixel;
+      const T* x_image = x_batch + g * cg;
+      T* gh_group = gh_row + g * geo.taps;
+      const auto pixel_at = [&](int64_t j) {
+        kernel_gradient_pixel<T, CG>(geo, x_image, gy_row + j * pixel, i, j,
+                                     gh_group + j * geo.kernels);
+      };
 #ifdef INVOLUTION_VECTOR_KERNELS
-          if constexpr (CG == 16) {
+      if constexpr (TILE != kGeneral) {
+        constexpr int KW = TILE == kK3S1 ? 3 : 7;
+        constexpr int S = TILE == kK7S2 ? 2 : 1;
+        constexpr int MAX = S == 1 ? 8 : 4;  // the loaded pixels stay within the registers
+        involution_common::for_column_blocks<MAX>(
+            geo.out_blocks, [&](auto nj, int64_t j0) INVOLUTION_LAMBDA_INLINE {
+              kernel_gradient_tile16<T, decltype(nj)::value, KW, S>(geo, x_image, gy_row, i, j0,
+                                                                    gh_group);
+            });
+        continue;
+      }
+      if constexpr (CG == 16) {
+        const int64_t k = geo.kernel;
+        for (int64_t kh = 0; kh < k; ++kh) {
+          const int64_t ih = geo.input_row(i, kh);
+          const bool row_inside = ih >= 0 && ih < geo.height;
+          const T* x_row = x_image + ih * geo.width * pixel;
+          for (int64_t kw = 0; kw < k; ++kw) {
+            T* gh_tap = gh_group + kh * k + kw;
+            const ColumnRange cols = row_inside ? geo.columns[kw] : ColumnRange{0, 0};
+            for (int64_t j = 0; j < cols.lo; ++j) {
+              gh_tap[j * geo.kernels] = T(0);
+            }
+            for (int64_t j = cols.hi; j < geo.out_w; ++j) {
+              gh_tap[j * geo.kernels] = T(0);
+            }
+            if (cols.lo >= cols.hi) {
+              continue;
+            }
+            // The input pixel read by output column j: in + j * stride * pixel.
+            const T* in = x_row + (kw * geo.dil - geo.pad) * pixel;
             involution_common::for_column_blocks<16>(
                 geo.tap_blocks[kw], [&](auto nj, int64_t j0) INVOLUTION_LAMBDA_INLINE {
                   kernel_gradient_block16<T, decltype(nj)::value>(geo, gy_row, in,
                                                                   cols.lo + j0, gh_tap);
                 });
-            continue;
-          }
-#endif
-          for (int64_t j = cols.lo; j < cols.hi; ++j) {
-            gh_tap[j * geo.kernels] =
-                involution_common::dot(gy_row + j * pixel, in + j * geo.stride * pixel, cg);
           }
         }
+        continue;
+      }
+#endif
+      for (int64_t j = 0; j < geo.out_w; ++j) {
+        pixel_at(j);
       }
     }
   }
@@ -179,16 +344,87 @@ INVOLUTION_INLINE void kernel_gradient_rows_impl(
   }
 }
 
+// grad_x of group g at input pixel (ih, iw) at unit stride (the tiled rows' border pixels): the
+// sum over the taps (kh, kw) and output pixels (i, j) that read it of h[i, j, g, kh, kw] * grad_y[b, i, j, g]. `gy_image` is
+// image b's grad_y (group g), `h` the band's kernels from output row lo (group g), `out` the
+// pixel's (group g) grad_x in the row scratch.
+template <typename T, int64_t CG>
+INVOLUTION_INLINE void input_gradient_pixel(const SpanGeometry& geo,
+                                            const T* __restrict gy_image, const T* __restrict h,
+                                            int64_t lo, int64_t ih, int64_t iw,
+                                            T* __restrict out) {
+  const int64_t cg = CG > 0 ? CG : geo.group_channels;
+  // Unit stride (the tiled rows'): input (ih, iw) is read by output (ih + pad - kh * d,
+  // iw + pad - kw * d) through tap (kh, kw).
+  const auto for_taps = [&](const auto& add) INVOLUTION_LAMBDA_INLINE {
+    for (int64_t kh = 0; kh < geo.kernel; ++kh) {
+      const int64_t i = ih + geo.pad - kh * geo.dil;
+      if (i < 0 || i >= geo.out_h) {
+        continue;
+      }
+      for (int64_t kw = 0; kw < geo.kernel; ++kw) {
+        const int64_t j = iw + geo.pad - kw * geo.dil;
+        if (j < 0 || j >= geo.out_w) {
+          continue;
+        }
+        const int64_t p = i * geo.out_w + j;
+        add(h[(p - lo * geo.out_w) * geo.kernels + kh * geo.kernel + kw],
+            gy_image + p * geo.channels);
+      }
+    }
+  };
+#ifdef INVOLUTION_VECTOR_KERNELS
+  if constexpr (CG == 16) {  // the sums in a register
+    V16<T> acc = {};
+    for_taps([&](T weight, const T* gy) INVOLUTION_LAMBDA_INLINE { acc += weight * load16(gy); });
+    std::memcpy(out, &acc, sizeof(acc));
+    return;
+  }
+#endif
+  std::fill_n(out, cg, T(0));
+  for_taps([&](T weight, const T* gy) INVOLUTION_LAMBDA_INLINE {
+    involution_common::accumulate(out, weight, gy, cg);
+  });
+}
+
 // The (W, C) row of grad_x at input row ih of image b: sum over the taps (kh, kw) and output
 // pixels (i, j) that read it of h[i, j, g(c), kh, kw] * grad_y[b, i, j, c]. `h` holds the
 // kernels of output rows lo.. pixel-major ((rows, W_out, G, K, K)); `row` is (W, C) scratch.
-template <typename T, int64_t CG>
+// With a unit-stride tiling, the pixels whose taps all read output pixels inside the map take
+// input_gradient_tile16 and the others input_gradient_pixel; otherwise each output pixel adds
+// its taps' products to the pixels they read.
+template <typename T, int64_t CG, int TILE>
 INVOLUTION_INLINE void input_gradient_row_impl(
     const SpanGeometry& geo, const T* __restrict grad_y, const T* __restrict h, int64_t lo,
     int64_t b, int64_t ih, T* __restrict row) {
   const int64_t cg = CG > 0 ? CG : geo.group_channels;
   const int64_t pixel = geo.channels;
   const int64_t k = geo.kernel;
+#ifdef INVOLUTION_VECTOR_KERNELS
+  if constexpr (TILE == kK7S1 || TILE == kK3S1) {
+    constexpr int KW = TILE == kK3S1 ? 3 : 7;
+    for (int64_t g = 0; g < geo.groups; ++g) {
+      const T* gy_image = grad_y + b * geo.out_h * geo.out_w * pixel + g * cg;
+      const T* h_group = h + g * geo.taps;
+      T* row_group = row + g * cg;
+      const auto pixel_at = [&](int64_t iw) {
+        input_gradient_pixel<T, CG>(geo, gy_image, h_group, lo, ih, iw, row_group + iw * pixel);
+      };
+      for (int64_t iw = 0; iw < geo.inner_in.lo; ++iw) {
+        pixel_at(iw);
+      }
+      involution_common::for_column_blocks<8>(
+          geo.inner_in_blocks, [&](auto np, int64_t j0) INVOLUTION_LAMBDA_INLINE {
+            input_gradient_tile16<T, decltype(np)::value, KW>(geo, gy_image, h_group, lo, ih,
+                                                              geo.inner_in.lo + j0, row_group);
+          });
+      for (int64_t iw = geo.inner_in.hi; iw < geo.width; ++iw) {
+        pixel_at(iw);
+      }
+    }
+    return;
+  }
+#endif
   std::fill_n(row, geo.width * pixel, T(0));
   for (int64_t kh = 0; kh < k; ++kh) {
     const int64_t i = geo.output_row(ih, kh);
@@ -216,6 +452,24 @@ INVOLUTION_INLINE void input_gradient_row_impl(
   }
 }
 
+// Calls body(tile) with the geometry's tiling as a compile-time Tiling.
+template <typename Body>
+INVOLUTION_INLINE void with_tiling(int tiling, const Body& body) {
+  switch (tiling) {
+    case kK7S1:
+      body(std::integral_constant<int, kK7S1>{});
+      return;
+    case kK7S2:
+      body(std::integral_constant<int, kK7S2>{});
+      return;
+    case kK3S1:
+      body(std::integral_constant<int, kK3S1>{});
+      return;
+    default:
+      body(std::integral_constant<int, kGeneral>{});
+  }
+}
+
 // Entry points compiled once per instruction set, with the group width a compile-time 16 for
 // RedNet's groups.
 #define INVOLUTION_REGEN_KERNELS(T)                                                            \
@@ -223,18 +477,23 @@ INVOLUTION_INLINE void input_gradient_row_impl(
       const SpanGeometry& geo, const T* x, const T* grad_y, T* grad_h, T* grad_b1, int64_t b, \
       int64_t i0, int64_t i1) {                                                                \
     if (geo.group_channels == 16) {                                                            \
-      kernel_gradient_rows_impl<T, 16>(geo, x, grad_y, grad_h, grad_b1, b, i0, i1);            \
+      with_tiling(geo.tiling, [&](auto tile) INVOLUTION_LAMBDA_INLINE {                        \
+        kernel_gradient_rows_impl<T, 16, decltype(tile)::value>(geo, x, grad_y, grad_h,        \
+                                                                grad_b1, b, i0, i1);           \
+      });                                                                                      \
     } else {                                                                                   \
-      kernel_gradient_rows_impl<T, 0>(geo, x, grad_y, grad_h, grad_b1, b, i0, i1);             \
+      kernel_gradient_rows_impl<T, 0, kGeneral>(geo, x, grad_y, grad_h, grad_b1, b, i0, i1);   \
     }                                                                                          \
   }                                                                                            \
   INVOLUTION_TARGET_CLONES void input_gradient_row(const SpanGeometry& geo, const T* grad_y,   \
                                                    const T* h, int64_t lo, int64_t b,          \
                                                    int64_t ih, T* row) {                       \
     if (geo.group_channels == 16) {                                                            \
-      input_gradient_row_impl<T, 16>(geo, grad_y, h, lo, b, ih, row);                          \
+      with_tiling(geo.tiling, [&](auto tile) INVOLUTION_LAMBDA_INLINE {                        \
+        input_gradient_row_impl<T, 16, decltype(tile)::value>(geo, grad_y, h, lo, b, ih, row); \
+      });                                                                                      \
     } else {                                                                                   \
-      input_gradient_row_impl<T, 0>(geo, grad_y, h, lo, b, ih, row);                           \
+      input_gradient_row_impl<T, 0, kGeneral>(geo, grad_y, h, lo, b, ih, row);                 \
     }                                                                                          \
   }
 INVOLUTION_REGEN_KERNELS(float)
@@ -259,17 +518,50 @@ void store_input_row(const SpanGeometry& geo, const T* __restrict row, T* __rest
   }
 }
 
-// The operands of one call: feature maps channels_last in the compute dtype, as (pixels,
-// channels) matrices where the dense steps read them.
+// The operands of one call, in the layouts they came in (NCHW or channels_last): x and grad_y
+// read by the loops channels_last through image_rows, the M-channel maps read and written as
+// (pixels, M) matrices through pixel_rows.
 struct SpanOperands {
-  at::Tensor x, grad_y;                 // (B, H, W, C), (B, H_out, W_out, C) in memory
-  at::Tensor activated;                 // (B*H_out*W_out, M)
+  at::Tensor x, grad_y;                 // (B, C, H, W), (B, C, H_out, W_out): NCHW or
+                                        // channels_last (image_rows)
+  at::Tensor activated;                 // (B, M, H_out, W_out)
   at::Tensor span_weight;               // (G*K*K, M)
   std::optional<at::Tensor> span_bias;  // (G*K*K,)
   at::Tensor grad_x;                    // (B, C, H, W) in the result layout, or undefined
-  at::Tensor grad_activated;            // (B*H_out*W_out, M): (B, M, H_out, W_out) channels_last
+  at::Tensor grad_activated;            // (B, M, H_out, W_out) in activated's layout
   at::Tensor grad_w1, grad_b1;          // (tasks, G*K*K, M), (tasks, G*K*K): per-task partials
 };
+
+// The (count, M) matrix of the pixels [start, start + count) of image b of a (B, M, H, W) map,
+// NCHW or channels_last: a strided view (column-major for NCHW, row-major for channels_last)
+// that the matrix products read and write in place, so no layout is converted.
+at::Tensor pixel_rows(const at::Tensor& map, int64_t b, int64_t start, int64_t count) {
+  return map.select(0, b).flatten(1).narrow(1, start, count).t();
+}
+
+// Image b of a (B, C, H, W) map as an (H, W + 2 * pad, C) tensor holding at least its rows
+// [first, last), with `pad` zero columns each side: a view of a channels_last map without
+// padding, else those rows copied (transposed from NCHW) into a new tensor, the other rows left
+// unset. Per task, so the rows stay in cache for the loops that read them and no channels_last
+// copy of the whole map is written and read back.
+at::Tensor image_rows(const at::Tensor& map, int64_t b, int64_t first, int64_t last,
+                      int64_t pad = 0) {
+  const at::Tensor image = map.select(0, b);
+  if (pad == 0 && map.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return image.permute({1, 2, 0});
+  }
+  const int64_t width = map.size(3);
+  at::Tensor rows = at::empty({map.size(2), width + 2 * pad, map.size(1)}, map.options());
+  if (last > first) {
+    at::Tensor band = rows.narrow(0, first, last - first);
+    band.narrow(1, pad, width).copy_(image.narrow(1, first, last - first).permute({1, 2, 0}));
+    if (pad > 0) {
+      band.narrow(1, 0, pad).zero_();
+      band.narrow(1, pad + width, pad).zero_();
+    }
+  }
+  return rows;
+}
 
 // Rows of grad_h computed together: about 256 KiB of scratch, so it stays in L2 between the
 // loops that write it and the matrix products that read it.
@@ -285,45 +577,65 @@ void run_band(const SpanGeometry& geo, const SpanOperands& ops, int64_t task) {
   // task, since the guard is thread-local.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Band band = band_of(geo, task, ops.grad_x.defined());
-  const int64_t first_pixel = band.b * geo.out_h * geo.out_w;
   // The band's kernels h (rows lo..hi, pixel-major) for grad_x: one matrix product.
   at::Tensor h;
   if (ops.grad_x.defined()) {
-    const at::Tensor a = ops.activated.narrow(0, first_pixel + band.lo * geo.out_w,
-                                              (band.hi - band.lo) * geo.out_w);
+    const at::Tensor a = pixel_rows(ops.activated, band.b, band.lo * geo.out_w,
+                                    (band.hi - band.lo) * geo.out_w);
     h = ops.span_bias.has_value() ? at::addmm(*ops.span_bias, a, ops.span_weight.t())
                                   : at::mm(a, ops.span_weight.t());
   }
   // grad_h chunk by chunk of the own rows: grad_a, grad_W1 and grad_b1 from it.
   at::Tensor grad_w1 = ops.grad_w1.select(0, task);
   at::Tensor grad_b1 = ops.grad_b1.select(0, task);
-  grad_w1.zero_();
   grad_b1.zero_();
   const int64_t step = chunk_rows(geo, sizeof(T));
   at::Tensor grad_h = at::empty({std::min(step, band.i1 - band.i0) * geo.out_w, geo.kernels},
                                 ops.activated.options());
-  const T* x = ops.x.const_data_ptr<T>();
-  const T* grad_y = ops.grad_y.const_data_ptr<T>();
+  // Image b's x and grad_y channels_last, as the loops read them (as image 0): in place, or the
+  // rows the band reads transposed into task-local images.
+  const int64_t x_first = std::max<int64_t>(0, band.i0 * geo.stride - geo.pad);
+  const int64_t x_last =
+      std::min(geo.height, (band.i1 - 1) * geo.stride - geo.pad + (geo.kernel - 1) * geo.dil + 1);
+  const at::Tensor x_image = image_rows(ops.x, band.b, x_first, x_last, geo.x_pad);
+  const at::Tensor gy_image = image_rows(ops.grad_y, band.b, band.lo, band.hi);
+  const T* x = x_image.const_data_ptr<T>();
+  const T* grad_y = gy_image.const_data_ptr<T>();
   for (int64_t i = band.i0; i < band.i1; i += step) {
     const int64_t rows = std::min(step, band.i1 - i);
     const int64_t pixels = rows * geo.out_w;
-    const int64_t start = first_pixel + i * geo.out_w;
     at::Tensor gh = grad_h.narrow(0, 0, pixels);
     kernel_gradient_rows(geo, x, grad_y, gh.mutable_data_ptr<T>(), grad_b1.mutable_data_ptr<T>(),
-                         band.b, i, i + rows);
-    const at::Tensor a = ops.activated.narrow(0, start, pixels);
-    at::Tensor grad_a = ops.grad_activated.narrow(0, start, pixels);
+                         0, i, i + rows);
+    const at::Tensor a = pixel_rows(ops.activated, band.b, i * geo.out_w, pixels);
+    at::Tensor grad_a = pixel_rows(ops.grad_activated, band.b, i * geo.out_w, pixels);
     at::mm_out(grad_a, gh, ops.span_weight);
-    grad_w1.addmm_(gh.t(), a);
+    if (i == band.i0) {  // the first chunk writes the partial sums: no zeroing pass
+      at::mm_out(grad_w1, gh.t(), a);
+    } else {
+      grad_w1.addmm_(gh.t(), a);
+    }
   }
   if (!ops.grad_x.defined()) {
     return;
   }
   std::vector<T> row(geo.width * geo.channels);
   for (int64_t ih = band.r0; ih < band.r1; ++ih) {
-    input_gradient_row(geo, grad_y, h.const_data_ptr<T>(), band.lo, band.b, ih, row.data());
+    input_gradient_row(geo, grad_y, h.const_data_ptr<T>(), band.lo, 0, ih, row.data());
     store_input_row(geo, row.data(), ops.grad_x.mutable_data_ptr<T>(), band.b, ih);
   }
+}
+
+// The tiled paths' columns: every output column for the kernel gradient (x zero-padded), and at
+// unit stride the input columns iw whose taps read output columns iw + pad - K + 1 .. iw + pad,
+// all inside the map, for the input gradient.
+void set_tiling(SpanGeometry& geo) {
+  geo.tiling = tiling_of(geo.group_channels, geo.kernel, geo.stride, geo.dil, geo.width);
+  geo.x_pad = geo.tiling == kGeneral ? 0 : geo.pad;
+  geo.out_blocks = involution_common::column_blocks(geo.out_w, geo.stride == 1 ? 8 : 4);
+  const int64_t end = std::clamp<int64_t>(geo.out_w - geo.pad, 0, geo.width);
+  geo.inner_in = ColumnRange{std::clamp<int64_t>(geo.kernel - 1 - geo.pad, 0, end), end};
+  geo.inner_in_blocks = involution_common::column_blocks(geo.inner_in.hi - geo.inner_in.lo, 8);
 }
 
 // Bands of output rows per image: whole images when the batch gives every thread about four
@@ -340,8 +652,8 @@ void set_bands(SpanGeometry& geo) {
 // The fused backward. input (B, C, H, W), grad_output (B, C, H_out, W_out), activated (B, M,
 // H_out, W_out), span_weight (G*K*K, M[, 1, 1]), span_bias (G*K*K,) or None; padding
 // dilation * (K - 1) / 2. Returns (grad_input (B, C, H, W) in the input's layout, or an empty
-// tensor without needs_input; grad_activated (B, M, H_out, W_out) channels_last; grad_span_weight
-// (G*K*K, M); grad_span_bias (G*K*K,)).
+// tensor without needs_input; grad_activated (B, M, H_out, W_out) in activated's layout (NCHW or
+// channels_last); grad_span_weight (G*K*K, M); grad_span_bias (G*K*K,)).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> span_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& activated,
     const at::Tensor& span_weight, const std::optional<at::Tensor>& span_bias,
@@ -390,6 +702,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> span_backward(
   for (const ColumnRange& cols : geo.columns) {
     geo.tap_blocks.push_back(involution_common::column_blocks(cols.hi - cols.lo, 16));
   }
+  set_tiling(geo);
   // ops.layout.memory_format_of: channels_last only when not also contiguous.
   geo.channels_last_result =
       !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -398,9 +711,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> span_backward(
 
   const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
   SpanOperands ops;
-  ops.x = input.contiguous(cl);
-  ops.grad_y = grad_output.contiguous(cl);
-  ops.activated = activated.contiguous(cl).permute({0, 2, 3, 1}).reshape({-1, geo.reduced});
+  // image_rows reads them in place (channels_last) or transposes rows per task (NCHW).
+  ops.x = input.is_contiguous(cl) ? input : input.contiguous();
+  ops.grad_y = grad_output.is_contiguous(cl) ? grad_output : grad_output.contiguous();
+  const bool activated_last = !activated.is_contiguous() && activated.is_contiguous(cl);
+  // On small maps the products run slower on NCHW's short columns than a copy costs there.
+  const bool products_last = activated_last || geo.out_h * geo.out_w <= kSmallMap;
+  ops.activated = products_last ? activated.contiguous(cl) : activated.contiguous();
   ops.span_weight = w1;
   if (span_bias.has_value() && span_bias->defined()) {
     TORCH_CHECK(span_bias->numel() == geo.kernels && span_bias->scalar_type() == dtype,
@@ -408,9 +725,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> span_backward(
     ops.span_bias = span_bias->contiguous();
   }
   const at::TensorOptions options = input.options();
-  at::Tensor grad_activated =
-      at::empty({geo.batch, geo.reduced, geo.out_h, geo.out_w}, options.memory_format(cl));
-  ops.grad_activated = grad_activated.permute({0, 2, 3, 1}).view({-1, geo.reduced});
+  ops.grad_activated =
+      at::empty({geo.batch, geo.reduced, geo.out_h, geo.out_w},
+                options.memory_format(products_last ? cl : at::MemoryFormat::Contiguous));
   ops.grad_w1 = at::empty({tasks, geo.kernels, geo.reduced}, options);
   ops.grad_b1 = at::empty({tasks, geo.kernels}, options);
   ops.grad_x = needs_input ? at::empty(input.sizes(), options.memory_format(
@@ -428,8 +745,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> span_backward(
     });
   }
   // The per-task partials summed in task order: the same result whichever thread ran a task.
-  return {needs_input ? ops.grad_x : at::empty({0}, options), grad_activated, ops.grad_w1.sum(0),
-          ops.grad_b1.sum(0)};
+  return {needs_input ? ops.grad_x : at::empty({0}, options),
+          activated_last ? ops.grad_activated : ops.grad_activated.contiguous(),
+          ops.grad_w1.sum(0), ops.grad_b1.sum(0)};
 }
 
 }  // namespace involution_regen_cpu

@@ -163,9 +163,9 @@ def span_backward(
     grad_output (B, C, H_out, W_out), input (B, C, H, W), activated (B, M, H_out, W_out) (the
     kernel branch's ReLU output), span_weight (G*K*K, M, 1, 1), span_bias (G*K*K,) or ``None``;
     padding ``dilation * (kernel_size - 1) // 2``. Returns (the aggregation's grad_input in the
-    input's layout, grad_activated (B, M, H_out, W_out), grad_span_weight shaped as
-    span_weight, grad_span_bias), each of the first, third and fourth ``None`` where ``needs``
-    (input, span weight, span bias) says it is not needed or the bias is absent.
+    input's layout, grad_activated (B, M, H_out, W_out) in activated's layout, grad_span_weight
+    shaped as span_weight, grad_span_bias), each of the first, third and fourth ``None`` where
+    ``needs`` (input, span weight, span bias) says it is not needed or the bias is absent.
     """
     grad_input, grad_activated, grad_span_weight, grad_span_bias = (
         torch.ops.involution_regen_cpu.span_backward(
@@ -201,7 +201,7 @@ if _C is not None:  # the op is registered when the extension loads
         kernels, reduced = span_weight.shape[0], activated.shape[1]
         return (
             grad_input,
-            torch.empty_like(activated, memory_format=torch.channels_last),
+            torch.empty_like(activated, memory_format=memory_format_of(activated)),
             span_weight.new_empty(kernels, reduced),
             span_weight.new_empty(kernels),
         )
