@@ -16,6 +16,7 @@
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // On x86-64 with GCC or Clang the hot loops are compiled for AVX-512, AVX2+FMA and baseline
@@ -238,6 +239,41 @@ void set_window(Geometry& geo, const Pair& stride, const Pair& padding, const Pa
   geo.pad_w = padding[1];
   geo.dil_h = dilation[0];
   geo.dil_w = dilation[1];
+}
+
+// Tasks of (image, band of rows): whole images when the batch gives every thread about four
+// tasks, else each image split into as many bands as that takes. Returns (rows per band,
+// bands per image) for images of `rows` rows.
+inline std::pair<int64_t, int64_t> image_bands(int64_t batch, int64_t rows) {
+  const int64_t wanted = 4 * at::get_num_threads();
+  const int64_t bands = std::max<int64_t>(
+      1, std::min(rows, (wanted + batch - 1) / std::max<int64_t>(1, batch)));
+  const int64_t band_rows = std::max<int64_t>(1, (rows + bands - 1) / bands);
+  return {band_rows, (rows + band_rows - 1) / band_rows};
+}
+
+// Image b of a (B, C, H, W) map as an (H, W + 2 * pad, C) tensor holding at least its rows
+// [first, last), with `pad` zero columns each side: a view of a channels_last map without
+// padding, else those rows copied (transposed from NCHW) into a new tensor, the other rows left
+// unset. Called per task by kernels that read channels_last rows: the rows stay in cache for
+// the loops that read them, and no channels_last copy of the whole map is written and read back.
+inline at::Tensor channels_last_rows(const at::Tensor& map, int64_t b, int64_t first,
+                                     int64_t last, int64_t pad = 0) {
+  const at::Tensor image = map.select(0, b);
+  if (pad == 0 && map.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return image.permute({1, 2, 0});
+  }
+  const int64_t width = map.size(3);
+  at::Tensor rows = at::empty({map.size(2), width + 2 * pad, map.size(1)}, map.options());
+  if (last > first) {
+    at::Tensor band = rows.narrow(0, first, last - first);
+    band.narrow(1, pad, width).copy_(image.narrow(1, first, last - first).permute({1, 2, 0}));
+    if (pad > 0) {
+      band.narrow(1, 0, pad).zero_();
+      band.narrow(1, pad + width, pad).zero_();
+    }
+  }
+  return rows;
 }
 
 // Runs body(begin, end) over [0, total) on the intra-op threads, handing out chunks of `chunk`

@@ -26,8 +26,11 @@
 //   each kernel column are computed once per call).
 // - The 1x1 convs' weights are transposed and padded to whole vectors once (layer_pack); the
 //   Python backend keeps the result while the weights are unchanged.
-// - Tasks are output rows, handed out on demand to the intra-op threads (a thread slowed down by
-//   other processes does not hold the others back); every task writes its own output pixels.
+// - Tasks are output rows (a channels_last input) or bands of an image's output rows (NCHW: each
+//   band's input rows are transposed into a task-local image that stays in cache, instead of a
+//   channels_last copy of the whole input written and read back), handed out on demand to the
+//   intra-op threads (a thread slowed down by other processes does not hold the others back);
+//   every task writes its own output pixels.
 // - float32 and float64; the output is written in the input's layout (NCHW or channels_last).
 // - As in involution_cpu.cpp, the hot loops are compiled for AVX-512, AVX2+FMA and baseline
 //   x86-64 and the best version is picked at load time.
@@ -83,7 +86,8 @@ struct LayerGeometry {
 // The parameters of one call, in the compute type, transposed and padded for the kernels.
 template <typename T>
 struct LayerParams {
-  const T* x;        // (B, H, W, C) channels_last input
+  const T* x;        // image b's (H, W, C) channels_last input at x + b * x_image_size
+  int64_t x_image_size;  // H * W * C for the whole input; 0 for one image's rows (a band)
   const T* w0t;      // (C, reduced_padded): reduce weight, transposed, zero columns past M
   const T* b0;       // (reduced_padded)
   const T* w1t;      // (M, kernels_padded): span weight, transposed
@@ -171,7 +175,7 @@ INVOLUTION_INLINE void aggregate_block16(
     int64_t i, int64_t j0, int64_t g, T* __restrict z) {
   V16<T> acc[NP] = {};
   const int64_t pixel = geo.channels;
-  const T* __restrict x_batch = prm.x + b * geo.height * geo.width * pixel + g * kLanes;
+  const T* __restrict x_batch = prm.x + b * prm.x_image_size + g * kLanes;
   const T* __restrict h_group = h + g * geo.taps;
   for (int64_t kh = 0; kh < geo.kernel_h; ++kh) {
     const int64_t ih = geo.input_row(i, kh);
@@ -289,7 +293,7 @@ void aggregate_block_scalar(
     if (ih < 0 || ih >= geo.height) {
       continue;
     }
-    const T* __restrict x_row = prm.x + ((b * geo.height + ih) * geo.width) * pixel + c0;
+    const T* __restrict x_row = prm.x + b * prm.x_image_size + ih * geo.width * pixel + c0;
     for (int64_t kw = 0; kw < geo.kernel_w; ++kw) {
       const ColumnRange cols = geo.columns[kw];
       const int64_t lo = std::max(j0, cols.lo);
@@ -361,7 +365,7 @@ void store_projected(
 // avg_pool2d(ceil_mode=True)), as np rows of C values.
 template <typename T>
 void pool_block(
-    const LayerGeometry& geo, const T* __restrict x, int64_t b, int64_t i, int64_t j0, int64_t np,
+    const LayerGeometry& geo, const T* __restrict x_image, int64_t i, int64_t j0, int64_t np,
     T* __restrict out) {
   const int64_t pixel = geo.channels;
   const int64_t h0 = i * geo.stride_h, h1 = std::min(h0 + geo.stride_h, geo.height);
@@ -371,7 +375,7 @@ void pool_block(
     std::fill_n(row, pixel, T(0));
     for (int64_t ih = h0; ih < h1; ++ih) {
       for (int64_t iw = w0; iw < w1; ++iw) {
-        const T* __restrict in = x + ((b * geo.height + ih) * geo.width + iw) * pixel;
+        const T* __restrict in = x_image + (ih * geo.width + iw) * pixel;
 #pragma omp simd
         for (int64_t c = 0; c < pixel; ++c) {
           row[c] += in[c];
@@ -426,9 +430,10 @@ INVOLUTION_INLINE void layer_rows_impl(
     int64_t j0 = 0;
     for (const int64_t np : geo.blocks) {
       // The kernel branch's input rows: the block's own pixels of x (stride 1) or their pools.
-      const T* branch = prm.x + ((b * geo.height + i) * geo.width + j0) * geo.channels;
+      const T* x_image = prm.x + b * prm.x_image_size;
+      const T* branch = x_image + (i * geo.width + j0) * geo.channels;
       if (pooled) {
-        pool_block(geo, prm.x, b, i, j0, np, pool_scratch);
+        pool_block(geo, x_image, i, j0, np, pool_scratch);
         branch = pool_scratch;
       }
 #ifdef INVOLUTION_VECTOR_KERNELS
@@ -637,8 +642,10 @@ at::Tensor layer_forward(
   geo.columns = involution_common::kernel_columns(geo.kernel_w, geo.stride_w, geo.pad_w,
                                                   geo.dil_w, geo.width, geo.out_w);
 
-  const at::Tensor x =
-      input.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::ChannelsLast);
+  // A channels_last input is read in place; an NCHW one a band of rows at a time
+  // (channels_last_rows), each band's rows transposed into a task-local image.
+  const bool in_place = input.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = in_place ? input : input.contiguous();
   at::Tensor scale, shift;
   if (geo.has_scale) {
     scale = out_scale->to(dtype).contiguous();
@@ -669,6 +676,7 @@ at::Tensor layer_forward(
   AT_DISPATCH_FLOATING_TYPES(dtype, "involution_layer_forward", [&] {
     LayerParams<scalar_t> prm{};
     prm.x = x.const_data_ptr<scalar_t>();
+    prm.x_image_size = geo.height * geo.width * geo.channels;
     prm.w0t = w0t.const_data_ptr<scalar_t>();
     prm.b0 = b0.const_data_ptr<scalar_t>();
     prm.w1t = w1t.const_data_ptr<scalar_t>();
@@ -679,9 +687,31 @@ at::Tensor layer_forward(
     prm.b3 = geo.has_projection ? packed[5].const_data_ptr<scalar_t>() : nullptr;
     prm.residual = geo.has_residual ? res.const_data_ptr<scalar_t>() : nullptr;
     prm.y = y.mutable_data_ptr<scalar_t>();
-    involution_common::parallel_work(
-        geo.batch * geo.out_h, row_work, int64_t{1} << 16,
-        [&](int64_t begin, int64_t end) { layer_rows(geo, prm, begin, end); });
+    if (in_place) {
+      involution_common::parallel_work(
+          geo.batch * geo.out_h, row_work, int64_t{1} << 16,
+          [&](int64_t begin, int64_t end) { layer_rows(geo, prm, begin, end); });
+      return;
+    }
+    const auto [band_rows, bands] = involution_common::image_bands(geo.batch, geo.out_h);
+    involution_common::parallel_chunks(geo.batch * bands, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / bands;
+        const int64_t i0 = (task % bands) * band_rows;
+        const int64_t i1 = std::min(geo.out_h, i0 + band_rows);
+        // The input rows the band reads: its windows' and its pooling windows'.
+        const int64_t first = std::max<int64_t>(0, i0 * geo.stride_h - geo.pad_h);
+        const int64_t last =
+            std::min(geo.height, std::max((i1 - 1) * geo.stride_h - geo.pad_h +
+                                              (geo.kernel_h - 1) * geo.dil_h + 1,
+                                          i1 * geo.stride_h));
+        const at::Tensor rows = involution_common::channels_last_rows(x, b, first, last);
+        LayerParams<scalar_t> band = prm;
+        band.x = rows.const_data_ptr<scalar_t>();
+        band.x_image_size = 0;
+        layer_rows(geo, band, b * geo.out_h + i0, b * geo.out_h + i1);
+      }
+    });
   });
   return y;
 }

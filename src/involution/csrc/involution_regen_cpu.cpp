@@ -28,7 +28,7 @@
 //   ATen ops after it run slowly on); the aggregation's two gradients are the loops below,
 //   over channels_last x and grad_y so the innermost loop runs over a group's C/G channels with
 //   unit stride (a compile-time 16 for RedNet). NCHW operands are transposed a band's rows at a
-//   time into task-local images (image_rows), which stay in cache for the loops.
+//   time into task-local images (channels_last_rows), which stay in cache for the loops.
 // - Bands are whole images when there are enough images for the threads, else split so that
 //   every thread gets tasks; a band's halo is (K-1)*d/s rows of regenerated kernels.
 // - float32 and float64; grad_x is written in the input's layout (NCHW or channels_last).
@@ -519,11 +519,11 @@ void store_input_row(const SpanGeometry& geo, const T* __restrict row, T* __rest
 }
 
 // The operands of one call, in the layouts they came in (NCHW or channels_last): x and grad_y
-// read by the loops channels_last through image_rows, the M-channel maps read and written as
-// (pixels, M) matrices through pixel_rows.
+// read by the loops channels_last through channels_last_rows, the M-channel maps read and
+// written as (pixels, M) matrices through pixel_rows.
 struct SpanOperands {
   at::Tensor x, grad_y;                 // (B, C, H, W), (B, C, H_out, W_out): NCHW or
-                                        // channels_last (image_rows)
+                                        // channels_last (channels_last_rows)
   at::Tensor activated;                 // (B, M, H_out, W_out)
   at::Tensor span_weight;               // (G*K*K, M)
   std::optional<at::Tensor> span_bias;  // (G*K*K,)
@@ -537,30 +537,6 @@ struct SpanOperands {
 // that the matrix products read and write in place, so no layout is converted.
 at::Tensor pixel_rows(const at::Tensor& map, int64_t b, int64_t start, int64_t count) {
   return map.select(0, b).flatten(1).narrow(1, start, count).t();
-}
-
-// Image b of a (B, C, H, W) map as an (H, W + 2 * pad, C) tensor holding at least its rows
-// [first, last), with `pad` zero columns each side: a view of a channels_last map without
-// padding, else those rows copied (transposed from NCHW) into a new tensor, the other rows left
-// unset. Per task, so the rows stay in cache for the loops that read them and no channels_last
-// copy of the whole map is written and read back.
-at::Tensor image_rows(const at::Tensor& map, int64_t b, int64_t first, int64_t last,
-                      int64_t pad = 0) {
-  const at::Tensor image = map.select(0, b);
-  if (pad == 0 && map.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return image.permute({1, 2, 0});
-  }
-  const int64_t width = map.size(3);
-  at::Tensor rows = at::empty({map.size(2), width + 2 * pad, map.size(1)}, map.options());
-  if (last > first) {
-    at::Tensor band = rows.narrow(0, first, last - first);
-    band.narrow(1, pad, width).copy_(image.narrow(1, first, last - first).permute({1, 2, 0}));
-    if (pad > 0) {
-      band.narrow(1, 0, pad).zero_();
-      band.narrow(1, pad + width, pad).zero_();
-    }
-  }
-  return rows;
 }
 
 // Rows of grad_h computed together: about 256 KiB of scratch, so it stays in L2 between the
@@ -597,8 +573,10 @@ void run_band(const SpanGeometry& geo, const SpanOperands& ops, int64_t task) {
   const int64_t x_first = std::max<int64_t>(0, band.i0 * geo.stride - geo.pad);
   const int64_t x_last =
       std::min(geo.height, (band.i1 - 1) * geo.stride - geo.pad + (geo.kernel - 1) * geo.dil + 1);
-  const at::Tensor x_image = image_rows(ops.x, band.b, x_first, x_last, geo.x_pad);
-  const at::Tensor gy_image = image_rows(ops.grad_y, band.b, band.lo, band.hi);
+  const at::Tensor x_image =
+      involution_common::channels_last_rows(ops.x, band.b, x_first, x_last, geo.x_pad);
+  const at::Tensor gy_image =
+      involution_common::channels_last_rows(ops.grad_y, band.b, band.lo, band.hi);
   const T* x = x_image.const_data_ptr<T>();
   const T* grad_y = gy_image.const_data_ptr<T>();
   for (int64_t i = band.i0; i < band.i1; i += step) {
@@ -638,15 +616,10 @@ void set_tiling(SpanGeometry& geo) {
   geo.inner_in_blocks = involution_common::column_blocks(geo.inner_in.hi - geo.inner_in.lo, 8);
 }
 
-// Bands of output rows per image: whole images when the batch gives every thread about four
-// tasks, else as many bands as that takes (a band's halo of regenerated kernels costs
+// Bands of output rows per image (image_bands; a band's halo of regenerated kernels costs
 // (K-1)*d/s rows of the span conv).
 void set_bands(SpanGeometry& geo) {
-  const int64_t wanted = 4 * at::get_num_threads();
-  const int64_t bands = std::max<int64_t>(
-      1, std::min(geo.out_h, (wanted + geo.batch - 1) / std::max<int64_t>(1, geo.batch)));
-  geo.band_rows = (geo.out_h + bands - 1) / bands;
-  geo.bands = (geo.out_h + geo.band_rows - 1) / std::max<int64_t>(1, geo.band_rows);
+  std::tie(geo.band_rows, geo.bands) = involution_common::image_bands(geo.batch, geo.out_h);
 }
 
 // The fused backward. input (B, C, H, W), grad_output (B, C, H_out, W_out), activated (B, M,
@@ -711,7 +684,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> span_backward(
 
   const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast;
   SpanOperands ops;
-  // image_rows reads them in place (channels_last) or transposes rows per task (NCHW).
+  // channels_last_rows reads them in place (channels_last) or transposes rows per task (NCHW).
   ops.x = input.is_contiguous(cl) ? input : input.contiguous();
   ops.grad_y = grad_output.is_contiguous(cl) ? grad_output : grad_output.contiguous();
   const bool activated_last = !activated.is_contiguous() && activated.is_contiguous(cl);
