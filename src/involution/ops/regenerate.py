@@ -67,6 +67,7 @@ __all__ = [
     "layer_output",
     "recompute_layer",
     "regenerate_involution2d",
+    "regenerated_features",
     "update_running_stats",
 ]
 
@@ -269,7 +270,7 @@ def features_output(saved: SavedLayer, features: BranchFeatures, branch: KernelB
     the aggregation. Otherwise the aggregation with the kernels ``span(features.activated)``.
     """
     x = saved.x
-    if branch.backend != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
+    if not _layer_kernel_applies(x, branch):
         return _aggregate(x, features.activated, saved.span_weight, saved.span_bias, branch)
     reduce_weight, reduce_bias = saved.reduce_weight, None
     affine = _norm_affine(saved, branch)
@@ -291,6 +292,21 @@ def features_output(saved: SavedLayer, features: BranchFeatures, branch: KernelB
         span_bias=saved.span_bias,
     )
     return registration.run_layer(spec, x, None)
+
+
+def _layer_kernel_applies(x: Tensor, branch: KernelBranch) -> bool:
+    """Whether :func:`features_output` runs the ``"cpu"`` backend's fused layer kernel."""
+    return branch.backend == "cpu" and x.dtype in (torch.float32, torch.float64) and x.numel() > 0
+
+
+def regenerated_features(saved: SavedLayer, branch: KernelBranch) -> BranchFeatures:
+    """The kernel branch for a backward that also rebuilds the layer's output with
+    :func:`features_output`: forward's ops (:func:`branch_features`, bitwise) where that output
+    reads the features, else from the saved statistics (one pass over the reduced map fewer:
+    the fused layer kernel folds the norm in from them)."""
+    if _layer_kernel_applies(saved.x, branch):
+        return _saved_features(saved, branch)
+    return branch_features(saved[:7], branch)[0]
 
 
 def _norm_affine(saved: SavedLayer, branch: KernelBranch) -> tuple[Tensor, Tensor] | None:
@@ -377,23 +393,15 @@ def layer_gradients(
                 norm_bias is not None and needs[3],
             ],
         )
-    grad_pooled, grad_reduce_weight, _ = POINTWISE.backward(
-        grad_reduced, pooled, reduce_weight, None, [needs[0], needs[1], False]
+    grad_reduce_weight = _reduce_conv_backward(
+        grad_reduced,
+        x,
+        pooled,
+        reduce_weight,
+        grad_x if needs[0] else None,
+        needs[1],
+        branch.stride,
     )
-    if needs[0]:
-        if branch.stride > 1:
-            grad_pooled = torch.ops.aten.avg_pool2d_backward(
-                grad_pooled,
-                x,
-                [branch.stride] * 2,
-                [branch.stride] * 2,
-                [0, 0],
-                True,
-                True,
-                None,
-            )
-        # In place: grad_x is the span backward's own new tensor.
-        grad_x = grad_x.add_(grad_pooled)
     return (
         grad_x,
         grad_reduce_weight,
@@ -403,6 +411,52 @@ def layer_gradients(
         grad_span_weight,
         grad_span_bias,
     )
+
+
+def _reduce_conv_backward(
+    grad_reduced: Tensor,
+    x: Tensor,
+    pooled: Tensor,
+    reduce_weight: Tensor,
+    grad_x: Tensor | None,
+    needs_weight: bool,
+    stride: int,
+) -> Tensor | None:
+    """The reduce conv's backward: its weight's gradient (M, C, 1, 1) with ``needs_weight``
+    (else ``None``), and where ``grad_x`` (the span backward's own new tensor, x's shape) is
+    given, the input's gradient (through the average pool at ``stride`` > 1) added to it in
+    place. ``grad_reduced`` (B, M, H_out, W_out), ``pooled`` (B, C, H_out, W_out).
+
+    In float32 and float64, batched matrix products, one per image over its pixels: at unit
+    stride the input's gradient is accumulated straight into ``grad_x``, without ATen's 1x1-conv
+    backward's zero-filled gradient and the separate sum. Half precision keeps ATen's conv
+    backward, which accumulates each gradient in float32 and rounds once (BatchNorm's backward
+    before it amplifies any further rounding)."""
+    grad_pooled = grad_weight = None
+    if grad_reduced.dtype in (torch.float32, torch.float64):
+        grad_rows = grad_reduced.flatten(2)  # (B, M, pixels): a view in NCHW and channels_last
+        if grad_x is not None:
+            weight_t = reduce_weight.flatten(1).t().expand(grad_rows.shape[0], -1, -1)
+            if stride == 1 and (
+                grad_x.is_contiguous() or grad_x.is_contiguous(memory_format=torch.channels_last)
+            ):  # flatten(2) is then a view of grad_x
+                grad_x.flatten(2).baddbmm_(weight_t, grad_rows)
+            else:
+                grad_pooled = torch.bmm(weight_t, grad_rows).view(pooled.shape)
+        if needs_weight:
+            pixels = pooled.flatten(2).transpose(1, 2)
+            grad_weight = torch.bmm(grad_rows, pixels).sum(0).view_as(reduce_weight)
+    else:
+        grad_pooled, grad_weight, _ = POINTWISE.backward(
+            grad_reduced, pooled, reduce_weight, None, [grad_x is not None, needs_weight, False]
+        )
+    if grad_pooled is not None:
+        if stride > 1:
+            grad_pooled = torch.ops.aten.avg_pool2d_backward(
+                grad_pooled, x, [stride] * 2, [stride] * 2, [0, 0], True, True, None
+            )
+        grad_x.add_(grad_pooled)
+    return grad_weight
 
 
 def _span_gradients(

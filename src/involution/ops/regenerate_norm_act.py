@@ -9,14 +9,14 @@ input ``x``, ``y`` and per-channel statistics only: where ResNet keeps its 3x3 c
 its BatchNorm, RedNet then keeps nothing.
 
 Backward regenerates the involution's output from ``x`` (the kernel branch and the aggregation
-once more, bitwise forward's), then runs ATen's BatchNorm backward with the forward's
-statistics, ReLU's mask ``y > 0`` and :func:`~involution.ops.regenerate.layer_gradients` on
-the same kernel branch features. The output cannot be
-recovered from ``y`` instead, as in-place activated BatchNorm recovers it through its
-invertible leaky ReLU: with batch statistics, the gradient reaches every input through the
-mean and the variance, those that ReLU zeroed included, and those are lost in ``y``. So the
-result is exact whatever the BatchNorm's weight (zero included), at the cost of one more
-involution forward per layer in backward.
+once more, :func:`~involution.ops.regenerate.regenerated_features`), then runs ATen's BatchNorm
+backward with the forward's statistics, ReLU's mask ``y > 0`` and
+:func:`~involution.ops.regenerate.layer_gradients` on the same kernel branch features. The
+output cannot be recovered from ``y`` instead, as in-place activated BatchNorm recovers it
+through its invertible leaky ReLU: with batch statistics, the gradient reaches every input
+through the mean and the variance, those that ReLU zeroed included, and those are lost in
+``y``. So the result is exact whatever the BatchNorm's weight (zero included), at the cost of
+one more involution forward per layer in backward.
 
 :func:`involution_norm_act` is the modules' entry: ``act(norm(layer(x)))``, through the
 fused op where it applies (:func:`norm_act_fusion_applies`), else the modules as they are.
@@ -40,12 +40,12 @@ from involution.ops.regenerate import (
     KernelBranch,
     SavedLayer,
     autocast_off,
-    branch_features,
     check_batch_size,
     features_output,
     layer_gradients,
     layer_inputs,
     layer_output,
+    regenerated_features,
     update_running_stats,
 )
 
@@ -59,6 +59,7 @@ __all__ = [
     "norm_act_output",
     "regenerate_involution2d_norm_act",
     "relu_batch_norm",
+    "relu_normalised",
 ]
 
 
@@ -110,7 +111,7 @@ class RegeneratedInvolutionNormAct(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors  # read once: an enclosing checkpoint allows one unpacking
         layer = SavedLayer(*saved[:9])
-        features = branch_features(layer[:7], ctx.config.branch)[0]
+        features = regenerated_features(layer, ctx.config.branch)
         grads, grad_affine = norm_act_gradients(
             grad_y,
             SavedNormAct(layer, *saved[9:]),
@@ -132,6 +133,18 @@ def relu_batch_norm(
     return y.relu_(), mean, invstd
 
 
+def relu_normalised(
+    output: Tensor, out_affine: Tensor | None, mean: Tensor, invstd: Tensor
+) -> Tensor:
+    """:func:`relu_batch_norm`'s ``y`` again from its statistics (C,) each, in one elementwise
+    pass (ATen's BatchNorm's own formula: ``output * scale + shift``), without recomputing
+    them."""
+    scale = invstd if out_affine is None else invstd * out_affine[0]
+    shift = -mean * scale if out_affine is None else out_affine[1] - mean * scale
+    y = torch.addcmul(shift[:, None, None], output, scale[:, None, None])
+    return y.to(output.dtype).relu_()
+
+
 def norm_act_output(
     layer: Sequence[Tensor | None], out_affine: Tensor | None, config: NormAct
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -151,8 +164,8 @@ def norm_act_gradients(
 ) -> tuple[tuple[Tensor | None, ...], Tensor | None]:
     """(the involution's gradients, as :func:`~involution.ops.regenerate.layer_gradients`
     gives them; the BatchNorm's affine's (2, C) or ``None``) from ``grad_y`` (B, C, H_out,
-    W_out), with the regenerated involution ``output`` and kernel branch ``features``
-    (bitwise forward's). ``needs``: 8 flags, the affine's then the layer's tensors'."""
+    W_out), with the regenerated involution ``output`` and kernel branch ``features``.
+    ``needs``: 8 flags, the affine's then the layer's tensors'."""
     needs_affine = needs[0]
     grad_output, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
         torch.ops.aten.threshold_backward(grad_y, saved.y, 0),

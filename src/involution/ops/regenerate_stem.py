@@ -10,12 +10,13 @@ output, at 64 channels.
 
 :class:`RegeneratedStem` computes ``conv1 -> bn1 -> relu -> involution -> bn2 -> relu ->
 conv2`` in one ``autograd.Function`` that keeps the image, the parameters and per-channel
-statistics. Backward recomputes the first conv, its BatchNorm with the batch's statistics and
-the ReLU, regenerates the involution's output and the BatchNorm + ReLU after it (the same ops on
-the same tensors as forward: bitwise its tensors), then runs the last conv's backward, the fused
-op's (:func:`~involution.ops.regenerate_norm_act.norm_act_gradients`) and the first three's.
-That costs the first conv (on the image's 3 channels) and two BatchNorm passes more than the
-fused op alone, which regenerates the involution's output anyway. The last conv's output goes
+statistics. Backward recomputes the first conv, its BatchNorm (one elementwise pass from the
+saved batch statistics, :func:`~involution.ops.regenerate_norm_act.relu_normalised`) and the
+ReLU, regenerates the involution's output and the BatchNorm + ReLU after it (forward's values,
+within rounding), then runs the last conv's backward, the fused op's
+(:func:`~involution.ops.regenerate_norm_act.norm_act_gradients`) and the first three's. That
+costs the first conv (on the image's 3 channels) and two elementwise passes more than the fused
+op alone, which regenerates the involution's output anyway. The last conv's output goes
 to the stem's own BatchNorm and ReLU modules, which keep it as before. Every BatchNorm's running
 statistics are updated once, in forward
 (:func:`~involution.ops.regenerate.update_running_stats`).
@@ -38,10 +39,10 @@ from involution.ops.regenerate import (
     ConvArgs,
     SavedLayer,
     autocast_off,
-    branch_features,
     check_batch_size,
     features_output,
     layer_inputs,
+    regenerated_features,
     update_running_stats,
 )
 from involution.ops.regenerate_norm_act import (
@@ -52,6 +53,7 @@ from involution.ops.regenerate_norm_act import (
     norm_act_gradients,
     norm_act_output,
     relu_batch_norm,
+    relu_normalised,
 )
 
 __all__ = [
@@ -122,14 +124,14 @@ class RegeneratedStem(torch.autograd.Function):
         involution = saved[5:11]
         bn1_mean, bn1_invstd, mean, invstd, out_mean, out_invstd = saved[11:]
         needs = ctx.needs_input_grad
-        # Forward's ops on forward's tensors: bitwise forward's x, involution output and y.
+        # Forward's x, involution output and y again, the BatchNorms from their statistics.
         front = config.conv1.forward(image, conv1_weight)
-        x = relu_batch_norm(front, bn1_affine, config.eps)[0]
+        x = relu_normalised(front, bn1_affine, bn1_mean, bn1_invstd)
         layer = SavedLayer(x, *involution, mean, invstd)
         branch = config.norm_act.branch
-        features = branch_features(layer[:7], branch)[0]
+        features = regenerated_features(layer, branch)
         output = features_output(layer, features, branch)
-        y = relu_batch_norm(output, out_affine, config.norm_act.eps)[0]
+        y = relu_normalised(output, out_affine, out_mean, out_invstd)
         grad_y, grad_conv2_weight, _ = config.conv2.backward(
             grad_out, y, conv2_weight, None, (True, needs[5], False)
         )
