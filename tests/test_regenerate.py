@@ -275,7 +275,7 @@ def test_bench_memory_counts_each_storage_once_without_the_weights() -> None:
     )
     assert baseline_of("retinanet_rednet50_fpn_inv_neck") == "retinanet_resnet50_fpn"
     rows = [
-        MemoryResult("torchvision.resnet50", "-", 8, "float32", "nchw", 100.0, None, None, 1, 1),
-        MemoryResult("rednet50", "regen", 8, "float32", "nchw", 90.0, None, None, 1, 1),
+        MemoryResult("torchvision.resnet50", "-", 8, "float32", "nchw", 100.0, None, None, 80, 1),
+        MemoryResult("rednet50", "regen", 8, "float32", "nchw", 90.0, None, None, 60, 1),
     ]
-    assert [r.ratio for r in with_ratios(rows)] == [None, 0.9]
+    assert [(r.ratio, r.time_ratio) for r in with_ratios(rows)] == [(None, None), (0.9, 0.75)]

@@ -319,7 +319,7 @@ def test_frozen_batchnorm_kernel_branch_regenerates_as_kept(monkeypatch) -> None
 def test_bench_memory_cases_name_each_variant_and_pairing() -> None:
     import argparse
 
-    from involution.bench.memory import Case, add_arguments, cases
+    from involution.bench.memory import Case, add_arguments, cases, settings
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -350,3 +350,7 @@ def test_bench_memory_cases_name_each_variant_and_pairing() -> None:
             for v in ("regen", "unfused", "kept")
         ),
     ]
+    # Timed in turn: each baseline with its RedNets.
+    groups = settings(cases(args))
+    assert [len(group) for group in groups] == [4, 7]
+    assert [group[0].variant for group in groups] == [None, None]

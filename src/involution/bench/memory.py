@@ -10,7 +10,10 @@ For each model, training mode, random inputs, one SGD step at a time:
 - ``CUDA peak MiB``: ``torch.cuda.max_memory_allocated`` over a step, less before it;
 - ``step ms``: the median wall-clock time of ``--steps`` full steps (forward, loss, backward,
   update) after one untimed step, and ``CPU ms`` the process's CPU time per step (all threads:
-  other jobs on a shared machine inflate it far less than the wall-clock time).
+  other jobs on a shared machine inflate it far less than the wall-clock time). The models of
+  one setting (a baseline and its RedNets, built side by side) take their timed steps in turn,
+  round after round, so that a machine whose speed drifts during the run (a shared host) slows
+  them alike; ``time ratio`` is a row's median step time over its baseline's.
 
 Each RedNet runs as its ``--regenerate`` variants (:data:`VARIANTS`): its Involution2d layers
 regenerating the kernels in backward with the following BatchNorm + ReLU in the same op
@@ -37,7 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -98,9 +101,9 @@ class Case:
 
 @dataclass(frozen=True)
 class MemoryResult:
-    """One configuration's figures (MiB and milliseconds); ``ratio`` is the saved bytes over the
-    baseline's in the same setting (``None`` for a baseline or where it was not run); ``norm``
-    as :class:`Case`'s."""
+    """One configuration's figures (MiB and milliseconds); ``ratio`` is the saved bytes and
+    ``time_ratio`` the median step time over the baseline's in the same setting (``None`` for a
+    baseline or where it was not run); ``norm`` as :class:`Case`'s."""
 
     model: str
     variant: str
@@ -114,6 +117,7 @@ class MemoryResult:
     step_cpu_ms: float
     ratio: float | None = None
     norm: str = "batch"
+    time_ratio: float | None = None
 
 
 def saved_storages(
@@ -220,10 +224,18 @@ def _forward_loss(
     return classifier_loss
 
 
-def measure(
-    case: Case, device: torch.device, steps: int, det_size: tuple[int, int]
-) -> MemoryResult:
-    """Build ``case``'s model and measure one configuration (see the module docstring)."""
+@dataclass
+class Prepared:
+    """A case's model built and its memory measured: its result without the times yet, and
+    ``step`` (one full training step) for the timed rounds."""
+
+    result: MemoryResult
+    step: Callable[[], None]
+
+
+def prepare(case: Case, device: torch.device, det_size: tuple[int, int]) -> Prepared:
+    """Build ``case``'s model, take its untimed step and measure its memory (see the module
+    docstring)."""
     model = _build(case, device, det_size)
     forward = _forward_loss(model, case, device, det_size)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -232,6 +244,8 @@ def measure(
         optimizer.zero_grad(set_to_none=True)
         forward().backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     step()  # warm-up: allocations, lazy initialisation, gradients created
     weights = [*model.parameters(), *model.buffers()]
@@ -245,18 +259,9 @@ def measure(
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
-        torch.cuda.synchronize(device)
         cuda_peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     rss = peak_rss_delta(step) if device.type == "cpu" else None
-    times, cpu_times = [], []
-    for _ in range(steps):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-        cpu_times.append((time.process_time() - start_cpu) * 1e3)
-    return MemoryResult(
+    result = MemoryResult(
         model=case.model,
         variant=case.variant or "-",
         batch_size=case.batch_size,
@@ -265,10 +270,32 @@ def measure(
         saved_mib=saved / 2**20,
         peak_rss_mib=rss,
         cuda_peak_mib=cuda_peak,
-        step_ms=statistics.median(times),
-        step_cpu_ms=statistics.median(cpu_times),
+        step_ms=0.0,
+        step_cpu_ms=0.0,
         norm=case.norm,
     )
+    return Prepared(result, step)
+
+
+def timed_in_turn(prepared: Sequence[Prepared], steps: int) -> list[MemoryResult]:
+    """The results of ``prepared`` with their step times: ``steps`` rounds, each model taking
+    one step per round in turn; the median wall-clock and CPU time of each model's steps."""
+    times: list[list[float]] = [[] for _ in prepared]
+    cpu_times: list[list[float]] = [[] for _ in prepared]
+    for _ in range(steps):
+        for k, item in enumerate(prepared):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            item.step()
+            times[k].append((time.perf_counter() - start) * 1e3)
+            cpu_times[k].append((time.process_time() - start_cpu) * 1e3)
+    return [
+        replace(
+            item.result,
+            step_ms=statistics.median(wall),
+            step_cpu_ms=statistics.median(cpu),
+        )
+        for item, wall, cpu in zip(prepared, times, cpu_times, strict=True)
+    ]
 
 
 def cases(args: argparse.Namespace) -> list[Case]:
@@ -289,16 +316,29 @@ def cases(args: argparse.Namespace) -> list[Case]:
     return result
 
 
+def settings(all_cases: Sequence[Case]) -> list[list[Case]]:
+    """``all_cases`` (as :func:`cases` orders them) split into settings: each baseline with the
+    RedNet cases after it, timed in turn."""
+    groups: list[list[Case]] = []
+    for case in all_cases:
+        if case.variant is None or not groups:
+            groups.append([])
+        groups[-1].append(case)
+    return groups
+
+
 def with_ratios(results: Sequence[MemoryResult]) -> list[MemoryResult]:
-    """Each RedNet's saved bytes over its baseline's in the same setting."""
-    baselines = {
-        (r.model, r.batch_size, r.dtype, r.layout): r.saved_mib for r in results if r.variant == "-"
-    }
+    """Each RedNet's saved bytes and step time over its baseline's in the same setting."""
+    baselines = {(r.model, r.batch_size, r.dtype, r.layout): r for r in results if r.variant == "-"}
     out = []
     for r in results:
         base = baselines.get((baseline_of(r.model), r.batch_size, r.dtype, r.layout))
-        ratio = None if r.variant == "-" or not base else r.saved_mib / base
-        out.append(MemoryResult(**{**asdict(r), "ratio": ratio}))
+        if r.variant == "-" or base is None:
+            out.append(replace(r, ratio=None, time_ratio=None))
+            continue
+        ratio = r.saved_mib / base.saved_mib if base.saved_mib else None
+        time_ratio = r.step_ms / base.step_ms if base.step_ms else None
+        out.append(replace(r, ratio=ratio, time_ratio=time_ratio))
     return out
 
 
@@ -310,14 +350,15 @@ def format_table(results: Sequence[MemoryResult]) -> str:
 
     lines = [
         "| model | variant | norm | batch | dtype | layout | saved MiB | ratio | peak RSS MiB "
-        "| CUDA peak MiB | step ms | CPU ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CUDA peak MiB | step ms | CPU ms | time ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.model} | {r.variant} | {r.norm} | {r.batch_size} | {r.dtype} | {r.layout} "
             f"| {r.saved_mib:.0f} | {number(r.ratio, 3)} | {number(r.peak_rss_mib)} "
-            f"| {number(r.cuda_peak_mib)} | {r.step_ms:.0f} | {r.step_cpu_ms:.0f} |"
+            f"| {number(r.cuda_peak_mib)} | {r.step_ms:.0f} | {r.step_cpu_ms:.0f} "
+            f"| {number(r.time_ratio, 3)} |"
         )
     return "\n".join(lines)
 
@@ -379,15 +420,17 @@ def memory_command(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     results = []
-    for case in cases(args):
-        result = measure(case, device, args.steps, args.det_size)
-        print(
-            f"{case.model} {result.variant} {case.norm} b{case.batch_size} {case.dtype} "
-            f"{case.layout}: "
-            f"{result.saved_mib:.0f} MiB saved, {result.step_ms:.0f} ms/step",
-            file=sys.stderr,
-        )
-        results.append(result)
+    for group in settings(cases(args)):
+        prepared = []
+        for case in group:
+            prepared.append(prepare(case, device, args.det_size))
+            print(
+                f"{case.model} {case.variant or '-'} {case.norm} b{case.batch_size} {case.dtype} "
+                f"{case.layout}: {prepared[-1].result.saved_mib:.0f} MiB saved",
+                file=sys.stderr,
+            )
+        results += timed_in_turn(prepared, args.steps)
+        del prepared  # the setting's models, before the next setting builds its own
     results = with_ratios(results)
     environment = environment_info(device, torch.float32)
     print(f"# {json.dumps(environment)}, {args.steps} timed steps")
