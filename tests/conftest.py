@@ -34,6 +34,38 @@ def gradcheck_module(module: torch.nn.Module, x: torch.Tensor) -> bool:
     return torch.autograd.gradcheck(run, (x, *params), fast_mode=True)
 
 
+def training_step(
+    model: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """``model(x)`` backward with ``grad`` on a fresh leaf copy of ``x``: (the output, x's
+    gradient, each parameter's gradient)."""
+    x = x.detach().clone().requires_grad_()
+    output = model(x)
+    output.backward(grad)
+    return output.detach(), x.grad, [p.grad for p in model.parameters()]
+
+
+def assert_same_training_step(
+    model: torch.nn.Module,
+    reference: torch.nn.Module,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    **tolerances: Any,
+) -> None:
+    """One :func:`training_step` of each on the same ``x`` and ``grad``: the outputs, the input
+    gradients, the parameter gradients and the buffers close (``tolerances`` as
+    ``assert_close``'s), each parameter and buffer named where it fails."""
+    out, grad_x, grads = training_step(model, x, grad)
+    out_ref, grad_x_ref, grads_ref = training_step(reference, x, grad)
+    torch.testing.assert_close(out, out_ref, **tolerances)
+    torch.testing.assert_close(grad_x, grad_x_ref, **tolerances)
+    names = [name for name, _ in model.named_parameters()]
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, msg=lambda m, n=name: f"{n}: {m}", **tolerances)
+    for (name, b), b_ref in zip(model.named_buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(b, b_ref, msg=lambda m, n=name: f"{n}: {m}", **tolerances)
+
+
 def fashion_mnist_scenes(tmp_path_factory: pytest.TempPathFactory, **params: Any) -> Path:
     """A small Fashion-MNIST scenes set (``involution.datasets.scenes.build_scenes`` with
     ``params``) in a fresh temporary folder; skips the test where Fashion-MNIST is absent."""

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from conftest import gradcheck_module
+from conftest import gradcheck_module, training_step
 from involution.bench.memory import saved_storages
 from involution.ops import Involution2d
 from involution.ops.modules import set_kernel_regeneration
@@ -57,13 +57,6 @@ def _layer(
     return layer.train()
 
 
-def _step(layer: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
-    x = x.detach().clone().requires_grad_()
-    output = layer(x)
-    output.backward(grad)
-    return output.detach(), x.grad, [p.grad for p in layer.parameters()]
-
-
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gradcheck_float64_batch_statistics(geometry, channels_last: bool) -> None:
@@ -96,8 +89,8 @@ def test_equals_the_kept_kernel_path(geometry, norm: str) -> None:
     grad = torch.randn_like(kept(x))
     kept.load_state_dict(layer.state_dict())  # that call updated the running statistics
     for _ in range(2):  # twice: the cumulative average's second step
-        out, grad_x, grads = _step(layer, x, grad)
-        out_kept, grad_x_kept, grads_kept = _step(kept, x, grad)
+        out, grad_x, grads = training_step(layer, x, grad)
+        out_kept, grad_x_kept, grads_kept = training_step(kept, x, grad)
     torch.testing.assert_close(out, out_kept)
     torch.testing.assert_close(grad_x, grad_x_kept, **GRAD_TOLERANCE)
     for g, g_kept in zip(grads, grads_kept, strict=True):
@@ -139,8 +132,8 @@ def test_checkpointed_fallback_equals_the_kept_path_and_updates_once() -> None:
     layer = _layer(16, 2, 1, 4, act_layer=nn.GELU)
     kept = set_kernel_regeneration(copy.deepcopy(layer), False)
     x, grad = torch.randn(2, 16, 9, 9), torch.randn(2, 16, 5, 5)
-    out, grad_x, grads = _step(layer, x, grad)
-    out_kept, grad_x_kept, grads_kept = _step(kept, x, grad)
+    out, grad_x, grads = training_step(layer, x, grad)
+    out_kept, grad_x_kept, grads_kept = training_step(kept, x, grad)
     torch.testing.assert_close(out, out_kept)
     torch.testing.assert_close(grad_x, grad_x_kept)
     for g, g_kept in zip(grads, grads_kept, strict=True):
@@ -195,8 +188,8 @@ def test_compiled_training_fullgraph() -> None:
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 16, 9, 9).to(memory_format=torch.channels_last)
     grad = torch.randn(2, 16, 5, 5)
-    out, grad_x, grads = _step(compiled, x, grad)
-    out_kept, grad_x_kept, grads_kept = _step(kept, x, grad)
+    out, grad_x, grads = training_step(compiled, x, grad)
+    out_kept, grad_x_kept, grads_kept = training_step(kept, x, grad)
     torch.testing.assert_close(out, out_kept)
     torch.testing.assert_close(grad_x, grad_x_kept)
     for g, g_kept in zip(grads, grads_kept, strict=True):

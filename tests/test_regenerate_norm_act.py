@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from conftest import gradcheck_module
+from conftest import assert_same_training_step, gradcheck_module, training_step
 from involution.bench.memory import saved_storages
 from involution.models.rednet import RedNet, RedNetArch
 from involution.ops import Involution2d
@@ -80,25 +80,10 @@ def _input(geometry=GEOMETRIES[1], batch: int = 3) -> Tensor:
     return torch.randn(batch, channels, height, width)
 
 
-def _step(model: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
-    x = x.detach().clone().requires_grad_()
-    output = model(x)
-    output.backward(grad)
-    return output.detach(), x.grad, [p.grad for p in model.parameters()]
-
-
 def _assert_same_step(model: nn.Module, reference: nn.Module, x: Tensor, **tolerances) -> None:
     grad = torch.randn_like(reference(x.clone()))
     reference.load_state_dict(model.state_dict())  # that call updated the running statistics
-    out, grad_x, grads = _step(model, x, grad)
-    out_ref, grad_x_ref, grads_ref = _step(reference, x, grad)
-    torch.testing.assert_close(out, out_ref, **tolerances)
-    torch.testing.assert_close(grad_x, grad_x_ref, **tolerances)
-    names = [name for name, _ in model.named_parameters()]
-    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
-        torch.testing.assert_close(g, g_ref, msg=lambda m, n=name: f"{n}: {m}", **tolerances)
-    for (name, b), b_ref in zip(model.named_buffers(), reference.buffers(), strict=True):
-        torch.testing.assert_close(b, b_ref, msg=lambda m, n=name: f"{n}: {m}", **tolerances)
+    assert_same_training_step(model, reference, x, grad, **tolerances)
 
 
 def _counting(monkeypatch) -> list[int]:
@@ -193,8 +178,8 @@ def test_compiled_training_step_fullgraph_channels_last() -> None:
     x = _input().to(memory_format=torch.channels_last)
     grad = torch.randn_like(reference(x)).to(memory_format=torch.channels_last)
     reference.load_state_dict(block.state_dict())
-    out, grad_x, grads = _step(compiled, x, grad)
-    out_ref, grad_x_ref, grads_ref = _step(reference, x, grad)
+    out, grad_x, grads = training_step(compiled, x, grad)
+    out_ref, grad_x_ref, grads_ref = training_step(reference, x, grad)
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, out_ref)
     torch.testing.assert_close(grad_x, grad_x_ref)
@@ -274,10 +259,10 @@ def test_rednet_bottlenecks_and_stem_use_the_op_and_match(monkeypatch) -> None:
     reference = _unfused(model)
     x = torch.randn(2, 3, 32, 32)
     grad = torch.randn(2, 5)
-    out, grad_x, grads = _step(model, x, grad)
+    out, grad_x, grads = training_step(model, x, grad)
     assert len(calls) == 2  # two bottlenecks
     assert len(stem_calls) == 1  # the stem, its involution's BatchNorm and ReLU included
-    out_ref, grad_x_ref, grads_ref = _step(reference, x, grad)
+    out_ref, grad_x_ref, grads_ref = training_step(reference, x, grad)
     torch.testing.assert_close(out, out_ref)
     torch.testing.assert_close(grad_x, grad_x_ref)
     names = [name for name, _ in model.named_parameters()]
@@ -306,8 +291,8 @@ def test_frozen_batchnorm_kernel_branch_regenerates_as_kept(monkeypatch) -> None
             buffer.uniform_(0.5, 1.5)
     kept = set_kernel_regeneration(copy.deepcopy(layer), False)
     x, grad = torch.randn(2, 16, 9, 9), torch.randn(2, 16, 5, 5)
-    out, grad_x, grads = _step(layer.train(), x, grad)
-    out_kept, grad_x_kept, grads_kept = _step(kept.train(), x, grad)
+    out, grad_x, grads = training_step(layer.train(), x, grad)
+    out_kept, grad_x_kept, grads_kept = training_step(kept.train(), x, grad)
     assert calls == [1]
     # FrozenBatchNorm2d folds its statistics into a scale and a shift: another rounding.
     torch.testing.assert_close(out, out_kept, rtol=1e-4, atol=1e-5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from conftest import gradcheck_module
+from conftest import assert_same_training_step, gradcheck_module, training_step
 from involution.models.rednet import RedNetStem
 from involution.ops import Involution2d
 from involution.ops.modules import set_kernel_regeneration
@@ -62,25 +62,10 @@ def _counting(monkeypatch) -> list[int]:
     return calls
 
 
-def _step(model: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
-    x = x.detach().clone().requires_grad_()
-    output = model(x)
-    output.backward(grad)
-    return output.detach(), x.grad, [p.grad for p in model.parameters()]
-
-
 def _assert_same_steps(model: nn.Module, reference: nn.Module, x: Tensor, **tolerances) -> None:
     grad = torch.randn_like(copy.deepcopy(reference)(x))
     for _ in range(2):  # twice: the running statistics after each step
-        out, grad_x, grads = _step(model, x, grad)
-        out_ref, grad_x_ref, grads_ref = _step(reference, x, grad)
-        torch.testing.assert_close(out, out_ref, **tolerances)
-        torch.testing.assert_close(grad_x, grad_x_ref, **tolerances)
-        names = [name for name, _ in model.named_parameters()]
-        for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
-            torch.testing.assert_close(g, g_ref, msg=lambda m, n=name: f"{n}: {m}", **tolerances)
-        for (name, b), b_ref in zip(model.named_buffers(), reference.buffers(), strict=True):
-            torch.testing.assert_close(b, b_ref, msg=lambda m, n=name: f"{n}: {m}", **tolerances)
+        assert_same_training_step(model, reference, x, grad, **tolerances)
         model.zero_grad()
         reference.zero_grad()
 
@@ -138,8 +123,8 @@ def test_compiled_training_step_fullgraph_channels_last(monkeypatch) -> None:
     compiled = torch.compile(stem, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 16, 16).to(memory_format=torch.channels_last)
     grad = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
-    out, grad_x, grads = _step(compiled, x, grad)
-    out_ref, grad_x_ref, grads_ref = _step(reference, x, grad)
+    out, grad_x, grads = training_step(compiled, x, grad)
+    out_ref, grad_x_ref, grads_ref = training_step(reference, x, grad)
     torch.testing.assert_close(out, out_ref)
     torch.testing.assert_close(grad_x, grad_x_ref, **FLOAT32)
     for g, g_ref in zip(grads, grads_ref, strict=True):
