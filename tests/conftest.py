@@ -66,6 +66,30 @@ def assert_same_training_step(
         torch.testing.assert_close(b, b_ref, msg=lambda m, n=name: f"{n}: {m}", **tolerances)
 
 
+def assert_same_accumulated_and_autocast_gradients(
+    model: torch.nn.Module,
+    reference: torch.nn.Module,
+    x: torch.Tensor,
+    **float32_tolerances: Any,
+) -> None:
+    """The parameter gradients of ``model`` and ``reference`` close after two micro-batches of
+    ``x`` accumulated (``float32_tolerances`` as ``assert_close``'s), then after one step under
+    bfloat16 CPU autocast (whose output must be bfloat16), at bfloat16's tolerances."""
+    for net in (model, reference):
+        for half in x.chunk(2):  # two micro-batches, one optimizer step
+            net(half).square().sum().backward()
+    for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, **float32_tolerances)
+    for net in (model, reference):
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+    for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=0.05, rtol=0.02)
+
+
 def fashion_mnist_scenes(tmp_path_factory: pytest.TempPathFactory, **params: Any) -> Path:
     """A small Fashion-MNIST scenes set (``involution.datasets.scenes.build_scenes`` with
     ``params``) in a fresh temporary folder; skips the test where Fashion-MNIST is absent."""

@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from conftest import assert_same_training_step, gradcheck_module, training_step
+from conftest import (
+    assert_same_accumulated_and_autocast_gradients,
+    assert_same_training_step,
+    gradcheck_module,
+    training_step,
+)
 from involution.bench.memory import saved_storages
 from involution.models.rednet import RedNet, RedNetArch
 from involution.ops import Involution2d
@@ -194,19 +199,7 @@ def test_gradient_accumulation_and_bfloat16_autocast(monkeypatch) -> None:
     block = _block()
     reference = _unfused(block)
     x = _input(batch=4)
-    for model in (block, reference):
-        for half in x.chunk(2):  # two micro-batches, one optimizer step
-            model(half).square().sum().backward()
-    for p, p_ref in zip(block.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, p_ref.grad)
-    for model in (block, reference):
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-        assert out.dtype == torch.bfloat16
-        out.float().square().sum().backward()
-    for p, p_ref in zip(block.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, p_ref.grad, atol=0.05, rtol=0.02)
+    assert_same_accumulated_and_autocast_gradients(block, reference, x)
     assert len(calls) == 3
 
 

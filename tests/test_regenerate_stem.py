@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from conftest import assert_same_training_step, gradcheck_module, training_step
+from conftest import (
+    assert_same_accumulated_and_autocast_gradients,
+    assert_same_training_step,
+    gradcheck_module,
+    training_step,
+)
 from involution.models.rednet import RedNetStem
 from involution.ops import Involution2d
 from involution.ops.modules import set_kernel_regeneration
@@ -138,19 +143,7 @@ def test_gradient_accumulation_and_bfloat16_autocast(monkeypatch) -> None:
     stem = _stem()
     reference = _modules(stem)
     x = torch.randn(4, 3, 16, 16)
-    for model in (stem, reference):
-        for half in x.chunk(2):  # two micro-batches, one optimizer step
-            model(half).square().sum().backward()
-    for p, p_ref in zip(stem.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, p_ref.grad, **FLOAT32)
-    for model in (stem, reference):
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-        assert out.dtype == torch.bfloat16
-        out.float().square().sum().backward()
-    for p, p_ref in zip(stem.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, p_ref.grad, atol=0.05, rtol=0.02)
+    assert_same_accumulated_and_autocast_gradients(stem, reference, x, **FLOAT32)
     assert len(calls) == 3
 
 
