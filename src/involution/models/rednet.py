@@ -28,6 +28,7 @@ from timm.models._features import feature_take_indices  # not re-exported by tim
 from torch import Tensor, nn
 
 from involution.models.cfgs import rednet_cfg
+from involution.models.pooling import StemMaxPool2d
 from involution.ops.modules import OFFICIAL_KEY_PREFIXES as OFFICIAL_INVOLUTION_PREFIXES
 from involution.ops.modules import Involution2d, relu_inplace
 from involution.ops.regenerate_norm_act import involution_norm_act
@@ -408,7 +409,7 @@ class RedNet(nn.Module):
         self.feature_info: list[dict[str, Any]] = [
             dict(num_chs=stem_width, reduction=reduction, module="stem")
         ]
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if deep else nn.Identity()
+        self.maxpool = StemMaxPool2d() if deep else nn.Identity()
         reduction *= 2 if deep else 1
 
         in_chs = stem_width
