@@ -272,3 +272,22 @@ def test_bench_memory_counts_each_storage_once_without_the_weights() -> None:
         MemoryResult("rednet50", "regen", 8, "float32", "nchw", 90.0, None, None, 60, 1),
     ]
     assert [(r.ratio, r.time_ratio) for r in with_ratios(rows)] == [(None, None), (0.9, 0.75)]
+
+
+def test_bench_memory_steps_every_model_each_round_in_a_shuffled_order() -> None:
+    from involution.bench.memory import MemoryResult, Prepared, timed_in_turn
+
+    calls: list[int] = []
+    prepared = [
+        Prepared(
+            MemoryResult(f"model{k}", "-", 8, "float32", "nchw", 1.0, None, None, 0.0, 0.0),
+            lambda k=k: calls.append(k),
+        )
+        for k in range(3)
+    ]
+    results = timed_in_turn(prepared, steps=8)
+    rounds = [tuple(calls[i : i + 3]) for i in range(0, len(calls), 3)]
+    assert len(rounds) == 8 and all(sorted(r) == [0, 1, 2] for r in rounds)
+    assert len(set(rounds)) > 1  # not one fixed order
+    assert [r.model for r in results] == ["model0", "model1", "model2"]
+    assert all(r.step_ms >= 0 and r.step_cpu_ms >= 0 for r in results)

@@ -12,8 +12,9 @@ For each model, training mode, random inputs, one SGD step at a time:
   update) after one untimed step, and ``CPU ms`` the process's CPU time per step (all threads:
   other jobs on a shared machine inflate it far less than the wall-clock time). The models of
   one setting (a baseline and its RedNets, built side by side) take their timed steps in turn,
-  round after round, so that a machine whose speed drifts during the run (a shared host) slows
-  them alike; ``time ratio`` is a row's median step time over its baseline's.
+  round after round (in an order shuffled each round), so that a machine whose speed drifts
+  during the run (a shared host) slows them alike; ``time ratio`` is a row's median step time
+  over its baseline's.
 
 Each RedNet runs as its ``--regenerate`` variants (:data:`VARIANTS`): its Involution2d layers
 regenerating the kernels in backward with the following BatchNorm + ReLU in the same op
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import threading
@@ -279,13 +281,19 @@ def prepare(case: Case, device: torch.device, det_size: tuple[int, int]) -> Prep
 
 def timed_in_turn(prepared: Sequence[Prepared], steps: int) -> list[MemoryResult]:
     """The results of ``prepared`` with their step times: ``steps`` rounds, each model taking
-    one step per round in turn; the median wall-clock and CPU time of each model's steps."""
+    one step per round, in an order shuffled each round (seeded): a step can run slower or
+    faster after another model's than after its own (the allocator's and caches' state), and
+    a fixed order would give each model the same predecessor every round. Each model's median
+    wall-clock and CPU time."""
     times: list[list[float]] = [[] for _ in prepared]
     cpu_times: list[list[float]] = [[] for _ in prepared]
+    order = list(range(len(prepared)))
+    shuffler = random.Random(0)
     for _ in range(steps):
-        for k, item in enumerate(prepared):
+        shuffler.shuffle(order)
+        for k in order:
             start, start_cpu = time.perf_counter(), time.process_time()
-            item.step()
+            prepared[k].step()
             times[k].append((time.perf_counter() - start) * 1e3)
             cpu_times[k].append((time.process_time() - start_cpu) * 1e3)
     return [
