@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from involution.ops import Involution2d
+from involution.ops import Involution2d, involution2d
 from involution.ops.backends import cpu
 from involution.ops.modules import set_kernel_regeneration
 from involution.ops.regenerate import KernelBranch, SavedLayer, layer_gradients
@@ -124,6 +124,36 @@ def test_only_the_gradients_asked_for_and_deterministic(monkeypatch) -> None:
     for _ in range(3):  # tasks go to whichever thread asks first: the sums must not depend on it
         again = cpu.span_backward(*args)
         assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_output_affine_rebuilds_the_output_float64(case, channels_last: bool) -> None:
+    # span_backward(g, ..., output_affine=(A, B, D)) == span_backward(A*g + B + D*y, ...), y the
+    # layer's output from the reference (unfold) aggregation.
+    batch, channels, _, reduced, k, stride, dilation, _, _ = case
+    grad, saved, branch = _saved(case, "train", True, channels_last, torch.float64)
+    activated = torch.rand(batch, reduced, *grad.shape[2:], dtype=torch.float64)
+    kernels = nn.functional.conv2d(activated, saved.span_weight, saved.span_bias)
+    output = involution2d(
+        saved.x,
+        kernels.unflatten(1, (branch.groups, k, k)),
+        stride,
+        dilation * (k - 1) // 2,
+        dilation,
+        backend="reference",
+    )
+    coefficients = torch.rand(3, channels, dtype=torch.float64) - 0.5
+    a, b, d = (c[:, None, None] for c in coefficients)
+    for needs_input in (True, False):
+        args = (saved.x, activated, saved.span_weight, saved.span_bias, k, stride, dilation)
+        needs = (needs_input, True, True)
+        fused = cpu.span_backward(grad, *args, needs, coefficients)
+        expected = cpu.span_backward(a * grad + b + d * output, *args, needs)
+        for f, e in zip(fused, expected, strict=True):
+            assert (f is None) == (e is None)
+            if f is not None:
+                torch.testing.assert_close(f, e, rtol=1e-10, atol=1e-10)
 
 
 def _layer(stride: int, dilation: int, **kwargs) -> Involution2d:

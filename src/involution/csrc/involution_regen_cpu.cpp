@@ -12,6 +12,9 @@
 //   grad_W1, grad_b1  += grad_h · a^T, sum grad_h                   (per-band partials)
 //   grad_x[c, ih, iw]  = sum over the taps reading (ih, iw) of h * grad_y   (the input rows
 //                        pooled into the band's output rows, so each band owns its input rows)
+// Optionally (output_affine) grad_y = A * g + B + D * y per channel, y the layer's output
+// aggregated again per band from the regenerated kernels: the gradient through a BatchNorm
+// (batch statistics) after the layer, whose input y is then never stored.
 // The (B, G*K*K, H_out, W_out) kernels and their gradient (about 3x the input each in RedNet)
 // never reach memory whole: a band's h (with a halo of the output rows whose windows reach its
 // input rows) and a chunk of rows of grad_h live in per-task scratch. The M-wide rest of the
@@ -500,6 +503,138 @@ INVOLUTION_REGEN_KERNELS(float)
 INVOLUTION_REGEN_KERNELS(double)
 #undef INVOLUTION_REGEN_KERNELS
 
+// The layer's output gradient A * g + B + D * y (output_affine's rows A, B, D per channel) over
+// the output rows [lo, hi) of one band, into `out` (channels_last, at their own rows), y the
+// layer's output aggregated again from the band's kernels h (pixel-major, from row lo) and the
+// channels_last x image (x_pad zero columns each side); g channels_last like `out`.
+// Pixel by pixel, one load per tap and pixel (any geometry).
+template <typename T, int64_t CG>
+INVOLUTION_INLINE void rebuilt_gradient_pixels(const SpanGeometry& geo, const T* __restrict x,
+                                               const T* __restrict h,
+                                               const T* __restrict coefficients,
+                                               const T* __restrict g, T* __restrict out,
+                                               int64_t lo, int64_t i) {
+  const int64_t cg = CG > 0 ? CG : geo.group_channels;
+  const int64_t pixel = geo.channels;
+  const int64_t k = geo.kernel;
+  const int64_t x_row_size = (geo.width + 2 * geo.x_pad) * pixel;
+  for (int64_t j = 0; j < geo.out_w; ++j) {
+    T* __restrict acc = out + (i * geo.out_w + j) * pixel;
+    std::fill_n(acc, pixel, T(0));
+    const T* __restrict h_pixel = h + ((i - lo) * geo.out_w + j) * geo.kernels;
+    for (int64_t kh = 0; kh < k; ++kh) {
+      const int64_t ih = geo.input_row(i, kh);
+      if (ih < 0 || ih >= geo.height) {
+        continue;
+      }
+      const T* x_row = x + ih * x_row_size + (geo.x_pad + j * geo.stride - geo.pad) * pixel;
+      for (int64_t kw = 0; kw < k; ++kw) {
+        const ColumnRange cols = geo.columns[kw];
+        if (j < cols.lo || j >= cols.hi) {  // the tap reads a zero padding column
+          continue;
+        }
+        const T* x_pixel = x_row + kw * geo.dil * pixel;
+        for (int64_t group = 0; group < geo.groups; ++group) {
+          involution_common::accumulate(acc + group * cg,
+                                        h_pixel[group * geo.taps + kh * k + kw],
+                                        x_pixel + group * cg, cg);
+        }
+      }
+    }
+    const T* __restrict g_pixel = g + (i * geo.out_w + j) * pixel;
+#pragma omp simd
+    for (int64_t c = 0; c < pixel; ++c) {
+      acc[c] = coefficients[c] * g_pixel[c] + coefficients[pixel + c] +
+               coefficients[2 * pixel + c] * acc[c];
+    }
+  }
+}
+
+#ifdef INVOLUTION_VECTOR_KERNELS
+// The same for NP pixels j0.. of output row i and group `group` (16 channels, the tiled
+// geometries: x zero-padded by x_pad = pad columns, so no border tests): y in registers, each
+// input pixel of a kernel row loaded once for the taps that read it.
+template <typename T, int NP, int KW, int S>
+INVOLUTION_INLINE void rebuilt_gradient_tile16(const SpanGeometry& geo, const T* __restrict x,
+                                               const T* __restrict h,
+                                               const T* __restrict coefficients,
+                                               const T* __restrict g, T* __restrict out,
+                                               int64_t lo, int64_t i, int64_t j0, int64_t group) {
+  constexpr int NQ = S * (NP - 1) + KW;
+  V16<T> acc[NP] = {};
+  const int64_t pixel = geo.channels;
+  const int64_t c0 = group * 16;
+  const T* __restrict h_pixels = h + ((i - lo) * geo.out_w + j0) * geo.kernels + group * geo.taps;
+  for (int kh = 0; kh < KW; ++kh) {
+    const int64_t ih = geo.input_row(i, kh);
+    if (ih < 0 || ih >= geo.height) {
+      continue;
+    }
+    const T* __restrict x_row =
+        x + (ih * (geo.width + 2 * geo.x_pad) + j0 * S) * pixel + c0;
+    V16<T> in[NQ];
+    for (int q = 0; q < NQ; ++q) {
+      in[q] = load16(x_row + q * pixel);
+    }
+    for (int kw = 0; kw < KW; ++kw) {
+      for (int p = 0; p < NP; ++p) {
+        acc[p] += h_pixels[p * geo.kernels + kh * KW + kw] * in[S * p + kw];
+      }
+    }
+  }
+  const V16<T> a = load16(coefficients + c0);
+  const V16<T> b = load16(coefficients + pixel + c0);
+  const V16<T> d = load16(coefficients + 2 * pixel + c0);
+  const int64_t offset = (i * geo.out_w + j0) * pixel + c0;
+  for (int p = 0; p < NP; ++p) {
+    const V16<T> value = a * load16(g + offset + p * pixel) + b + d * acc[p];
+    std::memcpy(out + offset + p * pixel, &value, sizeof(value));
+  }
+}
+#endif
+
+template <typename T, int64_t CG, int TILE>
+INVOLUTION_INLINE void rebuilt_gradient_rows_impl(const SpanGeometry& geo, const T* x,
+                                                  const T* h, const T* coefficients, const T* g,
+                                                  T* out, int64_t lo, int64_t hi) {
+  for (int64_t i = lo; i < hi; ++i) {
+#ifdef INVOLUTION_VECTOR_KERNELS
+    if constexpr (TILE != kGeneral) {
+      constexpr int KW = TILE == kK3S1 ? 3 : 7;
+      constexpr int S = TILE == kK7S2 ? 2 : 1;
+      constexpr int MAX = S == 1 ? 8 : 4;
+      for (int64_t group = 0; group < geo.groups; ++group) {
+        involution_common::for_column_blocks<MAX>(
+            geo.out_blocks, [&](auto np, int64_t j0) INVOLUTION_LAMBDA_INLINE {
+              rebuilt_gradient_tile16<T, decltype(np)::value, KW, S>(geo, x, h, coefficients, g,
+                                                                    out, lo, i, j0, group);
+            });
+      }
+      continue;
+    }
+#endif
+    rebuilt_gradient_pixels<T, CG>(geo, x, h, coefficients, g, out, lo, i);
+  }
+}
+
+#define INVOLUTION_REBUILT_GRADIENT(T)                                                          \
+  INVOLUTION_TARGET_CLONES void rebuilt_gradient_rows(const SpanGeometry& geo, const T* x,      \
+                                                      const T* h, const T* coefficients,        \
+                                                      const T* g, T* out, int64_t lo,           \
+                                                      int64_t hi) {                             \
+    if (geo.group_channels == 16) {                                                             \
+      with_tiling(geo.tiling, [&](auto tile) INVOLUTION_LAMBDA_INLINE {                         \
+        rebuilt_gradient_rows_impl<T, 16, decltype(tile)::value>(geo, x, h, coefficients, g,    \
+                                                                 out, lo, hi);                  \
+      });                                                                                       \
+    } else {                                                                                    \
+      rebuilt_gradient_rows_impl<T, 0, kGeneral>(geo, x, h, coefficients, g, out, lo, hi);      \
+    }                                                                                           \
+  }
+INVOLUTION_REBUILT_GRADIENT(float)
+INVOLUTION_REBUILT_GRADIENT(double)
+#undef INVOLUTION_REBUILT_GRADIENT
+
 // Writes the (W, C) row `row` to input row ih of image b of grad_x, in the result layout.
 template <typename T>
 void store_input_row(const SpanGeometry& geo, const T* __restrict row, T* __restrict grad_x,
@@ -527,6 +662,7 @@ struct SpanOperands {
   at::Tensor activated;                 // (B, M, H_out, W_out)
   at::Tensor span_weight;               // (G*K*K, M)
   std::optional<at::Tensor> span_bias;  // (G*K*K,)
+  at::Tensor output_affine;             // (3, C) contiguous, or undefined (span_backward)
   at::Tensor grad_x;                    // (B, C, H, W) in the result layout, or undefined
   at::Tensor grad_activated;            // (B, M, H_out, W_out) in activated's layout
   at::Tensor grad_w1, grad_b1;          // (tasks, G*K*K, M), (tasks, G*K*K): per-task partials
@@ -553,9 +689,11 @@ void run_band(const SpanGeometry& geo, const SpanOperands& ops, int64_t task) {
   // task, since the guard is thread-local.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Band band = band_of(geo, task, ops.grad_x.defined());
-  // The band's kernels h (rows lo..hi, pixel-major) for grad_x: one matrix product.
+  // With output_affine, grad_y is rebuilt from the layer's output, aggregated here.
+  const bool rebuild = ops.output_affine.defined();
+  // The band's kernels h (rows lo..hi, pixel-major) for grad_x and the output: one product.
   at::Tensor h;
-  if (ops.grad_x.defined()) {
+  if (ops.grad_x.defined() || rebuild) {
     const at::Tensor a = pixel_rows(ops.activated, band.b, band.lo * geo.out_w,
                                     (band.hi - band.lo) * geo.out_w);
     h = ops.span_bias.has_value() ? at::addmm(*ops.span_bias, a, ops.span_weight.t())
@@ -570,14 +708,24 @@ void run_band(const SpanGeometry& geo, const SpanOperands& ops, int64_t task) {
                                 ops.activated.options());
   // Image b's x and grad_y channels_last, as the loops read them (as image 0): in place, or the
   // rows the band reads transposed into task-local images.
-  const int64_t x_first = std::max<int64_t>(0, band.i0 * geo.stride - geo.pad);
-  const int64_t x_last =
-      std::min(geo.height, (band.i1 - 1) * geo.stride - geo.pad + (geo.kernel - 1) * geo.dil + 1);
+  // x: the rows that the own output rows read (and the halo's, to rebuild their output).
+  const int64_t row_lo = rebuild ? band.lo : band.i0;
+  const int64_t row_hi = rebuild ? band.hi : band.i1;
+  const int64_t x_first = std::max<int64_t>(0, row_lo * geo.stride - geo.pad);
+  const int64_t x_last = std::min(
+      geo.height, (row_hi - 1) * geo.stride - geo.pad + (geo.kernel - 1) * geo.dil + 1);
   const at::Tensor x_image =
       involution_common::channels_last_rows(ops.x, band.b, x_first, x_last, geo.x_pad);
-  const at::Tensor gy_image =
-      involution_common::channels_last_rows(ops.grad_y, band.b, band.lo, band.hi);
   const T* x = x_image.const_data_ptr<T>();
+  at::Tensor gy_image =
+      involution_common::channels_last_rows(ops.grad_y, band.b, band.lo, band.hi);
+  if (rebuild) {
+    at::Tensor rebuilt = at::empty({geo.out_h, geo.out_w, geo.channels}, ops.x.options());
+    rebuilt_gradient_rows(geo, x, h.const_data_ptr<T>(), ops.output_affine.const_data_ptr<T>(),
+                          gy_image.const_data_ptr<T>(), rebuilt.mutable_data_ptr<T>(), band.lo,
+                          band.hi);
+    gy_image = rebuilt;
+  }
   const T* grad_y = gy_image.const_data_ptr<T>();
   for (int64_t i = band.i0; i < band.i1; i += step) {
     const int64_t rows = std::min(step, band.i1 - i);
@@ -626,11 +774,15 @@ void set_bands(SpanGeometry& geo) {
 // H_out, W_out), span_weight (G*K*K, M[, 1, 1]), span_bias (G*K*K,) or None; padding
 // dilation * (K - 1) / 2. Returns (grad_input (B, C, H, W) in the input's layout, or an empty
 // tensor without needs_input; grad_activated (B, M, H_out, W_out) in activated's layout (NCHW or
-// channels_last); grad_span_weight (G*K*K, M); grad_span_bias (G*K*K,)).
+// channels_last); grad_span_weight (G*K*K, M); grad_span_bias (G*K*K,)). With output_affine
+// (3, C) = (A, B, D), grad_output is g and the layer's output gradient is A * g + B + D * y,
+// y the layer's output, aggregated again per band (a BatchNorm's backward after the layer,
+// without y stored).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> span_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& activated,
     const at::Tensor& span_weight, const std::optional<at::Tensor>& span_bias,
-    int64_t kernel_size, int64_t stride, int64_t dilation, bool needs_input) {
+    int64_t kernel_size, int64_t stride, int64_t dilation, bool needs_input,
+    const std::optional<at::Tensor>& output_affine) {
   const at::ScalarType dtype = input.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "involution span_backward: float32 or float64 expected, got ", dtype);
@@ -697,6 +849,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> span_backward(
                 "involution span_backward: span_bias of ", geo.kernels, " values expected");
     ops.span_bias = span_bias->contiguous();
   }
+  if (output_affine.has_value() && output_affine->defined()) {
+    TORCH_CHECK(output_affine->sizes() == at::IntArrayRef({3, geo.channels}) &&
+                    output_affine->scalar_type() == dtype,
+                "involution span_backward: output_affine of shape (3, ", geo.channels,
+                ") and the input's dtype expected, got ", output_affine->sizes());
+    ops.output_affine = output_affine->contiguous();
+  }
   const at::TensorOptions options = input.options();
   ops.grad_activated =
       at::empty({geo.batch, geo.reduced, geo.out_h, geo.out_w},
@@ -727,8 +886,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> span_backward(
 
 TORCH_LIBRARY(involution_regen_cpu, m) {
   m.def("span_backward(Tensor grad_output, Tensor input, Tensor activated, Tensor span_weight, "
-        "Tensor? span_bias, int kernel_size, int stride, int dilation, bool needs_input) -> "
-        "(Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? span_bias, int kernel_size, int stride, int dilation, bool needs_input, "
+        "Tensor? output_affine=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(involution_regen_cpu, CPU, m) {

@@ -60,6 +60,7 @@ __all__ = [
     "autocast_off",
     "branch_features",
     "check_batch_size",
+    "cpu_span_backward_applies",
     "features_output",
     "is_frozen_batchnorm",
     "layer_gradients",
@@ -345,12 +346,17 @@ def layer_gradients(
     branch: KernelBranch,
     needs: Sequence[bool],
     features: BranchFeatures | None = None,
+    output_affine: Tensor | None = None,
 ) -> tuple[Tensor | None, ...]:
     """The layer's gradients from ``grad_output`` (B, C, H_out, W_out), the kernels
     regenerated from ``saved``: (x, reduce_weight, norm_weight, norm_bias, running (always
     ``None``), span_weight, span_bias), each ``None`` where ``needs`` (7 flags, in that
     order) is false or the parameter is absent. ``features``: the kernel branch where the
-    caller has it (:func:`branch_features`), else recomputed from the saved statistics."""
+    caller has it (:func:`branch_features`), else recomputed from the saved statistics.
+    ``output_affine`` (3, C), only where the cpu backend's ``span_backward`` runs
+    (:func:`cpu_span_backward_applies`): ``grad_output`` is then a gradient g and the layer's
+    output gets ``A * g + B + D * output`` per channel (rows A, B, D), the output aggregated
+    again inside that backward."""
     x, reduce_weight, norm_weight, norm_bias, running = saved[:5]
     mean, invstd = saved.mean, saved.invstd
     pooled, reduced, activated = features or _saved_features(saved, branch)
@@ -368,6 +374,7 @@ def layer_gradients(
             branch.stride,
             branch.dilation,
             (needs[0], needs[5], needs[6]),
+            output_affine,
         )
     else:
         span_grads = _span_gradients(grad_output, x, activated, saved, branch, needs)
@@ -484,6 +491,11 @@ def _span_gradients(
         [True, needs[5], span_bias is not None and needs[6]],
     )
     return grad_x, grad_activated, grad_span_weight, grad_span_bias
+
+
+def cpu_span_backward_applies(x: Tensor, branch: KernelBranch) -> bool:
+    """Whether :func:`layer_gradients` runs the cpu backend's fused ``span_backward``."""
+    return _cpu_span_backward(x, branch) is not None
 
 
 def _cpu_span_backward(x: Tensor, branch: KernelBranch) -> Callable | None:

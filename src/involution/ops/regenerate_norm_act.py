@@ -18,6 +18,15 @@ through the mean and the variance, those that ReLU zeroed included, and those ar
 ``y``. So the result is exact whatever the BatchNorm's weight (zero included), at the cost of
 one more involution forward per layer in backward.
 
+Where the cpu backend's fused span backward runs (float32, float64, eager), that forward is
+not a pass of its own: the BatchNorm's backward needs only two sums per channel over the
+gradient at its ReLU's input before it, and those read ``y`` (where the ReLU passed it, ``y``
+gives the normalised output when the BatchNorm's weight is not too small,
+:data:`MIN_RELATIVE_WEIGHT`); the span backward then aggregates the output again per band of
+rows from the kernels it regenerates anyway and applies the BatchNorm's backward there
+(:func:`norm_act_gradients_in_span_backward`). Smaller weights, other backends and compiled
+graphs rebuild the output first.
+
 :func:`involution_norm_act` is the modules' entry: ``act(norm(layer(x)))``, through the
 fused op where it applies (:func:`norm_act_fusion_applies`), else the modules as they are.
 The BatchNorm's running statistics are updated once, in forward
@@ -41,6 +50,7 @@ from involution.ops.regenerate import (
     SavedLayer,
     autocast_off,
     check_batch_size,
+    cpu_span_backward_applies,
     features_output,
     layer_gradients,
     layer_inputs,
@@ -56,6 +66,7 @@ __all__ = [
     "involution_norm_act",
     "norm_act_fusion_applies",
     "norm_act_gradients",
+    "norm_act_gradients_in_span_backward",
     "norm_act_output",
     "regenerate_involution2d_norm_act",
     "relu_batch_norm",
@@ -111,16 +122,76 @@ class RegeneratedInvolutionNormAct(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors  # read once: an enclosing checkpoint allows one unpacking
         layer = SavedLayer(*saved[:9])
-        features = regenerated_features(layer, ctx.config.branch)
-        grads, grad_affine = norm_act_gradients(
-            grad_y,
-            SavedNormAct(layer, *saved[9:]),
-            features_output(layer, features, ctx.config.branch),
-            features,
-            ctx.config,
-            ctx.needs_input_grad[1:],
-        )
+        norm_act = SavedNormAct(layer, *saved[9:])
+        branch = ctx.config.branch
+        features = regenerated_features(layer, branch)
+        needs = ctx.needs_input_grad[1:]
+        if _output_in_span_backward(norm_act, branch):
+            grads, grad_affine = norm_act_gradients_in_span_backward(
+                grad_y, norm_act, features, ctx.config, needs
+            )
+        else:
+            output = features_output(layer, features, branch)
+            grads, grad_affine = norm_act_gradients(
+                grad_y, norm_act, output, features, ctx.config, needs
+            )
         return (None, grad_affine, *grads)
+
+
+#: The BatchNorm weights for which its normalised input is recovered from ``y`` (see
+#: :func:`norm_act_gradients_in_span_backward`): ``|weight| >= this * max(1, |bias|)`` in
+#: every channel, so that ``(y - bias) / weight`` loses at most a few bits to ``y``'s rounding.
+MIN_RELATIVE_WEIGHT = 1e-2
+
+
+def _output_in_span_backward(saved: SavedNormAct, branch: KernelBranch) -> bool:
+    """Whether backward takes :func:`norm_act_gradients_in_span_backward`: the cpu backend's
+    fused span backward runs, eagerly (compiled graphs keep one path, the rebuild), and every
+    channel's BatchNorm weight is large enough (:data:`MIN_RELATIVE_WEIGHT`)."""
+    if not cpu_span_backward_applies(saved.layer.x, branch) or torch.compiler.is_compiling():
+        return False
+    if saved.out_affine is None:
+        return True
+    weight, bias = saved.out_affine
+    return bool((weight.abs() >= MIN_RELATIVE_WEIGHT * bias.abs().clamp_min(1)).all())
+
+
+def norm_act_gradients_in_span_backward(
+    grad_y: Tensor,
+    saved: SavedNormAct,
+    features: BranchFeatures,
+    config: NormAct,
+    needs: Sequence[bool],
+) -> tuple[tuple[Tensor | None, ...], Tensor | None]:
+    """:func:`norm_act_gradients` without the involution's output rebuilt beforehand: the cpu
+    backend's span backward aggregates it again band by band and applies the BatchNorm's
+    backward there (``output_affine``).
+
+    BatchNorm's backward needs two sums per channel over the gradient g at its ReLU's input:
+    ``sum(g)`` and ``sum(g * xhat)``, xhat the normalised output. g is zero where ReLU zeroed
+    ``y``; elsewhere ``y = weight * xhat + bias``, so ``xhat = (y - bias) / weight`` (ATen's
+    BatchNorm backward reduction with ``bias`` as the mean and ``1 / weight`` as invstd). The
+    gradient at the involution's output is then ``A * g + B + D * output`` per channel: ``A =
+    weight * invstd``, ``D = -A * invstd * mean(g * xhat)``, ``B = -A * mean(g) - D * mean``.
+    """
+    y, affine = saved.y, saved.out_affine
+    g = torch.ops.aten.threshold_backward(grad_y, y, 0)
+    if affine is None:
+        center, inverse_scale = y.new_zeros(y.shape[1]), y.new_ones(y.shape[1])
+    else:
+        center, inverse_scale = affine[1], affine[0].reciprocal()
+    _, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
+        g, y, None, None, None, center, inverse_scale, True, config.eps, [False, True, True]
+    )
+    count = y.numel() // y.shape[1]
+    invstd, mean = saved.out_invstd, saved.out_mean
+    scale = invstd if affine is None else invstd * affine[0]
+    shift_of_output = -scale * invstd * (sum_gx / count)
+    shift = -scale * (sum_g / count) - shift_of_output * mean
+    output_affine = torch.stack([scale, shift, shift_of_output]).to(g.dtype)
+    grads = layer_gradients(g, saved.layer, config.branch, needs[1:], features, output_affine)
+    grad_affine = torch.stack([sum_gx, sum_g]) if needs[0] else None
+    return grads, grad_affine
 
 
 def relu_batch_norm(

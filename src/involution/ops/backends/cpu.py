@@ -155,10 +155,15 @@ def span_backward(
     stride: int,
     dilation: int,
     needs: tuple[bool, bool, bool],
+    output_affine: Tensor | None = None,
 ) -> tuple[Tensor | None, ...]:
     """The Involution2d layer's backward through its aggregation and span conv, the kernels
     regenerated per band of rows from ``activated`` and never stored whole
     (``src/involution/csrc/involution_regen_cpu.cpp``); float32 and float64.
+
+    With ``output_affine`` (3, C), rows (A, B, D), ``grad_output`` is a gradient g and the
+    layer's output gets ``A * g + B + D * y`` per channel, y the layer's output aggregated again
+    per band (the gradient through a BatchNorm after the layer, y never stored).
 
     grad_output (B, C, H_out, W_out), input (B, C, H, W), activated (B, M, H_out, W_out) (the
     kernel branch's ReLU output), span_weight (G*K*K, M, 1, 1), span_bias (G*K*K,) or ``None``;
@@ -178,6 +183,7 @@ def span_backward(
             stride,
             dilation,
             needs[0],
+            output_affine,
         )
     )
     return (
@@ -191,8 +197,18 @@ def span_backward(
 if _C is not None:  # the op is registered when the extension loads
 
     @torch.library.register_fake("involution_regen_cpu::span_backward")
-    def _(grad_output, input, activated, span_weight, span_bias, *args):
-        needs_input = args[-1]
+    def _(
+        grad_output,
+        input,
+        activated,
+        span_weight,
+        span_bias,
+        kernel_size,
+        stride,
+        dilation,
+        needs_input,
+        output_affine=None,
+    ):
         grad_input = (
             torch.empty_like(input, memory_format=memory_format_of(input))
             if needs_input
