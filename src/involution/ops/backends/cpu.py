@@ -197,8 +197,10 @@ def span_backward(
 if _C is not None:  # the op is registered when the extension loads
 
     @torch.library.register_fake("involution_regen_cpu::span_backward")
-    def _(grad_output, input, activated, span_weight, span_bias, *geometry, **output_affine):
-        needs_input = geometry[3]  # after kernel_size, stride, dilation; output_affine unused
+    def _(grad_output, input, activated, span_weight, span_bias, *rest, **keywords):
+        # rest: kernel_size, stride, dilation, needs_input[, output_affine]; output_affine
+        # (positional or keyword) changes no shape.
+        needs_input = rest[3]
         grad_input = (
             torch.empty_like(input, memory_format=memory_format_of(input))
             if needs_input
