@@ -1,4 +1,5 @@
-"""The deep stem's 3x3 / 2 max pool, with ATen's slow CPU NCHW forward taken in channels_last.
+"""The deep stem's 3x3 / 2 max pool: ATen's slow CPU NCHW forward taken in channels_last, and in
+training the stem's last BatchNorm and ReLU fused with it.
 
 On CPU, ATen's max pool forward is far slower on NCHW tensors than on channels_last ones: 20-24
 vs 1.3-1.6 ms for RedNet-50's stem output at batch 8 (8 x 64 x 112 x 112, float32, 2 threads),
@@ -7,13 +8,26 @@ NCHW CPU input through a channels_last copy and returns NCHW outputs. Its backwa
 one (about 2 ms there) from the same indices, flat ``h * W + w`` offsets within each channel's
 plane in either layout, so the input's gradient comes out NCHW without a copy back: the same
 values, indices and gradients as ``nn.MaxPool2d``, ties included.
+
+In training, the BatchNorm (batch statistics) and ReLU before the pool cost more than the pool:
+as modules they write and read the normalised map twice, autograd keeps it beside the
+BatchNorm's input together with int64 indices, and their backward passes run over the full-size
+map three times. :func:`norm_relu_max_pool` computes ``pool(relu(norm(x)))`` in one CPU op
+(``src/involution/csrc/norm_relu_pool_cpu.cpp``) that never writes the normalised map and keeps
+``x`` (which BatchNorm's backward reads anyway), the pooled map (the next layer's input) and
+one byte per window for its argmax; backward takes BatchNorm's two sums per channel from the
+pooled map (the gradient is zero outside the windows' argmaxes) and writes ``x``'s gradient in
+one pass. :func:`norm_relu_max_pool_applies` says where it runs.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["StemMaxPool2d"]
+from involution.ops.backends import cpu
+from involution.ops.regenerate import update_running_stats
+
+__all__ = ["StemMaxPool2d", "norm_relu_max_pool", "norm_relu_max_pool_applies"]
 
 
 class _ChannelsLastMaxPool2d(torch.autograd.Function):
@@ -75,3 +89,107 @@ def _channels_last_applies(input: Tensor) -> bool:
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
     )
+
+
+class _NormReLUMaxPool(torch.autograd.Function):
+    """``max_pool2d(relu(batch_norm(input)))`` with the batch's statistics, in one CPU op.
+
+    ``forward(input, weight, bias, eps, kernel_size, stride, padding) -> (pooled, mean,
+    invstd)``: input (B, C, H, W) contiguous NCHW, weight and bias (C,); pooled (B, C, H_out,
+    W_out), mean and invstd (C,) the batch's statistics (not differentiable). Saves the input,
+    the pooled map, the argmaxes (uint8) and the statistics."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        input: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        eps: float,
+        kernel_size: int,
+        stride: int,
+        padding: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        window = (kernel_size, stride, padding)
+        pooled, positions, mean, invstd = torch.ops.involution_pool_cpu.norm_relu_max_pool(
+            input, weight, bias, eps, *window
+        )
+        ctx.save_for_backward(input, pooled, positions, mean, invstd, weight)
+        ctx.window = window
+        ctx.mark_non_differentiable(mean, invstd)
+        return pooled, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_pooled: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        input, pooled, positions, mean, invstd, weight = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = (
+            torch.ops.involution_pool_cpu.norm_relu_max_pool_backward(
+                grad_pooled, input, pooled, positions, mean, invstd, weight, *ctx.window
+            )
+        )
+        needs = ctx.needs_input_grad
+        return (
+            grad_input if needs[0] else None,
+            grad_weight if needs[1] else None,
+            grad_bias if needs[2] else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _square(value: int | tuple[int, ...]) -> int | None:
+    """A pool argument's single value: an int, or a pair of equal ints; else ``None``."""
+    if isinstance(value, int):
+        return value
+    return value[0] if len(value) == 2 and value[0] == value[1] else None
+
+
+def norm_relu_max_pool_applies(norm: nn.Module, act: nn.Module, pool: nn.Module, x: Tensor) -> bool:
+    """Whether :func:`norm_relu_max_pool` computes ``pool(act(norm(x)))``: ``norm`` a plain
+    ``nn.BatchNorm2d`` using the batch's statistics (training), ``act`` ``nn.ReLU``, ``pool`` an
+    ``nn.MaxPool2d`` (or :class:`StemMaxPool2d`) with square windows, no dilation, floor mode and
+    no indices, no hooks on the three; ``x`` a contiguous (NCHW) float32 or float64 CPU tensor, in
+    eager mode (not scripted, traced or compiled: those see the modules), with the C++
+    extension built."""
+    if not (
+        type(norm) is nn.BatchNorm2d
+        and (norm.training or norm.running_mean is None)
+        and type(act) is nn.ReLU
+        and type(pool) in (nn.MaxPool2d, StemMaxPool2d)
+        and _square(pool.dilation) == 1
+        and None not in (_square(pool.kernel_size), _square(pool.stride), _square(pool.padding))
+        and not (pool.ceil_mode or pool.return_indices)
+        and not any(m._forward_hooks or m._forward_pre_hooks for m in (norm, act, pool))
+    ):
+        return False
+    return (
+        isinstance(x, Tensor)
+        and x.dim() == 4
+        and x.dtype in (torch.float32, torch.float64)
+        and x.is_contiguous()
+        and cpu.unavailable_reason(x.device) is None
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def norm_relu_max_pool(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor) -> Tensor:
+    """``pool(relu(norm(x)))`` in one op, where :func:`norm_relu_max_pool_applies` (see the
+    module docstring): the same values and gradients as the modules, ``norm``'s running
+    statistics updated once. (B, C, H, W) -> (B, C, H_out, W_out)."""
+    channels = x.shape[1]
+    weight = norm.weight if norm.weight is not None else x.new_ones(channels)
+    bias = norm.bias if norm.bias is not None else x.new_zeros(channels)
+    pooled, mean, invstd = _NormReLUMaxPool.apply(
+        x,
+        weight.to(x.dtype),
+        bias.to(x.dtype),
+        norm.eps,
+        _square(pool.kernel_size),
+        _square(pool.stride),
+        _square(pool.padding),
+    )
+    update_running_stats(norm, mean, invstd, x.numel() // channels)
+    return pooled

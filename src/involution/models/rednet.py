@@ -28,7 +28,11 @@ from timm.models._features import feature_take_indices  # not re-exported by tim
 from torch import Tensor, nn
 
 from involution.models.cfgs import rednet_cfg
-from involution.models.pooling import StemMaxPool2d
+from involution.models.pooling import (
+    StemMaxPool2d,
+    norm_relu_max_pool,
+    norm_relu_max_pool_applies,
+)
 from involution.ops.modules import OFFICIAL_KEY_PREFIXES as OFFICIAL_INVOLUTION_PREFIXES
 from involution.ops.modules import Involution2d, relu_inplace
 from involution.ops.regenerate_norm_act import involution_norm_act
@@ -180,17 +184,39 @@ class RedNetStem(nn.Module):
         self.act3 = act_layer()
 
     def forward(self, x: Tensor) -> Tensor:
-        # In training, conv1 .. conv2 in one op that keeps only the stem's input for backward
-        # where that applies (involution_stem), else the involution's BatchNorm + ReLU in its
-        # own (involution_norm_act). TorchScript compiles only the modules (a bare
-        # is_scripting() test skips the rest).
+        return self.act3(self.bn3(self._convolved(x)))
+
+    def _convolved(self, x: Tensor) -> Tensor:
+        """conv1 .. conv2: in training, in one op that keeps only the stem's input for backward
+        where that applies (involution_stem), else the involution's BatchNorm + ReLU in its own
+        (involution_norm_act)."""
+        # TorchScript compiles only the modules (a bare is_scripting() test skips the rest).
         if torch.jit.is_scripting():
             x = self.act2(self.bn2(self.inv(self.act1(self.bn1(self.conv1(x))))))
-            x = self.conv2(x)
-        else:
-            modules = (self.conv1, self.bn1, self.act1, self.inv, self.bn2, self.act2)
-            x = involution_stem(StemModules(*modules, self.conv2), x)
-        return self.act3(self.bn3(x))
+            return self.conv2(x)
+        modules = (self.conv1, self.bn1, self.act1, self.inv, self.bn2, self.act2)
+        return involution_stem(StemModules(*modules, self.conv2), x)
+
+    @torch.jit.unused
+    def forward_pooled(self, x: Tensor, pool: nn.Module) -> Tensor:
+        """``pool(self(x))``, with ``bn3``, ``act3`` and the pool in one op where
+        :func:`~involution.models.pooling.norm_relu_max_pool_applies` (CPU training, NCHW), the
+        stem has no hooks and its involution fuses its own BatchNorm + ReLU
+        (``regenerate_kernels`` and ``fuse_norm_act``: the switches of the stem's other
+        training ops turn this one off too)."""
+        fused = (
+            getattr(self.inv, "regenerate_kernels", False)
+            and getattr(self.inv, "fuse_norm_act", False)
+            and not (self._forward_hooks or self._forward_pre_hooks)
+            # A first check on the image, before the convs; the op's input is checked below.
+            and norm_relu_max_pool_applies(self.bn3, self.act3, pool, x)
+        )
+        if not fused:
+            return pool(self(x))
+        x = self._convolved(x)
+        if norm_relu_max_pool_applies(self.bn3, self.act3, pool, x):
+            return norm_relu_max_pool(self.bn3, pool, x)
+        return pool(self.act3(self.bn3(x)))
 
 
 class Bottleneck(nn.Module):
@@ -489,9 +515,19 @@ class RedNet(nn.Module):
             return checkpoint_seq(stage, x)
         return stage(x)
 
+    @torch.jit.unused
+    def _stem_pooled(self, x: Tensor) -> Tensor:
+        """``maxpool(stem(x))``; in training the stem's tail and the pool in one op
+        (:meth:`RedNetStem.forward_pooled`) unless the stem was replaced (e.g. folded for
+        inference)."""
+        if isinstance(self.stem, RedNetStem):
+            return self.stem.forward_pooled(x, self.maxpool)
+        return self.maxpool(self.stem(x))
+
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) -> last-stage feature map (B, num_features, H / 32, W / 32)."""
-        x = self.maxpool(self.stem(x))
+        # TorchScript runs the modules (_stem_pooled is not compiled).
+        x = self.maxpool(self.stem(x)) if torch.jit.is_scripting() else self._stem_pooled(x)
         if torch.jit.is_scripting():
             # TorchScript cannot getattr a computed name: the (at most four) stages by name.
             x = self.layer1(x)

@@ -1,0 +1,384 @@
+// Fused CPU training op of a BatchNorm with the batch's statistics, a ReLU and a max pool: RedNet's
+// deep stem tail (bn3 -> act3 -> maxpool, involution.models.pooling), on NCHW maps.
+//
+//   y        = relu(z * scale + shift)    scale = weight * invstd, shift = bias - mean * scale
+//   p[o]     = max of y over window o, the first maximum in row-major order (ATen's ties)
+//
+// Forward: the batch's mean and invstd per channel (one pass over z, double sums), then the
+// pooled map and each window's argmax as its position in the window (uint8), y never written.
+// Autograd keeps z (BatchNorm's backward reads it anyway), the pooled map (the next layer's
+// input, kept there anyway) and the uint8 positions, instead of y and int64 indices beside z.
+// Backward: the gradient g reaching z through the pool and the ReLU is zero outside the windows'
+// argmaxes, so BatchNorm's two sums per channel, sum(g) and sum(g * (z - mean)), come from the
+// pooled map; then, one plane at a time, the dense part of
+//   grad_z = k * g - k * sum(g) / N - k * invstd^2 * sum(g * (z - mean)) / N * (z - mean)
+// (k = weight * invstd) is written and the windows' k * g added at their argmaxes.
+//
+// Design:
+// - Each plane is pooled separably: every input row's window maxima (first maximum within the
+//   row), then down the rows (a later row only where strictly greater), which is the row-major
+//   first maximum of ATen's max pool. A plane's row maxima (rows x out_w) live in task scratch.
+// - Channel sums run one task per channel, plane work one task per (image, channel); per-task
+//   results only, so the op is deterministic. float32 and float64.
+// - Registered as torch.ops.involution_pool_cpu.{norm_relu_max_pool, norm_relu_max_pool_backward}
+//   (TORCH_LIBRARY); eager only (involution.models.pooling calls them inside an autograd
+//   Function that compiled and traced code never reaches).
+
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace involution_pool_cpu {
+
+struct PoolGeometry {
+  int64_t batch, channels, height, width, out_h, out_w, kernel, stride, pad;
+  // kh * width + kw of each position kh * kernel + kw in a window (no division in the loops).
+  std::vector<int64_t> window_offsets;
+
+  int64_t plane() const { return height * width; }
+  int64_t out_plane() const { return out_h * out_w; }
+  // Values per channel: BatchNorm's N.
+  int64_t count() const { return batch * plane(); }
+  // The padded plane's rows and columns that the windows cover.
+  int64_t padded_h() const { return (out_h - 1) * stride + kernel; }
+  int64_t padded_w() const { return (out_w - 1) * stride + kernel; }
+};
+
+// Sums of z and z^2 over one channel's planes, in double lanes (sixteen independent chains, so
+// the loop vectorises without reassociating a sum).
+template <typename T>
+INVOLUTION_INLINE std::pair<double, double> channel_sums_impl(const PoolGeometry& geo, const T* z,
+                                                             int64_t c) {
+  constexpr int LANES = 16;
+  double sum[LANES] = {};
+  double squares[LANES] = {};
+  const int64_t plane = geo.plane();
+  const int64_t body = plane / LANES * LANES;
+  double tail_sum = 0, tail_squares = 0;
+  for (int64_t b = 0; b < geo.batch; ++b) {
+    const T* values = z + (b * geo.channels + c) * plane;
+    for (int64_t i = 0; i < body; i += LANES) {
+      for (int l = 0; l < LANES; ++l) {
+        const double v = values[i + l];
+        sum[l] += v;
+        squares[l] += v * v;
+      }
+    }
+    for (int64_t i = body; i < plane; ++i) {
+      const double v = values[i];
+      tail_sum += v;
+      tail_squares += v * v;
+    }
+  }
+  for (int l = 0; l < LANES; ++l) {
+    tail_sum += sum[l];
+    tail_squares += squares[l];
+  }
+  return {tail_sum, tail_squares};
+}
+
+// Plane (b, c) pooled: out and positions (out_h, out_w). `padded` (padded_h, padded_w) scratch
+// receives y with -inf in the padding, `best` and `where` (out_w) one output row's running
+// maximum and its position. STRIDE: the pool's stride at compile time (2, the stem's, so the
+// strided loads vectorise), or 0 to read geo.stride.
+template <typename T, int STRIDE>
+INVOLUTION_INLINE void pool_plane_impl(const PoolGeometry& geo, const T* z, T scale, T shift,
+                                       T* out, uint8_t* positions, T* padded, T* best,
+                                       int32_t* where) {
+  const int64_t s = STRIDE > 0 ? STRIDE : geo.stride;
+  const int64_t padded_h = geo.padded_h(), padded_w = geo.padded_w();
+  const int64_t right = std::min(geo.width, padded_w - geo.pad);  // input columns read
+  const T lowest = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < padded_h; ++r) {
+    T* row = padded + r * padded_w;
+    const int64_t ih = r - geo.pad;
+    if (ih < 0 || ih >= geo.height) {
+      std::fill(row, row + padded_w, lowest);
+      continue;
+    }
+    std::fill(row, row + geo.pad, lowest);
+    const T* in = z + ih * geo.width;
+    T* y = row + geo.pad;
+    for (int64_t iw = 0; iw < right; ++iw) {
+      const T v = in[iw] * scale + shift;
+      y[iw] = v < 0 ? T(0) : v;  // NaN stays NaN, as through ATen's ReLU
+    }
+    std::fill(row + geo.pad + right, row + padded_w, lowest);
+  }
+  for (int64_t oh = 0; oh < geo.out_h; ++oh) {
+    std::fill(best, best + geo.out_w, lowest);
+    std::fill(where, where + geo.out_w, 0);
+    for (int64_t kh = 0; kh < geo.kernel; ++kh) {
+      const T* row = padded + (oh * s + kh) * padded_w;
+      for (int64_t kw = 0; kw < geo.kernel; ++kw) {
+        const int32_t position = static_cast<int32_t>(kh * geo.kernel + kw);
+        const T* tap = row + kw;
+        // ATen's order and ties: row-major, a later element only where strictly greater or NaN
+        // (the padding's -inf never wins: every window holds a ReLU output, >= 0 or NaN).
+        for (int64_t ow = 0; ow < geo.out_w; ++ow) {
+          const T v = tap[ow * s];
+          const bool take = v > best[ow] || v != v;
+          best[ow] = take ? v : best[ow];
+          where[ow] = take ? position : where[ow];
+        }
+      }
+    }
+    std::copy(best, best + geo.out_w, out + oh * geo.out_w);
+    for (int64_t ow = 0; ow < geo.out_w; ++ow) {
+      positions[oh * geo.out_w + ow] = static_cast<uint8_t>(where[ow]);
+    }
+  }
+}
+
+// The offset in its plane of window (oh, ow)'s element `position` (kh * kernel + kw).
+INVOLUTION_INLINE int64_t input_offset(const PoolGeometry& geo, int64_t oh, int64_t ow,
+                                       uint8_t position) {
+  return (oh * geo.stride - geo.pad) * geo.width + ow * geo.stride - geo.pad +
+         geo.window_offsets[position];
+}
+
+// sum(g) and sum(g * (z - mean)) over channel c, g the pooled gradient where the pooled output
+// is positive (the ReLU's mask), at the windows' argmaxes.
+template <typename T>
+INVOLUTION_INLINE std::pair<double, double> gradient_sums_impl(const PoolGeometry& geo,
+                                                              const T* grad_out, const T* z,
+                                                              const T* out,
+                                                              const uint8_t* positions, T mean,
+                                                              int64_t c) {
+  // Lanes of independent sums (the loop is a chain of additions otherwise), no branches (the
+  // ReLU's mask is a select: which windows it zeroes is data, not predictable).
+  constexpr int LANES = 8;
+  double sum[LANES] = {}, dot[LANES] = {};
+  for (int64_t b = 0; b < geo.batch; ++b) {
+    const int64_t plane = b * geo.channels + c;
+    const T* zp = z + plane * geo.plane();
+    const int64_t first = plane * geo.out_plane();
+    for (int64_t oh = 0; oh < geo.out_h; ++oh) {
+      for (int64_t ow = 0; ow < geo.out_w; ++ow) {
+        const int64_t o = first + oh * geo.out_w + ow;
+        const double g = out[o] > 0 ? static_cast<double>(grad_out[o]) : 0.0;
+        const double centred = static_cast<double>(zp[input_offset(geo, oh, ow, positions[o])]) - mean;
+        sum[ow % LANES] += g;
+        dot[ow % LANES] += g * centred;
+      }
+    }
+  }
+  for (int l = 1; l < LANES; ++l) {
+    sum[0] += sum[l];
+    dot[0] += dot[l];
+  }
+  return {sum[0], dot[0]};
+}
+
+// grad_z of plane (b, c): slope * (z - mean) + constant everywhere, plus k * g at the argmaxes.
+template <typename T>
+INVOLUTION_INLINE void gradient_plane_impl(const PoolGeometry& geo, const T* grad_out, const T* z,
+                                           const T* out, const uint8_t* positions, T mean, T k,
+                                           T slope, T constant, T* grad_z) {
+  for (int64_t i = 0; i < geo.plane(); ++i) {
+    grad_z[i] = (z[i] - mean) * slope + constant;
+  }
+  for (int64_t oh = 0; oh < geo.out_h; ++oh) {
+    for (int64_t ow = 0; ow < geo.out_w; ++ow) {
+      const int64_t o = oh * geo.out_w + ow;
+      grad_z[input_offset(geo, oh, ow, positions[o])] += out[o] > 0 ? k * grad_out[o] : T(0);
+    }
+  }
+}
+
+// Entry points compiled once per instruction set (INVOLUTION_TARGET_CLONES), for float and double.
+#define INVOLUTION_DEFINE_POOL_KERNELS(T)                                                      \
+  INVOLUTION_TARGET_CLONES std::pair<double, double> channel_sums(const PoolGeometry& geo,     \
+                                                                  const T* z, int64_t c) {     \
+    return channel_sums_impl<T>(geo, z, c);                                                     \
+  }                                                                                             \
+  INVOLUTION_TARGET_CLONES void pool_plane(const PoolGeometry& geo, const T* z, T scale,       \
+                                           T shift, T* out, uint8_t* positions, T* padded,     \
+                                           T* best, int32_t* where) {                          \
+    if (geo.stride == 2) {                                                                      \
+      pool_plane_impl<T, 2>(geo, z, scale, shift, out, positions, padded, best, where);         \
+    } else {                                                                                    \
+      pool_plane_impl<T, 0>(geo, z, scale, shift, out, positions, padded, best, where);         \
+    }                                                                                           \
+  }                                                                                             \
+  INVOLUTION_TARGET_CLONES std::pair<double, double> gradient_sums(                            \
+      const PoolGeometry& geo, const T* grad_out, const T* z, const T* out,                    \
+      const uint8_t* positions, T mean, int64_t c) {                                            \
+    return gradient_sums_impl<T>(geo, grad_out, z, out, positions, mean, c);                    \
+  }                                                                                             \
+  INVOLUTION_TARGET_CLONES void gradient_plane(const PoolGeometry& geo, const T* grad_out,     \
+                                               const T* z, const T* out,                       \
+                                               const uint8_t* positions, T mean, T k, T slope, \
+                                               T constant, T* grad_z) {                        \
+    gradient_plane_impl<T>(geo, grad_out, z, out, positions, mean, k, slope, constant, grad_z); \
+  }
+
+INVOLUTION_DEFINE_POOL_KERNELS(float)
+INVOLUTION_DEFINE_POOL_KERNELS(double)
+
+PoolGeometry geometry_of(const at::Tensor& input, int64_t kernel, int64_t stride, int64_t pad) {
+  TORCH_CHECK(input.dim() == 4 && input.is_contiguous(),
+              "norm_relu_max_pool: input must be a contiguous (NCHW) 4-D tensor, got shape ",
+              input.sizes(), " and strides ", input.strides());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "norm_relu_max_pool: input must be float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK(kernel >= 1 && kernel * kernel <= 256 && stride >= 1 && pad >= 0 &&
+                  2 * pad <= kernel,
+              "norm_relu_max_pool: needs 1 <= kernel <= 16, stride >= 1 and 0 <= padding <= "
+              "kernel / 2, got kernel ",
+              kernel, ", stride ", stride, ", padding ", pad);
+  PoolGeometry geo{input.size(0), input.size(1), input.size(2), input.size(3), 0, 0,
+                   kernel,        stride,        pad,           {}};
+  for (int64_t kh = 0; kh < kernel; ++kh) {
+    for (int64_t kw = 0; kw < kernel; ++kw) {
+      geo.window_offsets.push_back(kh * geo.width + kw);
+    }
+  }
+  geo.out_h = involution_common::output_size(geo.height, kernel, stride, pad, 1);
+  geo.out_w = involution_common::output_size(geo.width, kernel, stride, pad, 1);
+  TORCH_CHECK(geo.batch > 0 && geo.channels > 0 && geo.out_h > 0 && geo.out_w > 0,
+              "norm_relu_max_pool: empty input or output, input shape ", input.sizes());
+  TORCH_CHECK(geo.count() > 1,
+              "norm_relu_max_pool: BatchNorm needs more than one value per channel, got input "
+              "shape ",
+              input.sizes());
+  return geo;
+}
+
+void check_channel_vector(const at::Tensor& t, const at::Tensor& input, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1) && t.scalar_type() == input.scalar_type() &&
+                  t.device() == input.device(),
+              "norm_relu_max_pool: ", name, " must be a (C,) tensor of the input's dtype and device, got ",
+              t.sizes(), " ", t.scalar_type());
+}
+
+// -> (pooled (B, C, H_out, W_out), positions uint8 (B, C, H_out, W_out), mean (C,), invstd (C,)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_relu_max_pool(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    int64_t kernel, int64_t stride, int64_t padding) {
+  const PoolGeometry geo = geometry_of(input, kernel, stride, padding);
+  check_channel_vector(weight, input, "weight");
+  check_channel_vector(bias, input, "bias");
+  at::Tensor out = at::empty({geo.batch, geo.channels, geo.out_h, geo.out_w}, input.options());
+  at::Tensor positions = at::empty(out.sizes(), input.options().dtype(at::kByte));
+  at::Tensor mean = at::empty({geo.channels}, input.options());
+  at::Tensor invstd = at::empty({geo.channels}, input.options());
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "norm_relu_max_pool", [&] {
+    const scalar_t* z = input.const_data_ptr<scalar_t>();
+    scalar_t* mean_ptr = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* invstd_ptr = invstd.mutable_data_ptr<scalar_t>();
+    involution_common::parallel_chunks(geo.channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const auto [sum, squares] = channel_sums(geo, z, c);
+        const double m = sum / geo.count();
+        const double variance = std::max(0.0, squares / geo.count() - m * m);
+        mean_ptr[c] = static_cast<scalar_t>(m);
+        invstd_ptr[c] = static_cast<scalar_t>(1.0 / std::sqrt(variance + eps));
+      }
+    });
+    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
+    const scalar_t* b_ptr = b.const_data_ptr<scalar_t>();
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    uint8_t* positions_ptr = positions.mutable_data_ptr<uint8_t>();
+    const int64_t planes = geo.batch * geo.channels;
+    involution_common::parallel_chunks(planes, 4, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> padded(geo.padded_h() * geo.padded_w()), best(geo.out_w);
+      std::vector<int32_t> where(geo.out_w);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t c = plane % geo.channels;
+        // ATen's BatchNorm's form of the affine map.
+        const scalar_t scale = invstd_ptr[c] * w_ptr[c];
+        const scalar_t shift = b_ptr[c] - mean_ptr[c] * scale;
+        pool_plane(geo, z + plane * geo.plane(), scale, shift, out_ptr + plane * geo.out_plane(),
+                   positions_ptr + plane * geo.out_plane(), padded.data(), best.data(),
+                   where.data());
+      }
+    });
+  });
+  return {out, positions, mean, invstd};
+}
+
+// -> (grad_input (B, C, H, W), grad_weight (C,), grad_bias (C,)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_relu_max_pool_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& output,
+    const at::Tensor& positions, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, int64_t kernel, int64_t stride, int64_t padding) {
+  const PoolGeometry geo = geometry_of(input, kernel, stride, padding);
+  const std::vector<int64_t> pooled{geo.batch, geo.channels, geo.out_h, geo.out_w};
+  TORCH_CHECK(output.sizes() == pooled && positions.sizes() == pooled &&
+                  output.scalar_type() == input.scalar_type() &&
+                  positions.scalar_type() == at::kByte,
+              "norm_relu_max_pool_backward: output and positions must be the forward's");
+  check_channel_vector(mean, input, "mean");
+  check_channel_vector(invstd, input, "invstd");
+  check_channel_vector(weight, input, "weight");
+  const at::Tensor g = grad_output.to(input.scalar_type()).contiguous();
+  TORCH_CHECK(g.sizes() == pooled, "norm_relu_max_pool_backward: grad_output must be of shape ",
+              pooled, ", got ", grad_output.sizes());
+  const at::Tensor out = output.contiguous();
+  const at::Tensor where = positions.contiguous();
+  at::Tensor grad_input = at::empty_like(input);
+  at::Tensor grad_weight = at::empty({geo.channels}, input.options());
+  at::Tensor grad_bias = at::empty({geo.channels}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "norm_relu_max_pool_backward", [&] {
+    const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
+    const scalar_t* z = input.const_data_ptr<scalar_t>();
+    const scalar_t* out_ptr = out.const_data_ptr<scalar_t>();
+    const uint8_t* where_ptr = where.const_data_ptr<uint8_t>();
+    const at::Tensor m = mean.contiguous(), s = invstd.contiguous(), w = weight.contiguous();
+    const scalar_t* mean_ptr = m.const_data_ptr<scalar_t>();
+    const scalar_t* invstd_ptr = s.const_data_ptr<scalar_t>();
+    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
+    scalar_t* gw_ptr = grad_weight.mutable_data_ptr<scalar_t>();
+    scalar_t* gb_ptr = grad_bias.mutable_data_ptr<scalar_t>();
+    std::vector<scalar_t> slope(geo.channels), constant(geo.channels), k(geo.channels);
+    involution_common::parallel_chunks(geo.channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const auto [sum, dot] =
+            gradient_sums(geo, g_ptr, z, out_ptr, where_ptr, mean_ptr[c], c);
+        const double inv = invstd_ptr[c];
+        const double scale = inv * w_ptr[c];
+        gw_ptr[c] = static_cast<scalar_t>(dot * inv);
+        gb_ptr[c] = static_cast<scalar_t>(sum);
+        k[c] = static_cast<scalar_t>(scale);
+        constant[c] = static_cast<scalar_t>(-scale * sum / geo.count());
+        slope[c] = static_cast<scalar_t>(-scale * inv * inv * dot / geo.count());
+      }
+    });
+    scalar_t* gz = grad_input.mutable_data_ptr<scalar_t>();
+    involution_common::parallel_chunks(geo.batch * geo.channels, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t c = plane % geo.channels;
+        const int64_t o = plane * geo.out_plane();
+        gradient_plane(geo, g_ptr + o, z + plane * geo.plane(), out_ptr + o, where_ptr + o,
+                       mean_ptr[c], k[c], slope[c], constant[c], gz + plane * geo.plane());
+      }
+    });
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace involution_pool_cpu
+
+TORCH_LIBRARY(involution_pool_cpu, m) {
+  m.def("norm_relu_max_pool(Tensor input, Tensor weight, Tensor bias, float eps, int kernel_size, "
+        "int stride, int padding) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("norm_relu_max_pool_backward(Tensor grad_output, Tensor input, Tensor output, "
+        "Tensor positions, Tensor mean, Tensor invstd, Tensor weight, int kernel_size, "
+        "int stride, int padding) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(involution_pool_cpu, CPU, m) {
+  m.impl("norm_relu_max_pool", &involution_pool_cpu::norm_relu_max_pool);
+  m.impl("norm_relu_max_pool_backward", &involution_pool_cpu::norm_relu_max_pool_backward);
+}
