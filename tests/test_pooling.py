@@ -132,11 +132,28 @@ WINDOWS = [(3, 2, 1), (2, 2, 0), (3, 1, 1), (5, 3, 2), (1, 1, 0)]
     # Every pair with an output (a window fits in the padded map).
     [(s, w) for s in SHAPES for w in WINDOWS if min(s[2:]) + 2 * w[2] >= w[0]],
 )
-def test_norm_relu_max_pool_equals_the_modules_float64(shape, window) -> None:
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_norm_relu_max_pool_equals_the_modules_float64(shape, window, layout) -> None:
     pool = StemMaxPool2d() if window == (3, 2, 1) else nn.MaxPool2d(*window)
     tail, reference = _tail_pair(shape[1], pool)
-    x = _inputs(shape, torch.float64)[0] * 2 + 0.3
+    x = (_inputs(shape, torch.float64)[0] * 2 + 0.3).contiguous(memory_format=layout)
     _assert_fused_steps(tail, reference, x, rtol=1e-10, atol=1e-12)
+    assert tail(x).is_contiguous(memory_format=layout)
+
+
+def test_norm_relu_max_pool_channels_last_input_nchw_output() -> None:
+    tail, reference = _tail_pair(6, StemMaxPool2d())
+    x = _inputs((3, 6, 11, 10), torch.float64)[0].requires_grad_()
+    grad = torch.randn(3, 6, 6, 5, dtype=torch.float64)
+    pooled = norm_relu_max_pool(
+        tail.norm, tail.pool, x.contiguous(memory_format=torch.channels_last), False
+    )
+    assert pooled.is_contiguous()
+    pooled.backward(grad)
+    expected = reference(x.detach().requires_grad_())
+    torch.testing.assert_close(pooled, expected, rtol=1e-10, atol=1e-12)
+    (grad_x,) = torch.autograd.grad(reference(x), x, grad)
+    torch.testing.assert_close(x.grad, grad_x, rtol=1e-10, atol=1e-12)
 
 
 def test_norm_relu_max_pool_ties_float32() -> None:
@@ -194,8 +211,10 @@ def test_norm_relu_max_pool_applies_only_where_it_computes_the_modules() -> None
     applies = norm_relu_max_pool_applies
     assert applies(tail.norm, tail.act, tail.pool, x)
     assert applies(tail.norm, tail.act, tail.pool, x.double())
-    assert not applies(tail.norm, tail.act, tail.pool, x.to(memory_format=torch.channels_last))
+    assert applies(tail.norm, tail.act, tail.pool, x.to(memory_format=torch.channels_last))
     assert not applies(tail.norm, tail.act, tail.pool, x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the modules' autocast dtypes
+        assert not applies(tail.norm, tail.act, tail.pool, x)
     assert not applies(tail.norm, tail.act, tail.pool, x[..., ::2])
     assert not applies(tail.norm, nn.GELU(), tail.pool, x)
     assert not applies(tail.norm, tail.act, nn.MaxPool2d(3, 2, 1, ceil_mode=True), x)
@@ -217,7 +236,9 @@ def test_norm_relu_max_pool_op_rejects_bad_input() -> None:
     op = torch.ops.involution_pool_cpu.norm_relu_max_pool
     x, ones = torch.randn(2, 3, 8, 8), torch.ones(3)
     with pytest.raises(RuntimeError, match="contiguous"):
-        op(x.to(memory_format=torch.channels_last), ones, ones, 1e-5, 3, 2, 1)
+        op(x[..., ::2], ones, ones, 1e-5, 3, 2, 1)
+    with pytest.raises(RuntimeError, match="channels_last output needs a channels_last input"):
+        op(x, ones, ones, 1e-5, 3, 2, 1, True)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         op(x.half(), ones.half(), ones.half(), 1e-5, 3, 2, 1)
     with pytest.raises(RuntimeError, match="padding"):
@@ -243,17 +264,24 @@ def test_rednet_trains_its_stem_tail_in_the_fused_op(monkeypatch) -> None:
     calls: list[bool] = []
     original = rednet.norm_relu_max_pool
 
-    def fused_unless_reference(norm: nn.BatchNorm2d, pool: nn.Module, x: torch.Tensor):
+    def fused_unless_reference(norm: nn.BatchNorm2d, pool: nn.Module, x: torch.Tensor, *args):
         calls.append(norm is model.stem.bn3)
         if norm is reference.stem.bn3:
-            return pool(nn.functional.relu(norm(x)))
-        return original(norm, pool, x)
+            return pool(nn.functional.relu(norm(x))).contiguous()
+        return original(norm, pool, x, *args)
 
     monkeypatch.setattr(rednet, "norm_relu_max_pool", fused_unless_reference)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     grad = torch.randn(2, 5, dtype=torch.float64)
     assert_same_training_step(model, reference, x, grad, rtol=1e-10, atol=1e-12)
     assert calls == [True, False]
+    # The stem runs in channels_last; the stages get the image's layout.
+    assert model.stem.forward_pooled(x, model.maxpool).is_contiguous()
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    assert model.stem.forward_pooled(x_last, model.maxpool).is_contiguous(
+        memory_format=torch.channels_last
+    )
+    del calls[2:]
     model.forward_intermediates(x)
     hooked: list[int] = []
     handle = model.stem.register_forward_hook(lambda *args: hooked.append(1))

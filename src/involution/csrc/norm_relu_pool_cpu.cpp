@@ -1,5 +1,6 @@
 // Fused CPU training op of a BatchNorm with the batch's statistics, a ReLU and a max pool: RedNet's
-// deep stem tail (bn3 -> act3 -> maxpool, involution.models.pooling), on NCHW maps.
+// deep stem tail (bn3 -> act3 -> maxpool, involution.models.pooling), on NCHW or channels_last
+// maps.
 //
 //   y        = relu(z * scale + shift)    scale = weight * invstd, shift = bias - mean * scale
 //   p[o]     = max of y over window o, the first maximum in row-major order (ATen's ties)
@@ -10,16 +11,19 @@
 // input, kept there anyway) and the uint8 positions, instead of y and int64 indices beside z.
 // Backward: the gradient g reaching z through the pool and the ReLU is zero outside the windows'
 // argmaxes, so BatchNorm's two sums per channel, sum(g) and sum(g * (z - mean)), come from the
-// pooled map; then, one plane at a time, the dense part of
+// pooled map; then the dense part of
 //   grad_z = k * g - k * sum(g) / N - k * invstd^2 * sum(g * (z - mean)) / N * (z - mean)
 // (k = weight * invstd) is written and the windows' k * g added at their argmaxes.
 //
 // Design:
-// - Each plane is pooled separably: every input row's window maxima (first maximum within the
-//   row), then down the rows (a later row only where strictly greater), which is the row-major
-//   first maximum of ATen's max pool. A plane's row maxima (rows x out_w) live in task scratch.
-// - Channel sums run one task per channel, plane work one task per (image, channel); per-task
-//   results only, so the op is deterministic. float32 and float64.
+// - NCHW: each (image, channel) plane is one task. Its y, with -inf in the padding, is written
+//   to task scratch and pooled row by row with the window's taps in ATen's order, the output
+//   columns in the inner loop (vectorised; the stride a compile-time 2 for the stem).
+// - channels_last: one task per output row (forward) or per image (backward), the channels in
+//   the inner loops; the pooled map is written NCHW or channels_last (RedNet runs its stem in
+//   channels_last and hands NCHW maps on when its input is NCHW).
+// - Per-channel sums are per task (a channel, or an image's partials summed in image order),
+//   so the op is deterministic. float32 and float64.
 // - Registered as torch.ops.involution_pool_cpu.{norm_relu_max_pool, norm_relu_max_pool_backward}
 //   (TORCH_LIBRARY); eager only (involution.models.pooling calls them inside an autograd
 //   Function that compiled and traced code never reaches).
@@ -30,6 +34,7 @@
 #include "common.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -42,6 +47,8 @@ struct PoolGeometry {
   int64_t batch, channels, height, width, out_h, out_w, kernel, stride, pad;
   // kh * width + kw of each position kh * kernel + kw in a window (no division in the loops).
   std::vector<int64_t> window_offsets;
+  // The pooled map's (and the positions') strides of b, c, oh and ow: NCHW or channels_last.
+  std::array<int64_t, 4> out_strides;
 
   int64_t plane() const { return height * width; }
   int64_t out_plane() const { return out_h * out_w; }
@@ -138,7 +145,8 @@ INVOLUTION_INLINE void pool_plane_impl(const PoolGeometry& geo, const T* z, T sc
   }
 }
 
-// The offset in its plane of window (oh, ow)'s element `position` (kh * kernel + kw).
+// The offset in its plane (the pixel ih * width + iw) of window (oh, ow)'s element `position`
+// (kh * kernel + kw).
 INVOLUTION_INLINE int64_t input_offset(const PoolGeometry& geo, int64_t oh, int64_t ow,
                                        uint8_t position) {
   return (oh * geo.stride - geo.pad) * geo.width + ow * geo.stride - geo.pad +
@@ -165,7 +173,8 @@ INVOLUTION_INLINE std::pair<double, double> gradient_sums_impl(const PoolGeometr
       for (int64_t ow = 0; ow < geo.out_w; ++ow) {
         const int64_t o = first + oh * geo.out_w + ow;
         const double g = out[o] > 0 ? static_cast<double>(grad_out[o]) : 0.0;
-        const double centred = static_cast<double>(zp[input_offset(geo, oh, ow, positions[o])]) - mean;
+        const T value = zp[input_offset(geo, oh, ow, positions[o])];
+        const double centred = static_cast<double>(value) - mean;
         sum[ow % LANES] += g;
         dot[ow % LANES] += g * centred;
       }
@@ -190,6 +199,125 @@ INVOLUTION_INLINE void gradient_plane_impl(const PoolGeometry& geo, const T* gra
     for (int64_t ow = 0; ow < geo.out_w; ++ow) {
       const int64_t o = oh * geo.out_w + ow;
       grad_z[input_offset(geo, oh, ow, positions[o])] += out[o] > 0 ? k * grad_out[o] : T(0);
+    }
+  }
+}
+
+// channels_last maps (B, H, W, C): the loops run over the channels with unit stride.
+
+// Image b's sums of z and z^2 per channel, into sum and squares (C,).
+template <typename T>
+INVOLUTION_INLINE void image_sums_cl_impl(const PoolGeometry& geo, const T* z, int64_t b,
+                                          double* sum, double* squares) {
+  const int64_t channels = geo.channels;
+  std::fill(sum, sum + channels, 0.0);
+  std::fill(squares, squares + channels, 0.0);
+  const T* image = z + b * geo.plane() * channels;
+  for (int64_t pixel = 0; pixel < geo.plane(); ++pixel) {
+    const T* values = image + pixel * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      const double v = values[c];
+      sum[c] += v;
+      squares[c] += v * v;
+    }
+  }
+}
+
+// Output row (b, oh) pooled; best (out_w, C) and where (out_w, C) scratch, written to the
+// pooled map (and positions) a channel at a time, so an NCHW map gets runs of out_w values.
+template <typename T>
+INVOLUTION_INLINE void pool_row_cl_impl(const PoolGeometry& geo, const T* z, const T* scale,
+                                        const T* shift, T* out, uint8_t* positions, int64_t b,
+                                        int64_t oh, T* best, int32_t* where) {
+  const int64_t channels = geo.channels;
+  const auto& st = geo.out_strides;
+  std::fill(best, best + geo.out_w * channels, -std::numeric_limits<T>::infinity());
+  std::fill(where, where + geo.out_w * channels, 0);
+  for (int64_t ow = 0; ow < geo.out_w; ++ow) {
+    T* best_c = best + ow * channels;
+    int32_t* where_c = where + ow * channels;
+    for (int64_t kh = 0; kh < geo.kernel; ++kh) {
+      const int64_t ih = oh * geo.stride - geo.pad + kh;
+      if (ih < 0 || ih >= geo.height) {
+        continue;  // the padding's -inf never wins
+      }
+      for (int64_t kw = 0; kw < geo.kernel; ++kw) {
+        const int64_t iw = ow * geo.stride - geo.pad + kw;
+        if (iw < 0 || iw >= geo.width) {
+          continue;
+        }
+        const int32_t position = static_cast<int32_t>(kh * geo.kernel + kw);
+        const T* values = z + ((b * geo.height + ih) * geo.width + iw) * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          T v = values[c] * scale[c] + shift[c];
+          v = v < 0 ? T(0) : v;
+          const bool take = v > best_c[c] || v != v;  // ATen's ties, as in pool_plane_impl
+          best_c[c] = take ? v : best_c[c];
+          where_c[c] = take ? position : where_c[c];
+        }
+      }
+    }
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    const int64_t first = b * st[0] + c * st[1] + oh * st[2];
+    for (int64_t ow = 0; ow < geo.out_w; ++ow) {
+      out[first + ow * st[3]] = best[ow * channels + c];
+      positions[first + ow * st[3]] = static_cast<uint8_t>(where[ow * channels + c]);
+    }
+  }
+}
+
+// Image b's sum(g) and sum(g * (z - mean)) per channel (as gradient_sums_impl), into sum and
+// dot (C,). Pixels outside, channels inside: a window's pixels stay in cache for its channels.
+template <typename T>
+INVOLUTION_INLINE void image_gradient_sums_cl_impl(const PoolGeometry& geo, const T* grad_out,
+                                                   const T* z, const T* out,
+                                                   const uint8_t* positions, const T* mean,
+                                                   int64_t b, double* sum, double* dot) {
+  const int64_t channels = geo.channels;
+  const auto& st = geo.out_strides;
+  const T* image = z + b * geo.plane() * channels;
+  std::fill(sum, sum + channels, 0.0);
+  std::fill(dot, dot + channels, 0.0);
+  for (int64_t oh = 0; oh < geo.out_h; ++oh) {
+    for (int64_t ow = 0; ow < geo.out_w; ++ow) {
+      const int64_t first = b * st[0] + oh * st[2] + ow * st[3];
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t o = first + c * st[1];
+        const double g = out[o] > 0 ? static_cast<double>(grad_out[o]) : 0.0;
+        const T value = image[input_offset(geo, oh, ow, positions[o]) * channels + c];
+        sum[c] += g;
+        dot[c] += g * (static_cast<double>(value) - mean[c]);
+      }
+    }
+  }
+}
+
+// Image b's grad_z (as gradient_plane_impl), every channel.
+template <typename T>
+INVOLUTION_INLINE void gradient_image_cl_impl(const PoolGeometry& geo, const T* grad_out,
+                                              const T* z, const T* out, const uint8_t* positions,
+                                              const T* mean, const T* k, const T* slope,
+                                              const T* constant, int64_t b, T* grad_z) {
+  const int64_t channels = geo.channels;
+  const auto& st = geo.out_strides;
+  const T* image = z + b * geo.plane() * channels;
+  T* grad_image = grad_z + b * geo.plane() * channels;
+  for (int64_t pixel = 0; pixel < geo.plane(); ++pixel) {
+    const T* values = image + pixel * channels;
+    T* grads = grad_image + pixel * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      grads[c] = (values[c] - mean[c]) * slope[c] + constant[c];
+    }
+  }
+  for (int64_t oh = 0; oh < geo.out_h; ++oh) {
+    for (int64_t ow = 0; ow < geo.out_w; ++ow) {
+      const int64_t first = b * st[0] + oh * st[2] + ow * st[3];
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t o = first + c * st[1];
+        grad_image[input_offset(geo, oh, ow, positions[o]) * channels + c] +=
+            out[o] > 0 ? k[c] * grad_out[o] : T(0);
+      }
     }
   }
 }
@@ -219,24 +347,65 @@ INVOLUTION_INLINE void gradient_plane_impl(const PoolGeometry& geo, const T* gra
                                                const uint8_t* positions, T mean, T k, T slope, \
                                                T constant, T* grad_z) {                        \
     gradient_plane_impl<T>(geo, grad_out, z, out, positions, mean, k, slope, constant, grad_z); \
+  }                                                                                             \
+  INVOLUTION_TARGET_CLONES void image_sums_cl(const PoolGeometry& geo, const T* z, int64_t b,  \
+                                              double* sum, double* squares) {                  \
+    image_sums_cl_impl<T>(geo, z, b, sum, squares);                                             \
+  }                                                                                             \
+  INVOLUTION_TARGET_CLONES void pool_row_cl(const PoolGeometry& geo, const T* z,               \
+                                            const T* scale, const T* shift, T* out,            \
+                                            uint8_t* positions, int64_t b, int64_t oh,         \
+                                            T* best, int32_t* where) {                         \
+    pool_row_cl_impl<T>(geo, z, scale, shift, out, positions, b, oh, best, where);              \
+  }                                                                                             \
+  INVOLUTION_TARGET_CLONES void image_gradient_sums_cl(                                        \
+      const PoolGeometry& geo, const T* grad_out, const T* z, const T* out,                    \
+      const uint8_t* positions, const T* mean, int64_t b, double* sum, double* dot) {          \
+    image_gradient_sums_cl_impl<T>(geo, grad_out, z, out, positions, mean, b, sum, dot);        \
+  }                                                                                             \
+  INVOLUTION_TARGET_CLONES void gradient_image_cl(                                             \
+      const PoolGeometry& geo, const T* grad_out, const T* z, const T* out,                    \
+      const uint8_t* positions, const T* mean, const T* k, const T* slope, const T* constant,  \
+      int64_t b, T* grad_z) {                                                                   \
+    gradient_image_cl_impl<T>(geo, grad_out, z, out, positions, mean, k, slope, constant, b,    \
+                              grad_z);                                                          \
   }
 
 INVOLUTION_DEFINE_POOL_KERNELS(float)
 INVOLUTION_DEFINE_POOL_KERNELS(double)
 
-PoolGeometry geometry_of(const at::Tensor& input, int64_t kernel, int64_t stride, int64_t pad) {
-  TORCH_CHECK(input.dim() == 4 && input.is_contiguous(),
-              "norm_relu_max_pool: input must be a contiguous (NCHW) 4-D tensor, got shape ",
+// Whether `input` is read as channels_last: contiguous in that layout and not NCHW-contiguous
+// (one channel, or 1 x 1 maps, are both: NCHW then).
+bool channels_last_input(const at::Tensor& input) {
+  return !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// The pooled map's strides: NCHW, or channels_last where `channels_last_output`.
+std::array<int64_t, 4> pooled_strides(const PoolGeometry& geo, bool channels_last_output) {
+  const int64_t plane = geo.out_plane();
+  if (channels_last_output) {
+    return {plane * geo.channels, 1, geo.out_w * geo.channels, geo.channels};
+  }
+  return {geo.channels * plane, plane, geo.out_w, 1};
+}
+
+PoolGeometry geometry_of(const at::Tensor& input, int64_t kernel, int64_t stride, int64_t pad,
+                         bool channels_last_output) {
+  TORCH_CHECK(input.dim() == 4 && (input.is_contiguous() || channels_last_input(input)),
+              "norm_relu_max_pool: input must be a 4-D tensor contiguous in NCHW or "
+              "channels_last, got shape ",
               input.sizes(), " and strides ", input.strides());
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "norm_relu_max_pool: input must be float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK(!channels_last_output || channels_last_input(input),
+              "norm_relu_max_pool: a channels_last output needs a channels_last input");
   TORCH_CHECK(kernel >= 1 && kernel * kernel <= 256 && stride >= 1 && pad >= 0 &&
                   2 * pad <= kernel,
               "norm_relu_max_pool: needs 1 <= kernel <= 16, stride >= 1 and 0 <= padding <= "
               "kernel / 2, got kernel ",
               kernel, ", stride ", stride, ", padding ", pad);
   PoolGeometry geo{input.size(0), input.size(1), input.size(2), input.size(3), 0, 0,
-                   kernel,        stride,        pad,           {}};
+                   kernel,        stride,        pad,           {},            {}};
   for (int64_t kh = 0; kh < kernel; ++kh) {
     for (int64_t kw = 0; kw < kernel; ++kw) {
       geo.window_offsets.push_back(kh * geo.width + kw);
@@ -250,115 +419,199 @@ PoolGeometry geometry_of(const at::Tensor& input, int64_t kernel, int64_t stride
               "norm_relu_max_pool: BatchNorm needs more than one value per channel, got input "
               "shape ",
               input.sizes());
+  geo.out_strides = pooled_strides(geo, channels_last_output);
   return geo;
 }
 
 void check_channel_vector(const at::Tensor& t, const at::Tensor& input, const char* name) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1) && t.scalar_type() == input.scalar_type() &&
-                  t.device() == input.device(),
-              "norm_relu_max_pool: ", name, " must be a (C,) tensor of the input's dtype and device, got ",
-              t.sizes(), " ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1) &&
+                  t.scalar_type() == input.scalar_type() && t.device() == input.device(),
+              "norm_relu_max_pool: ", name,
+              " must be a (C,) tensor of the input's dtype and device, got ", t.sizes(), " ",
+              t.scalar_type());
+}
+
+at::Tensor empty_pooled(const PoolGeometry& geo, const at::TensorOptions& options) {
+  return at::empty_strided({geo.batch, geo.channels, geo.out_h, geo.out_w},
+                           {geo.out_strides[0], geo.out_strides[1], geo.out_strides[2],
+                            geo.out_strides[3]},
+                           options);
+}
+
+// Sums of the images' per-channel partials (B, 2, C), in image order: deterministic.
+std::vector<double> image_order_sums(const std::vector<double>& partials, int64_t batch,
+                                     int64_t channels) {
+  std::vector<double> sums(2 * channels, 0.0);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t i = 0; i < 2 * channels; ++i) {
+      sums[i] += partials[b * 2 * channels + i];
+    }
+  }
+  return sums;
 }
 
 // -> (pooled (B, C, H_out, W_out), positions uint8 (B, C, H_out, W_out), mean (C,), invstd (C,)).
+// input NCHW or channels_last; pooled and positions NCHW, or channels_last where
+// `channels_last_output` (channels_last inputs only).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_relu_max_pool(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps,
-    int64_t kernel, int64_t stride, int64_t padding) {
-  const PoolGeometry geo = geometry_of(input, kernel, stride, padding);
+    int64_t kernel, int64_t stride, int64_t padding, bool channels_last_output) {
+  const PoolGeometry geo = geometry_of(input, kernel, stride, padding, channels_last_output);
+  const bool channels_last = channels_last_input(input);
   check_channel_vector(weight, input, "weight");
   check_channel_vector(bias, input, "bias");
-  at::Tensor out = at::empty({geo.batch, geo.channels, geo.out_h, geo.out_w}, input.options());
-  at::Tensor positions = at::empty(out.sizes(), input.options().dtype(at::kByte));
+  at::Tensor out = empty_pooled(geo, input.options());
+  at::Tensor positions = empty_pooled(geo, input.options().dtype(at::kByte));
   at::Tensor mean = at::empty({geo.channels}, input.options());
   at::Tensor invstd = at::empty({geo.channels}, input.options());
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.contiguous();
+  const int64_t channels = geo.channels;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "norm_relu_max_pool", [&] {
     const scalar_t* z = input.const_data_ptr<scalar_t>();
     scalar_t* mean_ptr = mean.mutable_data_ptr<scalar_t>();
     scalar_t* invstd_ptr = invstd.mutable_data_ptr<scalar_t>();
-    involution_common::parallel_chunks(geo.channels, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const auto [sum, squares] = channel_sums(geo, z, c);
-        const double m = sum / geo.count();
-        const double variance = std::max(0.0, squares / geo.count() - m * m);
-        mean_ptr[c] = static_cast<scalar_t>(m);
-        invstd_ptr[c] = static_cast<scalar_t>(1.0 / std::sqrt(variance + eps));
+    const auto set_statistics = [&](int64_t c, double sum, double squares) {
+      const double m = sum / geo.count();
+      const double variance = std::max(0.0, squares / geo.count() - m * m);
+      mean_ptr[c] = static_cast<scalar_t>(m);
+      invstd_ptr[c] = static_cast<scalar_t>(1.0 / std::sqrt(variance + eps));
+    };
+    if (channels_last) {
+      std::vector<double> partials(geo.batch * 2 * channels);
+      involution_common::parallel_chunks(geo.batch, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t image = begin; image < end; ++image) {
+          double* sums = partials.data() + image * 2 * channels;
+          image_sums_cl(geo, z, image, sums, sums + channels);
+        }
+      });
+      const std::vector<double> sums = image_order_sums(partials, geo.batch, channels);
+      for (int64_t c = 0; c < channels; ++c) {
+        set_statistics(c, sums[c], sums[channels + c]);
       }
-    });
+    } else {
+      involution_common::parallel_chunks(channels, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const auto [sum, squares] = channel_sums(geo, z, c);
+          set_statistics(c, sum, squares);
+        }
+      });
+    }
+    // ATen's BatchNorm's form of the affine map.
+    std::vector<scalar_t> scale(channels), shift(channels);
     const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
     const scalar_t* b_ptr = b.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      scale[c] = invstd_ptr[c] * w_ptr[c];
+      shift[c] = b_ptr[c] - mean_ptr[c] * scale[c];
+    }
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     uint8_t* positions_ptr = positions.mutable_data_ptr<uint8_t>();
-    const int64_t planes = geo.batch * geo.channels;
-    involution_common::parallel_chunks(planes, 4, [&](int64_t begin, int64_t end) {
+    if (channels_last) {
+      involution_common::parallel_chunks(geo.batch * geo.out_h, 1, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> best(geo.out_w * channels);
+        std::vector<int32_t> where(geo.out_w * channels);
+        for (int64_t row = begin; row < end; ++row) {
+          pool_row_cl(geo, z, scale.data(), shift.data(), out_ptr, positions_ptr,
+                      row / geo.out_h, row % geo.out_h, best.data(), where.data());
+        }
+      });
+      return;
+    }
+    involution_common::parallel_chunks(geo.batch * channels, 4, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> padded(geo.padded_h() * geo.padded_w()), best(geo.out_w);
       std::vector<int32_t> where(geo.out_w);
       for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t c = plane % geo.channels;
-        // ATen's BatchNorm's form of the affine map.
-        const scalar_t scale = invstd_ptr[c] * w_ptr[c];
-        const scalar_t shift = b_ptr[c] - mean_ptr[c] * scale;
-        pool_plane(geo, z + plane * geo.plane(), scale, shift, out_ptr + plane * geo.out_plane(),
-                   positions_ptr + plane * geo.out_plane(), padded.data(), best.data(),
-                   where.data());
+        const int64_t c = plane % channels;
+        pool_plane(geo, z + plane * geo.plane(), scale[c], shift[c],
+                   out_ptr + plane * geo.out_plane(), positions_ptr + plane * geo.out_plane(),
+                   padded.data(), best.data(), where.data());
       }
     });
   });
   return {out, positions, mean, invstd};
 }
 
-// -> (grad_input (B, C, H, W), grad_weight (C,), grad_bias (C,)).
+// -> (grad_input (B, C, H, W) in the input's layout, grad_weight (C,), grad_bias (C,)).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_relu_max_pool_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& output,
     const at::Tensor& positions, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& weight, int64_t kernel, int64_t stride, int64_t padding) {
-  const PoolGeometry geo = geometry_of(input, kernel, stride, padding);
+  const bool channels_last_output = output.dim() == 4 && !output.is_contiguous() &&
+                                    output.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const PoolGeometry geo = geometry_of(input, kernel, stride, padding, channels_last_output);
+  const bool channels_last = channels_last_input(input);
   const std::vector<int64_t> pooled{geo.batch, geo.channels, geo.out_h, geo.out_w};
+  const auto format = channels_last_output ? at::MemoryFormat::ChannelsLast
+                                           : at::MemoryFormat::Contiguous;
   TORCH_CHECK(output.sizes() == pooled && positions.sizes() == pooled &&
+                  output.is_contiguous(format) && positions.is_contiguous(format) &&
                   output.scalar_type() == input.scalar_type() &&
                   positions.scalar_type() == at::kByte,
               "norm_relu_max_pool_backward: output and positions must be the forward's");
   check_channel_vector(mean, input, "mean");
   check_channel_vector(invstd, input, "invstd");
   check_channel_vector(weight, input, "weight");
-  const at::Tensor g = grad_output.to(input.scalar_type()).contiguous();
-  TORCH_CHECK(g.sizes() == pooled, "norm_relu_max_pool_backward: grad_output must be of shape ",
-              pooled, ", got ", grad_output.sizes());
-  const at::Tensor out = output.contiguous();
-  const at::Tensor where = positions.contiguous();
+  TORCH_CHECK(grad_output.sizes() == pooled,
+              "norm_relu_max_pool_backward: grad_output must be of shape ", pooled, ", got ",
+              grad_output.sizes());
+  const at::Tensor g = grad_output.to(input.scalar_type()).contiguous(format);
   at::Tensor grad_input = at::empty_like(input);
   at::Tensor grad_weight = at::empty({geo.channels}, input.options());
   at::Tensor grad_bias = at::empty({geo.channels}, input.options());
+  const int64_t channels = geo.channels;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "norm_relu_max_pool_backward", [&] {
     const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
     const scalar_t* z = input.const_data_ptr<scalar_t>();
-    const scalar_t* out_ptr = out.const_data_ptr<scalar_t>();
-    const uint8_t* where_ptr = where.const_data_ptr<uint8_t>();
+    const scalar_t* out_ptr = output.const_data_ptr<scalar_t>();
+    const uint8_t* where_ptr = positions.const_data_ptr<uint8_t>();
     const at::Tensor m = mean.contiguous(), s = invstd.contiguous(), w = weight.contiguous();
     const scalar_t* mean_ptr = m.const_data_ptr<scalar_t>();
     const scalar_t* invstd_ptr = s.const_data_ptr<scalar_t>();
     const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
     scalar_t* gw_ptr = grad_weight.mutable_data_ptr<scalar_t>();
     scalar_t* gb_ptr = grad_bias.mutable_data_ptr<scalar_t>();
-    std::vector<scalar_t> slope(geo.channels), constant(geo.channels), k(geo.channels);
-    involution_common::parallel_chunks(geo.channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> slope(channels), constant(channels), k(channels);
+    const auto set_coefficients = [&](int64_t c, double sum, double dot) {
+      const double inv = invstd_ptr[c];
+      const double scale = inv * w_ptr[c];
+      gw_ptr[c] = static_cast<scalar_t>(dot * inv);
+      gb_ptr[c] = static_cast<scalar_t>(sum);
+      k[c] = static_cast<scalar_t>(scale);
+      constant[c] = static_cast<scalar_t>(-scale * sum / geo.count());
+      slope[c] = static_cast<scalar_t>(-scale * inv * inv * dot / geo.count());
+    };
+    scalar_t* gz = grad_input.mutable_data_ptr<scalar_t>();
+    if (channels_last) {
+      std::vector<double> partials(geo.batch * 2 * channels);
+      involution_common::parallel_chunks(geo.batch, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t image = begin; image < end; ++image) {
+          double* sums = partials.data() + image * 2 * channels;
+          image_gradient_sums_cl(geo, g_ptr, z, out_ptr, where_ptr, mean_ptr, image, sums,
+                                 sums + channels);
+        }
+      });
+      const std::vector<double> sums = image_order_sums(partials, geo.batch, channels);
+      for (int64_t c = 0; c < channels; ++c) {
+        set_coefficients(c, sums[c], sums[channels + c]);
+      }
+      involution_common::parallel_chunks(geo.batch, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t image = begin; image < end; ++image) {
+          gradient_image_cl(geo, g_ptr, z, out_ptr, where_ptr, mean_ptr, k.data(),
+                            slope.data(), constant.data(), image, gz);
+        }
+      });
+      return;
+    }
+    involution_common::parallel_chunks(channels, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        const auto [sum, dot] =
-            gradient_sums(geo, g_ptr, z, out_ptr, where_ptr, mean_ptr[c], c);
-        const double inv = invstd_ptr[c];
-        const double scale = inv * w_ptr[c];
-        gw_ptr[c] = static_cast<scalar_t>(dot * inv);
-        gb_ptr[c] = static_cast<scalar_t>(sum);
-        k[c] = static_cast<scalar_t>(scale);
-        constant[c] = static_cast<scalar_t>(-scale * sum / geo.count());
-        slope[c] = static_cast<scalar_t>(-scale * inv * inv * dot / geo.count());
+        const auto [sum, dot] = gradient_sums(geo, g_ptr, z, out_ptr, where_ptr, mean_ptr[c], c);
+        set_coefficients(c, sum, dot);
       }
     });
-    scalar_t* gz = grad_input.mutable_data_ptr<scalar_t>();
-    involution_common::parallel_chunks(geo.batch * geo.channels, 4, [&](int64_t begin, int64_t end) {
+    involution_common::parallel_chunks(geo.batch * channels, 4, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t c = plane % geo.channels;
+        const int64_t c = plane % channels;
         const int64_t o = plane * geo.out_plane();
         gradient_plane(geo, g_ptr + o, z + plane * geo.plane(), out_ptr + o, where_ptr + o,
                        mean_ptr[c], k[c], slope[c], constant[c], gz + plane * geo.plane());
@@ -372,7 +625,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_relu_max_pool_backward(
 
 TORCH_LIBRARY(involution_pool_cpu, m) {
   m.def("norm_relu_max_pool(Tensor input, Tensor weight, Tensor bias, float eps, int kernel_size, "
-        "int stride, int padding) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int stride, int padding, bool channels_last_output=False) -> (Tensor, Tensor, Tensor, "
+        "Tensor)");
   m.def("norm_relu_max_pool_backward(Tensor grad_output, Tensor input, Tensor output, "
         "Tensor positions, Tensor mean, Tensor invstd, Tensor weight, int kernel_size, "
         "int stride, int padding) -> (Tensor, Tensor, Tensor)");

@@ -94,10 +94,11 @@ def _channels_last_applies(input: Tensor) -> bool:
 class _NormReLUMaxPool(torch.autograd.Function):
     """``max_pool2d(relu(batch_norm(input)))`` with the batch's statistics, in one CPU op.
 
-    ``forward(input, weight, bias, eps, kernel_size, stride, padding) -> (pooled, mean,
-    invstd)``: input (B, C, H, W) contiguous NCHW, weight and bias (C,); pooled (B, C, H_out,
-    W_out), mean and invstd (C,) the batch's statistics (not differentiable). Saves the input,
-    the pooled map, the argmaxes (uint8) and the statistics."""
+    ``forward(input, weight, bias, eps, (kernel_size, stride, padding), channels_last_output)
+    -> (pooled, mean, invstd)``: input (B, C, H, W) contiguous NCHW or channels_last, weight and
+    bias (C,); pooled (B, C, H_out, W_out), NCHW unless ``channels_last_output`` (channels_last
+    inputs only), mean and invstd (C,) the batch's statistics (not differentiable). Saves the
+    input, the pooled map, the argmaxes (uint8) and the statistics."""
 
     @staticmethod
     def forward(
@@ -106,13 +107,11 @@ class _NormReLUMaxPool(torch.autograd.Function):
         weight: Tensor,
         bias: Tensor,
         eps: float,
-        kernel_size: int,
-        stride: int,
-        padding: int,
+        window: tuple[int, int, int],
+        channels_last_output: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        window = (kernel_size, stride, padding)
         pooled, positions, mean, invstd = torch.ops.involution_pool_cpu.norm_relu_max_pool(
-            input, weight, bias, eps, *window
+            input, weight, bias, eps, *window, channels_last_output
         )
         ctx.save_for_backward(input, pooled, positions, mean, invstd, weight)
         ctx.window = window
@@ -135,7 +134,6 @@ class _NormReLUMaxPool(torch.autograd.Function):
             None,
             None,
             None,
-            None,
         )
 
 
@@ -150,9 +148,9 @@ def norm_relu_max_pool_applies(norm: nn.Module, act: nn.Module, pool: nn.Module,
     """Whether :func:`norm_relu_max_pool` computes ``pool(act(norm(x)))``: ``norm`` a plain
     ``nn.BatchNorm2d`` using the batch's statistics (training), ``act`` ``nn.ReLU``, ``pool`` an
     ``nn.MaxPool2d`` (or :class:`StemMaxPool2d`) with square windows, no dilation, floor mode and
-    no indices, no hooks on the three; ``x`` a contiguous (NCHW) float32 or float64 CPU tensor, in
-    eager mode (not scripted, traced or compiled: those see the modules), with the C++
-    extension built."""
+    no indices, no hooks on the three; ``x`` a float32 or float64 CPU tensor contiguous in NCHW
+    or channels_last, without autocast, in eager mode (not scripted, traced or compiled: those
+    see the modules), with the C++ extension built."""
     if not (
         type(norm) is nn.BatchNorm2d
         and (norm.training or norm.running_mean is None)
@@ -168,28 +166,30 @@ def norm_relu_max_pool_applies(norm: nn.Module, act: nn.Module, pool: nn.Module,
         isinstance(x, Tensor)
         and x.dim() == 4
         and x.dtype in (torch.float32, torch.float64)
-        and x.is_contiguous()
+        and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+        and not torch.is_autocast_enabled("cpu")
         and cpu.unavailable_reason(x.device) is None
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
     )
 
 
-def norm_relu_max_pool(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor) -> Tensor:
+def norm_relu_max_pool(
+    norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor, channels_last_output: bool | None = None
+) -> Tensor:
     """``pool(relu(norm(x)))`` in one op, where :func:`norm_relu_max_pool_applies` (see the
     module docstring): the same values and gradients as the modules, ``norm``'s running
-    statistics updated once. (B, C, H, W) -> (B, C, H_out, W_out)."""
+    statistics updated once. (B, C, H, W) -> (B, C, H_out, W_out), in ``x``'s layout, or
+    NCHW from a channels_last ``x`` with ``channels_last_output=False``."""
     channels = x.shape[1]
     weight = norm.weight if norm.weight is not None else x.new_ones(channels)
     bias = norm.bias if norm.bias is not None else x.new_zeros(channels)
+    channels_last = not x.is_contiguous()  # only channels_last, then (the applies check)
+    if channels_last_output is None:
+        channels_last_output = channels_last
+    window = (_square(pool.kernel_size), _square(pool.stride), _square(pool.padding))
     pooled, mean, invstd = _NormReLUMaxPool.apply(
-        x,
-        weight.to(x.dtype),
-        bias.to(x.dtype),
-        norm.eps,
-        _square(pool.kernel_size),
-        _square(pool.stride),
-        _square(pool.padding),
+        x, weight.to(x.dtype), bias.to(x.dtype), norm.eps, window, channels_last_output
     )
     update_running_stats(norm, mean, invstd, x.numel() // channels)
     return pooled

@@ -199,11 +199,12 @@ class RedNetStem(nn.Module):
 
     @torch.jit.unused
     def forward_pooled(self, x: Tensor, pool: nn.Module) -> Tensor:
-        """``pool(self(x))``, with ``bn3``, ``act3`` and the pool in one op where
-        :func:`~involution.models.pooling.norm_relu_max_pool_applies` (CPU training, NCHW), the
-        stem has no hooks and its involution fuses its own BatchNorm + ReLU
-        (``regenerate_kernels`` and ``fuse_norm_act``: the switches of the stem's other
-        training ops turn this one off too)."""
+        """``pool(self(x))``, in ``x``'s layout. Where
+        :func:`~involution.models.pooling.norm_relu_max_pool_applies` (CPU training), the stem
+        has no hooks and its involution fuses its own BatchNorm + ReLU (``regenerate_kernels``
+        and ``fuse_norm_act``: the switches of the stem's other training ops turn this off
+        too), the stem runs in channels_last, whose convs and involution kernels are faster on
+        CPU, and ``bn3``, ``act3`` and the pool in one op that returns ``x``'s layout."""
         fused = (
             getattr(self.inv, "regenerate_kernels", False)
             and getattr(self.inv, "fuse_norm_act", False)
@@ -213,10 +214,11 @@ class RedNetStem(nn.Module):
         )
         if not fused:
             return pool(self(x))
-        x = self._convolved(x)
-        if norm_relu_max_pool_applies(self.bn3, self.act3, pool, x):
-            return norm_relu_max_pool(self.bn3, pool, x)
-        return pool(self.act3(self.bn3(x)))
+        layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+        z = self._convolved(x.contiguous(memory_format=torch.channels_last))
+        if norm_relu_max_pool_applies(self.bn3, self.act3, pool, z):
+            return norm_relu_max_pool(self.bn3, pool, z, layout == torch.channels_last)
+        return pool(self.act3(self.bn3(z))).contiguous(memory_format=layout)
 
 
 class Bottleneck(nn.Module):
