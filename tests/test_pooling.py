@@ -1,6 +1,6 @@
-"""The deep stem's max pool (StemMaxPool2d): nn.MaxPool2d's values, indices and gradients; and
+"""The deep stem's max pool (StemMaxPool2d): nn.MaxPool2d's values, indices and gradients;
 BatchNorm + ReLU + max pool in one training op (norm_relu_max_pool): the modules' values,
-gradients and running statistics."""
+gradients and running statistics; the cpu backend's kernel-branch average pool: ATen's, bitwise."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd import gradcheck
 
@@ -290,3 +291,58 @@ def test_rednet_trains_its_stem_tail_in_the_fused_op(monkeypatch) -> None:
     set_kernel_regeneration(model, True, fuse_norm_act=False)(x)  # the stem's switches
     set_kernel_regeneration(model, True, fuse_norm_act=True).eval()(x)
     assert calls == [True, False] and hooked == [1]
+
+
+#: (B, C, H, W) for the kernel branch's average pool: odd and even sizes (clipped last windows).
+AVERAGE_SHAPES = [(2, 3, 8, 8), (3, 5, 7, 9), (1, 4, 1, 6), (2, 16, 13, 11)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("stride", [2, 3])
+@pytest.mark.parametrize("shape", AVERAGE_SHAPES)
+def test_average_pool_is_atens_bitwise(shape, stride, layout, dtype) -> None:
+    from involution.ops.backends import cpu
+
+    x = _inputs(shape, dtype)[0].contiguous(memory_format=layout)
+    pooled = cpu.average_pool(x, stride)
+    expected = F.avg_pool2d(x, stride, stride, ceil_mode=True)
+    assert torch.equal(pooled, expected)
+    assert pooled.is_contiguous(memory_format=layout)
+    grad = torch.randn_like(expected)
+    grad_x = torch.randn_like(x)
+    expected_grad_x = grad_x + torch.ops.aten.avg_pool2d_backward(
+        grad, x, [stride] * 2, [stride] * 2, [0, 0], True, True, None
+    )
+    cpu.average_pool_backward_add_(grad_x, grad, stride)
+    assert torch.equal(grad_x, expected_grad_x)
+
+
+def test_average_pool_rejects_bad_input() -> None:
+    from involution.ops.backends import cpu
+
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu.average_pool(torch.randn(2, 3, 8, 8)[..., ::2], 2)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        cpu.average_pool(torch.randn(2, 3, 8, 8).half(), 2)
+    with pytest.raises(RuntimeError, match="grad_output must be of shape"):
+        cpu.average_pool_backward_add_(torch.randn(2, 3, 8, 8), torch.randn(2, 3, 3, 4), 2)
+
+
+def test_strided_involution_trains_through_the_average_pool_op(monkeypatch) -> None:
+    """A stride-2 layer's regenerating path pools its kernel branch with the op, forward and
+    in backward (regenerated), and adds the pool's gradient with it: the kept path's step."""
+    from involution.ops import Involution2d
+    from involution.ops.backends import cpu
+
+    calls: list[str] = []
+    for name in ("average_pool", "average_pool_backward_add_"):
+        original = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, n=name, f=original: calls.append(n) or f(*a))
+    torch.manual_seed(0)
+    layer = Involution2d(16, 3, stride=2, group_channels=4).double().train()
+    kept = set_kernel_regeneration(copy.deepcopy(layer), False)
+    x = torch.randn(2, 16, 9, 11, dtype=torch.float64)
+    grad = torch.randn(2, 16, 5, 6, dtype=torch.float64)
+    assert_same_training_step(layer, kept, x, grad, rtol=1e-10, atol=1e-12)
+    assert calls == ["average_pool", "average_pool", "average_pool_backward_add_"]

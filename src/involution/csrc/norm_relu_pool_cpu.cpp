@@ -322,6 +322,108 @@ INVOLUTION_INLINE void gradient_image_cl_impl(const PoolGeometry& geo, const T* 
   }
 }
 
+// The kernel branch's average pool, AvgPool2d(s, s, ceil_mode=True): windows of s x s at
+// stride s, no padding, the last row and column of windows clipped to the map (divided by the
+// values they hold, as ATen's). Each value is summed in ATen's order (row by row, left to right)
+// and divided once, so the result is ATen's bitwise; backward adds each window's gradient share
+// into the input's gradient in place (ATen's writes a zeroed map for a separate addition).
+
+// NCHW plane: out (out_h, out_w).
+template <typename T>
+INVOLUTION_INLINE void average_plane_impl(const PoolGeometry& geo, const T* x, T* out) {
+  const int64_t s = geo.stride;
+  for (int64_t oh = 0; oh < geo.out_h; ++oh) {
+    T* row = out + oh * geo.out_w;
+    std::fill(row, row + geo.out_w, T(0));
+    const int64_t h1 = std::min(oh * s + s, geo.height);
+    for (int64_t ih = oh * s; ih < h1; ++ih) {
+      const T* in = x + ih * geo.width;
+      for (int64_t kw = 0; kw < s; ++kw) {
+        const int64_t columns = (geo.width - kw + s - 1) / s;  // windows reaching column kw
+        for (int64_t ow = 0; ow < columns; ++ow) {
+          row[ow] += in[ow * s + kw];
+        }
+      }
+    }
+    for (int64_t ow = 0; ow < geo.out_w; ++ow) {
+      row[ow] /= static_cast<T>((h1 - oh * s) * (std::min(ow * s + s, geo.width) - ow * s));
+    }
+  }
+}
+
+// NCHW plane: grad_x (height, width) += each window's grad_out / its size. STRIDE as in
+// pool_plane_impl.
+template <typename T, int STRIDE>
+INVOLUTION_INLINE void average_gradient_plane_impl(const PoolGeometry& geo, const T* grad_out,
+                                                   T* grad_x, T* share) {
+  const int64_t s = STRIDE > 0 ? STRIDE : geo.stride;
+  for (int64_t oh = 0; oh < geo.out_h; ++oh) {
+    const int64_t h1 = std::min(oh * s + s, geo.height);
+    for (int64_t ow = 0; ow < geo.out_w; ++ow) {
+      share[ow] = grad_out[oh * geo.out_w + ow] /
+                  static_cast<T>((h1 - oh * s) * (std::min(ow * s + s, geo.width) - ow * s));
+    }
+    for (int64_t ih = oh * s; ih < h1; ++ih) {
+      T* row = grad_x + ih * geo.width;
+      for (int64_t kw = 0; kw < s; ++kw) {
+        const int64_t columns = (geo.width - kw + s - 1) / s;  // windows reaching column kw
+        for (int64_t ow = 0; ow < columns; ++ow) {
+          row[ow * s + kw] += share[ow];
+        }
+      }
+    }
+  }
+}
+
+// channels_last output row (b, oh): out's (out_w, C) values of that row.
+template <typename T>
+INVOLUTION_INLINE void average_row_cl_impl(const PoolGeometry& geo, const T* x, T* out, int64_t b,
+                                           int64_t oh) {
+  const int64_t s = geo.stride, channels = geo.channels;
+  const int64_t h1 = std::min(oh * s + s, geo.height);
+  for (int64_t ow = 0; ow < geo.out_w; ++ow) {
+    T* sums = out + ((b * geo.out_h + oh) * geo.out_w + ow) * channels;
+    std::fill(sums, sums + channels, T(0));
+    const int64_t w1 = std::min(ow * s + s, geo.width);
+    for (int64_t ih = oh * s; ih < h1; ++ih) {
+      for (int64_t iw = ow * s; iw < w1; ++iw) {
+        const T* values = x + ((b * geo.height + ih) * geo.width + iw) * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          sums[c] += values[c];
+        }
+      }
+    }
+    const T size = static_cast<T>((h1 - oh * s) * (w1 - ow * s));
+    for (int64_t c = 0; c < channels; ++c) {
+      sums[c] /= size;
+    }
+  }
+}
+
+// channels_last output row (b, oh): its windows' shares added into grad_x; share (C,) scratch.
+template <typename T>
+INVOLUTION_INLINE void average_gradient_row_cl_impl(const PoolGeometry& geo, const T* grad_out,
+                                                    T* grad_x, int64_t b, int64_t oh, T* share) {
+  const int64_t s = geo.stride, channels = geo.channels;
+  const int64_t h1 = std::min(oh * s + s, geo.height);
+  for (int64_t ow = 0; ow < geo.out_w; ++ow) {
+    const int64_t w1 = std::min(ow * s + s, geo.width);
+    const T size = static_cast<T>((h1 - oh * s) * (w1 - ow * s));
+    const T* g = grad_out + ((b * geo.out_h + oh) * geo.out_w + ow) * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      share[c] = g[c] / size;
+    }
+    for (int64_t ih = oh * s; ih < h1; ++ih) {
+      for (int64_t iw = ow * s; iw < w1; ++iw) {
+        T* grads = grad_x + ((b * geo.height + ih) * geo.width + iw) * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          grads[c] += share[c];
+        }
+      }
+    }
+  }
+}
+
 // Entry points compiled once per instruction set (INVOLUTION_TARGET_CLONES), for float and double.
 #define INVOLUTION_DEFINE_POOL_KERNELS(T)                                                      \
   INVOLUTION_TARGET_CLONES std::pair<double, double> channel_sums(const PoolGeometry& geo,     \
@@ -369,6 +471,27 @@ INVOLUTION_INLINE void gradient_image_cl_impl(const PoolGeometry& geo, const T* 
       int64_t b, T* grad_z) {                                                                   \
     gradient_image_cl_impl<T>(geo, grad_out, z, out, positions, mean, k, slope, constant, b,    \
                               grad_z);                                                          \
+  }                                                                                             \
+  INVOLUTION_TARGET_CLONES void average_plane(const PoolGeometry& geo, const T* x, T* out) {   \
+    average_plane_impl<T>(geo, x, out);                                                         \
+  }                                                                                             \
+  INVOLUTION_TARGET_CLONES void average_gradient_plane(const PoolGeometry& geo,                \
+                                                       const T* grad_out, T* grad_x,           \
+                                                       T* share) {                             \
+    if (geo.stride == 2) {                                                                      \
+      average_gradient_plane_impl<T, 2>(geo, grad_out, grad_x, share);                          \
+    } else {                                                                                    \
+      average_gradient_plane_impl<T, 0>(geo, grad_out, grad_x, share);                          \
+    }                                                                                           \
+  }                                                                                             \
+  INVOLUTION_TARGET_CLONES void average_row_cl(const PoolGeometry& geo, const T* x, T* out,    \
+                                               int64_t b, int64_t oh) {                        \
+    average_row_cl_impl<T>(geo, x, out, b, oh);                                                 \
+  }                                                                                             \
+  INVOLUTION_TARGET_CLONES void average_gradient_row_cl(const PoolGeometry& geo,               \
+                                                        const T* grad_out, T* grad_x,          \
+                                                        int64_t b, int64_t oh, T* share) {     \
+    average_gradient_row_cl_impl<T>(geo, grad_out, grad_x, b, oh, share);                       \
   }
 
 INVOLUTION_DEFINE_POOL_KERNELS(float)
@@ -621,6 +744,90 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_relu_max_pool_backward(
   return {grad_input, grad_weight, grad_bias};
 }
 
+
+// The average pool's geometry: kernel = stride, no padding, ceil mode.
+PoolGeometry average_geometry(const at::Tensor& input, int64_t stride) {
+  TORCH_CHECK(input.dim() == 4 && (input.is_contiguous() || channels_last_input(input)),
+              "average_pool: input must be a 4-D tensor contiguous in NCHW or channels_last, "
+              "got shape ",
+              input.sizes(), " and strides ", input.strides());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "average_pool: input must be float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK(stride >= 1, "average_pool: stride must be positive, got ", stride);
+  PoolGeometry geo{input.size(0), input.size(1), input.size(2), input.size(3), 0, 0,
+                   stride,        stride,        0,             {},            {}};
+  geo.out_h = (geo.height + stride - 1) / stride;
+  geo.out_w = (geo.width + stride - 1) / stride;
+  geo.out_strides = pooled_strides(geo, channels_last_input(input));
+  return geo;
+}
+
+// (B, C, H, W) -> (B, C, ceil(H / s), ceil(W / s)) in the input's layout: F.avg_pool2d(input, s,
+// s, ceil_mode=True)'s values bitwise.
+at::Tensor average_pool(const at::Tensor& input, int64_t stride) {
+  const PoolGeometry geo = average_geometry(input, stride);
+  at::Tensor out = empty_pooled(geo, input.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "average_pool", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    if (channels_last_input(input)) {
+      involution_common::parallel_chunks(geo.batch * geo.out_h, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          average_row_cl(geo, x, out_ptr, row / geo.out_h, row % geo.out_h);
+        }
+      });
+      return;
+    }
+    involution_common::parallel_chunks(geo.batch * geo.channels, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        average_plane(geo, x + plane * geo.plane(), out_ptr + plane * geo.out_plane());
+      }
+    });
+  });
+  return out;
+}
+
+// grad_input += avg_pool2d_backward(grad_output, ...) in place (grad_input: the pool's input's
+// shape and layout, float32 or float64).
+void average_pool_backward_add_(at::Tensor grad_input, const at::Tensor& grad_output,
+                                int64_t stride) {
+  const PoolGeometry geo = average_geometry(grad_input, stride);
+  const bool channels_last = channels_last_input(grad_input);
+  const std::vector<int64_t> pooled{geo.batch, geo.channels, geo.out_h, geo.out_w};
+  TORCH_CHECK(grad_output.sizes() == pooled,
+              "average_pool_backward_add_: grad_output must be of shape (", geo.batch, ", ",
+              geo.channels, ", ", geo.out_h, ", ", geo.out_w, "), got ", grad_output.sizes());
+  const at::Tensor g = grad_output.to(grad_input.scalar_type())
+                           .contiguous(channels_last ? at::MemoryFormat::ChannelsLast
+                                                     : at::MemoryFormat::Contiguous);
+  if (g.numel() == 0) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(grad_input.scalar_type(), "average_pool_backward_add_", [&] {
+    const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
+    scalar_t* gx = grad_input.mutable_data_ptr<scalar_t>();
+    if (channels_last) {
+      involution_common::parallel_chunks(geo.batch * geo.out_h, 1, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> share(geo.channels);
+        for (int64_t row = begin; row < end; ++row) {
+          average_gradient_row_cl(geo, g_ptr, gx, row / geo.out_h, row % geo.out_h, share.data());
+        }
+      });
+      return;
+    }
+    involution_common::parallel_chunks(geo.batch * geo.channels, 4, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> share(geo.out_w);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        average_gradient_plane(geo, g_ptr + plane * geo.out_plane(), gx + plane * geo.plane(),
+                               share.data());
+      }
+    });
+  });
+}
+
 }  // namespace involution_pool_cpu
 
 TORCH_LIBRARY(involution_pool_cpu, m) {
@@ -630,9 +837,13 @@ TORCH_LIBRARY(involution_pool_cpu, m) {
   m.def("norm_relu_max_pool_backward(Tensor grad_output, Tensor input, Tensor output, "
         "Tensor positions, Tensor mean, Tensor invstd, Tensor weight, int kernel_size, "
         "int stride, int padding) -> (Tensor, Tensor, Tensor)");
+  m.def("average_pool(Tensor input, int stride) -> Tensor");
+  m.def("average_pool_backward_add_(Tensor(a!) grad_input, Tensor grad_output, int stride) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(involution_pool_cpu, CPU, m) {
   m.impl("norm_relu_max_pool", &involution_pool_cpu::norm_relu_max_pool);
   m.impl("norm_relu_max_pool_backward", &involution_pool_cpu::norm_relu_max_pool_backward);
+  m.impl("average_pool", &involution_pool_cpu::average_pool);
+  m.impl("average_pool_backward_add_", &involution_pool_cpu::average_pool_backward_add_);
 }

@@ -157,9 +157,11 @@ class Involution2d(KernelBranchLayer):
     and batch statistics, they run as one op that keeps the layer's input and the ReLU's output
     only, not the involution's output (the BatchNorm's input), which backward regenerates
     (:mod:`involution.ops.regenerate_norm_act`); RedNet's stem runs as one op that keeps its
-    input only (:mod:`involution.ops.regenerate_stem`): RedNet-50 then keeps 0.94x ResNet-50's
-    activations. ``layer.fuse_norm_act = False`` (or ``set_kernel_regeneration(model, True,
-    fuse_norm_act=False)``) keeps the BatchNorm and the ReLU as modules.
+    input only (:mod:`involution.ops.regenerate_stem`), and its last BatchNorm + ReLU with the
+    max pool as another (:mod:`involution.models.pooling`): RedNet-50 then keeps 0.88x
+    ResNet-50's activations. ``layer.fuse_norm_act = False`` (or
+    ``set_kernel_regeneration(model, True, fuse_norm_act=False)``) keeps the BatchNorm and the
+    ReLU as modules.
 
     TorchScript (``torch.jit.script``) and FX (``torch.fx.symbolic_trace``) see the kernel
     branch and one call of the op (:func:`~involution.ops.involution2d` or

@@ -36,6 +36,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -154,9 +155,31 @@ class KernelBranch:
         )
 
 
-def _pool(x: Tensor, stride: int) -> Tensor:
-    """The kernel branch's ``AvgPool2d(stride, stride, ceil_mode=True)`` (identity at 1)."""
-    return F.avg_pool2d(x, stride, stride, ceil_mode=True) if stride > 1 else x
+def _pool(x: Tensor, branch: KernelBranch) -> Tensor:
+    """The kernel branch's ``AvgPool2d(stride, stride, ceil_mode=True)`` (identity at 1): the
+    cpu backend's op where it applies (:func:`_cpu_average_pool`; ATen's values bitwise), else
+    ATen's."""
+    stride = branch.stride
+    if stride == 1:
+        return x
+    cpu = _cpu_average_pool(x, branch)
+    if cpu is not None:
+        return cpu.average_pool(x, stride)
+    return F.avg_pool2d(x, stride, stride, ceil_mode=True)
+
+
+def _cpu_average_pool(x: Tensor, branch: KernelBranch) -> ModuleType | None:
+    """The cpu backend (its ``average_pool`` and ``average_pool_backward_add_``, registered ops
+    that traced code runs too) where it applies to ``x`` or its gradient: that backend, float32
+    or float64, contiguous in NCHW or channels_last, not empty. ``None`` otherwise."""
+    if (
+        branch.backend != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or x.numel() == 0
+        or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+    ):
+        return None
+    return get_backend("cpu")
 
 
 def _normalise(
@@ -245,7 +268,7 @@ def branch_features(
     its batch statistics (M,) each (empty without them), without autograd. ``layer``: the
     layer's tensors (:data:`LAYER_TENSORS`)."""
     x, reduce_weight, norm_weight, norm_bias, running = layer[:5]
-    pooled = _pool(x, branch.stride)
+    pooled = _pool(x, branch)
     reduced = F.conv2d(pooled, reduce_weight)
     normed, mean, invstd = _normalise(reduced, norm_weight, norm_bias, running, branch.eps)
     return BranchFeatures(pooled, reduced, F.relu(normed)), mean, invstd
@@ -329,7 +352,7 @@ def _norm_affine(saved: SavedLayer, branch: KernelBranch) -> tuple[Tensor, Tenso
 def _saved_features(saved: SavedLayer, branch: KernelBranch) -> BranchFeatures:
     """The kernel branch from the saved statistics (no second pass over ``reduced`` for
     them); forward's features within rounding."""
-    pooled = _pool(saved.x, branch.stride)
+    pooled = _pool(saved.x, branch)
     reduced = F.conv2d(pooled, saved.reduce_weight)
     affine = _norm_affine(saved, branch)
     if affine is None:
@@ -407,7 +430,7 @@ def layer_gradients(
         reduce_weight,
         grad_x if needs[0] else None,
         needs[1],
-        branch.stride,
+        branch,
     )
     return (
         grad_x,
@@ -427,18 +450,20 @@ def _reduce_conv_backward(
     reduce_weight: Tensor,
     grad_x: Tensor | None,
     needs_weight: bool,
-    stride: int,
+    branch: KernelBranch,
 ) -> Tensor | None:
     """The reduce conv's backward: its weight's gradient (M, C, 1, 1) with ``needs_weight``
     (else ``None``), and where ``grad_x`` (the span backward's own new tensor, x's shape) is
-    given, the input's gradient (through the average pool at ``stride`` > 1) added to it in
-    place. ``grad_reduced`` (B, M, H_out, W_out), ``pooled`` (B, C, H_out, W_out).
+    given, the input's gradient (through the branch's average pool at stride > 1) added to it
+    in place (by the cpu backend's op where :func:`_cpu_average_pool` applies).
+    ``grad_reduced`` (B, M, H_out, W_out), ``pooled`` (B, C, H_out, W_out).
 
     In float32 and float64, batched matrix products, one per image over its pixels: at unit
     stride the input's gradient is accumulated straight into ``grad_x``, without ATen's 1x1-conv
     backward's zero-filled gradient and the separate sum. Half precision keeps ATen's conv
     backward, which accumulates each gradient in float32 and rounds once (BatchNorm's backward
     before it amplifies any further rounding)."""
+    stride = branch.stride
     grad_pooled = grad_weight = None
     if grad_reduced.dtype in (torch.float32, torch.float64):
         grad_rows = grad_reduced.flatten(2)  # (B, M, pixels): a view in NCHW and channels_last
@@ -459,6 +484,10 @@ def _reduce_conv_backward(
         )
     if grad_pooled is not None:
         if stride > 1:
+            cpu = _cpu_average_pool(grad_x, branch)
+            if cpu is not None:
+                cpu.average_pool_backward_add_(grad_x, grad_pooled, stride)
+                return grad_weight
             grad_pooled = torch.ops.aten.avg_pool2d_backward(
                 grad_pooled, x, [stride] * 2, [stride] * 2, [0, 0], True, True, None
             )

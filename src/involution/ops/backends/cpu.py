@@ -15,7 +15,8 @@ copies in training), else contiguous.
 ``src/involution/csrc/involution_layer_cpu.cpp``): the kernel tensor is never stored.
 :func:`span_backward` is the training layer's backward through the span conv and the
 aggregation with the kernels regenerated per band of rows, likewise never stored whole
-(``src/involution/csrc/involution_regen_cpu.cpp``).
+(``src/involution/csrc/involution_regen_cpu.cpp``). :func:`average_pool` is the kernel branch's
+average pool in training (``src/involution/csrc/norm_relu_pool_cpu.cpp``).
 """
 
 from __future__ import annotations
@@ -194,7 +195,35 @@ def span_backward(
     )
 
 
-if _C is not None:  # the op is registered when the extension loads
+def average_pool(input: Tensor, stride: int) -> Tensor:
+    """The kernel branch's ``F.avg_pool2d(input, stride, stride, ceil_mode=True)``, its values
+    bitwise, vectorised over the output columns (NCHW) or the channels (channels_last)
+    (``src/involution/csrc/norm_relu_pool_cpu.cpp``): (B, C, H, W) -> (B, C, ceil(H / stride),
+    ceil(W / stride)) in the input's layout; float32 and float64, contiguous in either
+    layout."""
+    return torch.ops.involution_pool_cpu.average_pool(input, stride)
+
+
+def average_pool_backward_add_(grad_input: Tensor, grad_output: Tensor, stride: int) -> None:
+    """``grad_input += avg_pool2d_backward(grad_output)`` of :func:`average_pool`, in place and
+    in one pass (ATen's backward writes a zeroed map to add separately). ``grad_input`` (B, C,
+    H, W), float32 or float64, contiguous in NCHW or channels_last; ``grad_output`` the pooled
+    shape."""
+    torch.ops.involution_pool_cpu.average_pool_backward_add_(grad_input, grad_output, stride)
+
+
+if _C is not None:  # the ops are registered when the extension loads
+
+    @torch.library.register_fake("involution_pool_cpu::average_pool")
+    def _(input, stride):
+        batch, channels, height, width = input.shape
+        return input.new_empty(
+            batch, channels, -(-height // stride), -(-width // stride)
+        ).contiguous(memory_format=memory_format_of(input))
+
+    @torch.library.register_fake("involution_pool_cpu::average_pool_backward_add_")
+    def _(grad_input, grad_output, stride):
+        return None
 
     @torch.library.register_fake("involution_regen_cpu::span_backward")
     def _(grad_output, input, activated, span_weight, span_bias, *rest, **keywords):
