@@ -22,7 +22,7 @@ setup(
                 "src/involution/csrc/involution_layer_cpu.cpp",
                 "src/involution/csrc/involution_nd_cpu.cpp",
                 "src/involution/csrc/involution_regen_cpu.cpp",
-                "src/involution/csrc/norm_relu_pool_cpu.cpp",
+                "src/involution/csrc/pool_cpu.cpp",
             ],
             depends=["src/involution/csrc/common.h"],
             extra_compile_args=compile_args,

@@ -13,7 +13,7 @@ In training, the BatchNorm (batch statistics) and ReLU before the pool cost more
 as modules they write and read the normalised map twice, autograd keeps it beside the
 BatchNorm's input together with int64 indices, and their backward passes run over the full-size
 map three times. :func:`norm_relu_max_pool` computes ``pool(relu(norm(x)))`` in one CPU op
-(``src/involution/csrc/norm_relu_pool_cpu.cpp``) that never writes the normalised map and keeps
+(``src/involution/csrc/pool_cpu.cpp``) that never writes the normalised map and keeps
 ``x`` (which BatchNorm's backward reads anyway), the pooled map (the next layer's input) and
 one byte per window for its argmax; backward takes BatchNorm's two sums per channel from the
 pooled map (the gradient is zero outside the windows' argmaxes) and writes ``x``'s gradient in

@@ -16,7 +16,7 @@ copies in training), else contiguous.
 :func:`span_backward` is the training layer's backward through the span conv and the
 aggregation with the kernels regenerated per band of rows, likewise never stored whole
 (``src/involution/csrc/involution_regen_cpu.cpp``). :func:`average_pool` is the kernel branch's
-average pool in training (``src/involution/csrc/norm_relu_pool_cpu.cpp``).
+average pool in training (``src/involution/csrc/pool_cpu.cpp``).
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def span_backward(
 def average_pool(input: Tensor, stride: int) -> Tensor:
     """The kernel branch's ``F.avg_pool2d(input, stride, stride, ceil_mode=True)``, its values
     bitwise, vectorised over the output columns (NCHW) or the channels (channels_last)
-    (``src/involution/csrc/norm_relu_pool_cpu.cpp``): (B, C, H, W) -> (B, C, ceil(H / stride),
+    (``src/involution/csrc/pool_cpu.cpp``): (B, C, H, W) -> (B, C, ceil(H / stride),
     ceil(W / stride)) in the input's layout; float32 and float64, contiguous in either
     layout."""
     return torch.ops.involution_pool_cpu.average_pool(input, stride)

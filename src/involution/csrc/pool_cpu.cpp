@@ -1,7 +1,10 @@
-// Fused CPU training op of a BatchNorm with the batch's statistics, a ReLU and a max pool: RedNet's
-// deep stem tail (bn3 -> act3 -> maxpool, involution.models.pooling), on NCHW or channels_last
-// maps.
+// CPU pooling ops of the training paths, on NCHW or channels_last maps:
+// - norm_relu_max_pool: a BatchNorm with the batch's statistics, a ReLU and a max pool in one op,
+//   RedNet's deep stem tail (bn3 -> act3 -> maxpool, involution.models.pooling), below;
+// - average_pool: the involution kernel branch's AvgPool2d(s, s, ceil_mode=True) and its
+//   backward added into the input's gradient (involution.ops.regenerate), further down.
 //
+// norm_relu_max_pool:
 //   y        = relu(z * scale + shift)    scale = weight * invstd, shift = bias - mean * scale
 //   p[o]     = max of y over window o, the first maximum in row-major order (ATen's ties)
 //
@@ -16,17 +19,19 @@
 // (k = weight * invstd) is written and the windows' k * g added at their argmaxes.
 //
 // Design:
-// - NCHW: each (image, channel) plane is one task. Its y, with -inf in the padding, is written
-//   to task scratch and pooled row by row with the window's taps in ATen's order, the output
-//   columns in the inner loop (vectorised; the stride a compile-time 2 for the stem).
-// - channels_last: one task per output row (forward) or per image (backward), the channels in
-//   the inner loops; the pooled map is written NCHW or channels_last (RedNet runs its stem in
-//   channels_last and hands NCHW maps on when its input is NCHW).
+// - NCHW: each (image, channel) plane is one task, the output columns in the inner loops
+//   (vectorised; the stride a compile-time 2 where RedNet's is). The max pool writes the plane's
+//   y, with -inf in the padding, to task scratch and pools it row by row with the window's taps
+//   in ATen's order.
+// - channels_last: one task per output row (forward) or per image (the max pool's backward),
+//   the channels in the inner loops; the max pool writes its pooled map NCHW or channels_last
+//   (RedNet runs its stem in channels_last and hands NCHW maps on when its input is NCHW).
 // - Per-channel sums are per task (a channel, or an image's partials summed in image order),
-//   so the op is deterministic. float32 and float64.
-// - Registered as torch.ops.involution_pool_cpu.{norm_relu_max_pool, norm_relu_max_pool_backward}
-//   (TORCH_LIBRARY); eager only (involution.models.pooling calls them inside an autograd
-//   Function that compiled and traced code never reaches).
+//   so the ops are deterministic. float32 and float64.
+// - Registered as torch.ops.involution_pool_cpu.* (TORCH_LIBRARY). norm_relu_max_pool is eager
+//   only (involution.models.pooling calls it inside an autograd Function that compiled and
+//   traced code never reaches); average_pool has fake implementations
+//   (involution/ops/backends/cpu.py), so compiled graphs call it too.
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -512,14 +517,18 @@ std::array<int64_t, 4> pooled_strides(const PoolGeometry& geo, bool channels_las
   return {geo.channels * plane, plane, geo.out_w, 1};
 }
 
+// The ops' map: 4-D, contiguous in NCHW or channels_last, float32 or float64.
+void check_map(const at::Tensor& input, const char* op) {
+  TORCH_CHECK(input.dim() == 4 && (input.is_contiguous() || channels_last_input(input)), op,
+              ": input must be a 4-D tensor contiguous in NCHW or channels_last, got shape ",
+              input.sizes(), " and strides ", input.strides());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
+              ": input must be float32 or float64, got ", input.scalar_type());
+}
+
 PoolGeometry geometry_of(const at::Tensor& input, int64_t kernel, int64_t stride, int64_t pad,
                          bool channels_last_output) {
-  TORCH_CHECK(input.dim() == 4 && (input.is_contiguous() || channels_last_input(input)),
-              "norm_relu_max_pool: input must be a 4-D tensor contiguous in NCHW or "
-              "channels_last, got shape ",
-              input.sizes(), " and strides ", input.strides());
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
-              "norm_relu_max_pool: input must be float32 or float64, got ", input.scalar_type());
+  check_map(input, "norm_relu_max_pool");
   TORCH_CHECK(!channels_last_output || channels_last_input(input),
               "norm_relu_max_pool: a channels_last output needs a channels_last input");
   TORCH_CHECK(kernel >= 1 && kernel * kernel <= 256 && stride >= 1 && pad >= 0 &&
@@ -744,15 +753,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_relu_max_pool_backward(
   return {grad_input, grad_weight, grad_bias};
 }
 
-
 // The average pool's geometry: kernel = stride, no padding, ceil mode.
 PoolGeometry average_geometry(const at::Tensor& input, int64_t stride) {
-  TORCH_CHECK(input.dim() == 4 && (input.is_contiguous() || channels_last_input(input)),
-              "average_pool: input must be a 4-D tensor contiguous in NCHW or channels_last, "
-              "got shape ",
-              input.sizes(), " and strides ", input.strides());
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
-              "average_pool: input must be float32 or float64, got ", input.scalar_type());
+  check_map(input, "average_pool");
   TORCH_CHECK(stride >= 1, "average_pool: stride must be positive, got ", stride);
   PoolGeometry geo{input.size(0), input.size(1), input.size(2), input.size(3), 0, 0,
                    stride,        stride,        0,             {},            {}};
