@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from involution.ops.backends import cpu
-from involution.ops.regenerate import update_running_stats
+from involution.ops.regenerate import batch_norm_relu, update_running_stats
 
 __all__ = ["StemMaxPool2d", "norm_relu_max_pool", "norm_relu_max_pool_applies"]
 
@@ -152,14 +152,12 @@ def norm_relu_max_pool_applies(norm: nn.Module, act: nn.Module, pool: nn.Module,
     or channels_last, without autocast, in eager mode (not scripted, traced or compiled: those
     see the modules), with the C++ extension built."""
     if not (
-        type(norm) is nn.BatchNorm2d
-        and (norm.training or norm.running_mean is None)
-        and type(act) is nn.ReLU
+        batch_norm_relu(norm, act)
         and type(pool) in (nn.MaxPool2d, StemMaxPool2d)
         and _square(pool.dilation) == 1
         and None not in (_square(pool.kernel_size), _square(pool.stride), _square(pool.padding))
         and not (pool.ceil_mode or pool.return_indices)
-        and not any(m._forward_hooks or m._forward_pre_hooks for m in (norm, act, pool))
+        and not (pool._forward_hooks or pool._forward_pre_hooks)
     ):
         return False
     return (

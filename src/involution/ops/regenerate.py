@@ -59,6 +59,8 @@ __all__ = [
     "RegeneratedInvolution2d",
     "SavedLayer",
     "autocast_off",
+    "batch_norm_relu",
+    "batch_statistics_norm",
     "branch_features",
     "check_batch_size",
     "cpu_span_backward_applies",
@@ -626,7 +628,7 @@ def layer_inputs(layer: nn.Module, x: Tensor, backend: str) -> tuple[tuple, Kern
     norm = layer.norm
     # torchvision's FrozenBatchNorm2d is an eval-mode BatchNorm whose affine is buffers.
     batch_norm = type(norm) is nn.BatchNorm2d or is_frozen_batchnorm(norm)
-    batch_stats = type(norm) is nn.BatchNorm2d and (norm.training or norm.running_mean is None)
+    batch_stats = batch_statistics_norm(norm)
     running = None
     if batch_norm and not batch_stats:
         running = torch.stack([norm.running_mean, norm.running_var])
@@ -670,6 +672,23 @@ def is_frozen_batchnorm(module: nn.Module) -> bool:
     torchvision for it: no instance exists before torchvision is imported."""
     misc = sys.modules.get("torchvision.ops.misc")
     return misc is not None and type(module) is misc.FrozenBatchNorm2d
+
+
+def batch_statistics_norm(norm: nn.Module) -> bool:
+    """Whether ``norm`` is a plain ``nn.BatchNorm2d`` normalising with the batch's statistics
+    (training, or without running statistics)."""
+    return type(norm) is nn.BatchNorm2d and (norm.training or norm.running_mean is None)
+
+
+def batch_norm_relu(norm: nn.Module, act: nn.Module) -> bool:
+    """Whether ``act(norm(x))`` is what the fused training ops compute in place of the modules:
+    :func:`batch_statistics_norm`, ``act`` ``nn.ReLU``, and no hooks on either (they expect a
+    call each)."""
+    return (
+        batch_statistics_norm(norm)
+        and type(act) is nn.ReLU
+        and not any(m._forward_hooks or m._forward_pre_hooks for m in (norm, act))
+    )
 
 
 def check_batch_size(x: Tensor, stride: int) -> None:

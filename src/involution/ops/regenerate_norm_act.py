@@ -49,6 +49,7 @@ from involution.ops.regenerate import (
     KernelBranch,
     SavedLayer,
     autocast_off,
+    batch_norm_relu,
     check_batch_size,
     cpu_span_backward_applies,
     features_output,
@@ -266,10 +267,8 @@ def norm_act_fusion_applies(layer: nn.Module, norm: nn.Module, act: nn.Module) -
     return (
         isinstance(layer, Involution2d)
         and layer.fuse_norm_act
-        and type(norm) is nn.BatchNorm2d
-        and (norm.training or norm.running_mean is None)
-        and type(act) is nn.ReLU
-        and not any(m._forward_hooks or m._forward_pre_hooks for m in (layer, norm, act))
+        and batch_norm_relu(norm, act)
+        and not (layer._forward_hooks or layer._forward_pre_hooks)
         and layer.training_regenerates()
         and layer.regeneration_applies()
     )

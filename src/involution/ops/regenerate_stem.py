@@ -39,6 +39,7 @@ from involution.ops.regenerate import (
     ConvArgs,
     SavedLayer,
     autocast_off,
+    batch_norm_relu,
     check_batch_size,
     features_output,
     layer_inputs,
@@ -201,14 +202,10 @@ def stem_fusion_applies(stem: StemModules) -> bool:
     and ``act2`` fused as :func:`~involution.ops.regenerate_norm_act.norm_act_fusion_applies`
     says (training, kernel regeneration on), ``bn1`` a plain ``nn.BatchNorm2d`` using the
     batch's statistics, ``act1`` ``nn.ReLU``, bias-free ungrouped convs, no hooks."""
-    bn1, act1 = stem.bn1, stem.act1
     return (
         _plain_conv(stem.conv1)
         and _plain_conv(stem.conv2)
-        and type(bn1) is nn.BatchNorm2d
-        and (bn1.training or bn1.running_mean is None)
-        and type(act1) is nn.ReLU
-        and not any(m._forward_hooks or m._forward_pre_hooks for m in (bn1, act1))
+        and batch_norm_relu(stem.bn1, stem.act1)
         and norm_act_fusion_applies(stem.layer, stem.bn2, stem.act2)
     )
 
